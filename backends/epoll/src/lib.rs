@@ -1,0 +1,75 @@
+//! The epoll backend: tokio's readiness-based IO.
+//!
+//! Each worker is a current-thread tokio runtime with a `LocalSet` (connection tasks are not
+//! `Send` and never migrate) and its own `SO_REUSEPORT` listener. Reads go straight into the
+//! spare capacity of the caller's buffer, so owned-buffer IO costs nothing extra here.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wharf_core::backend::{Backend, Listener};
+use wharf_core::conn::{no_spare_capacity, BufResult, Conn};
+
+/// The tokio/epoll backend.
+pub struct Epoll;
+
+impl Backend for Epoll {
+    const NAME: &'static str = "epoll";
+    type Listener = TcpListener;
+
+    fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(tokio::task::LocalSet::new().block_on(&rt, fut))
+    }
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
+    }
+}
+
+/// A worker's listening socket.
+pub struct TcpListener(tokio::net::TcpListener);
+
+impl Listener for TcpListener {
+    type Conn = TcpConn;
+
+    async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((TcpConn { stream, peer }, peer))
+    }
+}
+
+/// An accepted connection.
+pub struct TcpConn {
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+}
+
+impl Conn for TcpConn {
+    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
+        if buf.len() == buf.capacity() {
+            return (Err(no_spare_capacity()), buf);
+        }
+        // `read_buf` fills spare capacity only; it never grows a Vec that has room.
+        let res = self.stream.read_buf(&mut buf).await;
+        (res, buf)
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        let res = self.stream.write(&buf[from..]).await;
+        (res, buf)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        AsyncWriteExt::shutdown(&mut self.stream).await
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}

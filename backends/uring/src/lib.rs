@@ -1,0 +1,118 @@
+//! The io_uring backend: tokio-uring's completion-based IO.
+//!
+//! Same worker model as epoll (one ring and one `SO_REUSEPORT` listener per worker thread), so a
+//! backend swap changes only the IO mechanism. Buffers are handed to the kernel for the duration
+//! of each operation, which is exactly the owned-buffer contract of [`Conn`].
+//!
+//! [`probe`] tells, before any worker starts, whether this process may create a ring at all:
+//! container seccomp profiles and `kernel.io_uring_disabled` refuse it, and tokio-uring would
+//! otherwise panic deep inside a worker.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio_uring::buf::BoundedBuf;
+use wharf_core::backend::{Backend, Listener};
+use wharf_core::conn::{no_spare_capacity, BufResult, Conn};
+
+/// Submission queue entries per worker ring.
+const RING_ENTRIES: u32 = 1024;
+
+/// The tokio-uring backend.
+pub struct IoUring;
+
+impl Backend for IoUring {
+    const NAME: &'static str = "io_uring";
+    type Listener = TcpListener;
+
+    fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
+        let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))?;
+        Ok(rt.block_on(fut))
+    }
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        Ok(TcpListener(tokio_uring::net::TcpListener::from_std(socket)))
+    }
+}
+
+/// Checks that an io_uring instance can be created here, explaining why not when it cannot.
+pub fn probe() -> Result<(), String> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        match v.trim() {
+            "2" => return Err("io_uring is disabled by sysctl kernel.io_uring_disabled=2".into()),
+            "1" if !is_root() => {
+                return Err(
+                    "io_uring is restricted by sysctl kernel.io_uring_disabled=1 (privileged \
+                     processes or the io_uring_group only)"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+    }
+    match io_uring::IoUring::new(8) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.raw_os_error() {
+            Some(libc::ENOSYS) => "the kernel does not support io_uring (ENOSYS)".into(),
+            Some(libc::EPERM) => {
+                "io_uring_setup is not permitted (EPERM: a seccomp filter, such as a container \
+                 runtime's default profile, or sysctl kernel.io_uring_disabled)"
+                    .into()
+            }
+            Some(libc::ENOMEM) => {
+                "io_uring_setup failed with ENOMEM (locked-memory limit too low: raise \
+                 `ulimit -l`)"
+                    .into()
+            }
+            _ => format!("io_uring_setup failed: {e}"),
+        }),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A worker's listening socket.
+pub struct TcpListener(tokio_uring::net::TcpListener);
+
+impl Listener for TcpListener {
+    type Conn = TcpConn;
+
+    async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((TcpConn { stream, peer }, peer))
+    }
+}
+
+/// An accepted connection.
+pub struct TcpConn {
+    stream: tokio_uring::net::TcpStream,
+    peer: SocketAddr,
+}
+
+impl Conn for TcpConn {
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        if buf.len() == buf.capacity() {
+            return (Err(no_spare_capacity()), buf);
+        }
+        // tokio-uring reads into `len..capacity` and advances `len`, as the trait specifies.
+        self.stream.read(buf).await
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        let (res, slice) = self.stream.write(buf.slice(from..)).submit().await;
+        (res, slice.into_inner())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}

@@ -1,0 +1,38 @@
+//! What an IO mechanism must provide to run wharf's workers.
+//!
+//! A backend is a runtime to run one worker on the current thread, a listener type made from a
+//! bound std socket, and the [`Conn`] its listener accepts. Everything else (admission, metering,
+//! idle timeouts, draining) is shared code in [`crate::worker`], so swapping backends changes the
+//! IO path and nothing else.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use crate::conn::Conn;
+
+/// An IO backend (epoll via tokio, io_uring via tokio-uring, ...).
+pub trait Backend: 'static {
+    /// The name used in configs, logs and the `backend` metric label.
+    const NAME: &'static str;
+    /// Its listening socket.
+    type Listener: Listener;
+
+    /// Builds this backend's single-threaded runtime on the current thread and runs `fut` on it
+    /// to completion. `tokio::task::spawn_local` and `tokio::time` work inside. Tasks still
+    /// running when `fut` returns are dropped, which closes their connections.
+    fn block_on<F: Future>(fut: F) -> io::Result<F::Output>;
+
+    /// Adopts a bound, listening, non-blocking socket. Called inside [`Backend::block_on`].
+    fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
+}
+
+/// A listening socket of some backend.
+#[allow(async_fn_in_trait)] // worker-local futures, never sent across threads
+pub trait Listener: 'static {
+    /// The connections it accepts.
+    type Conn: Conn + 'static;
+
+    /// Accepts one connection (with `TCP_NODELAY` set: request/response protocols want it).
+    async fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)>;
+}

@@ -1,0 +1,62 @@
+//! The transport trait: one accepted connection, seen through owned buffers.
+//!
+//! io_uring hands a buffer to the kernel for the whole duration of an operation, so a buffer
+//! cannot be borrowed across an `.await`: it is passed by value and handed back with the result,
+//! the way tokio-uring and monoio do. The epoll backend implements the same contract trivially,
+//! and so does the in-memory pipe in [`crate::testing`]. Plugins are written against this trait
+//! only and never learn which backend they run on.
+//!
+//! The methods are native `async fn`s, statically dispatched: a plugin's `serve` is generic over
+//! the connection type, so no read or write allocates or goes through a vtable.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// The result of an owned-buffer operation: the outcome, and the buffer handed back.
+///
+/// On error the returned buffer may be a different (possibly empty) allocation, because the
+/// original can still be owned by a cancelled kernel operation.
+pub type BufResult<T> = (io::Result<T>, Vec<u8>);
+
+/// One client connection.
+///
+/// Futures are not `Send`: a connection lives and dies on the worker thread that accepted it.
+#[allow(async_fn_in_trait)] // deliberate: thread-per-core tasks never need `Send` futures
+pub trait Conn {
+    /// Reads into the spare capacity of `buf` (`buf.len()..buf.capacity()`), appending to its
+    /// contents. Returns the number of bytes read; `0` means the peer closed its sending side.
+    /// A buffer without spare capacity is an `InvalidInput` error, never a silent `0`.
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize>;
+
+    /// Writes some of `buf[from..]` and returns how many bytes were written.
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize>;
+
+    /// Writes all of `buf`, looping over [`Conn::write`].
+    async fn write_all(&mut self, mut buf: Vec<u8>) -> BufResult<()> {
+        let mut from = 0;
+        while from < buf.len() {
+            let (res, returned) = self.write(buf, from).await;
+            buf = returned;
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => from += n,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
+    async fn shutdown(&mut self) -> io::Result<()>;
+
+    /// The client's address.
+    fn peer_addr(&self) -> SocketAddr;
+}
+
+/// The error every implementation returns for a read into a full buffer.
+pub fn no_spare_capacity() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "read into a buffer with no spare capacity",
+    )
+}

@@ -1,0 +1,239 @@
+//! Per-service admission and the service's metric handles.
+//!
+//! A [`ServiceGate`] is shared by all workers of one service. At accept it applies the
+//! framework-level limits every plugin gets (`allow_from`, `max_connections`), counts the
+//! outcome, and hands out a [`Ticket`] that keeps the connection counted as active until it is
+//! dropped. Metric handles are registered here once per service, so the data path never hashes
+//! a metric key.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+use crate::config::ServiceConfig;
+use crate::conn::Conn;
+use crate::metered::Metered;
+use crate::net::Cidr;
+
+/// Metric names, in one place so docs, tests and dashboards agree.
+pub mod names {
+    /// Counter: bytes read from client sockets.
+    pub const RECEIVED_BYTES: &str = "wharf_received_bytes_total";
+    /// Counter: bytes written to client sockets.
+    pub const SENT_BYTES: &str = "wharf_sent_bytes_total";
+    /// Counter: connections admitted.
+    pub const ACCEPTED: &str = "wharf_connections_accepted_total";
+    /// Counter, label `reason`: connections closed at accept.
+    pub const REJECTED: &str = "wharf_connections_rejected_total";
+    /// Gauge: connections open now.
+    pub const ACTIVE: &str = "wharf_connections_active";
+    /// Histogram: connection lifetimes.
+    pub const CONNECTION_DURATION: &str = "wharf_connection_duration_seconds";
+    /// Gauge, label `version`: always 1.
+    pub const BUILD_INFO: &str = "wharf_build_info";
+}
+
+/// Registers HELP text and units for the framework's metrics. Call once after installing a
+/// recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        names::RECEIVED_BYTES,
+        Unit::Bytes,
+        "Bytes read from client sockets."
+    );
+    describe_counter!(
+        names::SENT_BYTES,
+        Unit::Bytes,
+        "Bytes written to client sockets."
+    );
+    describe_counter!(names::ACCEPTED, "Connections admitted to a service.");
+    describe_counter!(names::REJECTED, "Connections closed at accept, by reason.");
+    describe_gauge!(names::ACTIVE, "Connections currently open.");
+    describe_histogram!(
+        names::CONNECTION_DURATION,
+        Unit::Seconds,
+        "How long connections stayed open."
+    );
+    describe_gauge!(
+        names::BUILD_INFO,
+        "Build information; the value is always 1."
+    );
+}
+
+/// The labels every series of a service carries.
+#[derive(Debug, Clone)]
+pub struct ServiceLabels {
+    /// The service's config name.
+    pub service: String,
+    /// The plugin it runs.
+    pub plugin: String,
+    /// The backend in use (`epoll` or `io_uring`).
+    pub backend: String,
+}
+
+impl ServiceLabels {
+    /// Labels as `metrics` wants them, plus any extra pairs.
+    pub fn with(&self, extra: &[(&'static str, &'static str)]) -> Vec<metrics::Label> {
+        let mut labels = vec![
+            metrics::Label::new("service", self.service.clone()),
+            metrics::Label::new("plugin", self.plugin.clone()),
+            metrics::Label::new("backend", self.backend.clone()),
+        ];
+        labels.extend(extra.iter().map(|(k, v)| metrics::Label::new(*k, *v)));
+        labels
+    }
+}
+
+/// Why a connection was closed at accept; the value of the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The peer is outside `allow_from`.
+    NotAllowed,
+    /// The service already has `max_connections` open.
+    TooManyConnections,
+}
+
+impl Rejection {
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::NotAllowed => "allow_from",
+            Rejection::TooManyConnections => "max_connections",
+        }
+    }
+}
+
+/// Handles for one service's connection-level series.
+pub(crate) struct ConnMetrics {
+    pub(crate) received: Counter,
+    pub(crate) sent: Counter,
+    accepted: Counter,
+    rejected_not_allowed: Counter,
+    rejected_too_many: Counter,
+    active: Gauge,
+    duration: Histogram,
+}
+
+/// Admission control and metrics for one service, shared by all its workers.
+pub struct ServiceGate {
+    labels: ServiceLabels,
+    allow_from: Vec<Cidr>,
+    max_connections: usize,
+    idle_timeout: Option<Duration>,
+    /// Open connections across all workers, for `max_connections`.
+    open: AtomicUsize,
+    pub(crate) metrics: ConnMetrics,
+}
+
+impl ServiceGate {
+    /// Registers the service's metric handles and takes its limits from `config`.
+    pub fn new(labels: ServiceLabels, config: &ServiceConfig) -> Arc<Self> {
+        let l = |extra: &[(&'static str, &'static str)]| labels.with(extra);
+        let metrics = ConnMetrics {
+            received: metrics::counter!(names::RECEIVED_BYTES, l(&[])),
+            sent: metrics::counter!(names::SENT_BYTES, l(&[])),
+            accepted: metrics::counter!(names::ACCEPTED, l(&[])),
+            rejected_not_allowed: metrics::counter!(
+                names::REJECTED,
+                l(&[("reason", Rejection::NotAllowed.as_str())])
+            ),
+            rejected_too_many: metrics::counter!(
+                names::REJECTED,
+                l(&[("reason", Rejection::TooManyConnections.as_str())])
+            ),
+            active: metrics::gauge!(names::ACTIVE, l(&[])),
+            duration: metrics::histogram!(names::CONNECTION_DURATION, l(&[])),
+        };
+        // Touch every series so a scrape shows zeros rather than nothing.
+        for c in [
+            &metrics.received,
+            &metrics.sent,
+            &metrics.accepted,
+            &metrics.rejected_not_allowed,
+            &metrics.rejected_too_many,
+        ] {
+            c.increment(0);
+        }
+        metrics.active.set(0.0);
+        Arc::new(ServiceGate {
+            labels,
+            allow_from: config.allow_from.clone(),
+            max_connections: config.max_connections,
+            idle_timeout: Some(config.idle_timeout).filter(|d| !d.is_zero()),
+            open: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// The service's labels (for plugins that register their own series).
+    pub fn labels(&self) -> &ServiceLabels {
+        &self.labels
+    }
+
+    /// Decides whether a connection from `peer` may proceed.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Rejection> {
+        let rejection = if !self.allow_from.is_empty()
+            && !self.allow_from.iter().any(|net| net.contains(peer))
+        {
+            Some(Rejection::NotAllowed)
+        } else if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            Some(Rejection::TooManyConnections)
+        } else {
+            None
+        };
+        match rejection {
+            Some(r) => {
+                match r {
+                    Rejection::NotAllowed => self.metrics.rejected_not_allowed.increment(1),
+                    Rejection::TooManyConnections => self.metrics.rejected_too_many.increment(1),
+                }
+                Err(r)
+            }
+            None => {
+                self.metrics.accepted.increment(1);
+                self.metrics.active.increment(1.0);
+                Ok(Ticket {
+                    gate: Arc::clone(self),
+                    opened: Instant::now(),
+                })
+            }
+        }
+    }
+
+    /// Connections open now across all workers.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// Proof of admission: while it lives, its connection counts as open.
+pub struct Ticket {
+    gate: Arc<ServiceGate>,
+    opened: Instant,
+}
+
+impl Ticket {
+    /// Wraps the accepted connection in the metering, idle-timeout layer.
+    pub fn wrap<C: Conn>(self, conn: C) -> Metered<C> {
+        let idle = self.gate.idle_timeout;
+        Metered::new(conn, self, idle)
+    }
+
+    pub(crate) fn gate(&self) -> &ServiceGate {
+        &self.gate
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let m = &self.gate.metrics;
+        self.gate.open.fetch_sub(1, Ordering::AcqRel);
+        m.active.decrement(1.0);
+        m.duration.record(self.opened.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,33 @@
+//! wharf-core: everything a protocol plugin and a backend share.
+//!
+//! The layout follows the data path of one connection:
+//!
+//! - [`net`]: listening sockets (one `SO_REUSEPORT` socket per worker) and CIDR rules.
+//! - [`backend`]: what an IO mechanism (epoll, io_uring) must provide: a worker runtime, a
+//!   [`backend::Listener`] and a [`Conn`].
+//! - [`worker`]: the accept loop and the worker body every backend runs: admission, metering,
+//!   spawning, graceful drain.
+//! - [`gate`]: per-service admission (`allow_from`, `max_connections`) and metric handles.
+//! - [`metered`]: the [`Conn`] wrapper that counts bytes and enforces `idle_timeout`.
+//! - [`conn`] and [`service`]: the two traits a plugin author meets.
+//! - [`plugin`]: how a plugin names itself and declares typed options.
+//! - [`config`]: the figment-based config model and its error reporting.
+//! - [`shutdown`]: the stop signal and the per-worker connection tracker used to drain.
+//! - [`testing`]: an in-memory [`Conn`] so plugins are unit-tested without sockets.
+
+pub mod backend;
+pub mod config;
+pub mod conn;
+pub mod gate;
+pub mod metered;
+pub mod net;
+pub mod plugin;
+pub mod service;
+pub mod shutdown;
+pub mod testing;
+pub mod worker;
+
+pub use async_trait::async_trait;
+pub use conn::{BufResult, Conn};
+pub use plugin::{OptionDoc, Plugin, PluginError};
+pub use service::{DynService, Service};

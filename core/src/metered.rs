@@ -1,0 +1,102 @@
+//! The connection wrapper every plugin actually talks to.
+//!
+//! [`Metered`] sits between a backend's connection and the plugin, so byte counting and the
+//! idle timeout are one mechanism for every plugin and backend. Bytes are counted as each
+//! operation completes (a long transfer shows up in `rate()` while it runs), with handles
+//! registered once per service.
+//!
+//! The idle timer is armed lazily: one `Sleep` per connection, reset only when it fires early
+//! (its deadline is then moved to `start of the pending operation + idle_timeout`). Operations
+//! themselves only read the clock, so the timeout costs no timer-wheel work per read or write.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use crate::conn::{BufResult, Conn};
+use crate::gate::Ticket;
+
+/// A connection counted into its service's metrics and bounded by its idle timeout.
+pub struct Metered<C> {
+    inner: C,
+    ticket: Ticket,
+    idle: Option<IdleTimer>,
+}
+
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    /// Runs `op`, failing with `TimedOut` if it makes no progress for `timeout`.
+    async fn bound<T>(&mut self, op: impl Future<Output = BufResult<T>>) -> BufResult<T> {
+        let deadline = Instant::now() + self.timeout;
+        let mut op = std::pin::pin!(op);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = op.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            while self.sleep.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    let err = io::Error::new(io::ErrorKind::TimedOut, "idle timeout");
+                    return Poll::Ready((Err(err), Vec::new()));
+                }
+                self.sleep.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl<C: Conn> Metered<C> {
+    pub(crate) fn new(inner: C, ticket: Ticket, idle_timeout: Option<Duration>) -> Self {
+        let idle = idle_timeout.map(|timeout| IdleTimer {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        });
+        Metered {
+            inner,
+            ticket,
+            idle,
+        }
+    }
+}
+
+impl<C: Conn> Conn for Metered<C> {
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        let (res, buf) = match &mut self.idle {
+            Some(idle) => idle.bound(self.inner.read(buf)).await,
+            None => self.inner.read(buf).await,
+        };
+        if let Ok(n) = res {
+            self.ticket.gate().metrics.received.increment(n as u64);
+        }
+        (res, buf)
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        let (res, buf) = match &mut self.idle {
+            Some(idle) => idle.bound(self.inner.write(buf, from)).await,
+            None => self.inner.write(buf, from).await,
+        };
+        if let Ok(n) = res {
+            self.ticket.gate().metrics.sent.increment(n as u64);
+        }
+        (res, buf)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown().await
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer_addr()
+    }
+}

@@ -1,0 +1,181 @@
+//! Listening sockets and address rules.
+//!
+//! Every worker owns its own listening socket for each service, all bound to the same address
+//! with `SO_REUSEPORT`, so the kernel spreads connections over workers and no accept is shared
+//! across threads. Binding happens on the main thread before any worker starts, so an address in
+//! use is a startup error, never a half-started server.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::str::FromStr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog for every service socket.
+const BACKLOG: i32 = 1024;
+
+/// Binds `count` listening sockets to `addr` with `SO_REUSEPORT`.
+///
+/// `SO_REUSEPORT` alone would let a second wharf (same user) silently share a port with the
+/// first, so the address is first probed with a plain exclusive bind: if anything holds it, the
+/// bind fails with "address in use" as a user expects. A port of 0 is resolved by that probe and
+/// all sockets share the port it got.
+pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+    let probe = new_socket(addr)?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+    drop(probe);
+
+    (0..count.max(1))
+        .map(|_| {
+            let socket = new_socket(addr)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(BACKLOG)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only; dual-stack surprises nobody when it is explicit.
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`); a bare address means one host.
+///
+/// IPv4 rules also match IPv4-mapped IPv6 peers (`::ffff:10.1.2.3`), which is how an IPv4 client
+/// appears on a dual-stack socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies in this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_match(u32::from(net).into(), u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_match(u128::from(net), u128::from(ip), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_match(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
+    if prefix == 0 {
+        return true;
+    }
+    let shift = u32::from(bits - prefix);
+    (net >> shift) == (ip >> shift)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`{s}`: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl fmt::Debug for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let lan = cidr("10.0.0.0/8");
+        assert!(lan.contains("10.200.3.4".parse().unwrap()));
+        assert!(!lan.contains("11.0.0.1".parse().unwrap()));
+        assert!(lan.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(cidr("127.0.0.1").contains("127.0.0.1".parse().unwrap()));
+        assert!(!cidr("127.0.0.1").contains("127.0.0.2".parse().unwrap()));
+        assert!(cidr("0.0.0.0/0").contains("8.8.8.8".parse().unwrap()));
+        assert!(cidr("::1").contains("::1".parse().unwrap()));
+        assert!(!cidr("::1").contains("127.0.0.1".parse().unwrap()));
+        assert!(cidr("fd00::/8").contains("fd12::1".parse().unwrap()));
+        assert!(cidr("::/0").contains("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn cidr_parse_errors() {
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("banana".parse::<Cidr>().is_err());
+        assert!("::1/129".parse::<Cidr>().is_err());
+        assert_eq!(cidr("10.1.0.0/16").to_string(), "10.1.0.0/16");
+    }
+
+    #[test]
+    fn reuseport_group_shares_one_port_and_detects_conflicts() {
+        let group = bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port));
+        let again = bind_reuseport_group(group[0].local_addr().unwrap(), 1);
+        assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+    }
+}

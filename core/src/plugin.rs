@@ -1,0 +1,58 @@
+//! How a protocol becomes a named, configurable plugin.
+//!
+//! A plugin is a [`Service`] plus a name, a one-line description and a typed options struct.
+//! The options struct is deserialized with `deny_unknown_fields` from
+//! `[services.<name>.options]`, so a typo is an error that names the key, not a silent default.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::service::Service;
+
+/// A registrable protocol.
+pub trait Plugin: Service + Sized {
+    /// The name configs use in `plugin = "..."`.
+    const NAME: &'static str;
+    /// One line for `wharf plugins`.
+    const DESCRIPTION: &'static str;
+    /// Documentation of each option, for `wharf plugins` (defaults come from `Options::default`).
+    const OPTIONS: &'static [OptionDoc];
+
+    /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
+    type Options: DeserializeOwned + Serialize + Default;
+
+    /// Builds the service from validated options; called once per service, before any socket
+    /// is bound. Checks that need the outside world (a directory exists...) belong here.
+    fn build(options: Self::Options) -> Result<Self, PluginError>;
+}
+
+/// One documented option.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionDoc {
+    /// Key under `options`.
+    pub name: &'static str,
+    /// Type and allowed values, e.g. `"none" | "upper"`.
+    pub kind: &'static str,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// A problem found while building a plugin from its options.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PluginError {
+    /// The option at fault (its key under `options`), when there is one.
+    pub option: Option<String>,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+}
+
+impl PluginError {
+    /// An error about one option.
+    pub fn option(name: impl Into<String>, message: impl Into<String>) -> Self {
+        PluginError {
+            option: Some(name.into()),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Test support: drive a plugin through an in-memory connection, no sockets needed.
+//!
+//! ```
+//! use wharf_core::testing;
+//! testing::block_on(async {
+//!     let (conn, client) = testing::pipe();
+//!     // tokio::task::spawn_local(async move { my_service.serve(conn).await });
+//!     # drop(conn);
+//!     assert_eq!(client.read_to_end().await, b"");
+//! });
+//! ```
+//!
+//! [`pipe`] returns the server side ([`MemConn`], a real [`Conn`]) and the [`Client`] side.
+//! Each direction holds at most `capacity` bytes, so backpressure is observable: a service that
+//! stops reading while its output is not consumed leaves the client's writes pending.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use crate::conn::{no_spare_capacity, BufResult, Conn};
+use crate::service::Service;
+
+pub use tokio::task::{yield_now, JoinHandle};
+
+/// Default bytes buffered per direction.
+pub const DEFAULT_CAPACITY: usize = 64 * 1024;
+
+/// Runs `fut` on a fresh single-threaded runtime with a `LocalSet` (so `spawn_local` and
+/// `tokio::time` work), the same shape as a wharf worker.
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("building a current-thread tokio runtime");
+    tokio::task::LocalSet::new().block_on(&rt, fut)
+}
+
+/// Serves `conn` with `service` on a local task (call inside [`block_on`]).
+pub fn spawn<S: Service>(service: S, conn: MemConn) -> JoinHandle<io::Result<()>> {
+    tokio::task::spawn_local(async move { service.serve(conn).await })
+}
+
+/// A connected pair with [`DEFAULT_CAPACITY`] per direction.
+pub fn pipe() -> (MemConn, Client) {
+    pipe_with_capacity(DEFAULT_CAPACITY)
+}
+
+/// A connected pair buffering at most `capacity` bytes per direction.
+pub fn pipe_with_capacity(capacity: usize) -> (MemConn, Client) {
+    assert!(capacity > 0, "a pipe needs room for at least one byte");
+    let shared = Rc::new(RefCell::new(Shared {
+        to_server: Direction::new(capacity),
+        to_client: Direction::new(capacity),
+    }));
+    (
+        MemConn {
+            shared: Rc::clone(&shared),
+            peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        },
+        Client { shared },
+    )
+}
+
+struct Shared {
+    to_server: Direction,
+    to_client: Direction,
+}
+
+struct Direction {
+    data: VecDeque<u8>,
+    capacity: usize,
+    /// The writer will send nothing more (FIN or drop).
+    writer_closed: bool,
+    /// The reader is gone; writes fail like writes to a reset socket.
+    reader_gone: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+impl Direction {
+    fn new(capacity: usize) -> Self {
+        Direction {
+            data: VecDeque::new(),
+            capacity,
+            writer_closed: false,
+            reader_gone: false,
+            reader: None,
+            writer: None,
+        }
+    }
+
+    fn poll_read(&mut self, waker: &Waker, out: &mut Vec<u8>, max: usize) -> Poll<usize> {
+        if !self.data.is_empty() {
+            let n = max.min(self.data.len());
+            out.extend(self.data.drain(..n));
+            if let Some(w) = self.writer.take() {
+                w.wake();
+            }
+            Poll::Ready(n)
+        } else if self.writer_closed {
+            Poll::Ready(0)
+        } else {
+            self.reader = Some(waker.clone());
+            Poll::Pending
+        }
+    }
+
+    fn poll_write(&mut self, waker: &Waker, data: &[u8]) -> Poll<io::Result<usize>> {
+        if self.reader_gone {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if self.writer_closed {
+            return Poll::Ready(Err(io::Error::other("write after shutdown")));
+        }
+        let room = self.capacity - self.data.len();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if room == 0 {
+            self.writer = Some(waker.clone());
+            return Poll::Pending;
+        }
+        let n = room.min(data.len());
+        self.data.extend(&data[..n]);
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn close_writer(&mut self) {
+        self.writer_closed = true;
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+
+    fn close_reader(&mut self) {
+        self.reader_gone = true;
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The server side of an in-memory pipe: hand it to a service's `serve`.
+pub struct MemConn {
+    shared: Rc<RefCell<Shared>>,
+    peer: SocketAddr,
+}
+
+impl MemConn {
+    /// Pretends the client connects from `peer`.
+    pub fn with_peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = peer;
+        self
+    }
+}
+
+impl Conn for MemConn {
+    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
+        let spare = buf.capacity() - buf.len();
+        if spare == 0 {
+            return (Err(no_spare_capacity()), buf);
+        }
+        let n = std::future::poll_fn(|cx| {
+            self.shared
+                .borrow_mut()
+                .to_server
+                .poll_read(cx.waker(), &mut buf, spare)
+        })
+        .await;
+        (Ok(n), buf)
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        let res = std::future::poll_fn(|cx| {
+            self.shared
+                .borrow_mut()
+                .to_client
+                .poll_write(cx.waker(), &buf[from..])
+        })
+        .await;
+        (res, buf)
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.shared.borrow_mut().to_client.close_writer();
+        Ok(())
+    }
+
+    fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl Drop for MemConn {
+    fn drop(&mut self) {
+        let mut s = self.shared.borrow_mut();
+        s.to_client.close_writer();
+        s.to_server.close_reader();
+    }
+}
+
+/// The client side of an in-memory pipe: what a test script uses to talk to the service.
+pub struct Client {
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl Client {
+    /// Writes what fits now (up to the pipe's capacity) and returns how much that was, without
+    /// waiting. `Ok(0)` for non-empty `data` means the service is not reading: backpressure.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        let waker = Waker::noop();
+        match self.shared.borrow_mut().to_server.poll_write(waker, data) {
+            Poll::Ready(res) => res,
+            Poll::Pending => Ok(0),
+        }
+    }
+
+    /// Writes all of `data`, waiting while the pipe is full.
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = std::future::poll_fn(|cx| {
+                self.shared
+                    .borrow_mut()
+                    .to_server
+                    .poll_write(cx.waker(), data)
+            })
+            .await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Waits for some bytes (at most `max`) from the service; empty means it closed.
+    pub async fn read(&self, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::future::poll_fn(|cx| {
+            self.shared
+                .borrow_mut()
+                .to_client
+                .poll_read(cx.waker(), &mut out, max)
+        })
+        .await;
+        out
+    }
+
+    /// Reads exactly `n` bytes; `UnexpectedEof` if the service closes first.
+    pub async fn read_exact(&self, n: usize) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let chunk = self.read(n - out.len()).await;
+            if chunk.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            out.extend(chunk);
+        }
+        Ok(out)
+    }
+
+    /// Reads until the service closes its side.
+    pub async fn read_to_end(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let chunk = self.read(usize::MAX).await;
+            if chunk.is_empty() {
+                return out;
+            }
+            out.extend(chunk);
+        }
+    }
+
+    /// Sends end-of-stream to the service (like `shutdown(SHUT_WR)`).
+    pub fn close_write(&self) {
+        self.shared.borrow_mut().to_server.close_writer();
+    }
+
+    /// Bytes the client has written that the service has not read yet.
+    pub fn unread_by_service(&self) -> usize {
+        self.shared.borrow().to_server.data.len()
+    }
+
+    /// Bytes the service has written that the client has not read yet.
+    pub fn unread_by_client(&self) -> usize {
+        self.shared.borrow().to_client.data.len()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut s = self.shared.borrow_mut();
+        s.to_server.close_writer();
+        s.to_client.close_reader();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_flow_both_ways_and_eof_is_seen() {
+        block_on(async {
+            let (mut conn, client) = pipe_with_capacity(4);
+            client.write_all(b"ab").await.unwrap();
+            client.close_write();
+            let (n, buf) = conn.read(Vec::with_capacity(8)).await;
+            assert_eq!((n.unwrap(), &buf[..]), (2, &b"ab"[..]));
+            let (n, _) = conn.read(Vec::with_capacity(8)).await;
+            assert_eq!(n.unwrap(), 0);
+            let writer = tokio::task::spawn_local(async move {
+                let (res, _) = conn.write_all(b"0123456789".to_vec()).await;
+                res
+            });
+            assert_eq!(client.read_exact(10).await.unwrap(), b"0123456789");
+            writer.await.unwrap().unwrap();
+            assert_eq!(client.read_to_end().await, b"");
+        });
+    }
+
+    #[test]
+    fn full_pipe_pushes_back_and_read_needs_spare_capacity() {
+        block_on(async {
+            let (mut conn, client) = pipe_with_capacity(3);
+            assert_eq!(client.try_write(b"abcdef").unwrap(), 3);
+            assert_eq!(client.try_write(b"def").unwrap(), 0);
+            let (res, _) = conn.read(Vec::new()).await;
+            assert_eq!(res.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            drop(conn);
+            assert_eq!(
+                client.try_write(b"x").unwrap_err().kind(),
+                io::ErrorKind::BrokenPipe
+            );
+        });
+    }
+}

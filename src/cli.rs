@@ -1,0 +1,201 @@
+//! The command line: `serve`, `check`, `plugins`.
+//!
+//! Every failure a user can cause (bad config, busy port, refused io_uring) ends here as one
+//! line per problem on stderr and a non-zero exit: 2 for configuration errors, 1 for runtime
+//! ones. No panics, no backtraces.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use wharf_core::config::{BackendChoice, ConfigError};
+
+use crate::plan::{self, Overrides};
+use crate::registry::Registry;
+use crate::serve;
+
+/// wharf: a plugin-based TCP protocol server with epoll and io_uring backends.
+#[derive(Parser)]
+#[command(name = "wharf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the configured services until SIGTERM or SIGINT.
+    Serve {
+        /// Config file (TOML); without it, the embedded configs/default.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override server.backend.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Override server.workers (0 = one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate the config without binding anything, and print the resolved services.
+    Check {
+        /// Config file (TOML); without it, the embedded configs/default.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List the compiled-in plugins and their options.
+    Plugins,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Epoll,
+    #[value(name = "io_uring", alias = "io-uring", alias = "uring")]
+    IoUring,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Epoll => BackendChoice::Epoll,
+            BackendArg::IoUring => BackendChoice::IoUring,
+        }
+    }
+}
+
+/// Parses arguments and runs the command; returns the process exit code.
+pub fn main(registry: Registry) -> i32 {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Serve {
+            config,
+            backend,
+            workers,
+        } => {
+            let overrides = Overrides {
+                backend: backend.map(Into::into),
+                workers,
+            };
+            let plan = match plan::load(config.as_deref(), &overrides, &registry) {
+                Ok(plan) => plan,
+                Err(errors) => return report_config_errors(&errors),
+            };
+            match serve::run(plan) {
+                Ok(()) => 0,
+                Err(serve::ServeError(msg)) => {
+                    eprintln!("wharf: error: {msg}");
+                    1
+                }
+            }
+        }
+        Command::Check { config } => {
+            match plan::load(config.as_deref(), &Overrides::default(), &registry) {
+                Ok(plan) => {
+                    print_plan(&plan);
+                    0
+                }
+                Err(errors) => report_config_errors(&errors),
+            }
+        }
+        Command::Plugins => {
+            print_plugins(&registry);
+            0
+        }
+    }
+}
+
+fn report_config_errors(errors: &[ConfigError]) -> i32 {
+    for e in errors {
+        eprintln!("wharf: config error: {e}");
+    }
+    eprintln!(
+        "wharf: {} configuration error{}; nothing was started",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    2
+}
+
+fn print_plan(plan: &plan::Plan) {
+    let server = &plan.config.server;
+    println!(
+        "config: {} (with WHARF_* environment overrides)",
+        plan.origin
+    );
+    let workers = match server.workers {
+        0 => format!(
+            "0 (one per CPU: {})",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+        n => n.to_string(),
+    };
+    println!(
+        "server: backend = {}, workers = {workers}, shutdown_grace = {}",
+        server.backend.as_str(),
+        humantime::format_duration(server.shutdown_grace)
+    );
+    match &plan.config.metrics {
+        Some(m) => println!("metrics: http://{}/metrics", m.listen),
+        None => println!("metrics: off"),
+    }
+    for svc in &plan.services {
+        let c = &svc.config;
+        let allow = if c.allow_from.is_empty() {
+            "any".to_string()
+        } else {
+            c.allow_from
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let idle = if c.idle_timeout.is_zero() {
+            "off".to_string()
+        } else {
+            humantime::format_duration(c.idle_timeout).to_string()
+        };
+        println!(
+            "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}",
+            svc.name, c.plugin, c.listen, c.max_connections
+        );
+        for line in svc.built.options.lines() {
+            println!("    {line}");
+        }
+    }
+    println!("ok: {} service(s) valid", plan.services.len());
+}
+
+fn print_plugins(registry: &Registry) {
+    for p in registry.iter() {
+        println!("{}: {}", p.name, p.description);
+        let defaults = (p.defaults)();
+        for opt in p.options {
+            let default = defaults
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(opt.name)
+                        .and_then(|r| r.trim_start().strip_prefix('='))
+                })
+                .map(|d| format!(" (default {})", d.trim()))
+                .unwrap_or_default();
+            println!(
+                "    {} = {}{default}\n        {}",
+                opt.name, opt.kind, opt.help
+            );
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WHARF_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,13 @@
+//! The `wharf` binary as a library: CLI, plugin registry, config planning and `serve`.
+//!
+//! It is a library so that a third-party binary can reuse all of it and add its own plugins
+//! with one `register` line (see [`registry`]). The framework itself lives in `wharf-core`,
+//! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
+
+pub mod cli;
+pub mod metrics_http;
+pub mod plan;
+pub mod registry;
+pub mod serve;
+
+pub use registry::Registry;

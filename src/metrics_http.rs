@@ -1,0 +1,119 @@
+//! The Prometheus scrape endpoint: `GET /metrics` on `[metrics] listen`.
+//!
+//! metrics-exporter-prometheus renders the exposition text; this module is the small HTTP/1.1
+//! responder in front of it, so the endpoint runs on our own runtime, binds before anything
+//! starts (an address in use is a startup error), and can grow access rules and health checks
+//! without another HTTP stack. One request per connection, bounded head size, read timeout.
+
+use std::io;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+/// Histogram buckets (seconds) for network latencies: 100 us to 5 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the global Prometheus recorder (histograms with [`LATENCY_BUCKETS`]).
+pub fn install_recorder() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+}
+
+/// Serves scrapes until the task is dropped. Call inside a tokio runtime.
+pub async fn serve(listener: std::net::TcpListener, handle: PrometheusHandle) -> io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            if let Err(e) = respond(stream, &handle).await {
+                debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let complete = tokio::time::timeout(READ_TIMEOUT, async {
+        loop {
+            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+                return Ok::<bool, io::Error>(true);
+            }
+            if head.len() >= MAX_REQUEST_HEAD {
+                return Ok(false);
+            }
+            if stream.read_buf(&mut head).await? == 0 {
+                return Ok(false);
+            }
+        }
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head timeout"))??;
+
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+
+    let (status, content_type, body) = if !complete {
+        ("400 Bad Request", "text/plain", "bad request\n".to_string())
+    } else if method != "GET" && method != "HEAD" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET and HEAD\n".to_string(),
+        )
+    } else if path == "/metrics" {
+        (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            handle.render(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics\n".to_string(),
+        )
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\nServer: wharf\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        response.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&response).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,215 @@
+//! From config sources to a validated plan: every service's plugin resolved and built.
+//!
+//! `wharf check` stops here; `wharf serve` binds the plan. Nothing in this module touches the
+//! network, and it collects every error instead of stopping at the first.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::Serialized;
+use figment::value::{Dict, Value};
+use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, ServiceConfig};
+
+use crate::registry::{BuiltService, Registry};
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
+
+/// Command-line flags that override config keys.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--backend`
+    pub backend: Option<BackendChoice>,
+    /// `--workers`
+    pub workers: Option<usize>,
+}
+
+/// A validated configuration with every service built.
+pub struct Plan {
+    /// Where the configuration came from.
+    pub origin: String,
+    /// The framework-level settings.
+    pub config: Config,
+    /// Services in name order.
+    pub services: Vec<PlannedService>,
+    /// Kept for locating errors found later (bind failures).
+    pub source: ConfigSource,
+}
+
+/// One service, validated and built.
+pub struct PlannedService {
+    /// The name the config gave it.
+    pub name: String,
+    /// Its framework-level settings.
+    pub config: ServiceConfig,
+    /// The plugin instance.
+    pub built: BuiltService,
+}
+
+/// Loads, validates and builds everything; returns every error found.
+pub fn load(
+    file: Option<&Path>,
+    overrides: &Overrides,
+    registry: &Registry,
+) -> Result<Plan, Vec<ConfigError>> {
+    let source = ConfigSource::load(file, DEFAULT_CONFIG, overrides_provider(overrides))?;
+    let config = source.config()?;
+    let mut errors = Vec::new();
+    let mut services = Vec::new();
+    let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+    if let Some(metrics) = &config.metrics {
+        addresses.insert(metrics.listen, "metrics.listen".into());
+    }
+
+    for (name, svc) in &config.services {
+        if svc.listen.port() != 0 {
+            let key = format!("services.{name}.listen");
+            if let Some(other) = addresses.insert(svc.listen, key.clone()) {
+                errors.push(
+                    source.error_at(&key, format!("{} is already used by {other}", svc.listen)),
+                );
+            }
+        }
+        let Some(plugin) = registry.get(&svc.plugin) else {
+            errors.push(source.error_at(
+                &format!("services.{name}.plugin"),
+                format!(
+                    "unknown plugin `{}`; valid choices: {}",
+                    svc.plugin,
+                    registry.names().join(", ")
+                ),
+            ));
+            continue;
+        };
+        match plugin.build(&source, name) {
+            Ok(built) => services.push(PlannedService {
+                name: name.clone(),
+                config: svc.clone(),
+                built,
+            }),
+            Err(e) => errors.extend(e),
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(Plan {
+            origin: source.origin().to_string(),
+            config,
+            services,
+            source,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn overrides_provider(o: &Overrides) -> Serialized<Dict> {
+    let mut server = Dict::new();
+    if let Some(backend) = o.backend {
+        server.insert("backend".into(), Value::from(backend.as_str()));
+    }
+    if let Some(workers) = o.workers {
+        server.insert("workers".into(), Value::from(workers as u64));
+    }
+    let mut top = Dict::new();
+    if !server.is_empty() {
+        top.insert("server".into(), Value::from(server));
+    }
+    Serialized::defaults(top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write_config(text: &str) -> tempfile_path::TempConfig {
+        tempfile_path::TempConfig::new(text)
+    }
+
+    /// A tiny self-cleaning temp file (no extra crate for one test helper).
+    mod tempfile_path {
+        pub struct TempConfig(pub std::path::PathBuf);
+        impl TempConfig {
+            pub fn new(text: &str) -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "wharf-plan-{}-{}.toml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                let mut f = std::fs::File::create(&path).unwrap();
+                super::Write::write_all(&mut f, text.as_bytes()).unwrap();
+                TempConfig(path)
+            }
+        }
+        impl Drop for TempConfig {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_binds_loopback_only() {
+        let plan = load(None, &Overrides::default(), &Registry::with_builtins()).unwrap();
+        assert!(!plan.services.is_empty());
+        for s in &plan.services {
+            assert!(
+                s.config.listen.ip().is_loopback(),
+                "{} binds {}",
+                s.name,
+                s.config.listen
+            );
+        }
+        assert!(plan.config.metrics.unwrap().listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn plugin_and_option_errors_name_file_key_and_choices() {
+        let cfg = write_config(
+            "[services.a]\nplugin = 'ech'\nlisten = '127.0.0.1:7001'\n\
+             [services.b]\nplugin = 'echo'\nlisten = '127.0.0.1:7002'\n\
+             [services.b.options]\ntransfrom = 'upper'\n\
+             [services.c]\nplugin = 'echo'\nlisten = '127.0.0.1:7002'\n\
+             [services.c.options]\ntransform = 'lower'\n",
+        );
+        let errors = load(
+            Some(&cfg.0),
+            &Overrides::default(),
+            &Registry::with_builtins(),
+        )
+        .err()
+        .unwrap();
+        let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let file = cfg.0.display().to_string();
+        assert!(all.iter().all(|e| e.starts_with(&file)), "{all:#?}");
+        let has = |needle: &str| all.iter().any(|e| e.contains(needle));
+        assert!(
+            has("services.a.plugin: unknown plugin `ech`; valid choices: echo"),
+            "{all:#?}"
+        );
+        assert!(has("services.b.options.transfrom: unknown key"), "{all:#?}");
+        assert!(
+            has("services.c.options.transform: unknown value `lower`; valid choices: none, upper"),
+            "{all:#?}"
+        );
+        assert!(
+            has("services.c.listen: 127.0.0.1:7002 is already used by services.b.listen"),
+            "{all:#?}"
+        );
+    }
+
+    #[test]
+    fn cli_overrides_win() {
+        let o = Overrides {
+            backend: Some(BackendChoice::Epoll),
+            workers: Some(3),
+        };
+        let plan = load(None, &o, &Registry::with_builtins()).unwrap();
+        assert_eq!(plan.config.server.backend, BackendChoice::Epoll);
+        assert_eq!(plan.config.server.workers, 3);
+    }
+}

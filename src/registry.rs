@@ -1,0 +1,134 @@
+//! The plugin registry: plugin names to constructors, type-erased once per backend.
+//!
+//! A plugin's `serve` is generic over the connection type, so this is where a plugin meets the
+//! concrete connection types of the compiled-in backends: registering `P` instantiates
+//! `P::serve` for each of them. A third-party binary registers its own plugins the same way:
+//!
+//! ```no_run
+//! let mut registry = wharf::Registry::with_builtins();
+//! // registry.register::<my_plugin::MyPlugin>();
+//! std::process::exit(wharf::cli::main(registry));
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wharf_backend_epoll::Epoll;
+use wharf_backend_uring::IoUring;
+use wharf_core::config::{ConfigError, ConfigSource};
+use wharf_core::service::DynService;
+use wharf_core::worker::ConnOf;
+use wharf_core::{OptionDoc, Plugin};
+
+/// The plugins a binary knows, by name.
+#[derive(Default)]
+pub struct Registry {
+    plugins: BTreeMap<&'static str, PluginEntry>,
+}
+
+/// What the registry knows about one plugin.
+pub struct PluginEntry {
+    /// Name used in `plugin = "..."`.
+    pub name: &'static str,
+    /// One-line description.
+    pub description: &'static str,
+    /// Documented options.
+    pub options: &'static [OptionDoc],
+    /// Default options, rendered as TOML.
+    pub defaults: fn() -> String,
+    build: fn(&ConfigSource, &str) -> Result<BuiltService, Vec<ConfigError>>,
+}
+
+/// A configured service instance, ready to be served by either backend.
+pub struct BuiltService {
+    /// The instance as the epoll backend calls it.
+    pub epoll: Arc<dyn DynService<ConnOf<Epoll>>>,
+    /// The same instance as the io_uring backend calls it.
+    pub io_uring: Arc<dyn DynService<ConnOf<IoUring>>>,
+    /// The resolved options, as TOML, for `wharf check`.
+    pub options: String,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry with the built-in plugins.
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::new();
+        registry.register::<wharf_plugin_echo::Echo>();
+        registry
+    }
+
+    /// Adds plugin `P`. A second plugin with the same name replaces the first.
+    pub fn register<P: Plugin>(&mut self) -> &mut Self {
+        self.plugins.insert(
+            P::NAME,
+            PluginEntry {
+                name: P::NAME,
+                description: P::DESCRIPTION,
+                options: P::OPTIONS,
+                defaults: || to_toml(&P::Options::default()),
+                build: build::<P>,
+            },
+        );
+        self
+    }
+
+    /// The plugin registered as `name`.
+    pub fn get(&self, name: &str) -> Option<&PluginEntry> {
+        self.plugins.get(name)
+    }
+
+    /// All plugins, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &PluginEntry> {
+        self.plugins.values()
+    }
+
+    /// Registered names, for "valid choices" messages.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.plugins.keys().copied().collect()
+    }
+}
+
+impl PluginEntry {
+    /// Extracts and checks `[services.<service>.options]`, then builds the service.
+    pub fn build(
+        &self,
+        source: &ConfigSource,
+        service: &str,
+    ) -> Result<BuiltService, Vec<ConfigError>> {
+        (self.build)(source, service)
+    }
+}
+
+fn build<P: Plugin>(
+    source: &ConfigSource,
+    service: &str,
+) -> Result<BuiltService, Vec<ConfigError>> {
+    let key = format!("services.{service}.options");
+    let options: P::Options = source.extract(&key)?;
+    let rendered = to_toml(&options);
+    let instance = P::build(options).map_err(|e| {
+        let key = match &e.option {
+            Some(option) => format!("{key}.{option}"),
+            None => key.clone(),
+        };
+        vec![source.error_at(&key, e.message)]
+    })?;
+    let instance = Arc::new(instance);
+    Ok(BuiltService {
+        epoll: instance.clone(),
+        io_uring: instance,
+        options: rendered,
+    })
+}
+
+fn to_toml<T: serde::Serialize>(value: &T) -> String {
+    toml::to_string(value)
+        .unwrap_or_else(|e| format!("# cannot render options: {e}"))
+        .trim_end()
+        .to_string()
+}
