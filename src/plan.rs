@@ -54,8 +54,7 @@ pub fn load(
     registry: &Registry,
 ) -> Result<Plan, Vec<ConfigError>> {
     let source = ConfigSource::load(file, DEFAULT_CONFIG, overrides_provider(overrides))?;
-    let config = source.config()?;
-    let mut errors = Vec::new();
+    let (config, mut errors) = source.resolve();
     let mut services = Vec::new();
     let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
     if let Some(metrics) = &config.metrics {

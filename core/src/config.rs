@@ -147,6 +147,9 @@ pub struct ConfigSource {
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WHARF_";
 
+/// `WHARF_LOG` is the log filter, not a config key.
+const LOG_ENV_KEY: &str = "log";
+
 /// Keys allowed at the top level.
 const SECTIONS: &[&str] = &["server", "metrics", "services"];
 
@@ -176,7 +179,7 @@ impl ConfigSource {
             ),
         };
         let figment = base
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&[LOG_ENV_KEY]).split("__"))
             .merge(overrides);
         Ok(ConfigSource { figment, origin })
     }
@@ -188,10 +191,28 @@ impl ConfigSource {
 
     /// Resolves and checks every framework-level section, reporting all errors at once.
     pub fn config(&self) -> Result<Config, Vec<ConfigError>> {
+        let (config, errors) = self.resolve();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Like [`ConfigSource::config`], but returns whatever did parse alongside the errors, so
+    /// callers can go on checking (plugins, options) and report everything in one run.
+    pub fn resolve(&self) -> (Config, Vec<ConfigError>) {
         let mut errors = Vec::new();
         let top: Dict = match self.figment.extract() {
             Ok(top) => top,
-            Err(e) => return Err(self.errors(e, "")),
+            Err(e) => {
+                let config = Config {
+                    server: ServerConfig::default(),
+                    metrics: None,
+                    services: BTreeMap::new(),
+                };
+                return (config, self.errors(e, ""));
+            }
         };
         for key in top.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
             errors.push(self.error_at(
@@ -224,19 +245,15 @@ impl ConfigSource {
                 errors.push(self.error_at("services", "expected a table of services".into()))
             }
         }
-        if services.is_empty() && errors.is_empty() {
+        if !top.contains_key("services") {
             errors.push(self.error_at("services", "no service is configured".into()));
         }
-
-        if errors.is_empty() {
-            Ok(Config {
-                server,
-                metrics,
-                services,
-            })
-        } else {
-            Err(errors)
-        }
+        let config = Config {
+            server,
+            metrics,
+            services,
+        };
+        (config, errors)
     }
 
     /// Extracts `key` (a dotted path) as `T`; an absent key deserializes from an empty table, so

@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
 use tokio_uring::buf::BoundedBuf;
 use wharf_core::backend::{Backend, Listener};
@@ -78,6 +79,22 @@ fn is_root() -> bool {
 /// A worker's listening socket.
 pub struct TcpListener(tokio_uring::net::TcpListener);
 
+/// tokio-uring does not cancel an operation whose future is dropped: the kernel keeps it in
+/// flight, and the op keeps the socket open. `shutdown(2)` completes pending operations (an
+/// accept fails, a receive sees end of stream), so dropping really closes the socket. Without
+/// this, a stopped listener would keep accepting and an idle-timed-out client would never be
+/// disconnected.
+fn complete_pending_ops(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` belongs to a socket we still own (called from Drop, before it is closed).
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        complete_pending_ops(self.0.as_raw_fd());
+    }
+}
+
 impl Listener for TcpListener {
     type Conn = TcpConn;
 
@@ -92,6 +109,12 @@ impl Listener for TcpListener {
 pub struct TcpConn {
     stream: tokio_uring::net::TcpStream,
     peer: SocketAddr,
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        complete_pending_ops(self.stream.as_raw_fd());
+    }
 }
 
 impl Conn for TcpConn {

@@ -1,0 +1,161 @@
+//! The echo service over real sockets on both backends, with exact byte accounting.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Deterministic pseudo-random bytes (no extra crate): a small xorshift.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` in uneven chunks while a second thread reads the echo; returns what came back.
+fn echo_roundtrip(addr: std::net::SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
+    let mut stream = connect(addr);
+    let mut reader = stream.try_clone().unwrap();
+    let expected = data.len();
+    let read = std::thread::spawn(move || {
+        let mut out = Vec::with_capacity(expected);
+        reader.read_to_end(&mut out).unwrap();
+        out
+    });
+    let mut rest = data;
+    let mut step = seed as usize;
+    while !rest.is_empty() {
+        step = (step * 7 + 13) % 9000 + 1;
+        let n = step.min(rest.len());
+        stream.write_all(&rest[..n]).unwrap();
+        rest = &rest[n..];
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    read.join().unwrap()
+}
+
+#[test]
+fn echo_uppercases_and_metrics_count_every_byte() {
+    for backend in backends() {
+        let server = Server::start(&echo_config(""), backend);
+        assert_eq!(server.backend, backend);
+        let addr = server.addr("echo");
+        let clients: Vec<_> = (0..8u64)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    // Sizes from a few bytes to ~1 MiB: well past socket buffers, so
+                    // backpressure and partial writes happen for real.
+                    let data = payload([7, 4096, 65_537, 1 << 20][i as usize % 4] + i as usize, i);
+                    let back = echo_roundtrip(addr, &data, i);
+                    assert!(back == data.to_ascii_uppercase(), "client {i}: wrong echo");
+                    data.len() as f64
+                })
+            })
+            .collect();
+        let total: f64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+
+        let labels = [
+            ("service", "echo"),
+            ("plugin", "echo"),
+            ("backend", backend),
+        ];
+        server.wait_metric("wharf_connections_active", &labels, 0.0);
+        server.wait_metric("wharf_received_bytes_total", &labels, total);
+        server.wait_metric("wharf_sent_bytes_total", &labels, total);
+        server.wait_metric("wharf_connections_accepted_total", &labels, 8.0);
+        let text = server.scrape();
+        assert!(
+            text.contains("# TYPE wharf_connection_duration_seconds histogram"),
+            "{text}"
+        );
+        let count = metric_value(&text, "wharf_connection_duration_seconds_count", &labels);
+        assert_eq!(count, Some(8.0), "{text}");
+    }
+}
+
+#[test]
+fn transform_none_is_plain_rfc862_and_env_overrides_options() {
+    for backend in backends() {
+        let server = Server::start_with(
+            &echo_config(""),
+            &["--backend", backend],
+            &[("WHARF_SERVICES__ECHO__OPTIONS__TRANSFORM", "none")],
+        )
+        .unwrap();
+        let data = payload(100_000, 42);
+        assert!(echo_roundtrip(server.addr("echo"), &data, 3) == data);
+    }
+}
+
+/// The tutorial's own client, as a user would run it: send a line, print the reply.
+const TUTORIAL_ECHO_CLIENT: &str = r#"
+import socket, sys
+HOST, PORT = sys.argv[1], int(sys.argv[2])
+client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+client.connect((HOST, PORT))
+client.send(b"hello from the tutorial")
+response = client.recv(4096)
+print(response.decode())
+client.close()
+"#;
+
+#[test]
+fn tutorial_python_client_works_unmodified() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        return skip_or_fail("python3 not found");
+    }
+    for backend in backends() {
+        let server = Server::start(&echo_config(""), backend);
+        let addr = server.addr("echo");
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                TUTORIAL_ECHO_CLIENT,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "HELLO FROM THE TUTORIAL"
+        );
+    }
+}
+
+#[test]
+fn a_vanished_client_does_not_disturb_others() {
+    for backend in backends() {
+        let server = Server::start(&echo_config(""), backend);
+        let addr = server.addr("echo");
+        // Reset mid-stream: SO_LINGER 0 makes close() send RST with unread data pending.
+        for _ in 0..20 {
+            let s = connect(addr);
+            let sock = socket2::SockRef::from(&s);
+            sock.set_linger(Some(Duration::ZERO)).unwrap();
+            (&s).write_all(&payload(200_000, 9)[..]).unwrap_or(());
+            drop(s);
+        }
+        let data = payload(10_000, 5);
+        assert!(echo_roundtrip(addr, &data, 1) == data.to_ascii_uppercase());
+        let labels = [
+            ("service", "echo"),
+            ("plugin", "echo"),
+            ("backend", backend),
+        ];
+        server.wait_metric("wharf_connections_active", &labels, 0.0);
+    }
+}

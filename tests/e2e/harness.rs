@@ -1,0 +1,324 @@
+//! Starting and talking to a real `wharf serve` process.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const WHARF: &str = env!("CARGO_BIN_EXE_wharf");
+
+/// The backends every end-to-end test runs on. io_uring is skipped (with a printed reason)
+/// when this machine refuses rings, unless CI=true, where that is a failure.
+pub fn backends() -> Vec<&'static str> {
+    static IO_URING: OnceLock<Result<(), String>> = OnceLock::new();
+    let mut list = vec!["epoll"];
+    match IO_URING.get_or_init(io_uring_available) {
+        Ok(()) => list.push("io_uring"),
+        Err(why) => skip_or_fail(&format!("io_uring backend: {why}")),
+    }
+    list
+}
+
+/// A test that cannot run here: a failure under CI=true, a printed skip otherwise.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true and a required tool is unavailable: {why}");
+    }
+    eprintln!("SKIP {why}");
+}
+
+fn io_uring_available() -> Result<(), String> {
+    Server::start_with(&echo_config(""), &["--backend", "io_uring"], &[]).map(drop)
+}
+
+/// A minimal config: one echo service named `echo` plus metrics, on free ports.
+pub fn echo_config(extra_service_keys: &str) -> String {
+    format!(
+        "[server]\nworkers = 2\nshutdown_grace = \"5s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n{extra_service_keys}\n\
+         [services.echo.options]\ntransform = \"upper\"\n"
+    )
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "wharf-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `wharf serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub services: HashMap<String, SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub backend: String,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+impl Server {
+    /// Starts `wharf serve --config <config> --backend <backend>` and waits until it is ready.
+    pub fn start(config: &str, backend: &str) -> Server {
+        Self::start_with(config, &["--backend", backend], &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        let dir = TempDir::new();
+        let path = dir.write("wharf.toml", config);
+        let mut cmd = Command::new(WHARF);
+        cmd.arg("serve").arg("--config").arg(&path).args(args);
+        cmd.env("WHARF_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning {WHARF}: {e}"))?;
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("wharf ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ready_rx.recv_timeout(Duration::from_millis(20)).is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(format!(
+                    "wharf exited early ({status}):\n{}",
+                    log.lock().unwrap().join("\n")
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!(
+                    "wharf not ready in time:\n{}",
+                    log.lock().unwrap().join("\n")
+                ));
+            }
+        }
+        let lines = log.lock().unwrap().clone();
+        let mut services = HashMap::new();
+        let mut metrics = None;
+        let mut backend = String::new();
+        for line in &lines {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            if line.contains("listening service=") {
+                if let (Some(name), Some(addr)) = (field("service"), field("listen")) {
+                    services.insert(name, addr.parse().unwrap());
+                    backend = field("backend").unwrap_or_default();
+                }
+            }
+            if line.contains("metrics endpoint listening") {
+                metrics = field("listen").map(|a| a.parse().unwrap());
+            }
+        }
+        Ok(Server {
+            child,
+            services,
+            metrics,
+            backend,
+            log,
+            _dir: dir,
+        })
+    }
+
+    pub fn addr(&self, service: &str) -> SocketAddr {
+        self.services[service]
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The raw `/metrics` text.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.expect("metrics are configured");
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The value of one series (`name{labels}` must match exactly the labels given, in any
+    /// order), or `None` if absent.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        metric_value(&self.scrape(), name, labels)
+    }
+
+    /// Polls `metric` until it equals `want` (servers settle counters after the client sees
+    /// the close), failing with the last value after a few seconds.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.metric(name, labels);
+            if got == Some(want) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{name}{labels:?} = {got:?}, want {want}\n{}", self.scrape());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = self.log();
+        if log.contains("panicked") {
+            // A panic anywhere in the server is a bug even if the test passed.
+            eprintln!("{log}");
+            if !std::thread::panicking() {
+                panic!("the server panicked");
+            }
+        }
+    }
+}
+
+/// Parses one sample from Prometheus text.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        let mut found: Vec<(String, String)> = label_part
+            .split("\",")
+            .filter(|s| !s.is_empty())
+            .filter_map(|kv| kv.split_once("=\""))
+            .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+            .collect();
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        found.sort();
+        want.sort();
+        if found == want {
+            return value.trim().parse().ok();
+        }
+    }
+    None
+}
+
+/// A one-shot HTTP/1.1 GET with std sockets.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Connects with a read timeout so a broken server fails the test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the peer closed (EOF or reset) within `limit`.
+pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+        ),
+    }
+}

@@ -1,0 +1,104 @@
+//! Framework-level limits that apply to every plugin: max_connections, allow_from,
+//! idle_timeout; each checked through the real binary with its metrics.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn labels<'a>(service: &'a str, backend: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("service", service),
+        ("plugin", "echo"),
+        ("backend", backend),
+    ]
+}
+
+fn is_served(s: &mut std::net::TcpStream) -> bool {
+    if s.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).is_ok() && &buf == b"PING"
+}
+
+#[test]
+fn max_connections_closes_the_excess_and_counts_it() {
+    for backend in backends() {
+        let server = Server::start(&echo_config("max_connections = 2"), backend);
+        let addr = server.addr("echo");
+        let mut a = connect(addr);
+        let mut b = connect(addr);
+        assert!(is_served(&mut a) && is_served(&mut b));
+        let mut c = connect(addr);
+        assert!(
+            closed_within(&mut c, Duration::from_secs(3)),
+            "third connection was kept"
+        );
+        let mut l: Vec<(&str, &str)> = labels("echo", backend).to_vec();
+        l.push(("reason", "max_connections"));
+        server.wait_metric("wharf_connections_rejected_total", &l, 1.0);
+        server.wait_metric("wharf_connections_active", &labels("echo", backend), 2.0);
+
+        // A slot freed is a slot reusable.
+        drop(a);
+        server.wait_metric("wharf_connections_active", &labels("echo", backend), 1.0);
+        let mut d = connect(addr);
+        assert!(is_served(&mut d));
+        assert!(is_served(&mut b));
+    }
+}
+
+#[test]
+fn allow_from_closes_unlisted_peers_at_accept() {
+    for backend in backends() {
+        let config = format!(
+            "{}\n[services.private]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+             allow_from = [\"10.0.0.0/8\", \"::1\"]\n\
+             [services.private.options]\ntransform = \"upper\"\n",
+            echo_config("allow_from = [\"127.0.0.0/8\"]")
+        );
+        let server = Server::start(&config, backend);
+        let mut allowed = connect(server.addr("echo"));
+        assert!(is_served(&mut allowed));
+        let mut denied = connect(server.addr("private"));
+        assert!(closed_within(&mut denied, Duration::from_secs(3)));
+
+        let mut l: Vec<(&str, &str)> = labels("private", backend).to_vec();
+        l.push(("reason", "allow_from"));
+        server.wait_metric("wharf_connections_rejected_total", &l, 1.0);
+        server.wait_metric(
+            "wharf_connections_accepted_total",
+            &labels("private", backend),
+            0.0,
+        );
+        server.wait_metric(
+            "wharf_connections_accepted_total",
+            &labels("echo", backend),
+            1.0,
+        );
+    }
+}
+
+#[test]
+fn idle_timeout_closes_silent_clients_but_not_talkative_ones() {
+    for backend in backends() {
+        let server = Server::start(&echo_config("idle_timeout = \"300ms\""), backend);
+        let addr = server.addr("echo");
+        let mut talker = connect(addr);
+        let start = Instant::now();
+        let mut silent = connect(addr);
+        // Keep one connection busy past several timeouts.
+        for _ in 0..10 {
+            assert!(is_served(&mut talker), "an active connection was closed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(3)),
+            "silent client kept"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(250));
+        assert!(is_served(&mut talker));
+        server.wait_metric("wharf_connections_active", &labels("echo", backend), 1.0);
+    }
+}

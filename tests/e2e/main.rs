@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `wharf` binary, real sockets, real signals, both backends.
+//!
+//! One test binary (this file and its modules) so the workspace is built and linked once.
+
+mod cli;
+mod echo;
+mod harness;
+mod lifecycle;
+mod limits;
