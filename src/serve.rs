@@ -46,7 +46,7 @@ fn resolve_backend(choice: BackendChoice) -> Result<BackendChoice, ServeError> {
                 Ok(BackendChoice::IoUring)
             }
             Err(why) => {
-                warn!("backend auto: using epoll because {why}");
+                info!("backend auto: using epoll because {why}");
                 Ok(BackendChoice::Epoll)
             }
         },

@@ -102,3 +102,21 @@ fn idle_timeout_closes_silent_clients_but_not_talkative_ones() {
         server.wait_metric("wharf_connections_active", &labels("echo", backend), 1.0);
     }
 }
+
+#[test]
+fn ipv6_loopback_services_work_and_match_v6_rules() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        return skip_or_fail("no IPv6 loopback on this machine");
+    }
+    for backend in backends() {
+        let config = echo_config("allow_from = [\"::1\"]").replace(
+            "listen = \"127.0.0.1:0\"\nallow",
+            "listen = \"[::1]:0\"\nallow",
+        );
+        let server = Server::start(&config, backend);
+        let addr = server.addr("echo");
+        assert!(addr.is_ipv6(), "{addr}");
+        let mut s = connect(addr);
+        assert!(is_served(&mut s));
+    }
+}
