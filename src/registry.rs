@@ -34,6 +34,8 @@ pub struct PluginEntry {
     pub description: &'static str,
     /// Documented options.
     pub options: &'static [OptionDoc],
+    /// Request outcomes (`wharf_requests_total{outcome}`), empty for plugins without requests.
+    pub outcomes: &'static [&'static str],
     /// Default options, rendered as TOML.
     pub defaults: fn() -> String,
     build: fn(&ConfigSource, &str) -> Result<BuiltService, Vec<ConfigError>>,
@@ -47,6 +49,8 @@ pub struct BuiltService {
     pub io_uring: Arc<dyn DynService<ConnOf<IoUring>>>,
     /// The resolved options, as TOML, for `wharf check`.
     pub options: String,
+    /// The plugin's request outcomes, registered as metric series at startup.
+    pub outcomes: &'static [&'static str],
 }
 
 impl Registry {
@@ -59,6 +63,7 @@ impl Registry {
     pub fn with_builtins() -> Self {
         let mut registry = Self::new();
         registry.register::<wharf_plugin_echo::Echo>();
+        registry.register::<wharf_plugin_http_hello::HttpHello>();
         registry
     }
 
@@ -70,6 +75,7 @@ impl Registry {
                 name: P::NAME,
                 description: P::DESCRIPTION,
                 options: P::OPTIONS,
+                outcomes: P::OUTCOMES,
                 defaults: || to_toml(&P::Options::default()),
                 build: build::<P>,
             },
@@ -123,6 +129,7 @@ fn build<P: Plugin>(
         epoll: instance.clone(),
         io_uring: instance,
         options: rendered,
+        outcomes: P::OUTCOMES,
     })
 }
 

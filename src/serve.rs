@@ -114,7 +114,7 @@ fn launch<B: Backend>(
                 plugin: svc.config.plugin.clone(),
                 backend: B::NAME.to_string(),
             };
-            ServiceGate::new(labels, &svc.config)
+            ServiceGate::new(labels, &svc.config, svc.built.outcomes)
         })
         .collect();
 

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The result of an owned-buffer operation: the outcome, and the buffer handed back.
 ///
@@ -51,6 +52,14 @@ pub trait Conn {
 
     /// The client's address.
     fn peer_addr(&self) -> SocketAddr;
+
+    /// Counts one finished request in `wharf_requests_total{outcome}` and
+    /// `wharf_request_duration_seconds`. `outcome` is one of the plugin's
+    /// [`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES); other values are ignored. The handles were
+    /// registered once per service, so this costs a short scan and two atomic updates.
+    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        let _ = (outcome, elapsed);
+    }
 }
 
 /// The error every implementation returns for a read into a full buffer.

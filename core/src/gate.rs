@@ -34,6 +34,10 @@ pub mod names {
     pub const CONNECTION_DURATION: &str = "wharf_connection_duration_seconds";
     /// Gauge, label `version`: always 1.
     pub const BUILD_INFO: &str = "wharf_build_info";
+    /// Counter, label `outcome`: finished requests (plugins with requests only).
+    pub const REQUESTS: &str = "wharf_requests_total";
+    /// Histogram: request latency (plugins with requests only).
+    pub const REQUEST_DURATION: &str = "wharf_request_duration_seconds";
 }
 
 /// Registers HELP text and units for the framework's metrics. Call once after installing a
@@ -77,13 +81,17 @@ pub struct ServiceLabels {
 
 impl ServiceLabels {
     /// Labels as `metrics` wants them, plus any extra pairs.
-    pub fn with(&self, extra: &[(&'static str, &'static str)]) -> Vec<metrics::Label> {
+    pub fn with(&self, extra: &[(&str, &'static str)]) -> Vec<metrics::Label> {
         let mut labels = vec![
             metrics::Label::new("service", self.service.clone()),
             metrics::Label::new("plugin", self.plugin.clone()),
             metrics::Label::new("backend", self.backend.clone()),
         ];
-        labels.extend(extra.iter().map(|(k, v)| metrics::Label::new(*k, *v)));
+        labels.extend(
+            extra
+                .iter()
+                .map(|(k, v)| metrics::Label::new(k.to_string(), *v)),
+        );
         labels
     }
 }
@@ -116,6 +124,9 @@ pub(crate) struct ConnMetrics {
     rejected_too_many: Counter,
     active: Gauge,
     duration: Histogram,
+    /// `wharf_requests_total` per declared outcome, plus the latency histogram.
+    pub(crate) requests: Vec<(&'static str, Counter)>,
+    pub(crate) request_duration: Histogram,
 }
 
 /// Admission control and metrics for one service, shared by all its workers.
@@ -131,8 +142,17 @@ pub struct ServiceGate {
 
 impl ServiceGate {
     /// Registers the service's metric handles and takes its limits from `config`.
-    pub fn new(labels: ServiceLabels, config: &ServiceConfig) -> Arc<Self> {
-        let l = |extra: &[(&'static str, &'static str)]| labels.with(extra);
+    /// `outcomes` are the plugin's request outcomes ([`crate::Plugin::OUTCOMES`]).
+    pub fn new(
+        labels: ServiceLabels,
+        config: &ServiceConfig,
+        outcomes: &'static [&'static str],
+    ) -> Arc<Self> {
+        let l = |extra: &[(&str, &'static str)]| labels.with(extra);
+        let requests: Vec<(&'static str, Counter)> = outcomes
+            .iter()
+            .map(|&o| (o, metrics::counter!(names::REQUESTS, l(&[("outcome", o)]))))
+            .collect();
         let metrics = ConnMetrics {
             received: metrics::counter!(names::RECEIVED_BYTES, l(&[])),
             sent: metrics::counter!(names::SENT_BYTES, l(&[])),
@@ -147,6 +167,8 @@ impl ServiceGate {
             ),
             active: metrics::gauge!(names::ACTIVE, l(&[])),
             duration: metrics::histogram!(names::CONNECTION_DURATION, l(&[])),
+            request_duration: metrics::histogram!(names::REQUEST_DURATION, l(&[])),
+            requests,
         };
         // Touch every series so a scrape shows zeros rather than nothing.
         for c in [
@@ -156,6 +178,9 @@ impl ServiceGate {
             &metrics.rejected_not_allowed,
             &metrics.rejected_too_many,
         ] {
+            c.increment(0);
+        }
+        for (_, c) in &metrics.requests {
             c.increment(0);
         }
         metrics.active.set(0.0);
@@ -226,6 +251,22 @@ impl Ticket {
 
     pub(crate) fn gate(&self) -> &ServiceGate {
         &self.gate
+    }
+}
+
+impl ServiceGate {
+    /// Counts one finished request (see [`Conn::record_request`]).
+    pub(crate) fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        let m = &self.metrics;
+        // Same static string: pointer comparison first, content as the fallback.
+        let found = m
+            .requests
+            .iter()
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome);
+        if let Some((_, counter)) = found {
+            counter.increment(1);
+            m.request_duration.record(elapsed.as_secs_f64());
+        }
     }
 }
 

@@ -99,4 +99,8 @@ impl<C: Conn> Conn for Metered<C> {
     fn peer_addr(&self) -> SocketAddr {
         self.inner.peer_addr()
     }
+
+    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        self.ticket.gate().record_request(outcome, elapsed);
+    }
 }

@@ -17,6 +17,10 @@ pub trait Plugin: Service + Sized {
     const DESCRIPTION: &'static str;
     /// Documentation of each option, for `wharf plugins` (defaults come from `Options::default`).
     const OPTIONS: &'static [OptionDoc];
+    /// The `outcome` label values of `wharf_requests_total`, for plugins that have requests
+    /// (see [`Conn::record_request`](crate::Conn::record_request)). Registered at startup so
+    /// every series exists from the first scrape. Empty: no request metrics.
+    const OUTCOMES: &'static [&'static str] = &[];
 
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;

@@ -21,6 +21,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use crate::conn::{no_spare_capacity, BufResult, Conn};
 use crate::service::Service;
@@ -56,6 +57,8 @@ pub fn pipe_with_capacity(capacity: usize) -> (MemConn, Client) {
     let shared = Rc::new(RefCell::new(Shared {
         to_server: Direction::new(capacity),
         to_client: Direction::new(capacity),
+        requests: Vec::new(),
+        writes: 0,
     }));
     (
         MemConn {
@@ -69,6 +72,10 @@ pub fn pipe_with_capacity(capacity: usize) -> (MemConn, Client) {
 struct Shared {
     to_server: Direction,
     to_client: Direction,
+    /// Outcomes the service passed to `record_request`, in order.
+    requests: Vec<&'static str>,
+    /// Write operations the service completed.
+    writes: usize,
 }
 
 struct Direction {
@@ -186,6 +193,7 @@ impl Conn for MemConn {
                 .poll_write(cx.waker(), &buf[from..])
         })
         .await;
+        self.shared.borrow_mut().writes += 1;
         (res, buf)
     }
 
@@ -196,6 +204,10 @@ impl Conn for MemConn {
 
     fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    fn record_request(&self, outcome: &'static str, _elapsed: Duration) {
+        self.shared.borrow_mut().requests.push(outcome);
     }
 }
 
@@ -279,6 +291,17 @@ impl Client {
     /// Sends end-of-stream to the service (like `shutdown(SHUT_WR)`).
     pub fn close_write(&self) {
         self.shared.borrow_mut().to_server.close_writer();
+    }
+
+    /// The outcomes the service recorded with `Conn::record_request`, in order.
+    pub fn recorded_requests(&self) -> Vec<&'static str> {
+        self.shared.borrow().requests.clone()
+    }
+
+    /// How many write operations the service has completed (e.g. to check that pipelined
+    /// responses go out together).
+    pub fn writes_by_service(&self) -> usize {
+        self.shared.borrow().writes
     }
 
     /// Bytes the client has written that the service has not read yet.

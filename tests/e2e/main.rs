@@ -5,5 +5,6 @@
 mod cli;
 mod echo;
 mod harness;
+mod http;
 mod lifecycle;
 mod limits;

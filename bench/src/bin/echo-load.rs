@@ -104,7 +104,9 @@ fn main() {
     }
     let rps = hist.len() as f64 / measure.as_secs_f64();
     let cpu_per_rt_us = match (*cpu_before.lock().unwrap(), cpu_after) {
-        (Some(b), Some(a)) if hist.len() > 0 => format!("{:.3}", (a - b) * 1e6 / hist.len() as f64),
+        (Some(b), Some(a)) if !hist.is_empty() => {
+            format!("{:.3}", (a - b) * 1e6 / hist.len() as f64)
+        }
         _ => "null".into(),
     };
     println!(

@@ -1,0 +1,326 @@
+//! The http-hello plugin: a real HTTP/1.1 server that answers every request with one body.
+//!
+//! Built for speed the way hyper and may-minihttp are: requests are parsed in place from the
+//! read buffer with httparse, every complete request of one read is answered into one output
+//! buffer and written with one write (pipelining costs one syscall per batch), responses are
+//! prebuilt except for `Date`, which is rendered once per second per worker.
+//!
+//! Protocol rules (PROTOCOLS.md, http-hello): keep-alive by default in HTTP/1.1,
+//! `Connection: close` honoured, HTTP/1.0 closes unless it asks for keep-alive, HEAD gets
+//! headers only, bodies (Content-Length or chunked) are read and discarded up to `max_body`
+//! (413 above), malformed requests get 400, heads over 8 KiB get 431, and a head that does not
+//! arrive within `header_timeout` of its first byte gets 408; each error closes the connection.
+
+mod body;
+mod request;
+mod response;
+
+use std::io;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
+
+use body::Discard;
+use request::{Body, Status};
+use response::{push_error, with_date, Persistence, Responses};
+
+/// Bytes read per operation; always more than a maximal head, so a head never needs two
+/// buffers.
+const READ_SIZE: usize = 16 * 1024;
+/// After a response that closes the connection, how long unread input is drained so the
+/// client receives the response instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// `[services.<name>.options]` of an http-hello service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpHelloOptions {
+    /// Response body.
+    pub body: String,
+    /// `Content-Type` of the response.
+    pub content_type: String,
+    /// Largest request body read (and discarded); larger is 413.
+    pub max_body: u64,
+    /// Time from a request head's first byte to its end before 408.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpHelloOptions {
+    fn default() -> Self {
+        HttpHelloOptions {
+            body: "Hello, World".into(),
+            content_type: "text/plain".into(),
+            max_body: 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An http-hello service.
+pub struct HttpHello {
+    responses: Responses,
+    max_body: u64,
+    header_timeout: Duration,
+}
+
+/// `outcome` label values, by status class.
+const OK: &str = "2xx";
+const CLIENT_ERROR: &str = "4xx";
+
+impl HttpHello {
+    /// A service answering with `options.body`.
+    pub fn new(options: &HttpHelloOptions) -> Self {
+        HttpHello {
+            responses: Responses::new(&options.body, &options.content_type),
+            max_body: options.max_body,
+            header_timeout: options.header_timeout,
+        }
+    }
+}
+
+/// What one connection is in the middle of.
+struct Session {
+    /// The body being discarded, and the response owed once it is consumed.
+    body: Option<(Discard, Pending)>,
+    /// When the first byte of the current incomplete head arrived.
+    head_started: Option<Instant>,
+}
+
+/// A response owed for a request whose body is still arriving.
+#[derive(Clone, Copy)]
+struct Pending {
+    persistence: Persistence,
+    head_only: bool,
+}
+
+/// The result of answering everything answerable in the buffer.
+struct Batch {
+    /// Bytes of input consumed.
+    consumed: usize,
+    /// 2xx responses appended.
+    ok: usize,
+    /// The error response appended, if any; the connection then closes.
+    error: Option<Status>,
+    /// A response that closes the connection was appended.
+    close: bool,
+}
+
+impl HttpHello {
+    /// Answers every complete request at the start of `input`, appending responses to `out`.
+    fn answer(&self, session: &mut Session, input: &[u8], out: &mut Vec<u8>, date: &[u8]) -> Batch {
+        let mut batch = Batch {
+            consumed: 0,
+            ok: 0,
+            error: None,
+            close: false,
+        };
+        let fail = |batch: &mut Batch, out: &mut Vec<u8>, status| {
+            push_error(out, date, status);
+            batch.error = Some(status);
+            batch.close = true;
+        };
+        loop {
+            if let Some((discard, pending)) = &mut session.body {
+                match discard.feed(&input[batch.consumed..]) {
+                    Ok(n) => batch.consumed += n,
+                    Err(status) => {
+                        fail(&mut batch, out, status);
+                        return batch;
+                    }
+                }
+                if !discard.is_done() {
+                    return batch;
+                }
+                let pending = *pending;
+                session.body = None;
+                self.responses
+                    .push_ok(out, date, pending.persistence, pending.head_only);
+                batch.ok += 1;
+                if pending.persistence == Persistence::Close {
+                    batch.close = true;
+                    return batch;
+                }
+            }
+            let rest = &input[batch.consumed..];
+            if rest.is_empty() {
+                return batch;
+            }
+            let head = match request::parse(rest) {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    session.head_started.get_or_insert_with(Instant::now);
+                    return batch;
+                }
+                Err(status) => {
+                    fail(&mut batch, out, status);
+                    return batch;
+                }
+            };
+            session.head_started = None;
+            batch.consumed += head.len;
+            let persistence = match (head.keep_alive, head.http10) {
+                (false, _) => Persistence::Close,
+                (true, true) => Persistence::KeepAlive,
+                (true, false) => Persistence::Default,
+            };
+            let pending = Pending {
+                persistence,
+                head_only: head.head_only,
+            };
+            let discard = match head.body {
+                Body::None => None,
+                Body::Length(n) => match Discard::length(n, self.max_body) {
+                    Ok(d) => Some(d),
+                    Err(status) => {
+                        fail(&mut batch, out, status);
+                        return batch;
+                    }
+                },
+                Body::Chunked => Some(Discard::chunked(self.max_body)),
+            };
+            match discard {
+                Some(discard) => {
+                    if head.expect_continue && batch.consumed == input.len() {
+                        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    session.body = Some((discard, pending));
+                }
+                None => {
+                    self.responses
+                        .push_ok(out, date, persistence, head.head_only);
+                    batch.ok += 1;
+                    if persistence == Persistence::Close {
+                        batch.close = true;
+                        return batch;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[wharf_core::async_trait(?Send)]
+impl Service for HttpHello {
+    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
+        let mut input: Vec<u8> = Vec::with_capacity(READ_SIZE);
+        let mut out: Vec<u8> = Vec::with_capacity(4096);
+        let mut session = Session {
+            body: None,
+            head_started: None,
+        };
+        loop {
+            // Read, bounded by the header timeout while a head is incomplete.
+            let read = conn.read(input);
+            let (res, buf) = match session.head_started {
+                None => read.await,
+                Some(started) => {
+                    match tokio::time::timeout_at(started + self.header_timeout, read).await {
+                        Ok(done) => done,
+                        Err(_) => {
+                            let mut out = Vec::new();
+                            with_date(|date| push_error(&mut out, date, Status::RequestTimeout));
+                            let (res, _) = conn.write_all(out).await;
+                            conn.record_request(CLIENT_ERROR, self.header_timeout);
+                            res?;
+                            return conn.shutdown().await;
+                        }
+                    }
+                }
+            };
+            input = buf;
+            if res? == 0 {
+                // The client is done (or gave up mid-request): nothing left to answer.
+                return conn.shutdown().await;
+            }
+            let arrived = Instant::now();
+
+            out.clear();
+            let batch = with_date(|date| self.answer(&mut session, &input, &mut out, date));
+            if !out.is_empty() {
+                let (res, buf) = conn.write_all(out).await;
+                out = buf;
+                res?;
+            }
+            let elapsed = arrived.elapsed();
+            for _ in 0..batch.ok {
+                conn.record_request(OK, elapsed);
+            }
+            if batch.error.is_some() {
+                conn.record_request(CLIENT_ERROR, elapsed);
+            }
+            if batch.close {
+                conn.shutdown().await?;
+                return linger(&mut conn).await;
+            }
+            input.drain(..batch.consumed);
+        }
+    }
+}
+
+/// Reads and discards what the client still sends, briefly, after our final response: closing
+/// a socket with unread input makes the kernel send a reset that can destroy that response.
+async fn linger<C: Conn>(conn: &mut C) -> io::Result<()> {
+    let deadline = Instant::now() + LINGER;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        buf.clear();
+        match tokio::time::timeout_at(deadline, conn.read(buf)).await {
+            Ok((Ok(n), b)) if n > 0 => buf = b,
+            _ => return Ok(()),
+        }
+    }
+}
+
+impl Plugin for HttpHello {
+    const NAME: &'static str = "http-hello";
+    const DESCRIPTION: &'static str =
+        "minimal HTTP/1.1 server (keep-alive, pipelining) answering every request with one body";
+    const OPTIONS: &'static [OptionDoc] = &[
+        OptionDoc {
+            name: "body",
+            kind: "string",
+            help: "the response body",
+        },
+        OptionDoc {
+            name: "content_type",
+            kind: "string",
+            help: "the Content-Type header of the response",
+        },
+        OptionDoc {
+            name: "max_body",
+            kind: "integer (bytes)",
+            help: "largest request body read and discarded; larger gets 413",
+        },
+        OptionDoc {
+            name: "header_timeout",
+            kind: "duration",
+            help: "time from a request head's first byte to its end before 408",
+        },
+    ];
+    const OUTCOMES: &'static [&'static str] = &[OK, CLIENT_ERROR, "5xx"];
+    type Options = HttpHelloOptions;
+
+    fn build(options: HttpHelloOptions) -> Result<Self, PluginError> {
+        if options.content_type.is_empty()
+            || options.content_type.bytes().any(|b| b.is_ascii_control())
+        {
+            return Err(PluginError::option(
+                "content_type",
+                "must be a non-empty header value without control characters",
+            ));
+        }
+        if options.header_timeout.is_zero() {
+            return Err(PluginError::option(
+                "header_timeout",
+                "must be more than 0s",
+            ));
+        }
+        Ok(HttpHello::new(&options))
+    }
+}
+
+#[cfg(test)]
+mod tests;

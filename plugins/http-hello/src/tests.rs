@@ -1,0 +1,320 @@
+//! Unit tests of the whole protocol through `wharf_core::testing`: no sockets.
+
+use super::*;
+use wharf_core::testing::{self, Client};
+
+/// One parsed response.
+#[derive(Debug, Clone, PartialEq)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits a byte stream into responses; `head_only[i]` says response i has no body.
+fn parse_responses(mut bytes: &[u8], head_only: &[bool]) -> Vec<Response> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(bytes).expect("well-formed response") {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => {
+                panic!("truncated response: {:?}", String::from_utf8_lossy(bytes))
+            }
+        };
+        let status = resp.code.unwrap();
+        let headers: Vec<(String, String)> = resp
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let r = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let body_len: usize = if status == 100 || head_only.get(out.len()).copied().unwrap_or(false)
+        {
+            0
+        } else {
+            r.header("content-length").unwrap().parse().unwrap()
+        };
+        let body = bytes[len..len + body_len].to_vec();
+        bytes = &bytes[len + body_len..];
+        out.push(Response { body, ..r });
+    }
+    out
+}
+
+fn service() -> HttpHello {
+    HttpHello::new(&HttpHelloOptions {
+        max_body: 64,
+        header_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+}
+
+/// Sends `pieces` one after another, closes the sending side, returns everything received.
+async fn exchange(client: &Client, pieces: &[&[u8]]) -> Vec<u8> {
+    let (_, out) = tokio::join!(
+        async {
+            for p in pieces {
+                client.write_all(p).await.unwrap();
+                testing::yield_now().await;
+            }
+            client.close_write();
+        },
+        client.read_to_end()
+    );
+    out
+}
+
+const MIXED: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+GET /ten HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+GET /last HTTP/1.1\r\nHost: a\r\n\r\n";
+const MIXED_HEAD_ONLY: &[bool] = &[false, true, false, false, false, false];
+
+fn check_mixed(responses: &[Response]) {
+    assert_eq!(responses.len(), 6, "{responses:#?}");
+    for (i, r) in responses.iter().enumerate() {
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some("12"));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!(r.header("server"), Some("wharf"));
+        assert!(r
+            .header("date")
+            .is_some_and(|d| httpdate::parse_http_date(d).is_ok()));
+        let expect_body: &[u8] = if i == 1 { b"" } else { b"Hello, World" };
+        assert_eq!(r.body, expect_body, "response {i}");
+    }
+    assert_eq!(
+        responses[4].header("connection"),
+        Some("keep-alive"),
+        "HTTP/1.0 keep-alive"
+    );
+    assert_eq!(responses[0].header("connection"), None);
+}
+
+#[test]
+fn pipelined_requests_split_at_every_byte_boundary() {
+    testing::block_on(async {
+        for split in 0..=MIXED.len() {
+            let (conn, client) = testing::pipe();
+            let server = testing::spawn(service(), conn);
+            let out = exchange(&client, &[&MIXED[..split], &MIXED[split..]]).await;
+            check_mixed(&parse_responses(&out, MIXED_HEAD_ONLY));
+            server.await.unwrap().unwrap();
+            assert_eq!(client.recorded_requests(), vec![OK; 6], "split {split}");
+        }
+        // And one byte at a time.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        let bytes: Vec<&[u8]> = MIXED.chunks(1).collect();
+        check_mixed(&parse_responses(
+            &exchange(&client, &bytes).await,
+            MIXED_HEAD_ONLY,
+        ));
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn one_read_of_pipelined_requests_is_answered_with_one_write() {
+    testing::block_on(async {
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        let sixteen = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(16);
+        client.write_all(&sixteen).await.unwrap();
+        let out = client.read_exact(1).await.unwrap();
+        testing::yield_now().await;
+        assert_eq!(client.writes_by_service(), 1);
+        let mut all = out;
+        client.close_write();
+        all.extend(client.read_to_end().await);
+        assert_eq!(parse_responses(&all, &[]).len(), 16);
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn connection_close_and_http10_close_after_the_response() {
+    testing::block_on(async {
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /ignored HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\n\r\nGET /ignored HTTP/1.0\r\n\r\n",
+        ] {
+            let (conn, client) = testing::pipe();
+            let server = testing::spawn(service(), conn);
+            client.write_all(request).await.unwrap();
+            // No close_write: the server must end the exchange itself.
+            let out = client.read_to_end().await;
+            let responses = parse_responses(&out, &[]);
+            assert_eq!(responses.len(), 1, "{responses:#?}");
+            assert_eq!(responses[0].header("connection"), Some("close"));
+            drop(client);
+            server.await.unwrap().unwrap();
+        }
+    });
+}
+
+/// Sends `request` (without closing) and returns the single error response; checks that the
+/// server closed the connection and counted one 4xx request.
+async fn error_for(request: &[u8]) -> Response {
+    let (conn, client) = testing::pipe();
+    let server = testing::spawn(service(), conn);
+    client.write_all(request).await.unwrap();
+    let out = client.read_to_end().await;
+    let responses = parse_responses(&out, &[]);
+    assert_eq!(client.recorded_requests(), [CLIENT_ERROR]);
+    drop(client);
+    server.await.unwrap().unwrap();
+    assert_eq!(responses.len(), 1, "{responses:#?}");
+    let r = responses.into_iter().next().unwrap();
+    assert_eq!(r.header("connection"), Some("close"));
+    r
+}
+
+#[test]
+fn every_error_status() {
+    testing::block_on(async {
+        let cases: &[(&[u8], u16)] = &[
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65\r\n\r\n",
+                413,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n",
+                413,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                400,
+            ),
+        ];
+        for (request, status) in cases {
+            let r = error_for(request).await;
+            assert_eq!(r.status, *status, "{:?}", String::from_utf8_lossy(request));
+        }
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(9000)
+        );
+        assert_eq!(error_for(big.as_bytes()).await.status, 431);
+        // A valid request before the bad one is still answered, in order.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBAD\r\n\r\n")
+            .await
+            .unwrap();
+        let responses = parse_responses(&client.read_to_end().await, &[]);
+        assert_eq!(
+            responses.iter().map(|r| r.status).collect::<Vec<_>>(),
+            [200, 400]
+        );
+        assert_eq!(client.recorded_requests(), [OK, CLIENT_ERROR]);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_trickled_head_times_out_with_408() {
+    testing::block_on(async {
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        let started = Instant::now();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // Keep trickling: progress alone must not extend the head deadline.
+        let trickle = async {
+            for b in b"Host: a\r\nX-Slow: 1" {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if client.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (_, out) = tokio::join!(trickle, client.read_to_end());
+        let responses = parse_responses(&out, &[]);
+        assert_eq!(responses[0].status, 408);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(client.recorded_requests(), [CLIENT_ERROR]);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn expect_continue_gets_an_interim_response() {
+    testing::block_on(async {
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let interim = client.read_exact(25).await.unwrap();
+        assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        client.write_all(b"body").await.unwrap();
+        client.close_write();
+        let responses = parse_responses(&client.read_to_end().await, &[]);
+        assert_eq!(responses[0].status, 200);
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn options_are_validated_and_used() {
+    let opts = HttpHelloOptions {
+        body: "ok".into(),
+        content_type: "application/json".into(),
+        ..Default::default()
+    };
+    let svc = HttpHello::build(opts).unwrap();
+    testing::block_on(async {
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(svc, conn);
+        let out = exchange(&client, &[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]).await;
+        let r = &parse_responses(&out, &[])[0];
+        assert_eq!(
+            (r.body.as_slice(), r.header("content-type")),
+            (&b"ok"[..], Some("application/json"))
+        );
+        server.await.unwrap().unwrap();
+    });
+    let bad = HttpHelloOptions {
+        content_type: "text/plain\r\nX-Injected: 1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        HttpHello::build(bad).err().unwrap().option.as_deref(),
+        Some("content_type")
+    );
+}

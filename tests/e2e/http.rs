@@ -1,0 +1,222 @@
+//! http-hello through real HTTP clients on both backends: curl, Python's http.client, ab -k,
+//! and raw pipelining over a socket.
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use crate::harness::*;
+
+fn http_config(options: &str) -> String {
+    format!(
+        "[server]\nworkers = 2\nshutdown_grace = \"2s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.web.options]\n{options}\n"
+    )
+}
+
+fn have(tool: &str, version_arg: &str) -> bool {
+    let ok = Command::new(tool).arg(version_arg).output().is_ok();
+    if !ok {
+        skip_or_fail(&format!("{tool} not found (Debian package: see .ci/run)"));
+    }
+    ok
+}
+
+fn labels<'a>(backend: &'a str, outcome: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("service", "web"),
+        ("plugin", "http-hello"),
+        ("backend", backend),
+        ("outcome", outcome),
+    ]
+}
+
+#[test]
+fn curl_reuses_keep_alive_connections_and_sees_every_header() {
+    if !have("curl", "--version") {
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let url = format!("http://{}/", server.addr("web"));
+        let out = Command::new("curl")
+            .args(["-sv", &url, &format!("{url}second")])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stdout, "Hello, WorldHello, World");
+        assert!(stderr.contains("Re-using existing connection"), "{stderr}");
+        for header in [
+            "< HTTP/1.1 200 OK",
+            "< Content-Type: text/plain",
+            "< Content-Length: 12",
+            "< Server: wharf",
+            "< Date: ",
+        ] {
+            assert!(stderr.contains(header), "missing {header}: {stderr}");
+        }
+
+        // HEAD, then a body over the limit.
+        let head = Command::new("curl").args(["-sI", &url]).output().unwrap();
+        let head = String::from_utf8_lossy(&head.stdout);
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK") && head.contains("Content-Length: 12"),
+            "{head}"
+        );
+        server.wait_metric("wharf_requests_total", &labels(backend, "2xx"), 3.0);
+    }
+}
+
+#[test]
+fn request_bodies_are_discarded_up_to_max_body() {
+    if !have("curl", "--version") {
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(&http_config("max_body = 4096"), backend);
+        let url = format!("http://{}/upload", server.addr("web"));
+        let post = |size: usize, chunked: bool| {
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--data-binary",
+                "@-",
+            ]);
+            if chunked {
+                cmd.args(["-H", "Transfer-Encoding: chunked"]);
+            }
+            let mut child = cmd
+                .arg(&url)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(&vec![b'x'; size])
+                .unwrap();
+            String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+        };
+        assert_eq!(post(4000, false), "200");
+        assert_eq!(post(4000, true), "200");
+        assert_eq!(post(5000, false), "413");
+        assert_eq!(post(50_000, true), "413");
+        server.wait_metric("wharf_requests_total", &labels(backend, "4xx"), 2.0);
+    }
+}
+
+const PYTHON_CLIENT: &str = r#"
+import http.client, sys
+host, port = sys.argv[1], int(sys.argv[2])
+conn = http.client.HTTPConnection(host, port, timeout=10)
+socks = set()
+for method, body in [("GET", None), ("HEAD", None), ("POST", b"a=1&b=2"), ("GET", None)]:
+    conn.request(method, "/path?q=1", body=body)
+    socks.add(id(conn.sock))
+    r = conn.getresponse()
+    data = r.read()
+    assert r.status == 200, r.status
+    assert r.getheader("Content-Length") == "12"
+    assert data == (b"" if method == "HEAD" else b"Hello, World"), data
+assert len(socks) == 1, "connection was not kept alive"
+print("ok")
+"#;
+
+#[test]
+fn python_http_client_keeps_one_connection() {
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let addr = server.addr("web");
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                PYTHON_CLIENT,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+        let accepted = [
+            ("service", "web"),
+            ("plugin", "http-hello"),
+            ("backend", backend),
+        ];
+        server.wait_metric("wharf_connections_accepted_total", &accepted, 1.0);
+        server.wait_metric("wharf_requests_total", &labels(backend, "2xx"), 4.0);
+    }
+}
+
+#[test]
+fn ab_keep_alive_completes_without_failures() {
+    if !have("ab", "-V") {
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let url = format!("http://{}/", server.addr("web"));
+        let out = Command::new("ab")
+            .args(["-k", "-q", "-n", "2000", "-c", "8", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Complete requests:      2000"), "{text}");
+        assert!(text.contains("Failed requests:        0"), "{text}");
+        assert!(text.contains("Keep-Alive requests:    2000"), "{text}");
+        server.wait_metric("wharf_requests_total", &labels(backend, "2xx"), 2000.0);
+        let scrape = server.scrape();
+        let count = metric_value(
+            &scrape,
+            "wharf_request_duration_seconds_count",
+            &[
+                ("service", "web"),
+                ("plugin", "http-hello"),
+                ("backend", backend),
+            ],
+        );
+        assert_eq!(count, Some(2000.0), "{scrape}");
+    }
+}
+
+#[test]
+fn raw_pipelining_and_errors_over_a_socket() {
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let mut s = connect(server.addr("web"));
+        let mut batch = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(16);
+        batch.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(&batch).unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 17, "{all}");
+        assert!(
+            all.ends_with("Connection: close\r\n\r\nHello, World"),
+            "{all}"
+        );
+
+        let mut s = connect(server.addr("web"));
+        s.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request"), "{reply}");
+    }
+}
