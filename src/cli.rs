@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use wharf_core::config::{BackendChoice, ConfigError};
 
+use crate::client;
 use crate::plan::{self, Overrides};
 use crate::registry::Registry;
 use crate::serve;
@@ -44,6 +45,27 @@ enum Command {
     },
     /// List the compiled-in plugins and their options.
     Plugins,
+    /// Talk to a running service.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Run a command on an exec service: the one given after `--`, or each line of stdin.
+    /// Exit status: the command's, 124 on timeout, 126 when refused, 1 on errors.
+    Exec {
+        /// Service address, e.g. 127.0.0.1:8000.
+        addr: String,
+        /// Authenticate with this token first.
+        #[arg(long)]
+        token: Option<String>,
+        /// The command line (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +125,13 @@ pub fn main(registry: Registry) -> i32 {
             print_plugins(&registry);
             0
         }
+        Command::Client { command } => match command {
+            ClientCommand::Exec {
+                addr,
+                token,
+                command,
+            } => client::exec(&addr, token.as_deref(), &command),
+        },
     }
 }
 

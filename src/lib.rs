@@ -5,6 +5,7 @@
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
 
 pub mod cli;
+pub mod client;
 pub mod metrics_http;
 pub mod plan;
 pub mod registry;

@@ -64,6 +64,7 @@ impl Registry {
         let mut registry = Self::new();
         registry.register::<wharf_plugin_echo::Echo>();
         registry.register::<wharf_plugin_http_hello::HttpHello>();
+        registry.register::<wharf_plugin_exec::Exec>();
         registry
     }
 

@@ -47,6 +47,16 @@ pub trait Conn {
         (Ok(()), buf)
     }
 
+    /// Reads what has already arrived into the spare capacity of `buf`, without waiting:
+    /// `Ok(None)` when nothing is ready, `Ok(Some(0))` at end of stream. For protocols that must
+    /// tell "the client paused" from "more bytes are queued". Never use it while a read of this
+    /// connection is pending (an io_uring read whose future was dropped still is).
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>>;
+
+    /// Whether the peer has closed its side or reset the connection, checked without
+    /// consuming input or waiting: lets a long-running request notice a vanished client.
+    fn peer_closed(&self) -> bool;
+
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
     async fn shutdown(&mut self) -> io::Result<()>;
 

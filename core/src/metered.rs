@@ -92,6 +92,18 @@ impl<C: Conn> Conn for Metered<C> {
         (res, buf)
     }
 
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        let res = self.inner.try_read(buf);
+        if let Ok(Some(n)) = res {
+            self.ticket.gate().metrics.received.increment(n as u64);
+        }
+        res
+    }
+
+    fn peer_closed(&self) -> bool {
+        self.inner.peer_closed()
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown().await
     }

@@ -52,6 +52,56 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Non-blocking `recv` into the spare capacity of `buf`, straight on a socket descriptor; the
+/// shared implementation of [`Conn::try_read`](crate::Conn::try_read) for socket backends.
+pub fn recv_now(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    let spare = buf.spare_capacity_mut();
+    if spare.is_empty() {
+        return Err(crate::conn::no_spare_capacity());
+    }
+    // SAFETY: the pointer and length describe `buf`'s spare capacity, which recv only writes;
+    // `set_len` then covers exactly the bytes it wrote.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let n = n as usize;
+    // SAFETY: recv initialized `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(Some(n))
+}
+
+/// Whether the peer of a connected socket has closed or reset it: a `MSG_PEEK` receive that
+/// neither waits nor consumes. Shared implementation of [`Conn::peer_closed`](crate::Conn::peer_closed).
+pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: one valid byte of writable memory.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
 /// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`); a bare address means one host.
 ///
 /// IPv4 rules also match IPv4-mapped IPv6 peers (`::ffff:10.1.2.3`), which is how an IPv4 client

@@ -197,6 +197,27 @@ impl Conn for MemConn {
         (res, buf)
     }
 
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        let spare = buf.capacity() - buf.len();
+        if spare == 0 {
+            return Err(no_spare_capacity());
+        }
+        let mut shared = self.shared.borrow_mut();
+        let input = &mut shared.to_server;
+        if input.data.is_empty() && !input.writer_closed {
+            return Ok(None);
+        }
+        match input.poll_read(Waker::noop(), buf, spare) {
+            Poll::Ready(n) => Ok(Some(n)),
+            Poll::Pending => Ok(None),
+        }
+    }
+
+    fn peer_closed(&self) -> bool {
+        let s = self.shared.borrow();
+        (s.to_server.writer_closed && s.to_server.data.is_empty()) || s.to_client.reader_gone
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.shared.borrow_mut().to_client.close_writer();
         Ok(())

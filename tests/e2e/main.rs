@@ -4,6 +4,7 @@
 
 mod cli;
 mod echo;
+mod exec;
 mod harness;
 mod http;
 mod lifecycle;

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_core::backend::{Backend, Listener};
@@ -63,6 +64,21 @@ impl Conn for TcpConn {
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
         let res = self.stream.write(&buf[from..]).await;
         (res, buf)
+    }
+
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        if buf.len() == buf.capacity() {
+            return Err(no_spare_capacity());
+        }
+        match self.stream.try_read_buf(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn peer_closed(&self) -> bool {
+        wharf_core::net::peer_closed(self.stream.as_raw_fd())
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

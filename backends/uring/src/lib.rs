@@ -156,6 +156,14 @@ impl Conn for TcpConn {
         (res, slice.into_inner())
     }
 
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        wharf_core::net::recv_now(self.stream.as_raw_fd(), buf)
+    }
+
+    fn peer_closed(&self) -> bool {
+        wharf_core::net::peer_closed(self.stream.as_raw_fd())
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.stream.shutdown(std::net::Shutdown::Write)
     }

@@ -1,0 +1,192 @@
+//! `wharf client ...`: command-line clients for the command-style protocols.
+//!
+//! They speak exactly the wire protocol the tutorial's Python clients speak (command, size,
+//! acknowledgement, result), with `\n`-terminated commands so the server never has to wait for
+//! a pause. Plain blocking sockets: a client has one conversation at a time.
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use wharf_plugin_exec::refusals;
+
+/// How long a client waits for the server before giving up.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection speaking command / size / ack / result.
+pub struct CommandClient {
+    stream: TcpStream,
+}
+
+/// What a framed reply turned out to be.
+pub enum Reply {
+    /// The server announced `size` bytes and is waiting for the acknowledgement.
+    Size(u64),
+    /// Anything that is not all digits (file-get's `ERR ...`), as text.
+    Other(String),
+}
+
+impl CommandClient {
+    /// Connects to `addr` (host:port).
+    pub fn connect(addr: &str) -> io::Result<Self> {
+        let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
+        let stream = TcpStream::connect(&addrs[..])?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(CommandClient { stream })
+    }
+
+    /// Sends one command line and reads the size reply.
+    pub fn send(&mut self, command: &str) -> io::Result<Reply> {
+        self.stream.write_all(format!("{command}\n").as_bytes())?;
+        let mut buf = [0u8; 1024];
+        let n = self.stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
+        }
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        Ok(match text.parse::<u64>() {
+            Ok(size) if text.bytes().all(|b| b.is_ascii_digit()) => Reply::Size(size),
+            _ => Reply::Other(text),
+        })
+    }
+
+    /// Acknowledges a size reply.
+    pub fn ack(&mut self) -> io::Result<()> {
+        self.stream.write_all(b"ok\n")
+    }
+
+    /// Sends a command and returns the whole framed result.
+    pub fn request(&mut self, command: &str) -> io::Result<Vec<u8>> {
+        match self.send(command)? {
+            Reply::Size(size) => {
+                self.ack()?;
+                let mut out = vec![0; usize::try_from(size).map_err(io::Error::other)?];
+                self.stream.read_exact(&mut out)?;
+                Ok(out)
+            }
+            Reply::Other(text) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply: {text}"),
+            )),
+        }
+    }
+
+    /// The underlying stream, for protocols that send more after the result.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+/// `wharf client exec`: runs `command` (or each line of stdin), prints results, returns the
+/// exit status.
+pub fn exec(addr: &str, token: Option<&str>, command: &[String]) -> i32 {
+    let mut client = match CommandClient::connect(addr) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("cannot connect to {addr}: {e}")),
+    };
+    if let Some(token) = token {
+        match client.request(&format!("auth {token}")) {
+            Ok(reply) if reply == b"ok" => {}
+            Ok(reply) => {
+                return fail(&format!(
+                    "authentication refused: {}",
+                    String::from_utf8_lossy(&reply)
+                ))
+            }
+            Err(e) => return fail(&format!("authentication failed: {e}")),
+        }
+    }
+    if !command.is_empty() {
+        return run_one(&mut client, &command.join(" "));
+    }
+    let interactive = io::stdin().is_terminal();
+    let mut status = 0;
+    loop {
+        if interactive {
+            eprint!("wharf> ");
+            let _ = io::stderr().flush();
+        }
+        let mut line = String::new();
+        match io::stdin().lock().read_line(&mut line) {
+            Ok(0) => return status,
+            Ok(_) => {}
+            Err(e) => return fail(&format!("reading stdin: {e}")),
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        status = run_one(&mut client, line);
+        if status == 1 && !interactive {
+            return status;
+        }
+    }
+}
+
+fn run_one(client: &mut CommandClient, line: &str) -> i32 {
+    match client.request(line) {
+        Ok(result) => {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(&result);
+            if !result.ends_with(b"\n") {
+                let _ = out.write_all(b"\n");
+            }
+            let _ = out.flush();
+            exit_status(&result)
+        }
+        Err(e) => fail(&format!("{e}")),
+    }
+}
+
+/// The exit status a result calls for: the command's own status, 128+signal, 124 for a
+/// timeout (as timeout(1)), 126 for a refusal, else 0.
+pub fn exit_status(result: &[u8]) -> i32 {
+    let text = String::from_utf8_lossy(result);
+    let last = text.trim_end().lines().last().unwrap_or("");
+    if let Some(n) = last
+        .strip_prefix("[exit status ")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return n.parse::<i32>().map_or(1, |n| n.clamp(1, 255));
+    }
+    if let Some(n) = last
+        .strip_prefix("[killed by signal ")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return 128 + n.parse::<i32>().unwrap_or(0);
+    }
+    if last.starts_with("[timed out after ") {
+        return 124;
+    }
+    if text.lines().count() == 1 && refusals::ALL.iter().any(|r| text.starts_with(r)) {
+        return 126;
+    }
+    0
+}
+
+fn fail(message: &str) -> i32 {
+    eprintln!("wharf: error: {message}");
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_status;
+
+    #[test]
+    fn exit_status_follows_the_result() {
+        assert_eq!(exit_status(b"hello\n"), 0);
+        assert_eq!(exit_status(b"cmd has no output..."), 0);
+        assert_eq!(exit_status(b"oops\n[exit status 2]\n"), 2);
+        assert_eq!(exit_status(b"[killed by signal 9]\n"), 137);
+        assert_eq!(exit_status(b"partial\n[timed out after 10s]\n"), 124);
+        assert_eq!(exit_status(b"command not allowed: rm"), 126);
+        assert_eq!(exit_status(b"auth required"), 126);
+        // Output that merely mentions a refusal on one of many lines is output.
+        assert_eq!(exit_status(b"line\ncommand not allowed: rm\n"), 0);
+    }
+}
