@@ -98,6 +98,8 @@ pub struct ExecOptions {
     pub max_concurrent: usize,
     /// When set, a connection's first command must be `auth <token>`.
     pub token: Option<String>,
+    /// CPU niceness of commands (0-19): higher yields more readily to the IO workers.
+    pub nice: i32,
 }
 
 impl Default for ExecOptions {
@@ -114,6 +116,7 @@ impl Default for ExecOptions {
             cwd: PathBuf::from("/"),
             max_concurrent: 16,
             token: None,
+            nice: 10,
         }
     }
 }
@@ -146,6 +149,7 @@ pub struct Exec {
     cwd: PathBuf,
     slots: Arc<Semaphore>,
     token: Option<String>,
+    nice: i32,
 }
 
 /// `outcome` label values.
@@ -246,6 +250,7 @@ impl Exec {
             cwd: self.cwd.clone(),
             timeout: entry.timeout,
             max_output: entry.max_output,
+            nice: self.nice,
         };
         let (mut canceller, cancel) = run::cancel_pair()?;
         let mut running = std::pin::pin!(tokio::task::spawn_blocking(move || {
@@ -391,6 +396,11 @@ impl Plugin for Exec {
             help: "processes running at once; more wait up to their timeout, then are refused",
         },
         OptionDoc {
+            name: "nice",
+            kind: "integer 0-19",
+            help: "CPU niceness of commands, so bursts of them cannot starve the IO workers",
+        },
+        OptionDoc {
             name: "token",
             kind: "string (optional)",
             help: "require `auth <token>` as each connection's first command",
@@ -411,6 +421,9 @@ impl Plugin for Exec {
         }
         if o.timeout.is_zero() {
             return Err(PluginError::option("timeout", "must be more than 0s"));
+        }
+        if !(0..=19).contains(&o.nice) {
+            return Err(PluginError::option("nice", "must be between 0 and 19"));
         }
         if !o.cwd.is_dir() {
             return Err(PluginError::option(
@@ -474,6 +487,7 @@ impl Plugin for Exec {
             cwd: o.cwd,
             slots: Arc::new(Semaphore::new(o.max_concurrent)),
             token: o.token,
+            nice: o.nice,
         })
     }
 }

@@ -37,6 +37,8 @@ pub struct Job {
     pub timeout: Duration,
     /// Bytes of stdout + stderr kept.
     pub max_output: usize,
+    /// Niceness of the process (0 = unchanged).
+    pub nice: i32,
 }
 
 /// How the process ended.
@@ -104,6 +106,13 @@ pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
         .process_group(0);
     let mut child = cmd.spawn()?;
     let pid = child.id() as libc::pid_t;
+    if job.nice != 0 {
+        // Lower the child's CPU priority (its own children inherit it) so a burst of commands
+        // cannot starve the IO workers. Set from here rather than in a pre_exec hook, which
+        // would force fork() instead of the much cheaper posix_spawn.
+        // SAFETY: setpriority on our own child's pid.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, job.nice) };
+    }
     let deadline = Instant::now() + job.timeout;
 
     let pidfd = pidfd_open(pid);
