@@ -66,6 +66,26 @@ enum ClientCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Download a file from a file-get service, verified by MD5 before it gets its name.
+    Get {
+        /// Service address, e.g. 127.0.0.1:9999.
+        addr: String,
+        /// Path under the service's root.
+        path: String,
+        /// Where to save it (default: the file's name, in the current directory).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Continue a previous, interrupted download (`<output>.part`).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// List a directory of a file-get service.
+    List {
+        /// Service address, e.g. 127.0.0.1:9999.
+        addr: String,
+        /// Directory under the service's root (default: the root).
+        dir: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +151,13 @@ pub fn main(registry: Registry) -> i32 {
                 token,
                 command,
             } => client::exec(&addr, token.as_deref(), &command),
+            ClientCommand::Get {
+                addr,
+                path,
+                output,
+                resume,
+            } => client::get(&addr, &path, output.as_deref(), resume),
+            ClientCommand::List { addr, dir } => client::list(&addr, dir.as_deref()),
         },
     }
 }

@@ -168,6 +168,209 @@ pub fn exit_status(result: &[u8]) -> i32 {
     0
 }
 
+/// `wharf client list`: prints a file-get listing.
+pub fn list(addr: &str, dir: Option<&str>) -> i32 {
+    let mut client = match CommandClient::connect(addr) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("cannot connect to {addr}: {e}")),
+    };
+    let command = match dir {
+        Some(dir) => format!("list {dir}"),
+        None => "list".to_string(),
+    };
+    match client.send(&command) {
+        Ok(Reply::Size(size)) => {
+            let mut text = vec![0; size as usize];
+            if let Err(e) = client
+                .ack()
+                .and_then(|()| client.stream().read_exact(&mut text))
+            {
+                return fail(&format!("listing interrupted: {e}"));
+            }
+            let _ = io::stdout().write_all(&text);
+            0
+        }
+        Ok(Reply::Other(text)) => fail(&format!("server refused: {}", text.trim_end())),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// `wharf client get`: downloads `path` to `out` (default: its file name) through `out.part`,
+/// verifying the whole-file MD5 before the rename; `resume` continues a previous `.part`.
+pub fn get(addr: &str, path: &str, out: Option<&std::path::Path>, resume: bool) -> i32 {
+    match download(addr, path, out, resume) {
+        Ok(summary) => {
+            eprintln!("{summary}");
+            0
+        }
+        Err(message) => fail(&message),
+    }
+}
+
+fn download(
+    addr: &str,
+    path: &str,
+    out: Option<&std::path::Path>,
+    resume: bool,
+) -> Result<String, String> {
+    use md5::{Digest, Md5};
+    use std::fs::OpenOptions;
+    use std::path::PathBuf;
+
+    let out: PathBuf = match out {
+        Some(p) => p.to_path_buf(),
+        None => PathBuf::from(
+            std::path::Path::new(path)
+                .file_name()
+                .ok_or_else(|| format!("`{path}` has no file name; use -o"))?,
+        ),
+    };
+    let part = PathBuf::from(format!("{}.part", out.display()));
+    let mut md5 = Md5::new();
+    let mut offset = 0u64;
+    if resume && part.exists() {
+        let mut existing =
+            std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+        offset = io::copy(&mut existing, &mut Md5Writer(&mut md5))
+            .map_err(|e| format!("{}: {e}", part.display()))?;
+    }
+    let mut client =
+        CommandClient::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let command = if offset > 0 {
+        format!("get {path} {offset}")
+    } else {
+        format!("get {path}")
+    };
+    let size = match client.send(&command).map_err(|e| e.to_string())? {
+        Reply::Size(size) => size,
+        Reply::Other(text) => return Err(format!("server refused: {}", text.trim_end())),
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(offset > 0)
+        .truncate(offset == 0)
+        .open(&part)
+        .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+    client.ack().map_err(|e| e.to_string())?;
+
+    let bar = progress_bar(offset + size, offset);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    while received < size {
+        let want = (size - received).min(buf.len() as u64) as usize;
+        let n = match client.stream().read(&mut buf[..want]) {
+            Ok(0) => {
+                bar.abandon();
+                return Err(format!(
+                    "connection lost after {} of {} bytes; {} kept: run again with --resume",
+                    offset + received,
+                    offset + size,
+                    part.display()
+                ));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                bar.abandon();
+                return Err(format!(
+                    "download interrupted: {e}; {} kept: run again with --resume",
+                    part.display()
+                ));
+            }
+        };
+        if let Err(e) = file.write_all(&buf[..n]) {
+            bar.abandon();
+            drop(file);
+            let _ = std::fs::remove_file(&part);
+            return Err(format!(
+                "cannot write {}: {e} (partial file removed)",
+                part.display()
+            ));
+        }
+        md5.update(&buf[..n]);
+        received += n as u64;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let trailer =
+        read_trailer(&mut client).map_err(|e| format!("no digest after the data: {e}"))?;
+    let ours: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if trailer != ours {
+        drop(file);
+        let _ = std::fs::remove_file(&part);
+        return Err(if trailer.starts_with("ERR") {
+            format!("{path} changed on the server during the download ({trailer}); partial file removed, try again")
+        } else {
+            format!("MD5 mismatch: server {trailer}, received data {ours}; partial file removed")
+        });
+    }
+    file.sync_all()
+        .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+    drop(file);
+    std::fs::rename(&part, &out).map_err(|e| format!("cannot rename to {}: {e}", out.display()))?;
+    Ok(format!(
+        "saved {} ({} bytes, md5 {ours})",
+        out.display(),
+        offset + size
+    ))
+}
+
+/// The 32-digit MD5 after the data, or `ERR file changed`.
+fn read_trailer(client: &mut CommandClient) -> io::Result<String> {
+    let mut trailer = Vec::with_capacity(32);
+    let mut byte = [0u8; 32];
+    while trailer.len() < 32 {
+        if trailer.starts_with(b"ERR") {
+            // An error of unknown length: the server then waits for a command; say goodbye
+            // and read what remains.
+            client.stream().shutdown(std::net::Shutdown::Write)?;
+            client.stream().read_to_end(&mut trailer)?;
+            break;
+        }
+        let want = if trailer.len() < 3 {
+            3 - trailer.len()
+        } else {
+            32 - trailer.len()
+        };
+        let n = client.stream().read(&mut byte[..want])?;
+        if n == 0 {
+            break;
+        }
+        trailer.extend_from_slice(&byte[..n]);
+    }
+    Ok(String::from_utf8_lossy(&trailer).trim_end().to_string())
+}
+
+fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
+    if !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(done);
+    bar
+}
+
+/// Feeds `io::copy` into a hasher.
+struct Md5Writer<'a>(&'a mut md5::Md5);
+
+impl Write for Md5Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        md5::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 fn fail(message: &str) -> i32 {
     eprintln!("wharf: error: {message}");
     1

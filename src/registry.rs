@@ -65,6 +65,7 @@ impl Registry {
         registry.register::<wharf_plugin_echo::Echo>();
         registry.register::<wharf_plugin_http_hello::HttpHello>();
         registry.register::<wharf_plugin_exec::Exec>();
+        registry.register::<wharf_plugin_file_get::FileGet>();
         registry
     }
 

@@ -9,6 +9,7 @@
 //! The methods are native `async fn`s, statically dispatched: a plugin's `serve` is generic over
 //! the connection type, so no read or write allocates or goes through a vtable.
 
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -56,6 +57,29 @@ pub trait Conn {
     /// Whether the peer has closed its side or reset the connection, checked without
     /// consuming input or waiting: lets a long-running request notice a vanished client.
     fn peer_closed(&self) -> bool;
+
+    /// Sends `len` bytes of `file` starting at `offset`; returns how many were sent, fewer only
+    /// if the file ended first. Backends override it with a zero-copy path that keeps file
+    /// reads off the worker; this portable fallback reads 64 KiB at a time and writes them.
+    async fn send_file(&mut self, file: &File, offset: u64, len: u64) -> io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while sent < len {
+            let want = (len - sent).min(buf.len() as u64) as usize;
+            buf.resize(want, 0);
+            let n = file.read_at(&mut buf, offset + sent)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            let (res, returned) = self.write_all(buf).await;
+            buf = returned;
+            res?;
+            sent += n as u64;
+        }
+        Ok(sent)
+    }
 
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
     async fn shutdown(&mut self) -> io::Result<()>;

@@ -102,6 +102,79 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     }
 }
 
+/// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).
+const SENDFILE_MAX: u64 = 0x7fff_f000;
+
+/// Sends `len` bytes of `file` from `offset` to the socket `sock` with `sendfile(2)`: zero copy.
+/// Blocking: run it on a blocking thread. Works whether or not the socket is in non-blocking
+/// mode (it waits with `poll(2)` on `EAGAIN`). Returns the bytes sent, fewer than `len` only if
+/// the file ended first.
+pub fn sendfile_blocking(
+    sock: std::os::fd::BorrowedFd<'_>,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut off = i64::try_from(offset).map_err(io::Error::other)?;
+    let mut sent = 0u64;
+    while sent < len {
+        let count = (len - sent).min(SENDFILE_MAX) as usize;
+        // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
+        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
+        if n > 0 {
+            sent += n as u64;
+            continue;
+        }
+        if n == 0 {
+            break; // the file is shorter than promised
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => wait_writable(sock.as_raw_fd())?,
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(err),
+        }
+    }
+    Ok(sent)
+}
+
+fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(io::ErrorKind::BrokenPipe.into());
+    }
+    Ok(())
+}
+
+/// [`sendfile_blocking`] on tokio's blocking pool with duplicated descriptors, so neither the
+/// file read nor a full socket buffer ever blocks the worker: the shared zero-copy
+/// implementation of [`Conn::send_file`](crate::Conn::send_file) for socket backends.
+pub async fn sendfile_off_worker(
+    sock: std::os::fd::BorrowedFd<'_>,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> io::Result<u64> {
+    use std::os::fd::AsFd;
+    let sock = sock.try_clone_to_owned()?;
+    let file = file.try_clone()?;
+    tokio::task::spawn_blocking(move || sendfile_blocking(sock.as_fd(), &file, offset, len))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`); a bare address means one host.
 ///
 /// IPv4 rules also match IPv4-mapped IPv6 peers (`::ffff:10.1.2.3`), which is how an IPv4 client

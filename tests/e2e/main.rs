@@ -5,6 +5,7 @@
 mod cli;
 mod echo;
 mod exec;
+mod files;
 mod harness;
 mod http;
 mod lifecycle;

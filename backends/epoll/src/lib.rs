@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_core::backend::{Backend, Listener};
@@ -51,6 +51,15 @@ pub struct TcpConn {
     peer: SocketAddr,
 }
 
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        // A `send_file` running on the blocking pool holds a duplicate of this socket; shut
+        // it down so that transfer ends now instead of when the client stops reading.
+        // SAFETY: the descriptor is still open (closed after this, by the stream's own Drop).
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
 impl Conn for TcpConn {
     async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
         if buf.len() == buf.capacity() {
@@ -79,6 +88,10 @@ impl Conn for TcpConn {
 
     fn peer_closed(&self) -> bool {
         wharf_core::net::peer_closed(self.stream.as_raw_fd())
+    }
+
+    async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
+        wharf_core::net::sendfile_off_worker(self.stream.as_fd(), file, offset, len).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

@@ -1,0 +1,321 @@
+//! Confinement: turning a client's path into an open file that is certainly inside `root`.
+//!
+//! Paths are resolved by the kernel relative to the root *directory handle* opened at startup,
+//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`: `..`, absolute symlinks and any
+//! symlink (or symlinked parent) leading outside the root fail inside the kernel, atomically,
+//! whatever happens to the tree meanwhile. Where `openat2` is unavailable (Linux < 5.6, some
+//! seccomp profiles) each component is opened with `O_NOFOLLOW` instead, which refuses every
+//! symlink. Cheap string checks run first for clear messages: NUL bytes, absolute paths, `..`,
+//! overlong names.
+//!
+//! Only regular files are served: the path is opened with `O_PATH` and inspected before it is
+//! opened for reading, so FIFOs (which would hang a reader) and device files are never opened
+//! for IO at all.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// Longest path accepted, in bytes.
+pub const MAX_PATH: usize = 1024;
+/// Longest path component accepted, in bytes.
+const MAX_NAME: usize = 255;
+
+/// Why a path is refused; the text after `ERR `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// Nothing there.
+    NotFound,
+    /// Outside the root: `..`, absolute paths, escaping symlinks.
+    OutsideRoot,
+    /// A directory where a file is needed (or the reverse).
+    IsDirectory,
+    /// Not a directory where one is needed.
+    NotDirectory,
+    /// A FIFO, socket or device.
+    NotRegular,
+    /// NUL bytes, empty, or overlong.
+    BadPath(&'static str),
+    /// The server may not read it.
+    PermissionDenied,
+    /// Anything else, with the OS error.
+    Io(String),
+}
+
+impl Denied {
+    /// The reason sent after `ERR `.
+    pub fn reason(&self) -> String {
+        match self {
+            Denied::NotFound => "no such file".into(),
+            Denied::OutsideRoot => "path outside root".into(),
+            Denied::IsDirectory => "is a directory".into(),
+            Denied::NotDirectory => "not a directory".into(),
+            Denied::NotRegular => "not a regular file".into(),
+            Denied::BadPath(why) => format!("bad path: {why}"),
+            Denied::PermissionDenied => "permission denied".into(),
+            Denied::Io(e) => format!("cannot open: {e}"),
+        }
+    }
+
+    fn from_os(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Denied::NotFound,
+            Some(libc::EXDEV) | Some(libc::ELOOP) => Denied::OutsideRoot,
+            Some(libc::ENOTDIR) => Denied::NotFound,
+            Some(libc::EACCES) | Some(libc::EPERM) => Denied::PermissionDenied,
+            Some(libc::ENAMETOOLONG) => Denied::BadPath("name too long"),
+            _ => Denied::Io(e.to_string()),
+        }
+    }
+}
+
+/// The service's root directory, held open.
+#[derive(Debug)]
+pub struct Root {
+    dir: OwnedFd,
+}
+
+/// What to open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A regular file, for reading.
+    File,
+    /// A directory, for listing.
+    Directory,
+}
+
+impl Root {
+    /// Opens `path` as the root; it must be an existing directory.
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: a valid C string; the returned descriptor is new and ours.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just opened.
+        Ok(Root {
+            dir: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Opens `path` (relative to the root) for reading, as a regular file or a directory.
+    pub fn open_beneath(&self, path: &str, want: Want) -> Result<File, Denied> {
+        let path = check(path, want)?;
+        let handle = self.resolve(&path, libc::O_PATH)?;
+        let st = fstat(handle.as_raw_fd()).map_err(|e| Denied::Io(e.to_string()))?;
+        let kind = st.st_mode & libc::S_IFMT;
+        match (want, kind) {
+            (Want::File, libc::S_IFREG) | (Want::Directory, libc::S_IFDIR) => {}
+            (Want::File, libc::S_IFDIR) => return Err(Denied::IsDirectory),
+            (Want::Directory, libc::S_IFREG) => return Err(Denied::NotDirectory),
+            _ => return Err(Denied::NotRegular),
+        }
+        // Now open it for reading; O_NONBLOCK so that, should the path have been swapped for
+        // a FIFO in between, opening cannot hang; the identity check below catches the swap.
+        let mut flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        if want == Want::Directory {
+            flags |= libc::O_DIRECTORY;
+        }
+        let fd = self.resolve(&path, flags)?;
+        let again = fstat(fd.as_raw_fd()).map_err(|e| Denied::Io(e.to_string()))?;
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+            return Err(Denied::Io("the file changed while opening".into()));
+        }
+        if want == Want::File {
+            clear_nonblocking(fd.as_raw_fd());
+        }
+        Ok(File::from(fd))
+    }
+
+    fn resolve(&self, path: &CString, flags: i32) -> Result<OwnedFd, Denied> {
+        match openat2_beneath(self.dir.as_raw_fd(), path, flags) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
+                walk_nofollow(self.dir.as_raw_fd(), path, flags).map_err(Denied::from_os)
+            }
+            other => other.map_err(Denied::from_os),
+        }
+    }
+}
+
+/// String-level checks, for clear errors before the kernel's own.
+fn check(path: &str, want: Want) -> Result<CString, Denied> {
+    let trimmed = if want == Want::Directory && path.is_empty() {
+        "."
+    } else {
+        path
+    };
+    if trimmed.is_empty() {
+        return Err(Denied::BadPath("missing path"));
+    }
+    if trimmed.len() > MAX_PATH {
+        return Err(Denied::BadPath("path too long"));
+    }
+    if trimmed.starts_with('/') {
+        return Err(Denied::OutsideRoot);
+    }
+    for component in trimmed.split('/') {
+        if component == ".." {
+            return Err(Denied::OutsideRoot);
+        }
+        if component.len() > MAX_NAME {
+            return Err(Denied::BadPath("name too long"));
+        }
+    }
+    CString::new(trimmed).map_err(|_| Denied::BadPath("NUL byte"))
+}
+
+fn openat2_beneath(dir: RawFd, path: &CString, flags: i32) -> io::Result<OwnedFd> {
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid descriptor, C string and open_how of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The fallback: one component at a time, never following a symlink.
+fn walk_nofollow(dir: RawFd, path: &CString, flags: i32) -> io::Result<OwnedFd> {
+    let text = path.to_str().map_err(io::Error::other)?;
+    let parts: Vec<&str> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let mut current: Option<OwnedFd> = None;
+    let at = |cur: &Option<OwnedFd>| cur.as_ref().map_or(dir, |f| f.as_raw_fd());
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let f = if last {
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC
+        };
+        let name = CString::new(*part).map_err(io::Error::other)?;
+        // SAFETY: valid descriptor and C string.
+        let fd = unsafe { libc::openat(at(&current), name.as_ptr(), f) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: new descriptor.
+        current = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    match current {
+        Some(fd) => Ok(fd),
+        // "." : the root itself.
+        None => {
+            let dot = CString::new(".").unwrap_or_default();
+            // SAFETY: valid descriptor and C string.
+            let fd = unsafe { libc::openat(dir, dot.as_ptr(), flags | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: new descriptor.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    }
+}
+
+/// `fstat(2)`.
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn clear_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on our own descriptor.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    /// A regular file and its size.
+    File(String, u64),
+    /// A subdirectory.
+    Dir(String),
+}
+
+/// Lists regular files and directories of an open directory (symlinks and special files are
+/// left out: following them could leave the root), sorted by name.
+pub fn list(dir: &File) -> io::Result<Vec<Listed>> {
+    // fdopendir takes ownership of the descriptor it is given: give it a duplicate.
+    let dup = dir.try_clone()?;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(dup);
+    // SAFETY: `fd` is a directory descriptor we own; fdopendir takes it over.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so the descriptor is still ours to close.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `stream` is a valid DIR* until closedir below.
+        let entry = unsafe { libc::readdir64(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: readdir returned a valid entry with a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid directory descriptor, name and stat buffer.
+        let ok = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } == 0;
+        if !ok {
+            continue;
+        }
+        let name = String::from_utf8_lossy(bytes).into_owned();
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => out.push(Listed::File(name, st.st_size as u64)),
+            libc::S_IFDIR => out.push(Listed::Dir(name)),
+            _ => {}
+        }
+    }
+    // SAFETY: closes the stream and the descriptor it owns.
+    unsafe { libc::closedir(stream) };
+    out.sort_by(|a, b| {
+        let key = |l: &Listed| match l {
+            Listed::File(n, _) | Listed::Dir(n) => n.clone(),
+        };
+        key(a).cmp(&key(b))
+    });
+    Ok(out)
+}
