@@ -245,7 +245,7 @@ fn download(
         Reply::Size(size) => size,
         Reply::Other(text) => return Err(format!("server refused: {}", text.trim_end())),
     };
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .write(true)
         .append(offset > 0)
@@ -255,42 +255,84 @@ fn download(
     client.ack().map_err(|e| e.to_string())?;
 
     let bar = progress_bar(offset + size, offset);
-    let mut buf = vec![0u8; 256 * 1024];
+    // Hashing and writing run on a second thread, overlapped with receiving: MD5 is the
+    // protocol's own speed limit, so nothing else should wait for it.
+    // A three-stage pipeline: this thread receives, one thread hashes, one writes; buffers
+    // travel receive -> hash -> write and come back for reuse.
+    let (chunks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(8);
+    let (hashed, to_write) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(8);
+    let (spent, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+    let hasher = std::thread::spawn(move || {
+        let mut md5 = md5;
+        for (chunk, len) in to_hash {
+            md5.update(&chunk[..len]);
+            if hashed.send((chunk, len)).is_err() {
+                break;
+            }
+        }
+        md5
+    });
+    let writer = std::thread::spawn(move || -> io::Result<std::fs::File> {
+        let mut file = file;
+        for (chunk, len) in to_write {
+            file.write_all(&chunk[..len])?;
+            let _ = spent.send(chunk);
+        }
+        Ok(file)
+    });
     let mut received = 0u64;
+    let mut lost: Option<String> = None;
     while received < size {
+        // Buffers keep their full length between uses: no zero-filling per chunk.
+        let mut buf = recycled
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; 256 * 1024]);
         let want = (size - received).min(buf.len() as u64) as usize;
-        let n = match client.stream().read(&mut buf[..want]) {
+        match client.stream().read(&mut buf[..want]) {
             Ok(0) => {
-                bar.abandon();
-                return Err(format!(
-                    "connection lost after {} of {} bytes; {} kept: run again with --resume",
-                    offset + received,
-                    offset + size,
-                    part.display()
-                ));
+                lost = Some("the server closed the connection".into());
+                break;
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(n) => {
+                received += n as u64;
+                bar.inc(n as u64);
+                if chunks.send((buf, n)).is_err() {
+                    break; // the sink failed: its error is reported below
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                bar.abandon();
-                return Err(format!(
-                    "download interrupted: {e}; {} kept: run again with --resume",
-                    part.display()
-                ));
+                lost = Some(e.to_string());
+                break;
             }
-        };
-        if let Err(e) = file.write_all(&buf[..n]) {
+        }
+    }
+    drop(chunks);
+    let md5 = hasher
+        .join()
+        .map_err(|_| "the hashing thread panicked".to_string())?;
+    let file = match writer
+        .join()
+        .map_err(|_| "the writer thread panicked".to_string())?
+    {
+        Ok(file) => file,
+        Err(e) => {
             bar.abandon();
-            drop(file);
             let _ = std::fs::remove_file(&part);
             return Err(format!(
                 "cannot write {}: {e} (partial file removed)",
                 part.display()
             ));
         }
-        md5.update(&buf[..n]);
-        received += n as u64;
-        bar.inc(n as u64);
+    };
+    if let Some(why) = lost {
+        bar.abandon();
+        return Err(format!(
+            "download interrupted after {} of {} bytes ({why}); {} kept: run again with --resume",
+            offset + received,
+            offset + size,
+            part.display()
+        ));
     }
     bar.finish_and_clear();
     let trailer =

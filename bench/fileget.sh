@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# file-get on a 1 GiB file in the page cache (1 worker, both backends) against nginx with
+# sendfile, interleaved rounds:
+#   - cached digest: `wharf client get` (which verifies the MD5 as it receives) vs curl from nginx
+#     (both writing to tmpfs), and a raw discarding client vs curl -o /dev/null (server paths);
+#   - cold digest (fresh server): raw client throughput vs md-5 hashing the bytes in memory;
+#   - 32 concurrent 1 GiB downloads (cold, then cached): the server's peak RSS.
+#
+#   bash bench/fileget.sh [ROUNDS]          (needs nginx-light; root, for the tmpfs mount)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+cargo build --release -q -p wharf -p wharf-bench
+work=$(mktemp -d)
+sink=/mnt/wharf-bench-sink
+mkdir -p "$sink"
+mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
+trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir -p "$work/root"
+head -c 1G /dev/urandom >"$work/root/big.bin"
+cat "$work/root/big.bin" >/dev/null
+bin=target/release
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+error_log $work/error.log warn;
+pid $work/nginx.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path $work;
+  server { listen 127.0.0.1:18090; root $work/root; }
+}
+NGINX
+cat >"$work/wharf.toml" <<TOML
+[server]
+workers = 1
+[services.files]
+plugin = "file-get"
+listen = "127.0.0.1:18099"
+[services.files.options]
+root = "$work/root"
+TOML
+
+start_wharf() {
+  WHARF_LOG=warn "$bin/wharf" serve --config "$work/wharf.toml" --backend "$1" &
+  wharf_pid=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18099) 2>/dev/null && return; sleep 0.05; done
+}
+stop_wharf() { kill -TERM "$wharf_pid"; wait "$wharf_pid" 2>/dev/null || true; }
+mbps() { python3 -c "print(round(1073741824 / $1 / 1e6))"; }
+timed() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); python3 -c "print($t1 - $t0)"; }
+
+nginx -c "$work/nginx.conf" -p "$work" -g 'daemon off;' &
+sleep 0.5
+echo "md5 in memory: $("$bin/fileget-bench" md5 "$work/root/big.bin")"
+for round in $(seq "$rounds"); do
+  for backend in epoll io_uring; do
+    curl_tmpfs=$(curl -s -o "$sink/nginx.out" -w '%{speed_download}' http://127.0.0.1:18090/big.bin)
+    curl_null=$(curl -s -o /dev/null -w '%{speed_download}' http://127.0.0.1:18090/big.bin)
+    rm -f "$sink/nginx.out"
+    start_wharf "$backend"
+    cold=$("$bin/fileget-bench" raw 127.0.0.1:18099 big.bin 1)
+    cached_raw=$("$bin/fileget-bench" raw 127.0.0.1:18099 big.bin 1)
+    t=$(timed "$bin/wharf" client get 127.0.0.1:18099 big.bin -o "$sink/wharf.out")
+    rm -f "$sink/wharf.out"
+    stop_wharf
+    echo "round=$round backend=$backend nginx_curl_tmpfs_MBps=$(python3 -c "print(round($curl_tmpfs/1e6))") nginx_curl_null_MBps=$(python3 -c "print(round($curl_null/1e6))") wharf_client_get_MBps=$(mbps "$t") cached_raw=$cached_raw cold_raw=$cold"
+  done
+done
+for backend in epoll io_uring; do
+  start_wharf "$backend"
+  echo "backend=$backend 32x cold: $("$bin/fileget-bench" raw 127.0.0.1:18099 big.bin 32 "$wharf_pid")"
+  echo "backend=$backend 32x cached: $("$bin/fileget-bench" raw 127.0.0.1:18099 big.bin 32 "$wharf_pid")"
+  stop_wharf
+done
