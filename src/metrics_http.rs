@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
+use wharf_core::net::Cidr;
 
 /// Histogram buckets (seconds) for network latencies: 100 us to 5 min.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -31,8 +32,14 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))
 }
 
-/// Serves scrapes until the task is dropped. Call inside a tokio runtime.
-pub async fn serve(listener: std::net::TcpListener, handle: PrometheusHandle) -> io::Result<()> {
+/// Serves scrapes until the task is dropped. Call inside a tokio runtime. Peers outside a
+/// non-empty `allow_from` get 403.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    handle: PrometheusHandle,
+    allow_from: Vec<Cidr>,
+) -> io::Result<()> {
+    let allow_from = std::sync::Arc::new(allow_from);
     let listener = TcpListener::from_std(listener)?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -52,15 +59,20 @@ pub async fn serve(listener: std::net::TcpListener, handle: PrometheusHandle) ->
             }
         };
         let handle = handle.clone();
+        let allowed = allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()));
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &handle).await {
+            if let Err(e) = respond(stream, &handle, allowed).await {
                 debug!(%peer, error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    allowed: bool,
+) -> io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let complete = tokio::time::timeout(READ_TIMEOUT, async {
         loop {
@@ -86,6 +98,12 @@ async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> io::Result
 
     let (status, content_type, body) = if !complete {
         ("400 Bad Request", "text/plain", "bad request\n".to_string())
+    } else if !allowed {
+        (
+            "403 Forbidden",
+            "text/plain",
+            "forbidden: not in metrics.allow_from\n".to_string(),
+        )
     } else if method != "GET" && method != "HEAD" {
         (
             "405 Method Not Allowed",

@@ -186,10 +186,11 @@ fn launch<B: Backend>(
     }
 
     main_rt.block_on(async move {
+        let allow_from = plan.config.metrics.as_ref().map(|m| m.allow_from.clone()).unwrap_or_default();
         let metrics_task = match (metrics_socket, prometheus) {
             (Some(socket), Some(handle)) => {
                 info!(listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening at /metrics");
-                Some(tokio::spawn(metrics_http::serve(socket, handle)))
+                Some(tokio::spawn(metrics_http::serve(socket, handle, allow_from)))
             }
             _ => None,
         };

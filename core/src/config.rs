@@ -83,6 +83,9 @@ impl BackendChoice {
 pub struct MetricsConfig {
     /// Address of the `/metrics` HTTP endpoint.
     pub listen: SocketAddr,
+    /// Networks allowed to scrape; others get 403. Empty allows everyone who can connect.
+    #[serde(default)]
+    pub allow_from: Vec<Cidr>,
 }
 
 /// `[services.<name>]`: which plugin, where, and the limits the framework applies to it.

@@ -66,6 +66,12 @@ pub fn describe_metrics() {
         names::BUILD_INFO,
         "Build information; the value is always 1."
     );
+    describe_counter!(names::REQUESTS, "Finished requests, by outcome.");
+    describe_histogram!(
+        names::REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from a request's arrival to its answer."
+    );
 }
 
 /// The labels every series of a service carries.
@@ -126,7 +132,8 @@ pub(crate) struct ConnMetrics {
     duration: Histogram,
     /// `wharf_requests_total` per declared outcome, plus the latency histogram.
     pub(crate) requests: Vec<(&'static str, Counter)>,
-    pub(crate) request_duration: Histogram,
+    /// Only for plugins that declare outcomes: no empty histograms for echo.
+    pub(crate) request_duration: Option<Histogram>,
 }
 
 /// Admission control and metrics for one service, shared by all its workers.
@@ -167,7 +174,8 @@ impl ServiceGate {
             ),
             active: metrics::gauge!(names::ACTIVE, l(&[])),
             duration: metrics::histogram!(names::CONNECTION_DURATION, l(&[])),
-            request_duration: metrics::histogram!(names::REQUEST_DURATION, l(&[])),
+            request_duration: (!outcomes.is_empty())
+                .then(|| metrics::histogram!(names::REQUEST_DURATION, l(&[]))),
             requests,
         };
         // Touch every series so a scrape shows zeros rather than nothing.
@@ -265,7 +273,9 @@ impl ServiceGate {
             .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome);
         if let Some((_, counter)) = found {
             counter.increment(1);
-            m.request_duration.record(elapsed.as_secs_f64());
+            if let Some(h) = &m.request_duration {
+                h.record(elapsed.as_secs_f64());
+            }
         }
     }
 }

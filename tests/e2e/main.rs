@@ -10,3 +10,4 @@ mod harness;
 mod http;
 mod lifecycle;
 mod limits;
+mod metrics;

@@ -1,0 +1,307 @@
+//! Metrics as Prometheus sees them: promtool on a live scrape, a real Prometheus server
+//! scraping both backends, exact per-service counters under concurrency, access rules.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool).arg("--version").output().is_ok();
+    if !ok {
+        skip_or_fail(&format!(
+            "{tool} not found (Debian package prometheus; see .ci/run)"
+        ));
+    }
+    ok
+}
+
+/// echo and file-get on free ports, metrics on.
+fn config(root: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[server]\nworkers = 2\nshutdown_grace = \"2s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files.options]\nroot = \"{}\"\n",
+        root.display()
+    )
+}
+
+fn echo_bytes(addr: SocketAddr, n: usize) {
+    let mut s = connect(addr);
+    let data = vec![b'q'; n];
+    let mut reader = s.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut back = vec![0u8; n];
+        reader.read_exact(&mut back).unwrap();
+    });
+    s.write_all(&data).unwrap();
+    t.join().unwrap();
+}
+
+#[test]
+fn promtool_accepts_a_live_scrape() {
+    if !have("promtool") {
+        return;
+    }
+    for backend in backends() {
+        let dir = TempDir::new();
+        let server = Server::start(&config(&dir.0, ""), backend);
+        echo_bytes(server.addr("echo"), 1000);
+        let _ = http_get(server.addr("web"), "/");
+        let scrape = server.scrape();
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(scrape.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{scrape}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for name in [
+            "wharf_build_info{version=",
+            "# TYPE wharf_request_duration_seconds histogram",
+        ] {
+            assert!(scrape.contains(name), "{name} missing");
+        }
+    }
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[SocketAddr]) -> Prometheus {
+        let dir = TempDir::new();
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = dir.write(
+            "prometheus.yml",
+            &format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: wharf\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200 {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "prometheus did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An instant query; the value of the single series it returns, if any.
+    fn value(&self, promql: &str) -> Option<f64> {
+        let (status, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        );
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let result = json["data"]["result"].as_array()?;
+        assert!(result.len() <= 1, "{promql} matched several series: {body}");
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Polls `promql` until it equals `want`.
+    fn wait_for(&self, promql: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.value(promql);
+            if got == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{promql} = {got:?}, want {want}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_real_prometheus_sees_exact_byte_counts_and_live_throughput() {
+    if !have("prometheus") {
+        return;
+    }
+    let dir = TempDir::new();
+    let size = 80_000_000usize;
+    std::fs::write(dir.0.join("big.bin"), vec![b'z'; size]).unwrap();
+    let servers: Vec<(&str, Server)> = backends()
+        .into_iter()
+        .map(|b| (b, Server::start(&config(&dir.0, ""), b)))
+        .collect();
+    let targets: Vec<SocketAddr> = servers.iter().map(|(_, s)| s.metrics.unwrap()).collect();
+    let prom = Prometheus::start(&targets);
+    // Target discovery takes a few seconds after startup: wait until every target is up.
+    prom.wait_for("count(up == 1)", targets.len() as f64);
+
+    for (backend, server) in &servers {
+        let sel = |service: &str| format!("{{service=\"{service}\",backend=\"{backend}\"}}");
+        // echo: a known number of bytes each way.
+        echo_bytes(server.addr("echo"), 700_001);
+        echo_bytes(server.addr("echo"), 299_999);
+
+        // file-get: a reader paced at ~15 MB/s, so the transfer spans several scrapes and
+        // rate() can be asked while it runs.
+        let mut s = connect(server.addr("files"));
+        s.write_all(b"get big.bin\n").unwrap();
+        let mut head = [0u8; 32];
+        let n = s.read(&mut head).unwrap();
+        assert_eq!(&head[..n], size.to_string().as_bytes());
+        s.write_all(b"ok").unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        let mut saw_rate = false;
+        let started = Instant::now();
+        let mut next_query = Duration::from_millis(2500);
+        while received < size + 32 {
+            let want = buf.len().min(size + 32 - received);
+            let n = s.read(&mut buf[..want]).unwrap();
+            assert!(n > 0);
+            received += n;
+            if !saw_rate && started.elapsed() > next_query && received < size {
+                let rate = prom.value(&format!("rate(wharf_sent_bytes_total{}[3s])", sel("files")));
+                saw_rate = rate.is_some_and(|r| r > 0.0);
+                next_query += Duration::from_millis(500);
+            }
+            if !saw_rate {
+                std::thread::sleep(Duration::from_millis(17));
+            }
+        }
+        assert!(
+            saw_rate,
+            "{backend}: rate() stayed zero during the transfer"
+        );
+        drop(s);
+
+        prom.wait_for(
+            &format!("wharf_received_bytes_total{}", sel("echo")),
+            1_000_000.0,
+        );
+        prom.wait_for(
+            &format!("wharf_sent_bytes_total{}", sel("echo")),
+            1_000_000.0,
+        );
+        let sent = size + size.to_string().len() + 32;
+        prom.wait_for(
+            &format!("wharf_sent_bytes_total{}", sel("files")),
+            sent as f64,
+        );
+        prom.wait_for(
+            &format!("wharf_received_bytes_total{}", sel("files")),
+            ("get big.bin\n".len() + 2) as f64,
+        );
+    }
+}
+
+#[test]
+fn counters_are_exact_per_service_under_concurrency_on_several_workers() {
+    for backend in backends() {
+        let services = ["a", "b", "c"];
+        let mut cfg = String::from("[server]\nworkers = 2\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        for s in services {
+            cfg.push_str(&format!(
+                "[services.{s}]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n"
+            ));
+        }
+        let server = Server::start(&cfg, backend);
+        let threads: Vec<_> = services
+            .iter()
+            .flat_map(|s| {
+                let addr = server.addr(s);
+                (0..12).map(move |i| std::thread::spawn(move || echo_bytes(addr, 10_000 + i * 777)))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let expected: usize = (0..12).map(|i| 10_000 + i * 777).sum();
+        for s in services {
+            let l = [("service", s), ("plugin", "echo"), ("backend", backend)];
+            server.wait_metric("wharf_received_bytes_total", &l, expected as f64);
+            server.wait_metric("wharf_sent_bytes_total", &l, expected as f64);
+            server.wait_metric("wharf_connections_accepted_total", &l, 12.0);
+        }
+    }
+}
+
+#[test]
+fn metrics_allow_from_answers_403_and_no_section_means_no_endpoint() {
+    let dir = TempDir::new();
+    let server = Server::start(&config(&dir.0, "allow_from = [\"10.0.0.0/8\"]"), "epoll");
+    let (status, body) = http_get(server.metrics.unwrap(), "/metrics");
+    assert_eq!(status, 403, "{body}");
+    drop(server);
+    let server = Server::start(&config(&dir.0, "allow_from = [\"127.0.0.1\"]"), "epoll");
+    assert_eq!(http_get(server.metrics.unwrap(), "/metrics").0, 200);
+    assert_eq!(http_get(server.metrics.unwrap(), "/nope").0, 404);
+    drop(server);
+    let no_metrics = "[services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n";
+    let server = Server::start(no_metrics, "epoll");
+    assert!(server.metrics.is_none());
+    assert!(
+        !server.log().contains("metrics endpoint"),
+        "{}",
+        server.log()
+    );
+}
