@@ -41,34 +41,24 @@ for cmd in sys.argv[3:]:
 client.close()
 "#;
 
-fn python(args: &[&str]) -> String {
-    let out = Command::new("python3").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn tutorial_python_client_runs_commands_unmodified() {
     for backend in backends() {
         let dir = TempDir::new();
         let server = Server::start(&exec_config(&dir, None), backend);
         let addr = server.addr("exec");
-        let out = python(&[
-            "-c",
+        let out = python_client(
             TUTORIAL_EXEC_CLIENT,
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-            "echo hello tutorial",
-            "uname -s",
-            "false",
-            "rm -rf /",
-            "echo a; touch X",
-            "echo $(touch Y) `touch Z` | tee W",
-        ]);
+            addr,
+            &[
+                "echo hello tutorial",
+                "uname -s",
+                "false",
+                "rm -rf /",
+                "echo a; touch X",
+                "echo $(touch Y) `touch Z` | tee W",
+            ],
+        );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines,

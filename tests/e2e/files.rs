@@ -18,18 +18,6 @@ fn files_config(root: &std::path::Path) -> String {
     )
 }
 
-fn payload(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The tutorial's download client: send `get`, recv the size, send an ack, recv exactly size
 /// bytes in bounded chunks, recv the digest, compare with hashlib.
 const TUTORIAL_GET_CLIENT: &str = r#"
@@ -60,20 +48,7 @@ client.close()
 "#;
 
 fn tutorial_get(addr: std::net::SocketAddr, names: &[&str]) -> String {
-    let mut args = vec![
-        "-c".to_string(),
-        TUTORIAL_GET_CLIENT.to_string(),
-        addr.ip().to_string(),
-        addr.port().to_string(),
-    ];
-    args.extend(names.iter().map(|s| s.to_string()));
-    let out = Command::new("python3").args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    python_client(TUTORIAL_GET_CLIENT, addr, names)
 }
 
 #[test]
@@ -81,7 +56,7 @@ fn tutorial_python_client_downloads_and_verifies_cold_and_cached() {
     for backend in backends() {
         let dir = TempDir::new();
         std::fs::write(dir.0.join("small.txt"), b"hello\n").unwrap();
-        std::fs::write(dir.0.join("big.bin"), payload(3_000_000)).unwrap();
+        std::fs::write(dir.0.join("big.bin"), payload(3_000_000, 7)).unwrap();
         std::fs::write(dir.0.join("empty"), b"").unwrap();
         let server = Server::start(&files_config(&dir.0), backend);
         let addr = server.addr("files");
@@ -129,7 +104,7 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
     for backend in backends() {
         let root = TempDir::new();
         let work = TempDir::new();
-        let data = payload(2_500_000);
+        let data = payload(2_500_000, 7);
         std::fs::create_dir(root.0.join("sub")).unwrap();
         std::fs::write(root.0.join("sub/data.bin"), &data).unwrap();
         let server = Server::start(&files_config(&root.0), backend);
@@ -205,7 +180,7 @@ fn open_fds(pid: i32) -> usize {
 fn a_client_leaving_mid_file_leaks_nothing() {
     for backend in backends() {
         let dir = TempDir::new();
-        std::fs::write(dir.0.join("big.bin"), payload(40_000_000)).unwrap();
+        std::fs::write(dir.0.join("big.bin"), payload(40_000_000, 7)).unwrap();
         let server = Server::start(&files_config(&dir.0), backend);
         let addr = server.addr("files");
         let baseline = open_fds(server.pid());

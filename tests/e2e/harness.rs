@@ -36,6 +36,44 @@ fn io_uring_available() -> Result<(), String> {
     Server::start_with(&echo_config(""), &["--backend", "io_uring"], &[]).map(drop)
 }
 
+/// Runs a Python client script (`python3 -c script HOST PORT args...`) against `addr`;
+/// returns its stdout, failing the test with its stderr if it fails.
+pub fn python_client(script: &str, addr: SocketAddr, args: &[&str]) -> String {
+    if Command::new("python3").arg("--version").output().is_err() {
+        skip_or_fail("python3 not found");
+        return String::new();
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Deterministic pseudo-random bytes (a small xorshift; no extra crate).
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A minimal config: one echo service named `echo` plus metrics, on free ports.
 pub fn echo_config(extra_service_keys: &str) -> String {
     format!(

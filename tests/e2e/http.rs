@@ -135,22 +135,8 @@ print("ok")
 fn python_http_client_keeps_one_connection() {
     for backend in backends() {
         let server = Server::start(&http_config(""), backend);
-        let addr = server.addr("web");
-        let out = Command::new("python3")
-            .args([
-                "-c",
-                PYTHON_CLIENT,
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+        let out = python_client(PYTHON_CLIENT, server.addr("web"), &[]);
+        assert_eq!(out.trim(), "ok");
         let accepted = [
             ("service", "web"),
             ("plugin", "http-hello"),
