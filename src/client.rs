@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use wharf_plugin_exec::refusals;
 
+/// Largest exec result or listing held in memory.
+const MAX_RESULT: u64 = 256 * 1024 * 1024;
+
 /// How long a client waits for the server before giving up.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,8 +66,14 @@ impl CommandClient {
     pub fn request(&mut self, command: &str) -> io::Result<Vec<u8>> {
         match self.send(command)? {
             Reply::Size(size) => {
+                if size > MAX_RESULT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the server announced {size} bytes, more than this client accepts"),
+                    ));
+                }
                 self.ack()?;
-                let mut out = vec![0; usize::try_from(size).map_err(io::Error::other)?];
+                let mut out = vec![0; size as usize];
                 self.stream.read_exact(&mut out)?;
                 Ok(out)
             }
@@ -179,6 +188,9 @@ pub fn list(addr: &str, dir: Option<&str>) -> i32 {
         None => "list".to_string(),
     };
     match client.send(&command) {
+        Ok(Reply::Size(size)) if size > MAX_RESULT => {
+            fail(&format!("listing of {size} bytes is too large"))
+        }
         Ok(Reply::Size(size)) => {
             let mut text = vec![0; size as usize];
             if let Err(e) = client

@@ -22,6 +22,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole request, reading and writing, must finish within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrape connections served at once; more are closed at accept.
+const MAX_SCRAPES_IN_FLIGHT: usize = 64;
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder (histograms with [`LATENCY_BUCKETS`]).
@@ -40,6 +44,7 @@ pub async fn serve(
     allow_from: Vec<Cidr>,
 ) -> io::Result<()> {
     let allow_from = std::sync::Arc::new(allow_from);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT));
     let listener = TcpListener::from_std(listener)?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -60,9 +65,17 @@ pub async fn serve(
         };
         let handle = handle.clone();
         let allowed = allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()));
+        // Bounded: a peer that never reads cannot pile up tasks and descriptors.
+        let Ok(permit) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &handle, allowed).await {
-                debug!(%peer, error = %e, "metrics request failed");
+            let _permit = permit;
+            match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &handle, allowed)).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => debug!(%peer, "metrics request timed out"),
+                Ok(Ok(())) => {}
             }
         });
     }

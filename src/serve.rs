@@ -195,11 +195,18 @@ fn launch<B: Backend>(
             _ => None,
         };
         info!(config = %plan.origin, "wharf ready");
+        let mut signals = signals;
         let signal = signals.recv().await;
         info!(signal, grace = ?grace, "shutting down: no new connections, draining open ones");
         trigger.trigger();
+        // A second signal during the drain means "now": exit without waiting for the grace.
+        tokio::spawn(async move {
+            let again = signals.recv().await;
+            warn!(signal = again, "second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        });
         // Join workers off the runtime so the metrics endpoint keeps answering while they drain.
-        let joined = tokio::task::spawn_blocking(move || {
+        let failed = tokio::task::spawn_blocking(move || {
             threads
                 .into_iter()
                 .map(|t| t.join())
@@ -211,12 +218,12 @@ fn launch<B: Backend>(
         if let Some(task) = metrics_task {
             task.abort();
         }
-        if joined > 0 {
-            warn!(failed_workers = joined, "some workers ended with an error");
+        if failed > 0 {
+            return Err(ServeError(format!("{failed} worker(s) ended with an error or a panic")));
         }
         info!("stopped");
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 fn bind_metrics(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -253,7 +260,7 @@ impl Signals {
         })
     }
 
-    async fn recv(mut self) -> &'static str {
+    async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",

@@ -7,8 +7,8 @@
 //! command over [`MAX_COMMAND`] bytes is refused. The "acknowledgement" step of these protocols
 //! consumes whatever the client sends next, up to [`MAX_ACK`] bytes.
 //!
-//! Bytes after a newline stay buffered for the next command, so a client may pipeline
-//! newline-terminated commands.
+//! Bytes after a newline stay buffered for the next command. Clients should not send ahead
+//! across an acknowledgement step, though: the ack consumes whatever comes next.
 
 use std::io;
 use std::time::Duration;
@@ -59,7 +59,8 @@ impl CommandReader {
 
     /// Reads the next command.
     pub async fn next<C: Conn>(&mut self, conn: &mut C) -> io::Result<Frame> {
-        let mut fresh = false;
+        // Leftover unterminated bytes get the same "pause ends it" treatment as new ones.
+        let mut fresh = !self.buf.is_empty();
         loop {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
                 let mut line: Vec<u8> = self.buf.drain(..=end).collect();
@@ -82,7 +83,8 @@ impl CommandReader {
                 // More bytes came: look for a newline in them before waiting again.
                 continue;
             }
-            match self.read(conn).await? {
+            let between_commands = self.buf.is_empty();
+            match self.read(conn, between_commands).await? {
                 0 if self.buf.is_empty() => return Ok(Frame::Closed),
                 0 => {
                     // The client closed right after an unterminated command.
@@ -97,7 +99,7 @@ impl CommandReader {
     /// Consumes an acknowledgement: whatever the client sends next, up to [`MAX_ACK`] bytes.
     /// Returns `false` if the client closed instead.
     pub async fn ack<C: Conn>(&mut self, conn: &mut C) -> io::Result<bool> {
-        if self.buf.is_empty() && self.read(conn).await? == 0 {
+        if self.buf.is_empty() && self.read(conn, false).await? == 0 {
             return Ok(false);
         }
         let n = self.buf.len().min(MAX_ACK);
@@ -110,11 +112,23 @@ impl CommandReader {
         !self.buf.is_empty()
     }
 
+    /// Drops buffered input (the rest of a refused, overlong command), so a following
+    /// acknowledgement is read from what the client sends next.
+    pub fn discard_buffered(&mut self) {
+        self.buf.clear();
+    }
+
     /// One read appended to the buffer, never past `MAX_COMMAND + 1` bytes in total.
-    async fn read<C: Conn>(&mut self, conn: &mut C) -> io::Result<usize> {
+    /// `between_commands`: nothing of a command has arrived yet, so a shutdown may end it.
+    async fn read<C: Conn>(&mut self, conn: &mut C, between_commands: bool) -> io::Result<usize> {
         let room = (MAX_COMMAND + 1).saturating_sub(self.buf.len()).max(1);
         self.buf.reserve_exact(room);
-        let (res, buf) = conn.read(std::mem::take(&mut self.buf)).await;
+        let buf = std::mem::take(&mut self.buf);
+        let (res, buf) = if between_commands {
+            conn.read_idle(buf).await
+        } else {
+            conn.read(buf).await
+        };
         self.buf = buf;
         res
     }

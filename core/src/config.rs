@@ -147,6 +147,9 @@ pub struct ConfigSource {
     origin: String,
 }
 
+/// Most worker threads accepted.
+const MAX_WORKERS: usize = 1024;
+
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WHARF_";
 
@@ -248,15 +251,43 @@ impl ConfigSource {
                 errors.push(self.error_at("services", "expected a table of services".into()))
             }
         }
-        if !top.contains_key("services") {
+        if services.is_empty() && errors.iter().all(|e| !e.key.starts_with("services")) {
             errors.push(self.error_at("services", "no service is configured".into()));
         }
+        errors.extend(self.check_bounds(&server, &services));
         let config = Config {
             server,
             metrics,
             services,
         };
         (config, errors)
+    }
+
+    /// Range checks serde cannot express.
+    fn check_bounds(
+        &self,
+        server: &ServerConfig,
+        services: &BTreeMap<String, ServiceConfig>,
+    ) -> Vec<ConfigError> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let mut errors = Vec::new();
+        if server.workers > MAX_WORKERS {
+            errors.push(self.error_at("server.workers", format!("at most {MAX_WORKERS}")));
+        }
+        if server.shutdown_grace > DAY {
+            errors.push(self.error_at("server.shutdown_grace", "at most 24h".into()));
+        }
+        for (name, svc) in services {
+            if svc.max_connections == 0 {
+                let key = format!("services.{name}.max_connections");
+                errors.push(self.error_at(&key, "must be at least 1".into()));
+            }
+            if svc.idle_timeout > DAY {
+                let key = format!("services.{name}.idle_timeout");
+                errors.push(self.error_at(&key, "at most 24h (\"0s\" turns it off)".into()));
+            }
+        }
+        errors
     }
 
     /// Extracts `key` (a dotted path) as `T`; an absent key deserializes from an empty table, so
@@ -463,6 +494,23 @@ mod tests {
         );
         let errors = load("").config().unwrap_err();
         assert!(errors[0].message.contains("no service"), "{errors:?}");
+        let errors = load("[services]\n").config().unwrap_err();
+        assert!(errors[0].message.contains("no service"), "{errors:?}");
+        let errors = load(
+            "[server]\nworkers = 5000\n[services.e]\nplugin='echo'\nlisten='127.0.0.1:1'\n\
+             max_connections = 0\nidle_timeout = '400days'\n",
+        )
+        .config()
+        .unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.workers",
+                "services.e.max_connections",
+                "services.e.idle_timeout"
+            ]
+        );
     }
 
     #[test]

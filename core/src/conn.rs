@@ -30,6 +30,14 @@ pub trait Conn {
     /// A buffer without spare capacity is an `InvalidInput` error, never a silent `0`.
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize>;
 
+    /// A [`Conn::read`] at a point where the protocol is between requests, so ending the
+    /// connection loses nothing: once the server is shutting down it returns `Ok(0)` (end of
+    /// stream) at once, so idle keep-alive and command connections let the drain finish
+    /// instead of holding it for the whole grace period. Outside a server, a plain read.
+    async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        self.read(buf).await
+    }
+
     /// Writes some of `buf[from..]` and returns how many bytes were written.
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize>;
 

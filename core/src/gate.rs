@@ -17,6 +17,7 @@ use crate::config::ServiceConfig;
 use crate::conn::Conn;
 use crate::metered::Metered;
 use crate::net::Cidr;
+use crate::shutdown::Shutdown;
 
 /// Metric names, in one place so docs, tests and dashboards agree.
 pub mod names {
@@ -213,8 +214,13 @@ impl ServiceGate {
             && !self.allow_from.iter().any(|net| net.contains(peer))
         {
             Some(Rejection::NotAllowed)
-        } else if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+        } else if self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .is_err()
+        {
             Some(Rejection::TooManyConnections)
         } else {
             None
@@ -252,9 +258,9 @@ pub struct Ticket {
 
 impl Ticket {
     /// Wraps the accepted connection in the metering, idle-timeout layer.
-    pub fn wrap<C: Conn>(self, conn: C) -> Metered<C> {
+    pub fn wrap<C: Conn>(self, conn: C, shutdown: Shutdown) -> Metered<C> {
         let idle = self.gate.idle_timeout;
-        Metered::new(conn, self, idle)
+        Metered::new(conn, self, idle, shutdown)
     }
 
     pub(crate) fn gate(&self) -> &ServiceGate {

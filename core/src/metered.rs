@@ -21,15 +21,18 @@ use tokio::time::{Instant, Sleep};
 
 use crate::conn::{BufResult, Conn};
 use crate::gate::Ticket;
+use crate::shutdown::Shutdown;
 
 /// Largest piece of a file sent (and counted) at once.
-const SEND_FILE_WINDOW: u64 = 4 * 1024 * 1024;
+const SEND_FILE_WINDOW: u64 = 1024 * 1024;
 
 /// A connection counted into its service's metrics and bounded by its idle timeout.
 pub struct Metered<C> {
     inner: C,
     ticket: Ticket,
     idle: Option<IdleTimer>,
+    /// The stop signal, for [`Conn::read_idle`].
+    shutdown: Shutdown,
 }
 
 struct IdleTimer {
@@ -60,7 +63,12 @@ impl IdleTimer {
 }
 
 impl<C: Conn> Metered<C> {
-    pub(crate) fn new(inner: C, ticket: Ticket, idle_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(
+        inner: C,
+        ticket: Ticket,
+        idle_timeout: Option<Duration>,
+        shutdown: Shutdown,
+    ) -> Self {
         let idle = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
@@ -69,20 +77,45 @@ impl<C: Conn> Metered<C> {
             inner,
             ticket,
             idle,
+            shutdown,
         }
     }
 }
 
+/// A counted, idle-bounded read; a free function over the fields it needs, so
+/// [`Conn::read_idle`] can race it against the (separately borrowed) stop signal.
+async fn counted_read<C: Conn>(
+    inner: &mut C,
+    idle: &mut Option<IdleTimer>,
+    ticket: &Ticket,
+    buf: Vec<u8>,
+) -> BufResult<usize> {
+    let (res, buf) = match idle {
+        Some(idle) => idle.bound(inner.read(buf)).await,
+        None => inner.read(buf).await,
+    };
+    if let Ok(n) = res {
+        ticket.gate().metrics.received.increment(n as u64);
+    }
+    (res, buf)
+}
+
 impl<C: Conn> Conn for Metered<C> {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        let (res, buf) = match &mut self.idle {
-            Some(idle) => idle.bound(self.inner.read(buf)).await,
-            None => self.inner.read(buf).await,
-        };
-        if let Ok(n) = res {
-            self.ticket.gate().metrics.received.increment(n as u64);
+        counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf).await
+    }
+
+    async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        if self.shutdown.is_triggered() {
+            return (Ok(0), buf);
         }
-        (res, buf)
+        let read = counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf);
+        tokio::select! {
+            biased;
+            done = read => done,
+            // Draining: an idle connection ends now, like a client that closed.
+            _ = self.shutdown.wait() => (Ok(0), Vec::new()),
+        }
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {

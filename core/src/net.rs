@@ -82,28 +82,41 @@ pub fn recv_now(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> io::Result<Option<
     Ok(Some(n))
 }
 
-/// Whether the peer of a connected socket has closed or reset it: a `MSG_PEEK` receive that
-/// neither waits nor consumes. Shared implementation of [`Conn::peer_closed`](crate::Conn::peer_closed).
+/// Whether the peer of a connected socket has closed or reset it, asked with a zero-timeout
+/// `poll(2)` for `POLLRDHUP`: it neither waits nor consumes, and it still sees the FIN when
+/// unread data is queued ahead of it. Shared implementation of
+/// [`Conn::peer_closed`](crate::Conn::peer_closed).
 pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: one valid byte of writable memory.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
     };
-    match n {
-        0 => true,
-        n if n > 0 => false,
-        _ => io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock,
-    }
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 /// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).
-const SENDFILE_MAX: u64 = 0x7fff_f000;
+pub const SENDFILE_MAX: u64 = 0x7fff_f000;
+
+/// One `sendfile(2)` call: up to `count` bytes of `file` from `*offset` (advanced by the
+/// kernel) to the socket `sock`.
+pub fn sendfile_once(
+    sock: std::os::fd::RawFd,
+    file: &std::fs::File,
+    offset: &mut i64,
+    count: u64,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let count = count.min(SENDFILE_MAX) as usize;
+    // SAFETY: both descriptors are open for the duration of the call; `offset` is ours.
+    let n = unsafe { libc::sendfile(sock, file.as_raw_fd(), offset, count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
 
 /// Sends `len` bytes of `file` from `offset` to the socket `sock` with `sendfile(2)`: zero copy.
 /// Blocking: run it on a blocking thread. Works whether or not the socket is in non-blocking
@@ -119,21 +132,12 @@ pub fn sendfile_blocking(
     let mut off = i64::try_from(offset).map_err(io::Error::other)?;
     let mut sent = 0u64;
     while sent < len {
-        let count = (len - sent).min(SENDFILE_MAX) as usize;
-        // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
-        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
-        if n > 0 {
-            sent += n as u64;
-            continue;
-        }
-        if n == 0 {
-            break; // the file is shorter than promised
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::WouldBlock => wait_writable(sock.as_raw_fd())?,
-            io::ErrorKind::Interrupted => {}
-            _ => return Err(err),
+        match sendfile_once(sock.as_raw_fd(), file, &mut off, len - sent) {
+            Ok(0) => break, // the file is shorter than promised
+            Ok(n) => sent += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(sock.as_raw_fd())?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(sent)

@@ -126,7 +126,7 @@ async fn accept_loop<L: Listener>(
         };
         match gate.admit(peer.ip()) {
             Ok(ticket) => {
-                let conn = ticket.wrap(conn);
+                let conn = ticket.wrap(conn, shutdown.clone());
                 let service = Arc::clone(&service);
                 let tracked = tracker.track();
                 tokio::task::spawn_local(async move {

@@ -95,3 +95,44 @@ fn idle_server_exits_immediately_on_sigterm() {
         assert!(status.success());
     }
 }
+
+#[test]
+fn idle_keep_alive_and_command_connections_do_not_hold_the_drain() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        let config = format!(
+            "[server]\nworkers = 1\nshutdown_grace = \"10s\"\n\
+             [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.files.options]\nroot = \"{}\"\n",
+            dir.0.display()
+        );
+        let mut server = Server::start(&config, backend);
+        // A keep-alive HTTP connection after one request, and an idle file-get connection.
+        let mut web = connect(server.addr("web"));
+        web.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 512];
+        assert!(web.read(&mut buf).unwrap() > 0);
+        let mut files = connect(server.addr("files"));
+        files.write_all(b"list\n").unwrap();
+        let n = files.read(&mut buf).unwrap();
+        files.write_all(b"ok").unwrap();
+        let size: usize = std::str::from_utf8(&buf[..n]).unwrap().parse().unwrap();
+        let mut listing = vec![0u8; size];
+        files.read_exact(&mut listing).unwrap();
+
+        let start = Instant::now();
+        server.signal(libc::SIGTERM);
+        let status = server
+            .wait(Duration::from_secs(5))
+            .expect("drain waited for idle connections");
+        assert!(status.success());
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            start.elapsed()
+        );
+        assert!(closed_within(&mut web, Duration::from_secs(1)));
+        assert!(closed_within(&mut files, Duration::from_secs(1)));
+    }
+}

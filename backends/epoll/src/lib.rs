@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_core::backend::{Backend, Listener};
@@ -24,7 +24,10 @@ impl Backend for Epoll {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        Ok(tokio::task::LocalSet::new().block_on(&rt, fut))
+        let out = tokio::task::LocalSet::new().block_on(&rt, fut);
+        // Blocking-pool work (a hashing thread, a stuck file read) must not hold the exit.
+        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        Ok(out)
     }
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
@@ -53,8 +56,8 @@ pub struct TcpConn {
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
-        // A `send_file` running on the blocking pool holds a duplicate of this socket; shut
-        // it down so that transfer ends now instead of when the client stops reading.
+        // Work on the blocking pool may hold a duplicate of this socket; shut it down so that
+        // work ends now instead of when the client stops reading.
         // SAFETY: the descriptor is still open (closed after this, by the stream's own Drop).
         unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
     }
@@ -90,8 +93,28 @@ impl Conn for TcpConn {
         wharf_core::net::peer_closed(self.stream.as_raw_fd())
     }
 
+    /// `sendfile(2)` driven by socket readiness, on the worker: no thread per transfer, and
+    /// a slow client costs nothing but its socket. Pages already in the page cache (the case
+    /// this is built for) are copied at memory speed; a cold page makes that one call wait
+    /// for the disk.
     async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
-        wharf_core::net::sendfile_off_worker(self.stream.as_fd(), file, offset, len).await
+        let mut off = i64::try_from(offset).map_err(io::Error::other)?;
+        let mut sent = 0u64;
+        let fd = self.stream.as_raw_fd();
+        while sent < len {
+            self.stream.writable().await?;
+            let once = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+                wharf_core::net::sendfile_once(fd, file, &mut off, len - sent)
+            });
+            match once {
+                Ok(0) => break, // the file is shorter than promised
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

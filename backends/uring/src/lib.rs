@@ -39,6 +39,9 @@ impl Backend for IoUring {
     }
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+        // io_uring waits by itself; some kernels complete an accept on a non-blocking
+        // listener with EAGAIN instead of waiting, which would make the accept loop spin.
+        socket.set_nonblocking(false)?;
         Ok(TcpListener(tokio_uring::net::TcpListener::from_std(socket)))
     }
 }
@@ -77,7 +80,14 @@ pub fn probe() -> Result<(), String> {
             _ => {}
         }
     }
-    match io_uring::IoUring::new(8) {
+    // The same ring a worker creates (size and flags), so "the probe passed" means workers
+    // will start too (ENOMEM from the locked-memory limit shows up here, not later).
+    let ring = io_uring::IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .build(RING_ENTRIES)
+        .or_else(|_| io_uring::IoUring::new(RING_ENTRIES));
+    match ring {
         Ok(_) => Ok(()),
         Err(e) => Err(match e.raw_os_error() {
             Some(libc::ENOSYS) => "the kernel does not support io_uring (ENOSYS)".into(),

@@ -171,9 +171,17 @@ impl Service for Exec {
                 Frame::Closed => return Ok(()),
                 Frame::Command(line) => line,
                 Frame::TooLong => {
+                    reader.discard_buffered();
                     let text = refusals::TOO_LONG.as_bytes().to_vec();
                     send_framed(&mut conn, &mut reader, text).await?;
                     conn.record_request(outcome::REFUSED, Duration::ZERO);
+                    return conn.shutdown().await;
+                }
+                Frame::NotUtf8 if !authenticated => {
+                    // Not an `auth` line either: same answer as any other first command.
+                    let text = refusals::AUTH_REQUIRED.as_bytes().to_vec();
+                    send_framed(&mut conn, &mut reader, text).await?;
+                    conn.record_request(outcome::AUTH_FAILED, Duration::ZERO);
                     return conn.shutdown().await;
                 }
                 Frame::NotUtf8 => {
@@ -343,8 +351,11 @@ fn resolve_program(program: &str, path: Option<&str>) -> Result<PathBuf, String>
             "`{program}`: use an absolute path or a bare program name"
         ));
     } else {
+        // Only absolute PATH entries: a relative one would resolve against wharf's working
+        // directory here but the command's `cwd` at run time.
         path.unwrap_or("")
             .split(':')
+            .filter(|dir| dir.starts_with('/'))
             .map(|dir| Path::new(dir).join(program))
             .find(|p| is_executable(p))
     };

@@ -113,31 +113,65 @@ pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
         // SAFETY: setpriority on our own child's pid.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, job.nice) };
     }
-    let deadline = Instant::now() + job.timeout;
-
-    let pidfd = pidfd_open(pid);
     let mut out = Pipe::new(child.stdout.take());
     let mut err = Pipe::new(child.stderr.take());
+    let supervised = supervise(job, pid, &cancel, &mut out, &mut err);
+
+    // Whatever happened (even an error above), nothing of the group survives and the leader
+    // is reaped. The group is killed *before* the leader is reaped: while the leader is
+    // unreaped its pid, and so the group id, cannot be reused by an unrelated process.
+    // SAFETY: signalling our own child's process group (pgid == its pid).
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let status = child.wait()?;
+    let mut outcome = supervised?;
+    // Collect what is still buffered in the pipes (every writer in the group is dead now).
+    out.finish(&mut outcome.stdout, &mut outcome.cut)?;
+    err.finish(&mut outcome.stderr, &mut outcome.cut)?;
+    let stderr_room = job.max_output.saturating_sub(outcome.stdout.len());
+    if outcome.stderr.len() > stderr_room {
+        outcome.cut += (outcome.stderr.len() - stderr_room) as u64;
+        outcome.stderr.truncate(stderr_room);
+    }
+    if outcome.ending == Ending::Exited(0) {
+        outcome.ending = match (status.code(), status.signal()) {
+            (Some(code), _) => Ending::Exited(code),
+            (None, Some(sig)) => Ending::Signaled(sig),
+            (None, None) => Ending::Exited(-1),
+        };
+    }
+    Ok(outcome)
+}
+
+/// Drains output until the leader exits, the deadline passes or the job is cancelled; stops
+/// the group in the last two cases. Never reaps the leader (see [`run`]).
+fn supervise(
+    job: &Job,
+    pid: libc::pid_t,
+    cancel: &CancelSignal,
+    out: &mut Pipe<std::process::ChildStdout>,
+    err: &mut Pipe<std::process::ChildStderr>,
+) -> io::Result<Outcome> {
+    let deadline = Instant::now() + job.timeout;
+    let pidfd = pidfd_open(pid);
+    // Each pipe keeps up to `max_output`; the concatenation is cut to `max_output` at the end,
+    // so stdout keeps priority whatever order the bytes arrive in.
+    out.budget = job.max_output;
+    err.budget = job.max_output;
     let mut outcome = Outcome {
         stdout: Vec::new(),
         stderr: Vec::new(),
         cut: 0,
         ending: Ending::Exited(0),
     };
-    // Each pipe keeps up to `max_output`; the concatenation is cut to `max_output` at the end,
-    // so stdout keeps priority whatever order the bytes arrive in.
-    let (mut out_budget, mut err_budget) = (job.max_output, job.max_output);
-    let mut stop: Option<Ending> = None;
-    let mut exited = false;
-
-    // Phase 1: until the child exits (or must be stopped), drain both pipes.
-    while !exited && stop.is_none() {
+    loop {
         let now = Instant::now();
         if now >= deadline {
-            stop = Some(Ending::TimedOut);
+            outcome.ending = Ending::TimedOut;
             break;
         }
-        let wait_ms = (deadline - now).as_millis().clamp(1, 1000) as i32;
+        // Without a pidfd (old kernels, fd exhaustion) exit is polled every 10 ms.
+        let cap = if pidfd.is_some() { 1000 } else { 10 };
+        let wait_ms = (deadline - now).as_millis().clamp(1, cap) as i32;
         let mut fds = vec![poll_in(cancel.0.as_raw_fd())];
         if let Some(fd) = &pidfd {
             fds.push(poll_in(fd.as_raw_fd()));
@@ -152,68 +186,54 @@ pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
         });
         poll(&mut fds, wait_ms)?;
         if fds[0].revents != 0 {
-            stop = Some(Ending::Cancelled);
+            outcome.ending = Ending::Cancelled;
             break;
         }
         if out_at.is_some_and(|i| fds[i].revents != 0) {
-            out.drain(&mut outcome.stdout, &mut out_budget, &mut outcome.cut)?;
+            out.drain(&mut outcome.stdout, &mut outcome.cut)?;
         }
         if err_at.is_some_and(|i| fds[i].revents != 0) {
-            err.drain(&mut outcome.stderr, &mut err_budget, &mut outcome.cut)?;
+            err.drain(&mut outcome.stderr, &mut outcome.cut)?;
         }
-        // Without a pidfd (old kernels), exit is noticed when both pipes close or by polling.
-        exited = match &pidfd {
-            Some(_) if fds[1].revents == 0 => false,
-            _ => child.try_wait()?.is_some() || (out.fd().is_none() && err.fd().is_none()),
+        let exited = match &pidfd {
+            Some(_) => fds[1].revents != 0,
+            None => exited_unreaped(pid),
         };
+        if exited {
+            return Ok(outcome);
+        }
     }
-
-    // Phase 2: stop the child if needed, then make sure nothing of its group survives.
-    let stopped = stop.is_some();
-    if let Some(reason) = stop {
-        terminate_group(pid, &mut child)?;
-        outcome.ending = reason;
-    }
-    let status = child.wait()?;
-    // SAFETY: signalling our own child's process group (pgid == its pid).
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
-    // Collect what is still buffered in the pipes (bounded: every writer is dead now).
-    out.finish(&mut outcome.stdout, &mut out_budget, &mut outcome.cut)?;
-    err.finish(&mut outcome.stderr, &mut err_budget, &mut outcome.cut)?;
-    let stderr_room = job.max_output.saturating_sub(outcome.stdout.len());
-    if outcome.stderr.len() > stderr_room {
-        outcome.cut += (outcome.stderr.len() - stderr_room) as u64;
-        outcome.stderr.truncate(stderr_room);
-    }
-    if !stopped {
-        outcome.ending = match (status.code(), status.signal()) {
-            (Some(code), _) => Ending::Exited(code),
-            (None, Some(sig)) => Ending::Signaled(sig),
-            (None, None) => Ending::Exited(-1),
-        };
-    }
+    terminate_group(pid);
     Ok(outcome)
 }
 
-/// SIGTERM to the group, SIGKILL after [`KILL_GRACE`] if the leader is still alive.
-fn terminate_group(pid: libc::pid_t, child: &mut std::process::Child) -> io::Result<()> {
+/// SIGTERM to the group, SIGKILL after [`KILL_GRACE`] if the leader is still running.
+fn terminate_group(pid: libc::pid_t) {
     // SAFETY: signalling our own child's process group.
     unsafe { libc::kill(-pid, libc::SIGTERM) };
     let until = Instant::now() + KILL_GRACE;
-    while Instant::now() < until {
-        if child.try_wait()?.is_some() {
-            break;
-        }
+    while Instant::now() < until && !exited_unreaped(pid) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    // SAFETY: as above; harmless if the group is already gone.
+    // SAFETY: as above; the leader is not reaped yet, so the group id is still ours.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
-    Ok(())
+}
+
+/// Whether our child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
+fn exited_unreaped(pid: libc::pid_t) -> bool {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid only inspects our child.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
+    }
 }
 
 /// One output pipe: read while data flows, closed at end of stream.
 struct Pipe<R> {
     reader: Option<R>,
+    /// Bytes this pipe may still keep.
+    budget: usize,
 }
 
 impl<R: Read + AsRawFd> Pipe<R> {
@@ -221,20 +241,22 @@ impl<R: Read + AsRawFd> Pipe<R> {
         if let Some(r) = &reader {
             set_nonblocking(r.as_raw_fd());
         }
-        Pipe { reader }
+        Pipe { reader, budget: 0 }
     }
 
     fn fd(&self) -> Option<RawFd> {
         self.reader.as_ref().map(AsRawFd::as_raw_fd)
     }
 
-    /// Reads what is available now, keeping at most `budget` bytes.
-    fn drain(&mut self, into: &mut Vec<u8>, budget: &mut usize, cut: &mut u64) -> io::Result<()> {
+    /// Reads what is available now (at most 64 reads, so a writer that keeps refilling the
+    /// pipe cannot hold the loop past its deadline), keeping at most `budget` bytes.
+    fn drain(&mut self, into: &mut Vec<u8>, cut: &mut u64) -> io::Result<()> {
         let Some(reader) = &mut self.reader else {
             return Ok(());
         };
+        let budget = &mut self.budget;
         let mut chunk = [0u8; 64 * 1024];
-        loop {
+        for _ in 0..64 {
             match reader.read(&mut chunk) {
                 Ok(0) => {
                     self.reader = None;
@@ -251,11 +273,12 @@ impl<R: Read + AsRawFd> Pipe<R> {
                 Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 
-    /// Drains what is left after every writer has exited.
-    fn finish(&mut self, into: &mut Vec<u8>, budget: &mut usize, cut: &mut u64) -> io::Result<()> {
-        self.drain(into, budget, cut)?;
+    /// Drains what is left after the group was killed, then closes the pipe.
+    fn finish(&mut self, into: &mut Vec<u8>, cut: &mut u64) -> io::Result<()> {
+        self.drain(into, cut)?;
         self.reader = None;
         Ok(())
     }

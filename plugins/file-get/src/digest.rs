@@ -34,6 +34,19 @@ impl FileKey {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// Whether the file's content or status changed less than `window` ago (or in the future).
+    pub fn modified_within(&self, window: std::time::Duration) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let newest = self.mtime.max(self.ctime);
+        let newest = std::time::Duration::new(
+            newest.0.max(0) as u64,
+            newest.1.clamp(0, 999_999_999) as u32,
+        );
+        newest + window > now
+    }
 }
 
 /// A bounded map from file versions to their MD5, shared by all workers of a service.

@@ -46,6 +46,8 @@ const CHUNK: usize = 256 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 2;
 /// Most entries a listing shows.
 const MAX_LISTED: usize = 10_000;
+/// Files modified more recently than this are not cached (timestamps have coarse ticks).
+const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 /// What the digest slot carries when the file changed during the transfer.
 pub const CHANGED: &str = "ERR file changed";
 
@@ -71,7 +73,7 @@ impl Default for FileGetOptions {
 
 /// A file-get service.
 pub struct FileGet {
-    root: Root,
+    root: Arc<Root>,
     cache: Arc<DigestCache>,
     /// Whole-file digests computed so far (the cache's misses), for tests and diagnostics.
     hashed: AtomicU64,
@@ -90,7 +92,7 @@ impl FileGet {
     /// Serves `root` (an existing directory).
     pub fn new(root: &std::path::Path, cache_entries: usize) -> io::Result<Self> {
         Ok(FileGet {
-            root: Root::open(root)?,
+            root: Arc::new(Root::open(root)?),
             cache: Arc::new(DigestCache::new(cache_entries)),
             hashed: AtomicU64::new(0),
         })
@@ -159,6 +161,16 @@ impl Service for FileGet {
 }
 
 impl FileGet {
+    /// Resolves and opens a path on the blocking pool: lookups can wait on a disk or a
+    /// network filesystem, and a worker must not.
+    async fn open(&self, path: &str, want: Want) -> io::Result<Result<File, Denied>> {
+        let root = Arc::clone(&self.root);
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || root.open_beneath(&path, want))
+            .await
+            .map_err(io::Error::other)
+    }
+
     async fn get<C: Conn>(
         &self,
         conn: &mut C,
@@ -166,7 +178,7 @@ impl FileGet {
         path: &str,
         offset: &str,
     ) -> io::Result<Done> {
-        let file = match self.root.open_beneath(path, Want::File) {
+        let file = match self.open(path, Want::File).await? {
             Ok(file) => file,
             Err(denied) => return refuse(conn, &denied).await,
         };
@@ -200,7 +212,12 @@ impl FileGet {
             None => match send_hashing(conn, &file, key, offset).await? {
                 Hashed::Complete(digest) => {
                     self.hashed.fetch_add(1, Ordering::Relaxed);
-                    self.cache.insert(key, digest);
+                    // A file modified within the last seconds may change again within the same
+                    // timestamp tick, unseen by the key: such digests are not remembered (git's
+                    // "racy" rule).
+                    if !key.modified_within(RACY_WINDOW) {
+                        self.cache.insert(key, digest);
+                    }
                     Some(digest)
                 }
                 Hashed::Changed => None,
@@ -222,26 +239,24 @@ impl FileGet {
         reader: &mut CommandReader,
         dir: &str,
     ) -> io::Result<Done> {
-        let handle = match self.root.open_beneath(dir, Want::Directory) {
+        let handle = match self.open(dir, Want::Directory).await? {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
         // Directories can be huge: read them off the worker.
-        let entries = tokio::task::spawn_blocking(move || resolve::list(&handle))
-            .await
-            .map_err(io::Error::other)??;
+        let (entries, left_out) =
+            tokio::task::spawn_blocking(move || resolve::list(&handle, MAX_LISTED))
+                .await
+                .map_err(io::Error::other)??;
         let mut text = String::new();
-        for entry in entries.iter().take(MAX_LISTED) {
+        for entry in &entries {
             match entry {
                 Listed::File(name, size) => text.push_str(&format!("{size}\t{name}\n")),
                 Listed::Dir(name) => text.push_str(&format!("-\t{name}/\n")),
             }
         }
-        if entries.len() > MAX_LISTED {
-            text.push_str(&format!(
-                "[{} more entries not shown]\n",
-                entries.len() - MAX_LISTED
-            ));
+        if left_out > 0 {
+            text.push_str(&format!("[{left_out} more entries not shown]\n"));
         }
         if !send_framed(conn, reader, text.into_bytes()).await? {
             return Ok(Done::Close);

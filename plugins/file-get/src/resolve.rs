@@ -119,13 +119,17 @@ impl Root {
             (Want::Directory, libc::S_IFREG) => return Err(Denied::NotDirectory),
             _ => return Err(Denied::NotRegular),
         }
-        // Now open it for reading; O_NONBLOCK so that, should the path have been swapped for
-        // a FIFO in between, opening cannot hang; the identity check below catches the swap.
-        let mut flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        // Now open that very inode for reading, through /proc/self/fd (no second lookup, so
+        // no swap race). Without /proc, resolve the path again: O_NONBLOCK keeps a swapped-in
+        // FIFO from hanging the open, and the identity check below rejects the swap.
+        let mut flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
         if want == Want::Directory {
             flags |= libc::O_DIRECTORY;
         }
-        let fd = self.resolve(&path, flags)?;
+        let fd = match reopen(&handle, flags) {
+            Ok(fd) => fd,
+            Err(_) => self.resolve(&path, flags)?,
+        };
         let again = fstat(fd.as_raw_fd()).map_err(|e| Denied::Io(e.to_string()))?;
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
             return Err(Denied::Io("the file changed while opening".into()));
@@ -144,6 +148,19 @@ impl Root {
             other => other.map_err(Denied::from_os),
         }
     }
+}
+
+/// Opens the inode an `O_PATH` descriptor refers to, via its /proc/self/fd magic link.
+fn reopen(handle: &OwnedFd, flags: i32) -> io::Result<OwnedFd> {
+    let link =
+        CString::new(format!("/proc/self/fd/{}", handle.as_raw_fd())).map_err(io::Error::other)?;
+    // SAFETY: a valid C string; the returned descriptor is new and ours.
+    let fd = unsafe { libc::open(link.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// String-level checks, for clear errors before the kernel's own.
@@ -262,9 +279,19 @@ pub enum Listed {
     Dir(String),
 }
 
+impl Listed {
+    fn name(&self) -> &str {
+        match self {
+            Listed::File(n, _) | Listed::Dir(n) => n,
+        }
+    }
+}
+
 /// Lists regular files and directories of an open directory (symlinks and special files are
-/// left out: following them could leave the root), sorted by name.
-pub fn list(dir: &File) -> io::Result<Vec<Listed>> {
+/// left out: following them could leave the root; so are names with control characters, which
+/// could forge lines of the listing), sorted by name. At most `cap` entries are kept; the
+/// second value counts those left out.
+pub fn list(dir: &File, cap: usize) -> io::Result<(Vec<Listed>, usize)> {
     // fdopendir takes ownership of the descriptor it is given: give it a duplicate.
     let dup = dir.try_clone()?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(dup);
@@ -277,6 +304,7 @@ pub fn list(dir: &File) -> io::Result<Vec<Listed>> {
         return Err(e);
     }
     let mut out = Vec::new();
+    let mut left_out = 0usize;
     loop {
         // SAFETY: `stream` is a valid DIR* until closedir below.
         let entry = unsafe { libc::readdir64(stream) };
@@ -286,7 +314,7 @@ pub fn list(dir: &File) -> io::Result<Vec<Listed>> {
         // SAFETY: readdir returned a valid entry with a NUL-terminated name.
         let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
         let bytes = name.to_bytes();
-        if bytes == b"." || bytes == b".." {
+        if bytes == b"." || bytes == b".." || bytes.iter().any(u8::is_ascii_control) {
             continue;
         }
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -302,20 +330,23 @@ pub fn list(dir: &File) -> io::Result<Vec<Listed>> {
         if !ok {
             continue;
         }
-        let name = String::from_utf8_lossy(bytes).into_owned();
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => out.push(Listed::File(name, st.st_size as u64)),
-            libc::S_IFDIR => out.push(Listed::Dir(name)),
-            _ => {}
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            continue;
         }
+        if out.len() >= cap {
+            left_out += 1;
+            continue;
+        }
+        let name = String::from_utf8_lossy(bytes).into_owned();
+        out.push(if kind == libc::S_IFREG {
+            Listed::File(name, st.st_size as u64)
+        } else {
+            Listed::Dir(name)
+        });
     }
     // SAFETY: closes the stream and the descriptor it owns.
     unsafe { libc::closedir(stream) };
-    out.sort_by(|a, b| {
-        let key = |l: &Listed| match l {
-            Listed::File(n, _) | Listed::Dir(n) => n.clone(),
-        };
-        key(a).cmp(&key(b))
-    });
-    Ok(out)
+    out.sort_by(|a, b| a.name().cmp(b.name()));
+    Ok((out, left_out))
 }

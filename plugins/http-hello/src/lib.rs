@@ -213,10 +213,14 @@ impl Service for HttpHello {
         };
         loop {
             // Read, bounded by the header timeout while a head is incomplete.
-            let read = conn.read(input);
+            let between_requests =
+                session.body.is_none() && session.head_started.is_none() && input.is_empty();
             let (res, buf) = match session.head_started {
-                None => read.await,
+                // Between requests a shutdown may close the connection (keep-alive drain).
+                None if between_requests => conn.read_idle(input).await,
+                None => conn.read(input).await,
                 Some(started) => {
+                    let read = conn.read(input);
                     match tokio::time::timeout_at(started + self.header_timeout, read).await {
                         Ok(done) => done,
                         Err(_) => {
@@ -225,7 +229,8 @@ impl Service for HttpHello {
                             let (res, _) = conn.write_all(out).await;
                             conn.record_request(CLIENT_ERROR, self.header_timeout);
                             res?;
-                            return conn.shutdown().await;
+                            conn.shutdown().await?;
+                            return linger(&mut conn).await;
                         }
                     }
                 }

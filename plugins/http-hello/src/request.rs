@@ -107,6 +107,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
             chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if name.eq_ignore_ascii_case("host") {
+            if has_host {
+                return Err(Status::BadRequest); // RFC 9112 §3.2: exactly one Host
+            }
             has_host = true;
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
@@ -195,6 +198,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         ] {
             assert_eq!(head(bad), Err(Status::BadRequest), "{bad:?}");
         }
