@@ -24,6 +24,16 @@ fn exec_config(dir: &TempDir, token: Option<&str>) -> String {
     )
 }
 
+/// The labels of one `wharf_requests_total` series of the exec service.
+fn outcome<'a>(backend: &'a str, outcome: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("service", "exec"),
+        ("plugin", "exec"),
+        ("backend", backend),
+        ("outcome", outcome),
+    ]
+}
+
 /// The tutorial's client, as written there: send, recv the size, send an ack, recv until size.
 const TUTORIAL_EXEC_CLIENT: &str = r#"
 import socket, sys
@@ -77,17 +87,13 @@ fn tutorial_python_client_runs_commands_unmodified() {
             0,
             "a file was created"
         );
-        let l = |o| {
-            vec![
-                ("service", "exec"),
-                ("plugin", "exec"),
-                ("backend", backend),
-                ("outcome", o),
-            ]
-        };
-        server.wait_metric("wharf_requests_total", &l("ok"), 4.0);
-        server.wait_metric("wharf_requests_total", &l("nonzero_exit"), 1.0);
-        server.wait_metric("wharf_requests_total", &l("refused"), 1.0);
+        server.wait_metric("wharf_requests_total", &outcome(backend, "ok"), 4.0);
+        server.wait_metric(
+            "wharf_requests_total",
+            &outcome(backend, "nonzero_exit"),
+            1.0,
+        );
+        server.wait_metric("wharf_requests_total", &outcome(backend, "refused"), 1.0);
     }
 }
 
@@ -140,15 +146,11 @@ fn wharf_client_exec_exit_statuses_and_auth() {
         let out = child.wait_with_output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
         assert!(out.status.success());
-        let l = |o| {
-            vec![
-                ("service", "exec"),
-                ("plugin", "exec"),
-                ("backend", backend),
-                ("outcome", o),
-            ]
-        };
-        server.wait_metric("wharf_requests_total", &l("auth_failed"), 2.0);
+        server.wait_metric(
+            "wharf_requests_total",
+            &outcome(backend, "auth_failed"),
+            2.0,
+        );
     }
 }
 

@@ -96,6 +96,12 @@ async fn get(client: &Client, command: &str) -> Got {
     }
 }
 
+/// Serves one connection with a service the test keeps a handle on (to look at its cache).
+fn serve_shared(svc: &Arc<FileGet>, conn: testing::MemConn) -> testing::JoinHandle<io::Result<()>> {
+    let svc = Arc::clone(svc);
+    tokio::task::spawn_local(async move { svc.serve(conn).await })
+}
+
 fn md5_hex(data: &[u8]) -> String {
     hex(&Md5::digest(data).into())
 }
@@ -198,10 +204,7 @@ fn resume_at_start_middle_and_end_with_whole_file_digests() {
     testing::block_on(async {
         let (conn, client) = testing::pipe();
         let svc = Arc::new(tree.service());
-        let server = {
-            let svc = Arc::clone(&svc);
-            tokio::task::spawn_local(async move { svc.serve(conn).await })
-        };
+        let server = serve_shared(&svc, conn);
         // Cold (hashing while sending) at a middle offset, then cached at 0 and at the end.
         for offset in [123_457usize, 0, whole.len(), 1] {
             let got = get(&client, &format!("get sub/b.bin {offset}")).await;
@@ -247,10 +250,7 @@ fn cache_is_invalidated_by_any_change() {
     testing::block_on(async {
         let (conn, client) = testing::pipe();
         let svc = Arc::new(tree.service());
-        let server = {
-            let svc = Arc::clone(&svc);
-            tokio::task::spawn_local(async move { svc.serve(conn).await })
-        };
+        let server = serve_shared(&svc, conn);
         let first = get(&client, "get a.txt").await;
         assert_eq!(
             first,
@@ -293,7 +293,7 @@ fn cache_is_invalidated_by_any_change() {
 /// Starts a download of `name`, reads a little, changes the file, reads the rest.
 async fn change_mid_transfer(svc: Arc<FileGet>, root: &Path, name: &str) -> (usize, String) {
     let (conn, client) = testing::pipe_with_capacity(16 * 1024);
-    let server = tokio::task::spawn_local(async move { svc.serve(conn).await });
+    let server = serve_shared(&svc, conn);
     client
         .write_all(format!("get {name}\n").as_bytes())
         .await
@@ -331,10 +331,7 @@ fn a_file_changed_mid_transfer_gets_err_file_changed() {
         assert_eq!((n, trailer.as_str()), (big.len(), CHANGED));
         // Cached digest: download big2 once, then change it mid-transfer.
         let (conn, client) = testing::pipe_with_capacity(8 * 1024 * 1024);
-        let server = {
-            let svc = Arc::clone(&svc);
-            tokio::task::spawn_local(async move { svc.serve(conn).await })
-        };
+        let server = serve_shared(&svc, conn);
         assert!(matches!(
             get(&client, "get big2.bin").await,
             Got::File { .. }
