@@ -42,6 +42,7 @@ impl CommandClient {
     /// Sends one command line and reads the size reply.
     pub fn send(&mut self, command: &str) -> io::Result<Reply> {
         self.stream.write_all(format!("{command}\n").as_bytes())?;
+        let mut reply = Vec::with_capacity(64);
         let mut buf = [0u8; 1024];
         let n = self.stream.read(&mut buf)?;
         if n == 0 {
@@ -50,7 +51,29 @@ impl CommandClient {
                 "server closed the connection",
             ));
         }
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        reply.extend_from_slice(&buf[..n]);
+        if reply.starts_with(b"ERR") {
+            // An error line ends with a newline: read it whole.
+            while !reply.ends_with(b"\n") && reply.len() < 4096 {
+                let n = self.stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                reply.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            // A size has no terminator and the server then waits for us: take whatever else
+            // has already arrived (a size split over two segments), without waiting.
+            self.stream.set_nonblocking(true)?;
+            while let Ok(n) = self.stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                reply.extend_from_slice(&buf[..n]);
+            }
+            self.stream.set_nonblocking(false)?;
+        }
+        let text = String::from_utf8_lossy(&reply).trim_end().to_string();
         Ok(match text.parse::<u64>() {
             Ok(size) if text.bytes().all(|b| b.is_ascii_digit()) => Reply::Size(size),
             _ => Reply::Other(text),
