@@ -129,6 +129,16 @@ impl Server {
     }
 
     pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        Self::start_custom(config, args, env, |_| {})
+    }
+
+    /// Like [`Server::start_with`], with a last chance to adjust the command (limits...).
+    pub fn start_custom(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Server, String> {
         let dir = TempDir::new();
         let path = dir.write("wharf.toml", config);
         let mut cmd = Command::new(WHARF);
@@ -137,6 +147,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

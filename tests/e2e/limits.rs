@@ -120,3 +120,59 @@ fn ipv6_loopback_services_work_and_match_v6_rules() {
         assert!(is_served(&mut s));
     }
 }
+
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    use std::os::unix::process::CommandExt;
+    for backend in backends() {
+        let config =
+            "[server]\nworkers = 1\n[services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+                      [services.echo.options]\ntransform = \"upper\"\n";
+        let server = Server::start_custom(config, &["--backend", backend], &[], |cmd| {
+            // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let limit = libc::rlimit {
+                        rlim_cur: 64,
+                        rlim_max: 64,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        })
+        .unwrap();
+        let addr = server.addr("echo");
+        // Far more connections than the server has descriptors: the kernel completes the
+        // handshakes, the server's accepts fail with EMFILE.
+        let mut flood: Vec<_> = (0..120)
+            .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.log().contains("accept failed; backing off") {
+            assert!(
+                Instant::now() < deadline,
+                "no EMFILE seen:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        flood.clear();
+        // Once descriptors are free again, service resumes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = connect(addr);
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            if is_served(&mut s) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: never recovered from EMFILE"
+            );
+        }
+    }
+}
