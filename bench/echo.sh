@@ -10,6 +10,7 @@
 # server's CPU time per round trip. Raw JSON lines go to bench-results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 rounds=${1:-5}
 duration=${2:-5}
 shift 2 2>/dev/null || true
@@ -42,11 +43,7 @@ start_server() {
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
   esac
   server_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return
-    sleep 0.05
-  done
-  echo "server $1 did not start" >&2; exit 1
+  wait_for_port "$port" || exit 1
 }
 
 ulimit -n 65536 2>/dev/null || true
@@ -56,7 +53,7 @@ for round in $(seq "$rounds"); do
       start_server "$server"
       taskset -c 1 "$bin/echo-load" "127.0.0.1:$port" --connections "$c" --size 128 \
         --duration "$duration" --server-pid "$server_pid" --label "$server" | tee -a "$out"
-      kill -TERM "$server_pid"; wait "$server_pid" 2>/dev/null || true
+      stop_server "$server_pid"
     done
   done
   echo "round $round done" >&2

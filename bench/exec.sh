@@ -8,6 +8,7 @@
 #   bash bench/exec.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 cargo build --release -q -p wharf -p wharf-bench
 cfg=$(mktemp)
 trap 'rm -f "$cfg"; kill $(jobs -p) 2>/dev/null || true' EXIT
@@ -30,11 +31,11 @@ TOML
   for backend in epoll io_uring; do
     WHARF_LOG=warn target/release/wharf serve --config "$cfg" --backend "$backend" &
     pid=$!
-    sleep 0.5
+    wait_for_port 18000
     if [ "$busy" = 1 ]; then
       echo "backend=$backend $(target/release/exec-bench roundtrip 127.0.0.1:18000)"
     fi
     echo "backend=$backend busy=sleep-$busy $(target/release/exec-bench stall 127.0.0.1:18000 127.0.0.1:18001)"
-    kill -TERM $pid; wait $pid || true
+    stop_server "$pid"
   done
 done

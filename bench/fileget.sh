@@ -9,6 +9,7 @@
 #   bash bench/fileget.sh [ROUNDS]          (needs nginx-light; root, for the tmpfs mount)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 rounds=${1:-3}
 cargo build --release -q -p wharf -p wharf-bench
 work=$(mktemp -d)
@@ -47,9 +48,9 @@ TOML
 start_wharf() {
   WHARF_LOG=warn "$bin/wharf" serve --config "$work/wharf.toml" --backend "$1" &
   wharf_pid=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18099) 2>/dev/null && return; sleep 0.05; done
+  wait_for_port 18099
 }
-stop_wharf() { kill -TERM "$wharf_pid"; wait "$wharf_pid" 2>/dev/null || true; }
+stop_wharf() { stop_server "$wharf_pid"; }
 mbps() { python3 -c "print(round(1073741824 / $1 / 1e6))"; }
 timed() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); python3 -c "print($t1 - $t0)"; }
 

@@ -8,6 +8,7 @@
 # Needs: wrk, nginx-light (apt-get install wrk nginx-light).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 rounds=${1:-3}
 duration=${2:-10}
 command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "needs wrk and nginx-light" >&2; exit 1; }
@@ -52,11 +53,7 @@ start_server() {
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 target/release/wharf serve --config "$work/wharf.toml" --backend io_uring & ;;
   esac
   server_pid=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && return
-    sleep 0.05
-  done
-  echo "$1 did not start" >&2; exit 1
+  wait_for_port "$port" || exit 1
 }
 
 cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
@@ -72,7 +69,7 @@ for round in $(seq "$rounds"); do
       before=0; for p in $pids; do before=$(echo "$before + $(cpu_seconds "$p")" | bc); done
       result=$(taskset -c 1 wrk -t1 -c64 -d"${duration}s" --latency "${script[@]}" "http://127.0.0.1:$port/")
       after=0; for p in $pids; do after=$(echo "$after + $(cpu_seconds "$p")" | bc); done
-      kill -TERM "$server_pid"; wait "$server_pid" 2>/dev/null || true
+      stop_server "$server_pid"
       python3 - "$server" "$mode" "$before" "$after" "$result" >>"$out" <<'PY'
 import json, re, sys
 server, mode, before, after, text = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]

@@ -7,6 +7,7 @@
 #   bash bench/metrics.sh [ROUNDS] [DURATION_S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 rounds=${1:-5}
 duration=${2:-5}
 cargo build --release -q -p wharf -p wharf-bench
@@ -28,9 +29,9 @@ write_config "$work/off.toml" off
 start() { # $1 = config, $2 = backend
   WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$1" --backend "$2" &
   pid=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/19001) 2>/dev/null && return; sleep 0.05; done
+  wait_for_port 19001
 }
-stop() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; }
+stop() { stop_server "$pid"; }
 
 for backend in epoll io_uring; do
   for round in $(seq "$rounds"); do
@@ -61,7 +62,7 @@ for backend in epoll io_uring; do
   sleep 1
   times=$(for _ in $(seq 100); do curl -s -o /dev/null -w '%{time_total}\n' http://127.0.0.1:19898/metrics; sleep 0.05; done)
   wait "$load"
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  stop_server "$pid"
   echo "$times" | python3 -c "
 import sys, statistics
 t = sorted(float(x) * 1000 for x in sys.stdin if x.strip())

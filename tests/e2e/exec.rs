@@ -130,20 +130,10 @@ fn wharf_client_exec_exit_statuses_and_auth() {
         assert_eq!((code, out.as_str()), (126, "auth required\n"));
 
         // Interactive mode: one command per stdin line.
-        let mut child = Command::new(WHARF)
-            .args(["client", "exec", &addr, "--token", "s3cret"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"echo one\n\necho two\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = run_with_stdin(
+            Command::new(WHARF).args(["client", "exec", &addr, "--token", "s3cret"]),
+            b"echo one\n\necho two\n",
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
         assert!(out.status.success());
         server.wait_metric(

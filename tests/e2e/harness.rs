@@ -61,6 +61,18 @@ pub fn python_client(script: &str, addr: SocketAddr, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs `cmd` with `input` on its stdin and returns its output.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Deterministic pseudo-random bytes (a small xorshift; no extra crate).
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

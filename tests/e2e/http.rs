@@ -92,19 +92,8 @@ fn request_bodies_are_discarded_up_to_max_body() {
             if chunked {
                 cmd.args(["-H", "Transfer-Encoding: chunked"]);
             }
-            let mut child = cmd
-                .arg(&url)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(&vec![b'x'; size])
-                .unwrap();
-            String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+            let out = run_with_stdin(cmd.arg(&url), &vec![b'x'; size]);
+            String::from_utf8(out.stdout).unwrap()
         };
         assert_eq!(post(4000, false), "200");
         assert_eq!(post(4000, true), "200");
