@@ -243,11 +243,6 @@ impl ServiceGate {
             }
         }
     }
-
-    /// Connections open now across all workers.
-    pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
 }
 
 /// Proof of admission: while it lives, its connection counts as open.

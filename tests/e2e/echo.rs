@@ -1,32 +1,9 @@
 //! The echo service over real sockets on both backends, with exact byte accounting.
 
-use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::io::Write;
 use std::time::Duration;
 
 use crate::harness::*;
-
-/// Sends `data` in uneven chunks while a second thread reads the echo; returns what came back.
-fn echo_roundtrip(addr: std::net::SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
-    let mut stream = connect(addr);
-    let mut reader = stream.try_clone().unwrap();
-    let expected = data.len();
-    let read = std::thread::spawn(move || {
-        let mut out = Vec::with_capacity(expected);
-        reader.read_to_end(&mut out).unwrap();
-        out
-    });
-    let mut rest = data;
-    let mut step = seed as usize;
-    while !rest.is_empty() {
-        step = (step * 7 + 13) % 9000 + 1;
-        let n = step.min(rest.len());
-        stream.write_all(&rest[..n]).unwrap();
-        rest = &rest[n..];
-    }
-    stream.shutdown(Shutdown::Write).unwrap();
-    read.join().unwrap()
-}
 
 #[test]
 fn echo_uppercases_and_metrics_count_every_byte() {

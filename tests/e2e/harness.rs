@@ -36,11 +36,43 @@ fn io_uring_available() -> Result<(), String> {
     Server::start_with(&echo_config(""), &["--backend", "io_uring"], &[]).map(drop)
 }
 
+/// Whether `tool` runs (`tool version_arg`); if not, the test skips (or fails under CI).
+pub fn have_tool(tool: &str, version_arg: &str) -> bool {
+    let ok = Command::new(tool).arg(version_arg).output().is_ok();
+    if !ok {
+        skip_or_fail(&format!(
+            "{tool} not found (its Debian package: see .ci/run)"
+        ));
+    }
+    ok
+}
+
+/// Sends `data` in uneven chunks while a second thread reads the echo; returns what came back.
+pub fn echo_roundtrip(addr: std::net::SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
+    let mut stream = connect(addr);
+    let mut reader = stream.try_clone().unwrap();
+    let expected = data.len();
+    let read = std::thread::spawn(move || {
+        let mut out = Vec::with_capacity(expected);
+        reader.read_to_end(&mut out).unwrap();
+        out
+    });
+    let mut rest = data;
+    let mut step = seed as usize;
+    while !rest.is_empty() {
+        step = (step * 7 + 13) % 9000 + 1;
+        let n = step.min(rest.len());
+        stream.write_all(&rest[..n]).unwrap();
+        rest = &rest[n..];
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    read.join().unwrap()
+}
+
 /// Runs a Python client script (`python3 -c script HOST PORT args...`) against `addr`;
 /// returns its stdout, failing the test with its stderr if it fails.
 pub fn python_client(script: &str, addr: SocketAddr, args: &[&str]) -> String {
-    if Command::new("python3").arg("--version").output().is_err() {
-        skip_or_fail("python3 not found");
+    if !have_tool("python3", "--version") {
         return String::new();
     }
     let out = Command::new("python3")

@@ -15,14 +15,6 @@ fn http_config(options: &str) -> String {
     )
 }
 
-fn have(tool: &str, version_arg: &str) -> bool {
-    let ok = Command::new(tool).arg(version_arg).output().is_ok();
-    if !ok {
-        skip_or_fail(&format!("{tool} not found (Debian package: see .ci/run)"));
-    }
-    ok
-}
-
 fn labels<'a>(backend: &'a str, outcome: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("service", "web"),
@@ -34,7 +26,7 @@ fn labels<'a>(backend: &'a str, outcome: &'a str) -> Vec<(&'a str, &'a str)> {
 
 #[test]
 fn curl_reuses_keep_alive_connections_and_sees_every_header() {
-    if !have("curl", "--version") {
+    if !have_tool("curl", "--version") {
         return;
     }
     for backend in backends() {
@@ -72,7 +64,7 @@ fn curl_reuses_keep_alive_connections_and_sees_every_header() {
 
 #[test]
 fn request_bodies_are_discarded_up_to_max_body() {
-    if !have("curl", "--version") {
+    if !have_tool("curl", "--version") {
         return;
     }
     for backend in backends() {
@@ -138,7 +130,7 @@ fn python_http_client_keeps_one_connection() {
 
 #[test]
 fn ab_keep_alive_completes_without_failures() {
-    if !have("ab", "-V") {
+    if !have_tool("ab", "-V") {
         return;
     }
     for backend in backends() {

@@ -8,16 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().is_ok();
-    if !ok {
-        skip_or_fail(&format!(
-            "{tool} not found (Debian package prometheus; see .ci/run)"
-        ));
-    }
-    ok
-}
-
 /// echo and file-get on free ports, metrics on.
 fn config(root: &std::path::Path, extra: &str) -> String {
     format!(
@@ -31,21 +21,14 @@ fn config(root: &std::path::Path, extra: &str) -> String {
     )
 }
 
+/// Echoes `n` bytes through `addr` and checks they all came back.
 fn echo_bytes(addr: SocketAddr, n: usize) {
-    let mut s = connect(addr);
-    let data = vec![b'q'; n];
-    let mut reader = s.try_clone().unwrap();
-    let t = std::thread::spawn(move || {
-        let mut back = vec![0u8; n];
-        reader.read_exact(&mut back).unwrap();
-    });
-    s.write_all(&data).unwrap();
-    t.join().unwrap();
+    assert_eq!(echo_roundtrip(addr, &vec![b'q'; n], 1).len(), n);
 }
 
 #[test]
 fn promtool_accepts_a_live_scrape() {
-    if !have("promtool") {
+    if !have_tool("promtool", "--version") {
         return;
     }
     for backend in backends() {
@@ -180,7 +163,7 @@ fn encode(s: &str) -> String {
 
 #[test]
 fn a_real_prometheus_sees_exact_byte_counts_and_live_throughput() {
-    if !have("prometheus") {
+    if !have_tool("prometheus", "--version") {
         return;
     }
     let dir = TempDir::new();
