@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `plugins`.
+//! The command line: `serve`, `check`, `plugins`, `bench`, `client`.
 //!
 //! Every failure a user can cause (bad config, busy port, refused io_uring) ends here as one
 //! line per problem on stderr and a non-zero exit: 2 for configuration errors, 1 for runtime
@@ -45,6 +45,11 @@ enum Command {
     },
     /// List the compiled-in plugins and their options.
     Plugins,
+    /// Load-test a service, or compare the backends on one (`wharf bench swap`).
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
     /// Talk to a running service.
     Client {
         #[command(subcommand)]
@@ -145,6 +150,7 @@ pub fn main(registry: Registry) -> i32 {
             print_plugins(&registry);
             0
         }
+        Command::Bench { command } => crate::bench::main(command),
         Command::Client { command } => match command {
             ClientCommand::Exec {
                 addr,

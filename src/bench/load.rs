@@ -1,0 +1,437 @@
+//! The load engine: connections spread over client threads, each thread a current-thread tokio
+//! runtime, each connection a task that sends a request (or `--pipeline` requests back to
+//! back) and reads the answers through the protocol's [`Exchange`].
+//!
+//! Closed loop by default: a connection sends its next request when the previous answer is in.
+//! With a target rate it is open loop, the way wrk2 does it: every request has an *intended*
+//! send time on a fixed schedule, and its latency is measured from that time, not from when the
+//! connection got round to sending it. A server that stalls for a second therefore shows a
+//! second of latency on every request that was due meanwhile, instead of hiding it
+//! (coordinated omission).
+//!
+//! Only what completes inside the measurement window counts; the warm-up before it lets
+//! connections open and caches fill. At the end of the window the tasks are dropped mid-flight,
+//! and requests still waiting for an answer are reported as "in flight", so a stuck server is
+//! visible rather than silently absent.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::procstat::{self, CpuClock};
+use super::protocol::{Step, Workload, ACK};
+
+/// How long a request must have waited at the end of the run to count as stalled.
+pub const STALLED_AFTER: Duration = Duration::from_secs(1);
+/// Distinct error descriptions kept; more are counted under [`OTHER_ERRORS`].
+const MAX_ERROR_KINDS: usize = 32;
+const OTHER_ERRORS: &str = "other errors";
+/// Read buffer per connection.
+const READ_BUFFER: usize = 64 * 1024;
+/// Pause before reconnecting after a failure, doubled per consecutive failure up to the max.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// One load run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub addr: SocketAddr,
+    pub workload: Arc<Workload>,
+    pub connections: usize,
+    /// Client threads (each with its own runtime); connections are spread evenly.
+    pub threads: usize,
+    /// CPUs the client threads are pinned to, round robin (empty: not pinned).
+    pub client_cpus: Vec<usize>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Requests sent back to back per connection before reading the answers.
+    pub pipeline: usize,
+    /// Open loop at this many requests per second in total; `None` = closed loop.
+    pub rate: Option<f64>,
+    /// Processes whose CPU time is measured over the window (the local server).
+    pub server_pids: Vec<u32>,
+}
+
+/// What one run measured.
+pub struct LoadResult {
+    /// Requests answered inside the window (errors included).
+    pub requests: u64,
+    /// Latency of every answered request, in nanoseconds.
+    pub latency_ns: Histogram<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Error description -> count, inside the window.
+    pub errors: BTreeMap<String, u64>,
+    /// Requests still unanswered at the end of the window, sent more than [`STALLED_AFTER`]
+    /// before it (a closed loop always ends with one request per connection in flight; only
+    /// old ones say the server stalled).
+    pub stalled: u64,
+    /// Length of the measurement window.
+    pub elapsed: Duration,
+    /// The server's CPU time over the window, when its processes are known.
+    pub server_cpu: Option<Duration>,
+    /// This process's CPU time over the window (is the client the bottleneck?).
+    pub client_cpu: Duration,
+}
+
+impl LoadResult {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn empty() -> LoadResult {
+        LoadResult {
+            requests: 0,
+            latency_ns: new_histogram(),
+            bytes_in: 0,
+            bytes_out: 0,
+            errors: BTreeMap::new(),
+            stalled: 0,
+            elapsed: Duration::ZERO,
+            server_cpu: None,
+            client_cpu: Duration::ZERO,
+        }
+    }
+
+    fn merge(&mut self, other: LoadResult) {
+        self.requests += other.requests;
+        // Both histograms auto-resize, so adding cannot fail.
+        let _ = self.latency_ns.add(&other.latency_ns);
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.stalled += other.stalled;
+        for (kind, n) in other.errors {
+            add_error(&mut self.errors, kind, n);
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 3 significant digits, auto-resizing: any latency fits.
+    Histogram::new(3).expect("3 significant digits is a valid histogram precision")
+}
+
+fn add_error(errors: &mut BTreeMap<String, u64>, kind: String, n: u64) {
+    if errors.len() >= MAX_ERROR_KINDS && !errors.contains_key(&kind) {
+        *errors.entry(OTHER_ERRORS.to_string()).or_default() += n;
+    } else {
+        *errors.entry(kind).or_default() += n;
+    }
+}
+
+/// The measurement window, shared by every thread.
+#[derive(Clone, Copy)]
+struct Window {
+    begin: Instant,
+    from: Instant,
+    to: Instant,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        t >= self.from && t < self.to
+    }
+}
+
+/// Runs the load and returns what was measured. Never panics on anything the server does.
+pub fn run(spec: &LoadSpec) -> LoadResult {
+    let begin = Instant::now();
+    let window = Window {
+        begin,
+        from: begin + spec.warmup,
+        to: begin + spec.warmup + spec.duration,
+    };
+    let threads = spec.threads.clamp(1, spec.connections.max(1));
+    let mut result = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                // Connections t, t + threads, t + 2 * threads... run on thread t.
+                let ids: Vec<usize> = (t..spec.connections).step_by(threads).collect();
+                let cpu = (!spec.client_cpus.is_empty())
+                    .then(|| spec.client_cpus[t % spec.client_cpus.len()]);
+                scope.spawn(move || client_thread(spec, window, ids, cpu))
+            })
+            .collect();
+        let clock = CpuClock::new(&spec.server_pids);
+        sleep_until(window.from);
+        let (server0, client0) = (clock.server(), procstat::own_cpu());
+        sleep_until(window.to);
+        let (server1, client1) = (clock.server(), procstat::own_cpu());
+        let mut total = LoadResult::empty();
+        for h in handles {
+            match h.join() {
+                Ok(r) => total.merge(r),
+                Err(_) => add_error(&mut total.errors, "client thread panicked".into(), 1),
+            }
+        }
+        total.server_cpu = server0.zip(server1).map(|(a, b)| b.saturating_sub(a));
+        total.client_cpu = client1.saturating_sub(client0);
+        total
+    });
+    result.elapsed = spec.duration;
+    result
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+/// Per-thread tallies, shared by the thread's connection tasks.
+struct Tally {
+    result: LoadResult,
+    window: Window,
+    /// Per connection of the thread: when its oldest unanswered request was sent, and how
+    /// many are unanswered.
+    waiting: Vec<Option<(Instant, u64)>>,
+}
+
+impl Tally {
+    fn error(&mut self, kind: String) {
+        if self.window.contains(Instant::now()) {
+            add_error(&mut self.result.errors, kind, 1);
+        }
+    }
+}
+
+fn client_thread(
+    spec: &LoadSpec,
+    window: Window,
+    ids: Vec<usize>,
+    cpu: Option<usize>,
+) -> LoadResult {
+    if let Some(cpu) = cpu {
+        procstat::pin_current_thread(cpu);
+    }
+    let tally = Rc::new(RefCell::new(Tally {
+        result: LoadResult::empty(),
+        window,
+        waiting: vec![None; ids.len()],
+    }));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let mut r = LoadResult::empty();
+            add_error(&mut r.errors, format!("client runtime: {e}"), 1);
+            return r;
+        }
+    };
+    let spec = Rc::new(spec.clone());
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        for (slot, id) in ids.into_iter().enumerate() {
+            let conn = Connection {
+                slot,
+                schedule: spec.rate.map(|rate| Schedule::new(rate, &spec, id, window)),
+                spec: spec.clone(),
+                window,
+                tally: tally.clone(),
+            };
+            tokio::task::spawn_local(conn.run());
+        }
+        tokio::time::sleep_until(window.to.into()).await;
+    });
+    // Dropping the tasks mid-flight is the end of the run.
+    drop(local);
+    let mut tally = tally.borrow_mut();
+    let stalled_before = window.to - STALLED_AFTER;
+    tally.result.stalled = tally
+        .waiting
+        .iter()
+        .flatten()
+        .filter(|(since, _)| *since < stalled_before)
+        .map(|(_, n)| n)
+        .sum();
+    std::mem::replace(&mut tally.result, LoadResult::empty())
+}
+
+/// Open-loop send times of one connection.
+struct Schedule {
+    next: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    fn new(rate: f64, spec: &LoadSpec, id: usize, window: Window) -> Schedule {
+        // Each connection sends `rate / connections` requests per second; connections are
+        // staggered across one interval so the total rate is smooth.
+        let interval = Duration::from_secs_f64(spec.connections as f64 / rate.max(1e-9));
+        let offset = interval.mul_f64(id as f64 / spec.connections as f64);
+        Schedule {
+            next: window.begin + offset,
+            interval,
+        }
+    }
+}
+
+/// Why a connection has to be dropped.
+enum ConnError {
+    /// Reconnect (after a pause): reset, closed, refused, protocol violation...
+    Retry(String),
+    /// The server ended the connection properly (`Connection: close`): reconnect at once.
+    Closed,
+}
+
+struct Connection {
+    /// This connection's index in the thread's [`Tally::waiting`].
+    slot: usize,
+    spec: Rc<LoadSpec>,
+    window: Window,
+    tally: Rc<RefCell<Tally>>,
+    schedule: Option<Schedule>,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let mut backoff = RECONNECT_BACKOFF;
+        let batch: Vec<u8> = self
+            .spec
+            .workload
+            .request()
+            .repeat(self.spec.pipeline.max(1));
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            let stream = match TcpStream::connect(self.spec.addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.tally.borrow_mut().error(format!("connect: {e}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let ended = self.exchanges(stream, &batch, &mut buf).await;
+            self.tally.borrow_mut().waiting[self.slot] = None;
+            match ended {
+                ConnError::Closed => backoff = RECONNECT_BACKOFF,
+                ConnError::Retry(why) => {
+                    self.tally.borrow_mut().error(why);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Request after request on one connection, until it fails.
+    async fn exchanges(
+        &mut self,
+        mut stream: TcpStream,
+        batch: &[u8],
+        buf: &mut [u8],
+    ) -> ConnError {
+        let spec = self.spec.clone();
+        let work = &*spec.workload;
+        let pipeline = self.spec.pipeline.max(1) as u64;
+        // Received bytes not consumed yet: buf[start..end].
+        let (mut start, mut end) = (0usize, 0usize);
+        loop {
+            let sent_at = match &mut self.schedule {
+                None => Instant::now(),
+                Some(s) => {
+                    let due = s.next;
+                    s.next += s.interval.mul_f64(pipeline as f64);
+                    if due > Instant::now() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    due
+                }
+            };
+            if let Err(e) = stream.write_all(batch).await {
+                return ConnError::Retry(io_error("send", &e));
+            }
+            self.tally.borrow_mut().waiting[self.slot] = Some((sent_at, pipeline));
+            self.count_bytes(0, batch.len());
+            for _ in 0..pipeline {
+                let mut exchange = work.exchange();
+                let done = loop {
+                    let (consumed, step) = match exchange.feed(work, &buf[start..end]) {
+                        Ok((n, step)) => {
+                            start += n;
+                            (n, step)
+                        }
+                        Err(v) => return ConnError::Retry(format!("protocol: {}", v.0)),
+                    };
+                    match step {
+                        Step::Done(done) => break done,
+                        Step::SendAck => {
+                            if let Err(e) = stream.write_all(ACK).await {
+                                return ConnError::Retry(io_error("send", &e));
+                            }
+                            self.count_bytes(0, ACK.len());
+                            if let Some(Step::Done(done)) = exchange.complete_without_bytes() {
+                                break done;
+                            }
+                        }
+                        // The exchange moved on and bytes are left: offer them again.
+                        Step::NeedMore if consumed > 0 && start < end => {}
+                        Step::NeedMore => {
+                            // Keep the unconsumed tail, then read more after it.
+                            if start == end {
+                                (start, end) = (0, 0);
+                            } else if end == buf.len() {
+                                buf.copy_within(start..end, 0);
+                                (start, end) = (0, end - start);
+                            }
+                            let n = match stream.read(&mut buf[end..]).await {
+                                Ok(0) => {
+                                    return ConnError::Retry(
+                                        "server closed the connection mid-response".into(),
+                                    )
+                                }
+                                Ok(n) => n,
+                                Err(e) => return ConnError::Retry(io_error("receive", &e)),
+                            };
+                            end += n;
+                            self.count_bytes(n, 0);
+                        }
+                    }
+                };
+                let now = Instant::now();
+                let mut tally = self.tally.borrow_mut();
+                let waiting = &mut tally.waiting[self.slot];
+                *waiting = waiting.and_then(|(since, n)| (n > 1).then_some((since, n - 1)));
+                if self.window.contains(now) {
+                    let r = &mut tally.result;
+                    r.requests += 1;
+                    let _ = r.latency_ns.record((now - sent_at).as_nanos() as u64);
+                    if let Some(why) = done.failure {
+                        add_error(&mut r.errors, why, 1);
+                    }
+                }
+                if done.close {
+                    return ConnError::Closed;
+                }
+            }
+        }
+    }
+
+    fn count_bytes(&self, received: usize, sent: usize) {
+        let mut tally = self.tally.borrow_mut();
+        if tally.window.contains(Instant::now()) {
+            tally.result.bytes_in += received as u64;
+            tally.result.bytes_out += sent as u64;
+        }
+    }
+}
+
+fn io_error(what: &str, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => format!("{what}: connection reset by the server"),
+        std::io::ErrorKind::BrokenPipe => format!("{what}: the server closed the connection"),
+        _ => format!("{what}: {e}"),
+    }
+}

@@ -1,0 +1,324 @@
+//! `wharf bench` against live servers: sane figures for every protocol, errors counted and
+//! reported (refused connections, a server speaking another protocol), parseable JSON, and a
+//! short `wharf bench swap` that writes its table, results.json and chart.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+
+use crate::harness::*;
+
+/// One service per plugin on free ports; exec allowlists `true` and `false`.
+fn config(root: &std::path::Path) -> String {
+    format!(
+        "[server]\nworkers = 1\nshutdown_grace = \"2s\"\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.echo.options]\ntransform = \"upper\"\n\
+         [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.exec]\nplugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.exec.options.commands]\ntrue = {{ argv = [\"true\"] }}\nfalse = {{ argv = [\"false\"] }}\n\
+         [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files.options]\nroot = \"{}\"\n",
+        root.display()
+    )
+}
+
+/// Runs `wharf bench <args> --json` briefly; returns the parsed report and the output.
+fn bench(args: &[&str]) -> (serde_json::Value, Output) {
+    let out = Command::new(WHARF)
+        .arg("bench")
+        .args(args)
+        .args(["--duration", "0.5", "--warmup", "0.2", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json output does not parse ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (report, out)
+}
+
+fn num(report: &serde_json::Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {report}"))
+}
+
+/// The figures of a clean run are consistent with each other and with the server.
+fn assert_sane(report: &serde_json::Value, server: &Server, out: &Output) {
+    assert!(out.status.success(), "{report}");
+    let requests = num(report, "requests");
+    assert!(requests > 0.0, "{report}");
+    assert_eq!(num(report, "errors"), 0.0, "{report}");
+    assert!((num(report, "requests_per_sec") - requests / num(report, "duration_s")).abs() < 1.0);
+    let l = &report["latency_us"];
+    let (p50, p99, max) = (num(l, "p50"), num(l, "p99"), num(l, "max"));
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max && max < 5e6, "{l}");
+    assert!(num(report, "bytes_in") > 0.0 && num(report, "bytes_out") > 0.0);
+    // The server was found by its listening socket, and its CPU time measured.
+    let pids = report["server"]["pids"].as_array().expect("server found");
+    assert!(
+        pids.iter().any(|p| p.as_i64() == Some(server.pid() as i64)),
+        "{report}"
+    );
+    assert!(num(&report["server"], "cores") >= 0.0);
+}
+
+#[test]
+fn bench_reports_sane_figures_for_every_protocol_on_both_backends() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        dir.write("a.txt", &"x".repeat(10_000));
+        let server = Server::start(&config(&dir.0), backend);
+        let addr = |s: &str| server.addr(s).to_string();
+
+        let (report, out) = bench(&["echo", &addr("echo"), "-c", "8", "--size", "100"]);
+        assert_sane(&report, &server, &out);
+        // Every byte sent came back (uppercased: the parser accepts that, and checks it).
+        let requests = num(&report, "requests");
+        assert!(
+            num(&report, "bytes_in") >= requests * 100.0 - 8.0 * 100.0,
+            "{report}"
+        );
+
+        let (report, out) = bench(&["http", &addr("web"), "-c", "4", "--pipeline", "4"]);
+        assert_sane(&report, &server, &out);
+        assert_eq!(report["pipeline"], 4);
+
+        let (report, out) = bench(&["exec", &addr("exec"), "-c", "2", "--command", "true"]);
+        assert_sane(&report, &server, &out);
+
+        let (report, out) = bench(&[
+            "get",
+            &addr("files"),
+            "-c",
+            "2",
+            "--path",
+            "a.txt",
+            "--verify",
+        ]);
+        assert_sane(&report, &server, &out);
+        assert!(num(&report, "bytes_in") >= num(&report, "requests") * 10_032.0);
+
+        // Open loop: the rate asked for is the rate sent (within the run's granularity).
+        let (report, out) = bench(&["echo", &addr("echo"), "-c", "4", "--rate", "2000"]);
+        assert_sane(&report, &server, &out);
+        assert_eq!(report["mode"], "open");
+        let rps = num(&report, "requests_per_sec");
+        assert!(
+            (1500.0..=2500.0).contains(&rps),
+            "{rps} req/s for 2000 asked"
+        );
+    }
+}
+
+/// The error descriptions of a report.
+fn error_kinds(report: &serde_json::Value) -> Vec<String> {
+    report["error_kinds"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn failures_the_server_answers_are_counted_by_kind() {
+    let dir = TempDir::new();
+    let server = Server::start(&config(&dir.0), "epoll");
+    let files = server.addr("files").to_string();
+    let (report, out) = bench(&["get", &files, "-c", "2", "--path", "missing.txt"]);
+    assert_eq!(out.status.code(), Some(1), "nothing succeeded: {report}");
+    let requests = num(&report, "requests");
+    assert!(requests > 0.0);
+    assert_eq!(
+        report["error_kinds"]["ERR no such file"].as_f64(),
+        Some(requests)
+    );
+
+    let exec = server.addr("exec").to_string();
+    for (command, kind) in [
+        ("false", "command exit status 1"),
+        ("rm -rf /", "command refused"),
+    ] {
+        let (report, _) = bench(&["exec", &exec, "-c", "1", "--command", command]);
+        assert_eq!(num(&report, "errors"), num(&report, "requests"), "{report}");
+        assert_eq!(error_kinds(&report), [kind], "{report}");
+    }
+
+    let web = server.addr("web").to_string();
+    let (report, _) = bench(&["http", &web, "-c", "1", "--path", "/x"]);
+    assert_eq!(
+        num(&report, "errors"),
+        0.0,
+        "http-hello answers every path: {report}"
+    );
+}
+
+#[test]
+fn refused_connections_are_counted_not_panics() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+    let (report, out) = bench(&["echo", &addr, "-c", "3"]);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(num(&report, "requests"), 0.0);
+    let refused = error_kinds(&report)
+        .into_iter()
+        .find(|k| k.starts_with("connect:") && k.contains("refused"))
+        .unwrap_or_else(|| panic!("no refused connection in {report}"));
+    assert!(num(&report["error_kinds"], &refused) >= 3.0, "{report}");
+    assert!(report["server"].is_null(), "no local server: {report}");
+
+    // The text report says so too.
+    let out = Command::new(WHARF)
+        .args(["bench", "echo", &addr, "-c", "1"])
+        .args(["--duration", "0.3", "--warmup", "0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("errors") && text.contains("refused"),
+        "{text}"
+    );
+    assert!(text.contains("CPU not measured"), "{text}");
+}
+
+#[test]
+fn a_server_speaking_another_protocol_is_a_counted_violation() {
+    let dir = TempDir::new();
+    let server = Server::start(&config(&dir.0), "epoll");
+    // echo load against an exec server: it answers a size and waits, not the bytes sent.
+    let (report, out) = bench(&["echo", &server.addr("exec").to_string(), "-c", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let kinds = error_kinds(&report);
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k.starts_with("protocol: echo answered")),
+        "{report}"
+    );
+    // HTTP load against an echo server: the request comes back instead of a response.
+    let (report, _) = bench(&["http", &server.addr("echo").to_string(), "-c", "2"]);
+    let kinds = error_kinds(&report);
+    assert!(
+        kinds.iter().any(|k| k.contains("malformed HTTP response")),
+        "{report}"
+    );
+    // get against HTTP: "HTTP/1.1 400 ..." where the size should be.
+    let (report, _) = bench(&[
+        "get",
+        &server.addr("web").to_string(),
+        "-c",
+        "1",
+        "--path",
+        "a",
+    ]);
+    let kinds = error_kinds(&report);
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k.contains("expected a size, got \"HTTP/1.1 400")),
+        "{report}"
+    );
+    // The server is still fine.
+    assert_eq!(echo_roundtrip(server.addr("echo"), b"abc", 1), b"ABC");
+}
+
+#[test]
+fn usage_errors_exit_2_with_a_message() {
+    for (args, says) in [
+        (
+            &["exec", "127.0.0.1:1", "--pipeline", "2"][..],
+            "cannot be pipelined",
+        ),
+        (&["get", "127.0.0.1:1"], "--path is required"),
+        (&["echo", "127.0.0.1:1", "--rate", "0"], "--rate"),
+        (&["echo", "127.0.0.1:1", "-c", "0"], "--connections"),
+        (&["echo", "no-such-host.invalid:1"], "no-such-host.invalid"),
+        (
+            &["swap", "echo", "--backends", "epoll,epoll"],
+            "listed twice",
+        ),
+    ] {
+        let out = Command::new(WHARF)
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!out.status.success(), "{args:?}");
+    }
+}
+
+#[test]
+fn swap_runs_every_point_interleaved_and_writes_results_and_chart() {
+    let backends = backends().join(",");
+    let dir = TempDir::new();
+    let out = Command::new(WHARF)
+        .args([
+            "bench",
+            "swap",
+            "echo",
+            "--backends",
+            &backends,
+            "--connections",
+            "1,4",
+        ])
+        .args([
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0.1",
+            "--repeat",
+            "2",
+            "--out",
+        ])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let names: Vec<&str> = backends.split(',').collect();
+    // The table: one row per backend and connection count, ratios to the first backend.
+    for name in &names {
+        for conns in ["1", "4"] {
+            let row = stdout
+                .lines()
+                .find(|l| l.split_whitespace().take(2).eq([*name, conns]))
+                .unwrap_or_else(|| panic!("no row for {name} at {conns}:\n{stdout}"));
+            assert!(row.ends_with('x'), "{row}");
+        }
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.0.join("results.json")).unwrap()).unwrap();
+    let runs = results["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2 * 2 * names.len());
+    // Interleaved: the backends alternate run by run.
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run["backend"], names[i % names.len()], "run {i}");
+        assert!(num(&run["report"], "requests") > 0.0, "{run}");
+        assert_eq!(num(&run["report"], "errors"), 0.0, "{run}");
+    }
+    for point in results["summary"].as_array().unwrap() {
+        assert_eq!(point["runs"], 2);
+        assert!(num(point, "median_requests_per_sec") > 0.0);
+        if point["backend"] == names[0] {
+            assert_eq!(num(point, "ratio_to_first"), 1.0);
+        }
+    }
+    let svg = std::fs::read_to_string(dir.0.join("throughput.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && names.iter().all(|n| svg.contains(n)));
+    // The servers were stopped.
+    for name in &names {
+        let log = std::fs::read_to_string(dir.0.join(format!("server-{name}.log"))).unwrap();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
