@@ -25,6 +25,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::pacer::Pacer;
 use super::procstat::{self, CpuClock};
 use super::protocol::{Step, Workload, ACK};
 
@@ -231,10 +232,27 @@ fn client_thread(
     let spec = Rc::new(spec.clone());
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
+        let pacer = match spec.rate {
+            None => None,
+            Some(_) => match Pacer::new(ids.len()) {
+                Ok(p) => {
+                    let driver = p.clone();
+                    tokio::task::spawn_local(async move { driver.run().await });
+                    Some(p)
+                }
+                Err(e) => {
+                    tally.borrow_mut().error(format!("client timer: {e}"));
+                    return;
+                }
+            },
+        };
         for (slot, id) in ids.into_iter().enumerate() {
             let conn = Connection {
                 slot,
-                schedule: spec.rate.map(|rate| Schedule::new(rate, &spec, id, window)),
+                schedule: spec
+                    .rate
+                    .zip(pacer.clone())
+                    .map(|(rate, pacer)| Schedule::new(rate, &spec, id, window, pacer)),
                 spec: spec.clone(),
                 window,
                 tally: tally.clone(),
@@ -261,10 +279,12 @@ fn client_thread(
 struct Schedule {
     next: Instant,
     interval: Duration,
+    /// Wakes the connection at its send times (microsecond precision).
+    pacer: Rc<Pacer>,
 }
 
 impl Schedule {
-    fn new(rate: f64, spec: &LoadSpec, id: usize, window: Window) -> Schedule {
+    fn new(rate: f64, spec: &LoadSpec, id: usize, window: Window, pacer: Rc<Pacer>) -> Schedule {
         // Each connection sends `rate / connections` requests per second; connections are
         // staggered across one interval so the total rate is smooth.
         let interval = Duration::from_secs_f64(spec.connections as f64 / rate.max(1e-9));
@@ -272,6 +292,7 @@ impl Schedule {
         Schedule {
             next: window.begin + offset,
             interval,
+            pacer,
         }
     }
 }
@@ -344,9 +365,7 @@ impl Connection {
                 Some(s) => {
                     let due = s.next;
                     s.next += s.interval.mul_f64(pipeline as f64);
-                    if due > Instant::now() {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
+                    s.pacer.sleep_until(self.slot, due).await;
                     due
                 }
             };

@@ -3,6 +3,7 @@
 //!
 //! - [`protocol`]: one request and the parser of its answer, per protocol (no sockets).
 //! - [`load`]: the engine (client threads, closed and open loop, the measurement window).
+//! - [`pacer`]: microsecond-precise send times for the open loop.
 //! - [`report`]: figures of one run, as text and JSON.
 //! - [`swap`]: starts `wharf serve` under each backend and interleaves the runs.
 //! - [`chart`]: the SVG chart of a swap.
@@ -14,6 +15,7 @@
 
 pub mod chart;
 pub mod load;
+pub mod pacer;
 pub mod procstat;
 pub mod protocol;
 pub mod report;

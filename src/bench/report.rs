@@ -169,12 +169,17 @@ impl Report {
         if self.errors == 0 {
             let _ = writeln!(out, "  errors      0");
         } else {
-            let _ = writeln!(
-                out,
-                "  errors      {} ({:.2}% of requests)",
-                grouped(self.errors as f64),
-                100.0 * self.errors as f64 / self.requests.max(1) as f64
-            );
+            // Failed connections are errors without a request: a share only makes sense
+            // when every error was an answered request.
+            let share = if self.errors <= self.requests {
+                format!(
+                    " ({:.2}% of requests)",
+                    100.0 * self.errors as f64 / self.requests as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  errors      {}{share}", grouped(self.errors as f64));
             for (kind, n) in &self.error_kinds {
                 let _ = writeln!(out, "    {:>10}  {kind}", grouped(*n as f64));
             }
