@@ -39,6 +39,8 @@ const READ_BUFFER: usize = 64 * 1024;
 /// Pause before reconnecting after a failure, doubled per consecutive failure up to the max.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// A connection attempt without an answer for this long counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One load run.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ pub struct LoadSpec {
 pub struct LoadResult {
     /// Requests answered inside the window (errors included).
     pub requests: u64,
+    /// Of those, the ones answered with an error (`http 404`, `ERR ...`, a refusal).
+    pub failed: u64,
     /// Latency of every answered request, in nanoseconds.
     pub latency_ns: Histogram<u64>,
     pub bytes_in: u64,
@@ -90,6 +94,7 @@ impl LoadResult {
     fn empty() -> LoadResult {
         LoadResult {
             requests: 0,
+            failed: 0,
             latency_ns: new_histogram(),
             bytes_in: 0,
             bytes_out: 0,
@@ -103,6 +108,7 @@ impl LoadResult {
 
     fn merge(&mut self, other: LoadResult) {
         self.requests += other.requests;
+        self.failed += other.failed;
         // Both histograms auto-resize, so adding cannot fail.
         let _ = self.latency_ns.add(&other.latency_ns);
         self.bytes_in += other.bytes_in;
@@ -191,9 +197,11 @@ fn sleep_until(t: Instant) {
 struct Tally {
     result: LoadResult,
     window: Window,
-    /// Per connection of the thread: when its oldest unanswered request was sent, and how
-    /// many are unanswered.
+    /// Per connection of the thread: when its oldest unanswered request was sent (open loop:
+    /// was due), and how many are unanswered.
     waiting: Vec<Option<(Instant, u64)>>,
+    /// Open loop, per connection: when its next batch, not sent yet, is due.
+    next_due: Vec<Option<Instant>>,
 }
 
 impl Tally {
@@ -217,6 +225,7 @@ fn client_thread(
         result: LoadResult::empty(),
         window,
         waiting: vec![None; ids.len()],
+        next_due: vec![None; ids.len()],
     }));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,7 +250,8 @@ fn client_thread(
                     Some(p)
                 }
                 Err(e) => {
-                    tally.borrow_mut().error(format!("client timer: {e}"));
+                    let r = &mut tally.borrow_mut().result;
+                    add_error(&mut r.errors, format!("client timer: {e}"), 1);
                     return;
                 }
             },
@@ -256,6 +266,7 @@ fn client_thread(
                 spec: spec.clone(),
                 window,
                 tally: tally.clone(),
+                progress: false,
             };
             tokio::task::spawn_local(conn.run());
         }
@@ -264,15 +275,42 @@ fn client_thread(
     // Dropping the tasks mid-flight is the end of the run.
     drop(local);
     let mut tally = tally.borrow_mut();
-    let stalled_before = window.to - STALLED_AFTER;
-    tally.result.stalled = tally
+    tally.result.stalled = stalled(&tally, &spec, window.to);
+    std::mem::replace(&mut tally.result, LoadResult::empty())
+}
+
+/// Requests that were due over [`STALLED_AFTER`] before `end` and are not answered: sent and
+/// waiting for an answer, or (open loop) not even sent because the connection was stuck. The
+/// latter is what coordinated omission would otherwise hide at the end of a run.
+fn stalled(tally: &Tally, spec: &LoadSpec, end: Instant) -> u64 {
+    let Some(cutoff) = end.checked_sub(STALLED_AFTER) else {
+        return 0;
+    };
+    let waiting: u64 = tally
         .waiting
         .iter()
         .flatten()
-        .filter(|(since, _)| *since < stalled_before)
+        .filter(|(since, _)| *since < cutoff)
         .map(|(_, n)| n)
         .sum();
-    std::mem::replace(&mut tally.result, LoadResult::empty())
+    let pipeline = spec.pipeline.max(1) as u64;
+    let unsent: u64 = match spec.rate {
+        None => 0,
+        Some(rate) => {
+            let batch_interval = spec.connections as f64 / rate * pipeline as f64;
+            tally
+                .next_due
+                .iter()
+                .flatten()
+                .filter(|due| **due < cutoff)
+                .map(|due| {
+                    let batches = (cutoff - *due).as_secs_f64() / batch_interval;
+                    (batches.floor() as u64 + 1) * pipeline
+                })
+                .sum()
+        }
+    };
+    waiting + unsent
 }
 
 /// Open-loop send times of one connection.
@@ -285,10 +323,12 @@ struct Schedule {
 
 impl Schedule {
     fn new(rate: f64, spec: &LoadSpec, id: usize, window: Window, pacer: Rc<Pacer>) -> Schedule {
-        // Each connection sends `rate / connections` requests per second; connections are
-        // staggered across one interval so the total rate is smooth.
+        // Each connection sends `rate / connections` requests per second, `pipeline` at a
+        // time; connections are staggered across one batch interval so the total rate is
+        // smooth.
         let interval = Duration::from_secs_f64(spec.connections as f64 / rate.max(1e-9));
-        let offset = interval.mul_f64(id as f64 / spec.connections as f64);
+        let batch_interval = interval.mul_f64(spec.pipeline.max(1) as f64);
+        let offset = batch_interval.mul_f64(id as f64 / spec.connections as f64);
         Schedule {
             next: window.begin + offset,
             interval,
@@ -305,6 +345,13 @@ enum ConnError {
     Closed,
 }
 
+/// Received bytes not consumed yet: `buf[start..end]`.
+struct Received {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
 struct Connection {
     /// This connection's index in the thread's [`Tally::waiting`].
     slot: usize,
@@ -312,6 +359,8 @@ struct Connection {
     window: Window,
     tally: Rc<RefCell<Tally>>,
     schedule: Option<Schedule>,
+    /// An answer came in since the last failure (resets the reconnect backoff).
+    progress: bool,
 }
 
 impl Connection {
@@ -322,27 +371,34 @@ impl Connection {
             .workload
             .request()
             .repeat(self.spec.pipeline.max(1));
-        let mut buf = vec![0u8; READ_BUFFER];
+        let mut received = Received {
+            buf: vec![0u8; READ_BUFFER],
+            start: 0,
+            end: 0,
+        };
         loop {
-            let stream = match TcpStream::connect(self.spec.addr).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.tally.borrow_mut().error(format!("connect: {e}"));
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                    continue;
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.spec.addr));
+            let failure = match connect.await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    (received.start, received.end) = (0, 0);
+                    let ended = self.exchanges(stream, &batch, &mut received).await;
+                    self.tally.borrow_mut().waiting[self.slot] = None;
+                    match ended {
+                        ConnError::Closed => None,
+                        ConnError::Retry(why) => Some(why),
+                    }
                 }
+                Ok(Err(e)) => Some(format!("connect: {e}")),
+                Err(_) => Some(format!("connect: no answer within {CONNECT_TIMEOUT:?}")),
             };
-            let _ = stream.set_nodelay(true);
-            let ended = self.exchanges(stream, &batch, &mut buf).await;
-            self.tally.borrow_mut().waiting[self.slot] = None;
-            match ended {
-                ConnError::Closed => backoff = RECONNECT_BACKOFF,
-                ConnError::Retry(why) => {
-                    self.tally.borrow_mut().error(why);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                }
+            if std::mem::take(&mut self.progress) {
+                backoff = RECONNECT_BACKOFF;
+            }
+            if let Some(why) = failure {
+                self.tally.borrow_mut().error(why);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
     }
@@ -352,90 +408,136 @@ impl Connection {
         &mut self,
         mut stream: TcpStream,
         batch: &[u8],
-        buf: &mut [u8],
+        received: &mut Received,
     ) -> ConnError {
-        let spec = self.spec.clone();
-        let work = &*spec.workload;
         let pipeline = self.spec.pipeline.max(1) as u64;
-        // Received bytes not consumed yet: buf[start..end].
-        let (mut start, mut end) = (0usize, 0usize);
+        let pipelines = self.spec.workload.protocol.pipelines();
+        let (mut rd, mut wr) = stream.split();
         loop {
             let sent_at = match &mut self.schedule {
                 None => Instant::now(),
                 Some(s) => {
                     let due = s.next;
                     s.next += s.interval.mul_f64(pipeline as f64);
+                    self.tally.borrow_mut().next_due[self.slot] = Some(s.next);
                     s.pacer.sleep_until(self.slot, due).await;
                     due
                 }
             };
-            if let Err(e) = stream.write_all(batch).await {
-                return ConnError::Retry(io_error("send", &e));
-            }
             self.tally.borrow_mut().waiting[self.slot] = Some((sent_at, pipeline));
-            self.count_bytes(0, batch.len());
-            for _ in 0..pipeline {
-                let mut exchange = work.exchange();
-                let done = loop {
-                    let (consumed, step) = match exchange.feed(work, &buf[start..end]) {
-                        Ok((n, step)) => {
-                            start += n;
-                            (n, step)
-                        }
-                        Err(v) => return ConnError::Retry(format!("protocol: {}", v.0)),
-                    };
-                    match step {
-                        Step::Done(done) => break done,
-                        Step::SendAck => {
-                            if let Err(e) = stream.write_all(ACK).await {
-                                return ConnError::Retry(io_error("send", &e));
-                            }
-                            self.count_bytes(0, ACK.len());
-                            if let Some(Step::Done(done)) = exchange.complete_without_bytes() {
-                                break done;
-                            }
-                        }
-                        // The exchange moved on and bytes are left: offer them again.
-                        Step::NeedMore if consumed > 0 && start < end => {}
-                        Step::NeedMore => {
-                            // Keep the unconsumed tail, then read more after it.
-                            if start == end {
-                                (start, end) = (0, 0);
-                            } else if end == buf.len() {
-                                buf.copy_within(start..end, 0);
-                                (start, end) = (0, end - start);
-                            }
-                            let n = match stream.read(&mut buf[end..]).await {
-                                Ok(0) => {
-                                    return ConnError::Retry(
-                                        "server closed the connection mid-response".into(),
-                                    )
-                                }
-                                Ok(n) => n,
-                                Err(e) => return ConnError::Retry(io_error("receive", &e)),
-                            };
-                            end += n;
-                            self.count_bytes(n, 0);
-                        }
-                    }
+            let answered = if pipelines {
+                // Read while writing: a batch larger than the socket buffers would otherwise
+                // deadlock with a server that stops reading until its answers are read (echo
+                // does, by design).
+                let send = async {
+                    wr.write_all(batch)
+                        .await
+                        .map_err(|e| ConnError::Retry(io_error("send", &e)))
                 };
-                let now = Instant::now();
-                let mut tally = self.tally.borrow_mut();
-                let waiting = &mut tally.waiting[self.slot];
-                *waiting = waiting.and_then(|(since, n)| (n > 1).then_some((since, n - 1)));
-                if self.window.contains(now) {
-                    let r = &mut tally.result;
-                    r.requests += 1;
-                    let _ = r.latency_ns.record((now - sent_at).as_nanos() as u64);
-                    if let Some(why) = done.failure {
-                        add_error(&mut r.errors, why, 1);
+                let no_acks: Option<&mut tokio::net::tcp::WriteHalf<'_>> = None;
+                let answers = self.answers(&mut rd, no_acks, received, pipeline, sent_at);
+                tokio::try_join!(send, answers).map(|_| ())
+            } else {
+                match wr.write_all(batch).await {
+                    Ok(()) => {
+                        self.answers(&mut rd, Some(&mut wr), received, pipeline, sent_at)
+                            .await
                     }
+                    Err(e) => Err(ConnError::Retry(io_error("send", &e))),
                 }
-                if done.close {
-                    return ConnError::Closed;
-                }
+            };
+            self.count_bytes(0, batch.len());
+            if let Err(e) = answered {
+                return e;
             }
         }
+    }
+
+    /// Reads the answers to one batch; `ack` is where acknowledgements go (command protocols).
+    async fn answers(
+        &mut self,
+        rd: &mut (impl AsyncReadExt + Unpin),
+        mut ack: Option<&mut (impl AsyncWriteExt + Unpin)>,
+        received: &mut Received,
+        pipeline: u64,
+        sent_at: Instant,
+    ) -> Result<(), ConnError> {
+        let spec = self.spec.clone();
+        let work = &*spec.workload;
+        for _ in 0..pipeline {
+            let mut exchange = work.exchange();
+            let done = loop {
+                let r = &mut *received;
+                let (consumed, step) = match exchange.feed(work, &r.buf[r.start..r.end]) {
+                    Ok((n, step)) => {
+                        r.start += n;
+                        (n, step)
+                    }
+                    Err(v) => return Err(ConnError::Retry(format!("protocol: {}", v.0))),
+                };
+                match step {
+                    Step::Done(done) => break done,
+                    Step::SendAck => {
+                        let Some(ack) = ack.as_mut() else {
+                            return Err(ConnError::Retry("protocol: unexpected size".into()));
+                        };
+                        if let Err(e) = ack.write_all(ACK).await {
+                            return Err(ConnError::Retry(io_error("send", &e)));
+                        }
+                        self.count_bytes(0, ACK.len());
+                        if let Some(Step::Done(done)) = exchange.complete_without_bytes() {
+                            break done;
+                        }
+                    }
+                    // The exchange moved on and bytes are left: offer them again.
+                    Step::NeedMore if consumed > 0 && r.start < r.end => {}
+                    Step::NeedMore => {
+                        // Keep the unconsumed tail, then read more after it.
+                        if r.start == r.end {
+                            (r.start, r.end) = (0, 0);
+                        } else if r.end == r.buf.len() {
+                            if r.start == 0 {
+                                return Err(ConnError::Retry(format!(
+                                    "protocol: an answer part larger than {READ_BUFFER} bytes \
+                                     without an end"
+                                )));
+                            }
+                            r.buf.copy_within(r.start..r.end, 0);
+                            (r.start, r.end) = (0, r.end - r.start);
+                        }
+                        let n = match rd.read(&mut r.buf[r.end..]).await {
+                            Ok(0) => {
+                                return Err(ConnError::Retry(
+                                    "server closed the connection mid-response".into(),
+                                ))
+                            }
+                            Ok(n) => n,
+                            Err(e) => return Err(ConnError::Retry(io_error("receive", &e))),
+                        };
+                        r.end += n;
+                        self.count_bytes(n, 0);
+                    }
+                }
+            };
+            self.progress = true;
+            let now = Instant::now();
+            let mut tally = self.tally.borrow_mut();
+            let waiting = &mut tally.waiting[self.slot];
+            *waiting = waiting.and_then(|(since, n)| (n > 1).then_some((since, n - 1)));
+            if self.window.contains(now) {
+                let r = &mut tally.result;
+                r.requests += 1;
+                let _ = r.latency_ns.record((now - sent_at).as_nanos() as u64);
+                if let Some(why) = done.failure {
+                    r.failed += 1;
+                    add_error(&mut r.errors, why, 1);
+                }
+            }
+            if done.close {
+                return Err(ConnError::Closed);
+            }
+        }
+        Ok(())
     }
 
     fn count_bytes(&self, received: usize, sent: usize) {

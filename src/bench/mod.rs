@@ -31,6 +31,9 @@ use load::LoadSpec;
 use protocol::{Protocol, Workload};
 use report::Report;
 
+/// Longest `--duration` or `--warmup` (a day).
+const MAX_SECONDS: f64 = 86_400.0;
+
 /// Bytes per echo message unless `--size` says otherwise.
 const DEFAULT_ECHO_SIZE: usize = 128;
 
@@ -122,8 +125,8 @@ impl WorkloadArgs {
                 return Err("--rate must be a positive number of requests per second".into());
             }
         }
-        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
-            return Err("--warmup must be zero or more seconds".into());
+        if !(self.warmup.is_finite() && (0.0..=MAX_SECONDS).contains(&self.warmup)) {
+            return Err(format!("--warmup must be 0 to {MAX_SECONDS} seconds"));
         }
         Ok(match protocol {
             Protocol::Echo => match self.size.unwrap_or(DEFAULT_ECHO_SIZE) {
@@ -163,8 +166,10 @@ impl WorkloadArgs {
         if connections == 0 {
             return Err("--connections must be at least 1".into());
         }
-        if !(duration.is_finite() && duration > 0.0) {
-            return Err("--duration must be a positive number of seconds".into());
+        if !(duration.is_finite() && duration > 0.0 && duration <= MAX_SECONDS) {
+            return Err(format!(
+                "--duration must be more than 0 and at most {MAX_SECONDS} seconds"
+            ));
         }
         let workload = self.workload(protocol, addr)?;
         Ok(LoadSpec {
@@ -222,7 +227,7 @@ pub fn main(command: BenchCommand) -> i32 {
     } else {
         print!("{}", report.to_text());
     }
-    if report.requests > report.errors {
+    if report.requests > report.failed {
         0
     } else {
         if !args.json {
@@ -232,11 +237,19 @@ pub fn main(command: BenchCommand) -> i32 {
     }
 }
 
+/// The address to load: the first of `addr`'s addresses that accepts a connection (a name
+/// such as `localhost` may resolve to ::1 first while the server listens on 127.0.0.1), else
+/// the first one, whose failures the run then reports.
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    addr.to_socket_addrs()
+    let all: Vec<SocketAddr> = addr
+        .to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr}: no address"))
+        .collect();
+    let first = *all.first().ok_or_else(|| format!("{addr}: no address"))?;
+    Ok(all
+        .into_iter()
+        .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
+        .unwrap_or(first))
 }
 
 fn usage(message: &str) -> i32 {

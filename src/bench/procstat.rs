@@ -33,14 +33,19 @@ impl CpuClock {
     }
 }
 
-/// utime + stime of a process, from `/proc/<pid>/stat`.
+/// utime + stime of a process and of its reaped children (an exec service's commands), from
+/// `/proc/<pid>/stat`.
 pub fn process_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields are counted after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); after the name they are the 12th and 13th.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // utime, stime, cutime and cstime are fields 14 to 17 of stat(5); after the name they are
+    // the 12th to 15th.
+    let mut ticks = 0u64;
+    for field in fields.get(11..15)? {
+        ticks += field.parse::<u64>().ok()?;
+    }
     Some(Duration::from_secs_f64(
         ticks as f64 / clock_ticks_per_second(),
     ))

@@ -44,10 +44,12 @@ impl Protocol {
     }
 }
 
-/// Largest HTTP response head accepted.
-const MAX_HTTP_HEAD: usize = 64 * 1024;
-/// Largest exec result kept to classify it (longer results are only counted).
-const MAX_KEPT_RESULT: usize = 1024 * 1024;
+/// Largest HTTP response head accepted (less than the load engine's read buffer).
+pub const MAX_HTTP_HEAD: usize = 32 * 1024;
+/// Bytes kept from the start of an exec result (a refusal is one short line)...
+const RESULT_HEAD: usize = 256;
+/// ...and from its end (where the `[exit status N]` line is, after any cut note).
+const RESULT_TAIL: usize = 512;
 /// Largest `ERR ...` line accepted from file-get.
 const MAX_ERR_LINE: usize = 4096;
 /// What file-get sends in the digest slot when the file changed during the transfer.
@@ -189,8 +191,13 @@ enum State {
     },
     /// Exec / get: waiting for the size (or `ERR ...`).
     Size,
-    /// Exec: inside the result; the first [`MAX_KEPT_RESULT`] bytes are kept to classify it.
-    Result { remaining: u64, kept: Vec<u8> },
+    /// Exec: inside the result; its first and last bytes are kept to classify it.
+    Result {
+        remaining: u64,
+        total: u64,
+        head: Vec<u8>,
+        tail: Vec<u8>,
+    },
     /// Get: inside the file's bytes.
     FileBody { remaining: u64 },
     /// Get: reading the 32-digit MD5 slot.
@@ -246,21 +253,27 @@ impl Exchange {
                 Ok((n as usize, step))
             }
             State::Size => self.size(work, input),
-            State::Result { remaining, kept } => {
+            State::Result {
+                remaining,
+                total,
+                head,
+                tail,
+            } => {
                 let n = (input.len() as u64).min(*remaining);
-                let room = MAX_KEPT_RESULT.saturating_sub(kept.len()).min(n as usize);
-                kept.extend_from_slice(&input[..room]);
+                let bytes = &input[..n as usize];
+                let room = RESULT_HEAD.saturating_sub(head.len()).min(bytes.len());
+                head.extend_from_slice(&bytes[..room]);
+                tail.extend_from_slice(bytes);
+                if tail.len() > 2 * RESULT_TAIL {
+                    tail.drain(..tail.len() - RESULT_TAIL);
+                }
                 *remaining -= n;
                 if *remaining > 0 {
                     return Ok((n as usize, Step::NeedMore));
                 }
-                let status = crate::client::exit_status(kept);
-                let step = match status {
-                    0 => Done::ok(),
-                    124 => Done::failed("command timed out".into()),
-                    126 => Done::failed("command refused".into()),
-                    n if n > 128 => Done::failed(format!("command killed by signal {}", n - 128)),
-                    n => Done::failed(format!("command exit status {n}")),
+                let step = match result_failure(head, tail, *total) {
+                    None => Done::ok(),
+                    Some(why) => Done::failed(why),
                 };
                 Ok((n as usize, step))
             }
@@ -333,6 +346,10 @@ impl Exchange {
             Err(e) => return Err(Violation(format!("malformed HTTP response: {e}"))),
         };
         let status = response.code.unwrap_or(0);
+        if (100..=199).contains(&status) && status != 101 {
+            // An interim response (100 Continue...): the final one follows.
+            return Ok((head_len, Step::NeedMore));
+        }
         let mut length = None;
         let mut close = response.version == Some(0);
         for h in response.headers.iter() {
@@ -358,9 +375,9 @@ impl Exchange {
                 }
             }
         }
-        // 1xx, 204 and 304 have no body; anything else must say how long it is.
+        // 101, 204 and 304 have no body; anything else must say how long it is.
         let length = match (status, length) {
-            (100..=199 | 204 | 304, _) => 0,
+            (101 | 204 | 304, _) => 0,
             (_, Some(len)) => len,
             (_, None) => {
                 return Err(Violation(format!(
@@ -431,7 +448,9 @@ impl Exchange {
             }
             _ => State::Result {
                 remaining: size,
-                kept: Vec::with_capacity((size as usize).min(MAX_KEPT_RESULT)),
+                total: size,
+                head: Vec::new(),
+                tail: Vec::new(),
             },
         };
         Ok((input.len(), Step::SendAck))
@@ -445,6 +464,38 @@ impl Exchange {
             _ => None,
         }
     }
+}
+
+/// Why an exec result counts as an error, from the status line wharf appends to it (the last
+/// line) or from a refusal (the whole result is one line with a refusal prefix).
+fn result_failure(head: &[u8], tail: &[u8], total: u64) -> Option<String> {
+    let tail = String::from_utf8_lossy(tail);
+    let last = tail.trim_end().lines().last().unwrap_or("");
+    if let Some(n) = last
+        .strip_prefix("[exit status ")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return Some(format!("command exit status {n}"));
+    }
+    if let Some(n) = last
+        .strip_prefix("[killed by signal ")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return Some(format!("command killed by signal {n}"));
+    }
+    if last.starts_with("[timed out after ") {
+        return Some("command timed out".into());
+    }
+    let whole = String::from_utf8_lossy(head);
+    if total == head.len() as u64 && whole.trim_end().lines().count() == 1 {
+        if let Some(r) = wharf_plugin_exec::refusals::ALL
+            .iter()
+            .find(|r| whole.starts_with(**r))
+        {
+            return Some(format!("refused: {}", r.trim_end_matches([' ', ':'])));
+        }
+    }
+    None
 }
 
 fn http_done(status: u16, close: bool) -> Step {
@@ -545,7 +596,7 @@ mod tests {
             .starts_with(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"));
         let responses = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nHello, World\
 HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nno!\
-HTTP/1.1 204 No Content\r\n\r\n\
+HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\
 HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
         let (done, acks) = every_split(&work, b"", responses);
         assert_eq!(acks, 0);
@@ -602,7 +653,29 @@ HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
         let refusal = b"command not allowed: rm";
         assert_eq!(
             run(&work, &[b"23", refusal]).unwrap().0,
-            vec![failed("command refused")]
+            vec![failed("refused: command not allowed")]
+        );
+        // The status line comes last, after output longer than what is kept of it.
+        let mut long = vec![b'y'; 3 * 1024 * 1024];
+        long.extend_from_slice(b"\n[output cut at 1048576 bytes]\n[timed out after 10s]\n");
+        let size = long.len().to_string();
+        assert_eq!(
+            run(&work, &[size.as_bytes(), &long]).unwrap().0,
+            vec![failed("command timed out")]
+        );
+        // A command's own exit status 124 is not a timeout, nor 126 a refusal.
+        for status in ["124", "126", "130"] {
+            let result = format!("out\n[exit status {status}]\n");
+            let size = result.len().to_string();
+            assert_eq!(
+                run(&work, &[size.as_bytes(), result.as_bytes()]).unwrap().0,
+                vec![failed(&format!("command exit status {status}"))]
+            );
+        }
+        let signal = b"[killed by signal 9]\n";
+        assert_eq!(
+            run(&work, &[b"21", signal]).unwrap().0,
+            vec![failed("command killed by signal 9")]
         );
         assert_eq!(run(&work, &[b"0"]).unwrap(), (vec![ok()], 1));
         assert!(run(&work, &[b"12x"])

@@ -26,7 +26,11 @@ pub struct Report {
     /// Requests answered in the window (errors included).
     pub requests: u64,
     pub requests_per_sec: f64,
-    /// Requests that were answered with an error, or connections that failed.
+    /// Answered requests that were answered with an error (`http 404`, `ERR ...`, a refusal).
+    pub failed: u64,
+    /// Requests answered without an error, per second.
+    pub ok_per_sec: f64,
+    /// Failed answers plus failed connections (refused, reset, protocol violations).
     pub errors: u64,
     pub error_kinds: BTreeMap<String, u64>,
     /// Requests unanswered at the end, sent more than a second before it.
@@ -108,6 +112,8 @@ impl Report {
             duration_s: secs,
             requests: result.requests,
             requests_per_sec: result.requests as f64 / secs,
+            failed: result.failed,
+            ok_per_sec: (result.requests - result.failed) as f64 / secs,
             errors: result.error_count(),
             error_kinds: result.errors.clone(),
             stalled: result.stalled,
@@ -145,9 +151,14 @@ impl Report {
             seconds(self.duration_s),
             seconds(self.warmup_s),
         );
+        let failed = if self.failed > 0 {
+            format!(" ({} ok/s)", grouped(self.ok_per_sec))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  requests    {:>12}   {} req/s",
+            "  requests    {:>12}   {} req/s{failed}",
             grouped(self.requests as f64),
             grouped(self.requests_per_sec)
         );
@@ -210,7 +221,8 @@ impl Report {
             None => {
                 let _ = writeln!(
                     out,
-                    "  server      CPU not measured (no local process found listening on {})",
+                    "  server      CPU not measured (no process listening on {} found here, or it \
+                     exited)",
                     self.addr
                 );
             }

@@ -139,6 +139,17 @@ pub fn main(args: SwapArgs) -> i32 {
 
 fn run(args: SwapArgs) -> Result<(), String> {
     validate(&args)?;
+    // Workload mistakes (--pipeline with exec...) are reported before any server starts.
+    let mut probe = args.work.clone();
+    if args.plugin == Protocol::Get {
+        probe.path = Some(BENCH_FILE.to_string());
+    }
+    probe.spec(
+        args.plugin,
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        1,
+        args.duration,
+    )?;
     let out = args.out.clone().unwrap_or_else(|| {
         let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
             .to_string()
@@ -284,6 +295,9 @@ fn run(args: SwapArgs) -> Result<(), String> {
         "\nwrote {}/results.json, summary.txt and throughput.svg",
         out.display()
     );
+    if runs.iter().all(|r| r.report.ok_per_sec == 0.0) {
+        return Err("no run got a single successful answer (errors are in results.json)".into());
+    }
     Ok(())
 }
 
@@ -340,16 +354,17 @@ const BENCH_FILE: &str = "bench.bin";
 fn make_file(out: &Path, size: usize) -> Result<PathBuf, String> {
     let root = out.join("files");
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let path = root.join(BENCH_FILE);
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(fail)?);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let bytes: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    write(&root.join(BENCH_FILE), &bytes)?;
+    for _ in 0..size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        std::io::Write::write_all(&mut file, &[state as u8]).map_err(fail)?;
+    }
+    std::io::Write::flush(&mut file).map_err(fail)?;
     root.canonicalize()
         .map_err(|e| format!("{}: {e}", root.display()))
 }
@@ -542,7 +557,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return; // Exited and reaped already: its pid may belong to someone else now.
+        }
+        // SAFETY: kill(2) on our own child, which has not been reaped (checked just above).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -579,7 +597,8 @@ fn summarize(args: &SwapArgs, runs: &[Run]) -> Vec<Point> {
                 .filter(|r| r.backend == backend.as_str() && r.report.connections == connections)
                 .map(|r| &r.report)
                 .collect();
-            let rps: Vec<f64> = reports.iter().map(|r| r.requests_per_sec).collect();
+            // Successful answers only: a backend answering errors fast must not look faster.
+            let rps: Vec<f64> = reports.iter().map(|r| r.ok_per_sec).collect();
             let med = median(rps.clone()).unwrap_or(0.0);
             let first = *first_rps.get_or_insert(med);
             points.push(Point {
@@ -704,7 +723,7 @@ fn table(
     }
     let _ = writeln!(
         out,
-        "\nreq/s and p99: medians over the runs; spread: half the min-max range; CPU/req: server CPU \
+        "\nreq/s (answers without error) and p99: medians over the runs; spread: half the min-max range; CPU/req: server CPU \
          time per request;\nserver, client: CPU cores busy (a client near its {} core(s) may be what \
          limits a point).",
         client_cpus.len().max(1)
