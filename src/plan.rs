@@ -54,6 +54,17 @@ pub fn load(
     registry: &Registry,
 ) -> Result<Plan, Vec<ConfigError>> {
     let source = ConfigSource::load(file, DEFAULT_CONFIG, overrides_provider(overrides))?;
+    build(source, registry)
+}
+
+/// Like [`load`] on a config given as text (`origin` names it in errors), without environment
+/// overrides: for tools and fuzzing.
+pub fn load_str(text: &str, origin: &str, registry: &Registry) -> Result<Plan, Vec<ConfigError>> {
+    build(ConfigSource::from_toml_str(text, origin), registry)
+}
+
+/// Validates every section and builds every service of `source`.
+fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigError>> {
     let (config, mut errors) = source.resolve();
     let mut services = Vec::new();
     let mut addresses: HashMap<SocketAddr, String> = HashMap::new();

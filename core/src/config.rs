@@ -190,6 +190,14 @@ impl ConfigSource {
         Ok(ConfigSource { figment, origin })
     }
 
+    /// A config given as TOML text, named `origin` in errors, without environment overrides.
+    pub fn from_toml_str(text: &str, origin: &str) -> Self {
+        ConfigSource {
+            figment: Figment::from(Toml::string(text)),
+            origin: origin.to_string(),
+        }
+    }
+
     /// Where the base config came from, for messages.
     pub fn origin(&self) -> &str {
         &self.origin

@@ -11,4 +11,5 @@ mod harness;
 mod http;
 mod lifecycle;
 mod limits;
+mod load;
 mod metrics;

@@ -1,0 +1,208 @@
+//! Holding up under load: many idle connections, slow clients, floods. Memory is measured on
+//! the real server process (VmRSS), connections are real sockets.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Raises this process's open-file limit to `n` (its hard limit allows it here, as root).
+fn raise_fd_limit(n: u64) -> bool {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur >= n {
+            return true; // never lower it under a test running alongside
+        }
+        limit.rlim_max = limit.rlim_max.max(n);
+        limit.rlim_cur = n;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    }
+}
+
+/// One echo exchange on an open connection.
+fn echo_once(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg.to_ascii_uppercase());
+}
+
+#[test]
+fn ten_thousand_idle_echo_connections_on_one_worker_cost_under_10_kib_each() {
+    const CONNECTIONS: usize = 10_000;
+    if !raise_fd_limit(CONNECTIONS as u64 + 1024) {
+        skip_or_fail("cannot raise RLIMIT_NOFILE for 10 000 connections");
+        return;
+    }
+    for backend in backends() {
+        // The server inherits the raised limit.
+        let server = Server::start(
+            "[server]\nworkers = 1\n[services.echo]\nplugin = \"echo\"\n\
+             listen = \"127.0.0.1:0\"\nmax_connections = 20000\n\
+             [services.echo.options]\ntransform = \"upper\"\n",
+            backend,
+        );
+        let addr = server.addr("echo");
+        // Warm up what every connection shares (allocator arenas, the runtime), then measure.
+        let mut warm: Vec<TcpStream> = (0..100).map(|_| connect(addr)).collect();
+        for s in &mut warm {
+            echo_once(s, b"warm");
+        }
+        drop(warm);
+        std::thread::sleep(Duration::from_millis(200));
+        let before = rss_kib(server.pid());
+
+        let mut conns = Vec::with_capacity(CONNECTIONS);
+        for i in 0..CONNECTIONS {
+            let mut s = connect(addr);
+            // Every connection is served once, then stays open and silent.
+            echo_once(&mut s, format!("hello {i}").as_bytes());
+            conns.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let after = rss_kib(server.pid());
+        let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / CONNECTIONS as f64;
+        eprintln!(
+            "{backend}: {CONNECTIONS} idle connections: RSS {before} -> {after} KiB, {per_conn:.0} bytes per connection"
+        );
+        // A new client is still answered at once, and so is the oldest idle one.
+        let mut fresh = connect(addr);
+        echo_once(&mut fresh, b"still here");
+        echo_once(&mut conns[0], b"and me");
+        assert!(
+            per_conn <= 10.0 * 1024.0,
+            "{backend}: {per_conn:.0} bytes per idle connection (limit 10 KiB)"
+        );
+    }
+}
+
+/// Latency of one echo round trip on a fresh connection.
+fn round_trip(addr: SocketAddr) -> Duration {
+    let mut s = connect(addr);
+    let start = Instant::now();
+    echo_once(&mut s, b"ping");
+    start.elapsed()
+}
+
+#[test]
+fn slow_and_silent_clients_do_not_slow_the_others_and_are_closed_by_the_timeouts() {
+    const SLOW: usize = 1000;
+    if !raise_fd_limit(4 * SLOW as u64 + 1024) {
+        skip_or_fail("cannot raise RLIMIT_NOFILE");
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(
+            "[server]\nworkers = 1\n\
+             [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"2s\"\n\
+             [services.echo.options]\ntransform = \"upper\"\n\
+             [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.web.options]\nheader_timeout = \"2s\"\n",
+            backend,
+        );
+        let (echo, web) = (server.addr("echo"), server.addr("web"));
+        let http_round_trip = || {
+            let start = Instant::now();
+            let (status, body) = http_get(web, "/");
+            assert_eq!(status, 200, "{body}");
+            start.elapsed()
+        };
+        let idle = median(|| round_trip(echo));
+        let idle_http = median(http_round_trip);
+
+        // 1000 silent echo connections, 1000 slowloris HTTP heads trickling a byte at a time.
+        let mut silent: Vec<TcpStream> = (0..SLOW).map(|_| connect(echo)).collect();
+        let mut loris: Vec<TcpStream> = (0..SLOW).map(|_| connect(web)).collect();
+        // Every slow client sends one byte per second, evenly spread: one of them every
+        // millisecond, from another thread.
+        let trickle = std::thread::spawn(move || {
+            let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            let started = Instant::now();
+            let mut i = 0;
+            while started.elapsed() < Duration::from_millis(1600) {
+                let byte = head[(i / SLOW) % head.len()];
+                let _ = loris[i % SLOW].write_all(&[byte]);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            loris
+        });
+        let started = Instant::now();
+        let (mut loaded, mut loaded_http) = (Vec::new(), Vec::new());
+        while started.elapsed() < Duration::from_millis(1500) {
+            loaded.push(round_trip(echo));
+            loaded_http.push(http_round_trip());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut loris = trickle.join().unwrap();
+        // The property the issue asks for, with a millisecond of slack for a shared CI
+        // machine (the figures themselves are printed and quoted in BENCHMARKS.md).
+        for (what, idle, mut loaded) in [("echo", idle, loaded), ("http", idle_http, loaded_http)] {
+            loaded.sort();
+            let loaded = loaded[loaded.len() / 2];
+            eprintln!(
+                "{backend}: {what} round trip idle {idle:?}, beside 2000 slow clients {loaded:?}"
+            );
+            assert!(
+                loaded <= idle * 2 + Duration::from_millis(1),
+                "{backend}: {what} {loaded:?} beside slow clients vs {idle:?} idle"
+            );
+        }
+
+        // The timeouts close them: the silent ones by idle_timeout, the trickling ones by the
+        // header timeout (with a 408), well within a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(8);
+        for s in &mut silent {
+            assert_eq!(
+                ends_within(s, deadline),
+                Some(Vec::new()),
+                "{backend}: silent client"
+            );
+        }
+        for s in &mut loris {
+            let answer = ends_within(s, deadline).expect("slowloris client never closed");
+            assert!(
+                answer.starts_with(b"HTTP/1.1 408 "),
+                "{backend}: {answer:?}"
+            );
+        }
+    }
+}
+
+/// What the server sent until it closed the connection, or `None` if it was still open at
+/// `deadline`.
+fn ends_within(s: &mut TcpStream, deadline: Instant) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Median of 21 measurements.
+fn median(mut f: impl FnMut() -> Duration) -> Duration {
+    let mut v: Vec<Duration> = (0..21).map(|_| f()).collect();
+    v.sort();
+    v[10]
+}
