@@ -12,11 +12,13 @@
 //! - [`conn`] and [`service`]: the two traits a plugin author meets.
 //! - [`plugin`]: how a plugin names itself and declares typed options.
 //! - [`config`]: the figment-based config model and its error reporting.
+//! - [`buffer`]: read buffers sized for what the client does (small while it is idle).
 //! - [`command`]: line framing for command-style protocols (exec, file-get).
 //! - [`shutdown`]: the stop signal and the per-worker connection tracker used to drain.
 //! - [`testing`]: an in-memory [`Conn`] so plugins are unit-tested without sockets.
 
 pub mod backend;
+pub mod buffer;
 pub mod command;
 pub mod config;
 pub mod conn;

@@ -8,10 +8,7 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
-
-/// Bytes read per operation.
-const BUFFER_SIZE: usize = 16 * 1024;
+use wharf_core::{buffer, Conn, OptionDoc, Plugin, PluginError, Service};
 
 /// `[services.<name>.options]` of an echo service.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -48,9 +45,10 @@ impl Echo {
 #[wharf_core::async_trait(?Send)]
 impl Service for Echo {
     async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(BUFFER_SIZE);
+        // Small while the client is quiet, large while it streams (see wharf_core::buffer).
+        let mut buf = Vec::with_capacity(buffer::IDLE);
         loop {
-            buf.clear();
+            let room = buf.capacity();
             let (res, read) = conn.read(buf).await;
             let n = res?;
             if n == 0 {
@@ -63,6 +61,8 @@ impl Service for Echo {
             let (res, written) = conn.write_all(buf).await;
             res?;
             buf = written;
+            buf.clear();
+            buffer::size_for_next_read(&mut buf, n, room);
         }
     }
 }
@@ -161,7 +161,7 @@ mod tests {
             // The server holds at most one buffer in flight plus the output pipe's capacity;
             // everything else stays unread in the input pipe, where the client feels it.
             assert!(
-                accepted <= 2 * capacity + BUFFER_SIZE,
+                accepted <= 2 * capacity + buffer::ACTIVE,
                 "server swallowed {accepted} bytes without anyone reading"
             );
             assert_eq!(client.unread_by_client(), capacity);

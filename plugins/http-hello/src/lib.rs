@@ -20,15 +20,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{buffer, Conn, OptionDoc, Plugin, PluginError, Service};
 
 use body::Discard;
 use request::{Body, Status};
 use response::{push_error, with_date, Persistence, Responses};
 
-/// Bytes read per operation; always more than a maximal head, so a head never needs two
-/// buffers.
-const READ_SIZE: usize = 16 * 1024;
 /// After a response that closes the connection, how long unread input is drained so the
 /// client receives the response instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
@@ -205,7 +202,8 @@ impl HttpHello {
 #[wharf_core::async_trait(?Send)]
 impl Service for HttpHello {
     async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
-        let mut input: Vec<u8> = Vec::with_capacity(READ_SIZE);
+        // Small while the client is quiet, large while it streams (see wharf_core::buffer).
+        let mut input: Vec<u8> = Vec::with_capacity(buffer::IDLE);
         let mut out: Vec<u8> = Vec::with_capacity(4096);
         let mut session = Session {
             body: None,
@@ -215,6 +213,7 @@ impl Service for HttpHello {
             // Read, bounded by the header timeout while a head is incomplete.
             let between_requests =
                 session.body.is_none() && session.head_started.is_none() && input.is_empty();
+            let room = input.capacity() - input.len();
             let (res, buf) = match session.head_started {
                 // Between requests a shutdown may close the connection (keep-alive drain).
                 None if between_requests => conn.read_idle(input).await,
@@ -236,7 +235,8 @@ impl Service for HttpHello {
                 }
             };
             input = buf;
-            if res? == 0 {
+            let n = res?;
+            if n == 0 {
                 // The client is done (or gave up mid-request): nothing left to answer.
                 return conn.shutdown().await;
             }
@@ -261,6 +261,7 @@ impl Service for HttpHello {
                 return linger(&mut conn).await;
             }
             input.drain(..batch.consumed);
+            buffer::size_for_next_read(&mut input, n, room);
         }
     }
 }
