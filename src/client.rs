@@ -382,8 +382,15 @@ fn download(
             format!("MD5 mismatch: server {trailer}, received data {ours}; partial file removed")
         });
     }
-    file.sync_all()
-        .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+    if let Err(e) = file.sync_all() {
+        // A full disk may only show here (delayed allocation): the data is not all on disk.
+        drop(file);
+        let _ = std::fs::remove_file(&part);
+        return Err(format!(
+            "cannot write {}: {e} (partial file removed)",
+            part.display()
+        ));
+    }
     drop(file);
     std::fs::rename(&part, &out).map_err(|e| format!("cannot rename to {}: {e}", out.display()))?;
     Ok(format!(

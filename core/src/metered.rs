@@ -100,6 +100,21 @@ async fn counted_read<C: Conn>(
     (res, buf)
 }
 
+impl<C: Conn> Metered<C> {
+    /// A read between requests while draining: a request the client already sent is still
+    /// served (nothing is lost); a silent connection ends now, like a client that closed.
+    fn drain_read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(crate::buffer::IDLE);
+        }
+        match self.try_read(&mut buf) {
+            Ok(Some(n)) => (Ok(n), buf),
+            Ok(None) => (Ok(0), buf),
+            Err(e) => (Err(e), buf),
+        }
+    }
+}
+
 impl<C: Conn> Conn for Metered<C> {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf).await
@@ -107,14 +122,16 @@ impl<C: Conn> Conn for Metered<C> {
 
     async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         if self.shutdown.is_triggered() {
-            return (Ok(0), buf);
+            return self.drain_read(buf);
         }
         let read = counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf);
         tokio::select! {
             biased;
             done = read => done,
-            // Draining: an idle connection ends now, like a client that closed.
-            _ = self.shutdown.wait() => (Ok(0), Vec::new()),
+            _ = self.shutdown.wait() => {
+                // The read (and its buffer) were dropped with the losing branch.
+                self.drain_read(Vec::with_capacity(crate::buffer::ACTIVE))
+            }
         }
     }
 

@@ -18,23 +18,27 @@ const BACKLOG: i32 = 1024;
 /// Binds `count` listening sockets to `addr` with `SO_REUSEPORT`.
 ///
 /// `SO_REUSEPORT` alone would let a second wharf (same user) silently share a port with the
-/// first, so the address is first probed with a plain exclusive bind: if anything holds it, the
-/// bind fails with "address in use" as a user expects. A port of 0 is resolved by that probe and
-/// all sockets share the port it got.
+/// first, so a given port is first probed with a plain exclusive bind: if anything holds it, the
+/// bind fails with "address in use" as a user expects. A port of 0 is not probed: the first
+/// socket binds it, and the kernel never hands an in-use port to an automatic bind, whereas a
+/// probe's port, once released, could be picked by another process (two servers sharing one
+/// port, each getting some of the other's connections).
 pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
-    let probe = new_socket(addr)?;
-    probe.bind(&addr.into())?;
-    let addr = probe
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
-    drop(probe);
-
+    if addr.port() != 0 {
+        let probe = new_socket(addr)?;
+        probe.bind(&addr.into())?;
+    }
+    let mut addr = addr;
     (0..count.max(1))
         .map(|_| {
             let socket = new_socket(addr)?;
             socket.set_reuse_port(true)?;
             socket.bind(&addr.into())?;
+            // The first socket resolves port 0; the others join the port it got.
+            addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
             socket.listen(BACKLOG)?;
             socket.set_nonblocking(true)?;
             Ok(socket.into())

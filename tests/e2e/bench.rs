@@ -9,16 +9,10 @@ use crate::harness::*;
 
 /// One service per plugin on free ports; exec allowlists `true` and `false`.
 fn config(root: &std::path::Path) -> String {
-    format!(
-        "[server]\nworkers = 1\nshutdown_grace = \"2s\"\n\
-         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.echo.options]\ntransform = \"upper\"\n\
-         [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.exec]\nplugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.exec.options.commands]\ntrue = {{ argv = [\"true\"] }}\nfalse = {{ argv = [\"false\"] }}\n\
-         [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.files.options]\nroot = \"{}\"\n",
-        root.display()
+    all_plugins_config(
+        root,
+        "[services.exec.options.commands]\n\
+         true = { argv = [\"true\"] }\nfalse = { argv = [\"false\"] }\n",
     )
 }
 

@@ -170,12 +170,6 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
     }
 }
 
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 #[test]
 fn a_client_leaving_mid_file_leaks_nothing() {
     for backend in backends() {

@@ -128,6 +128,21 @@ pub fn echo_config(extra_service_keys: &str) -> String {
     )
 }
 
+/// One service per built-in plugin on free ports, one worker, a 20 s drain: `echo` (upper),
+/// `web`, `exec` (configured by the `exec_tables` TOML lines) and `files` serving `root`.
+pub fn all_plugins_config(root: &std::path::Path, exec_tables: &str) -> String {
+    format!(
+        "[server]\nworkers = 1\nshutdown_grace = \"20s\"\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.echo.options]\ntransform = \"upper\"\n\
+         [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files.options]\nroot = \"{}\"\n\
+         [services.exec]\nplugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n{exec_tables}",
+        root.display()
+    )
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -393,6 +408,13 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// How many file descriptors process `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Connects with a read timeout so a broken server fails the test instead of hanging it.

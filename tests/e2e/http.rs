@@ -187,3 +187,30 @@ fn raw_pipelining_and_errors_over_a_socket() {
         assert!(reply.starts_with("HTTP/1.1 400 Bad Request"), "{reply}");
     }
 }
+
+#[test]
+fn a_head_split_across_reads_is_reassembled_on_both_backends() {
+    // Each piece is its own segment and its own read: the service must append, not overwrite
+    // (tokio-uring reads a plain Vec from offset 0; the io_uring backend once did exactly that).
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let mut s = connect(server.addr("web"));
+        s.set_nodelay(true).unwrap();
+        for piece in [
+            "GET ",
+            "/ HTTP/1.1\r\nHo",
+            "st: x\r\nConnection: close\r\n",
+            "\r\n",
+        ] {
+            s.write_all(piece.as_bytes()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{backend}: {response}"
+        );
+        assert!(response.ends_with("Hello, World"), "{backend}: {response}");
+    }
+}

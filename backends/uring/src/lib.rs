@@ -157,8 +157,13 @@ impl Conn for TcpConn {
         if buf.len() == buf.capacity() {
             return (Err(no_spare_capacity()), buf);
         }
-        // tokio-uring reads into `len..capacity` and advances `len`, as the trait specifies.
-        self.stream.read(buf).await
+        // A plain Vec would be read into from offset 0 (tokio-uring's `IoBufMut for Vec` points
+        // at the start and only raises `len`), overwriting unconsumed input such as the first
+        // half of an HTTP head. A slice from `len` reads into the spare capacity and advances
+        // `len` by what arrived, as the trait specifies.
+        let len = buf.len();
+        let (res, slice) = self.stream.read(buf.slice(len..)).await;
+        (res, slice.into_inner())
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
