@@ -1,4 +1,7 @@
-//! The Prometheus scrape endpoint: `GET /metrics` on `[metrics] listen`.
+//! The Prometheus scrape endpoint, `GET /metrics` on `[metrics] listen`, and the health
+//! endpoints next to it: `/healthz` (the process is alive and serving this endpoint) and
+//! `/readyz` (every service is listening and the server is not draining), for Kubernetes
+//! probes and load balancers.
 //!
 //! metrics-exporter-prometheus renders the exposition text; this module is the small HTTP/1.1
 //! responder in front of it, so the endpoint runs on our own runtime, binds before anything
@@ -36,12 +39,34 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))
 }
 
-/// Serves scrapes until the task is dropped. Call inside a tokio runtime. Peers outside a
-/// non-empty `allow_from` get 403.
+/// Whether the server is ready for traffic, as `/readyz` reports it.
+#[derive(Clone, Default)]
+pub struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Readiness {
+    /// Every service is listening.
+    pub fn set_ready(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Draining: stop sending new traffic here.
+    pub fn set_draining(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Serves scrapes and health checks until the task is dropped. Call inside a tokio runtime.
+/// Peers outside a non-empty `allow_from` get 403 for `/metrics`; the health endpoints reveal
+/// nothing and answer everyone (a kubelet probes from the node's address).
 pub async fn serve(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
     allow_from: Vec<Cidr>,
+    readiness: Readiness,
 ) -> io::Result<()> {
     let allow_from = std::sync::Arc::new(allow_from);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT));
@@ -64,6 +89,7 @@ pub async fn serve(
             }
         };
         let handle = handle.clone();
+        let readiness = readiness.clone();
         let allowed = allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()));
         // Bounded: a peer that never reads cannot pile up tasks and descriptors.
         let Ok(permit) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
@@ -72,7 +98,8 @@ pub async fn serve(
         };
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &handle, allowed)).await {
+            let answer = respond(stream, &handle, allowed, &readiness);
+            match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
                 Err(_) => debug!(%peer, "metrics request timed out"),
                 Ok(Ok(())) => {}
@@ -85,6 +112,7 @@ async fn respond(
     mut stream: TcpStream,
     handle: &PrometheusHandle,
     allowed: bool,
+    readiness: &Readiness,
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let complete = tokio::time::timeout(READ_TIMEOUT, async {
@@ -111,17 +139,27 @@ async fn respond(
 
     let (status, content_type, body) = if !complete {
         ("400 Bad Request", "text/plain", "bad request\n".to_string())
-    } else if !allowed {
-        (
-            "403 Forbidden",
-            "text/plain",
-            "forbidden: not in metrics.allow_from\n".to_string(),
-        )
     } else if method != "GET" && method != "HEAD" {
         (
             "405 Method Not Allowed",
             "text/plain",
             "only GET and HEAD\n".to_string(),
+        )
+    } else if path == "/healthz" {
+        ("200 OK", "text/plain", "ok\n".to_string())
+    } else if path == "/readyz" && readiness.is_ready() {
+        ("200 OK", "text/plain", "ready\n".to_string())
+    } else if path == "/readyz" {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: starting or draining\n".to_string(),
+        )
+    } else if !allowed {
+        (
+            "403 Forbidden",
+            "text/plain",
+            "forbidden: not in metrics.allow_from\n".to_string(),
         )
     } else if path == "/metrics" {
         (
@@ -133,7 +171,7 @@ async fn respond(
         (
             "404 Not Found",
             "text/plain",
-            "not found; try /metrics\n".to_string(),
+            "not found; try /metrics, /healthz or /readyz\n".to_string(),
         )
     };
     let mut response = format!(

@@ -187,10 +187,14 @@ fn launch<B: Backend>(
 
     main_rt.block_on(async move {
         let allow_from = plan.config.metrics.as_ref().map(|m| m.allow_from.clone()).unwrap_or_default();
+        // Every service is listening by now: /readyz says so until the drain begins.
+        let readiness = metrics_http::Readiness::default();
+        readiness.set_ready();
         let metrics_task = match (metrics_socket, prometheus) {
             (Some(socket), Some(handle)) => {
-                info!(listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening at /metrics");
-                Some(tokio::spawn(metrics_http::serve(socket, handle, allow_from)))
+                info!(listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening at /metrics, /healthz, /readyz");
+                let serve = metrics_http::serve(socket, handle, allow_from, readiness.clone());
+                Some(tokio::spawn(serve))
             }
             _ => None,
         };
@@ -198,6 +202,7 @@ fn launch<B: Backend>(
         let mut signals = signals;
         let signal = signals.recv().await;
         info!(signal, grace = ?grace, "shutting down: no new connections, draining open ones");
+        readiness.set_draining();
         trigger.trigger();
         // A second signal during the drain means "now": exit without waiting for the grace.
         tokio::spawn(async move {

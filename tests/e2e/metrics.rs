@@ -288,3 +288,42 @@ fn metrics_allow_from_answers_403_and_no_section_means_no_endpoint() {
         server.log()
     );
 }
+
+#[test]
+fn health_endpoints_answer_everyone_and_readyz_turns_503_while_draining() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        // Scrapes restricted to 10/8: the health endpoints still answer loopback.
+        let config = config(&dir.0, "allow_from = [\"10.0.0.0/8\"]")
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"10s\"");
+        let mut server = Server::start(&config, backend);
+        let metrics = server.metrics.unwrap();
+        assert_eq!(http_get(metrics, "/metrics").0, 403);
+        assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".to_string()));
+        assert_eq!(http_get(metrics, "/readyz"), (200, "ready\n".to_string()));
+        // An open echo connection holds the drain: the server is alive but not ready.
+        let mut held = connect(server.addr("echo"));
+        held.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        held.read_exact(&mut b).unwrap();
+        server.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while http_get(metrics, "/readyz").0 != 503 {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: /readyz never turned 503"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            http_get(metrics, "/healthz").0,
+            200,
+            "{backend}: alive while draining"
+        );
+        drop(held);
+        assert_eq!(
+            server.wait(Duration::from_secs(5)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
