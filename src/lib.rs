@@ -4,6 +4,7 @@
 //! with one `register` line (see [`registry`]). The framework itself lives in `wharf-core`,
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
 
+pub mod activation;
 pub mod bench;
 pub mod cli;
 pub mod client;

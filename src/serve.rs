@@ -22,6 +22,7 @@ use wharf_core::service::DynService;
 use wharf_core::shutdown::{self, Shutdown};
 use wharf_core::worker::{self, ConnOf, WorkerService};
 
+use crate::activation::Activated;
 use crate::metrics_http;
 use crate::plan::Plan;
 use crate::registry::BuiltService;
@@ -72,26 +73,65 @@ fn launch<B: Backend>(
         n => n,
     };
 
-    // Bind everything first.
+    // Bind everything first (or take the sockets systemd passed).
+    let mut activated = Activated::from_env().map_err(ServeError)?;
     let mut sockets = Vec::with_capacity(plan.services.len());
     let mut bound = Vec::with_capacity(plan.services.len());
     for svc in &plan.services {
-        let group = bind_reuseport_group(svc.config.listen, workers)
-            .and_then(|g| Ok((g[0].local_addr()?, g)))
-            .map_err(|e| {
-                let key = format!("services.{}.listen", svc.name);
-                bind_error(&plan, &key, svc.config.listen, &e)
-            })?;
+        let group = match activated.take(&svc.name, Some(svc.config.listen)) {
+            // One socket shared by every worker (each accepts on its own descriptor of it).
+            Some(socket) => (0..workers)
+                .map(|_| socket.try_clone())
+                .collect::<io::Result<Vec<_>>>()
+                .and_then(|g| {
+                    g.iter().try_for_each(|s| s.set_nonblocking(true))?;
+                    Ok((socket.local_addr()?, g))
+                })
+                .map_err(|e| ServeError(format!("socket activation: {}: {e}", svc.name)))?,
+            None => bind_reuseport_group(svc.config.listen, workers)
+                .and_then(|g| Ok((g[0].local_addr()?, g)))
+                .map_err(|e| {
+                    let key = format!("services.{}.listen", svc.name);
+                    bind_error(&plan, &key, svc.config.listen, &e)
+                })?,
+        };
         bound.push(group.0);
         sockets.push(group.1);
     }
-    let metrics_socket = match &plan.config.metrics {
-        Some(m) => Some(
+    let metrics_addr = plan.config.metrics.as_ref().map(|m| m.listen);
+    let metrics_socket = match (
+        &plan.config.metrics,
+        activated.take("metrics", metrics_addr),
+    ) {
+        (Some(_), Some(socket)) => {
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| ServeError(format!("socket activation: metrics: {e}")))?;
+            Some(socket)
+        }
+        (Some(m), None) => Some(
             bind_metrics(m.listen)
                 .map_err(|e| bind_error(&plan, "metrics.listen", m.listen, &e))?,
         ),
-        None => None,
+        (None, Some(_)) => return Err(ServeError(
+            "socket activation passed a `metrics` socket but the config has no [metrics] section"
+                .into(),
+        )),
+        (None, None) => None,
     };
+    let unused = activated.leftover();
+    if !unused.is_empty() {
+        return Err(ServeError(format!(
+            "socket activation passed sockets {} that match no service by name or listen \
+             address (services: {})",
+            unused.join(", "),
+            plan.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
 
     // Metrics recorder before any handle is registered.
     let prometheus = match &metrics_socket {

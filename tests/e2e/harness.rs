@@ -198,9 +198,29 @@ impl Server {
         env: &[(&str, &str)],
         adjust: impl FnOnce(&mut Command),
     ) -> Result<Server, String> {
+        Self::start_wrapped(config, &[], args, env, adjust)
+    }
+
+    /// Like [`Server::start_custom`], with `wharf serve ...` run by a wrapper command
+    /// (`wrapper[0]` with `wrapper[1..]`, then wharf and its arguments), such as
+    /// `systemd-socket-activate`.
+    pub fn start_wrapped(
+        config: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Server, String> {
         let dir = TempDir::new();
         let path = dir.write("wharf.toml", config);
-        let mut cmd = Command::new(WHARF);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, before)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(before).arg(WHARF);
+                cmd
+            }
+            None => Command::new(WHARF),
+        };
         cmd.arg("serve").arg("--config").arg(&path).args(args);
         cmd.env("WHARF_LOG", "info");
         for (k, v) in env {

@@ -136,3 +136,144 @@ fn idle_keep_alive_and_command_connections_do_not_hold_the_drain() {
         assert!(closed_within(&mut files, Duration::from_secs(1)));
     }
 }
+
+#[test]
+fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
+    if !have_tool("systemd-socket-activate", "--version") {
+        return;
+    }
+    for backend in backends() {
+        // The config's own addresses are held by us: had wharf bound them, it would fail.
+        let held_echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let held_metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = format!(
+            "[server]\nworkers = 2\n[metrics]\nlisten = \"{}\"\n\
+             [services.echo]\nplugin = \"echo\"\nlisten = \"{}\"\n\
+             [services.echo.options]\ntransform = \"upper\"\n",
+            held_metrics.local_addr().unwrap(),
+            held_echo.local_addr().unwrap()
+        );
+        // The addresses systemd would bind from the .socket unit.
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (echo, metrics) = (free(), free());
+        // systemd-socket-activate starts wharf on the first connection: make one.
+        let first = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(mut s) = std::net::TcpStream::connect(echo) {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    return echo_once(&mut s, b"first");
+                }
+                assert!(Instant::now() < deadline, "nothing listens on {echo}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let (l_echo, l_metrics) = (format!("--listen={echo}"), format!("--listen={metrics}"));
+        let server = Server::start_wrapped(
+            &config,
+            &[
+                "systemd-socket-activate",
+                &l_echo,
+                &l_metrics,
+                "--fdname=echo:metrics",
+                "-E",
+                "WHARF_LOG",
+            ],
+            &["--backend", backend],
+            &[],
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        // The connection that started wharf waited in the socket's backlog and is served.
+        assert_eq!(first.join().unwrap(), b"FIRST");
+        assert_eq!(server.addr("echo"), echo, "{}", server.log());
+        assert_eq!(server.metrics, Some(metrics));
+        let mut s = connect(echo);
+        assert_eq!(echo_once(&mut s, b"activated"), b"ACTIVATED");
+        assert_eq!(http_get(metrics, "/readyz").0, 200);
+        drop((held_echo, held_metrics));
+    }
+}
+
+#[test]
+fn socket_activation_with_a_socket_no_service_claims_is_a_clear_startup_error() {
+    if !have_tool("systemd-socket-activate", "--version") {
+        return;
+    }
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let trigger = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let listen = format!("--listen={addr}");
+    let err = Server::start_wrapped(
+        &echo_config(""),
+        &[
+            "systemd-socket-activate",
+            &listen,
+            "--fdname=ech0",
+            "-E",
+            "WHARF_LOG",
+        ],
+        &[],
+        &[],
+        |_| {},
+    )
+    .err()
+    .expect("wharf must refuse a socket it has no service for");
+    trigger.join().unwrap();
+    assert!(
+        err.contains(&format!("sockets ech0 ({addr}) that match no service")),
+        "{err}"
+    );
+    assert!(err.contains("(services: echo)"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn socket_activation_matches_unnamed_sockets_by_listen_address() {
+    if !have_tool("systemd-socket-activate", "--version") {
+        return;
+    }
+    // One socket, no names (as from a single wharf.socket unit): matched by the config's address.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!(
+        "[services.echo]\nplugin = \"echo\"\nlisten = \"{addr}\"\n\
+         [services.echo.options]\ntransform = \"upper\"\n"
+    );
+    let first = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                return echo_once(&mut s, b"hi");
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let listen = format!("--listen={addr}");
+    let server = Server::start_wrapped(
+        &config,
+        &["systemd-socket-activate", &listen, "-E", "WHARF_LOG"],
+        &[],
+        &[],
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(first.join().unwrap(), b"HI");
+    assert_eq!(server.addr("echo"), addr);
+}

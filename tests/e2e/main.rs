@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod echo;
 mod exec;
+mod deploy;
 mod faults;
 mod files;
 mod harness;
