@@ -53,7 +53,196 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
-    for hardening in ["DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes"] {
+    for hardening in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(service.contains(hardening), "{hardening} missing");
     }
+}
+
+/// The ports of `listen` keys in a config (services and metrics), by service name.
+fn listen_ports(config_text: &str) -> std::collections::BTreeMap<String, u16> {
+    let config: toml::Value = toml::from_str(config_text).unwrap();
+    let port = |v: &toml::Value| {
+        v["listen"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .port()
+    };
+    let mut ports: std::collections::BTreeMap<String, u16> = config["services"]
+        .as_table()
+        .unwrap()
+        .iter()
+        .map(|(name, svc)| (name.clone(), port(svc)))
+        .collect();
+    ports.insert("metrics".into(), port(&config["metrics"]));
+    ports
+}
+
+/// Every YAML document of deploy/kubernetes/*.yaml.
+fn manifests() -> Vec<serde_yaml::Value> {
+    let mut docs = Vec::new();
+    for file in ["configmap", "deployment", "services", "pdb", "monitoring"] {
+        let text = read(&format!("deploy/kubernetes/{file}.yaml"));
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            docs.push(serde::Deserialize::deserialize(doc).unwrap());
+        }
+    }
+    docs
+}
+
+fn kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn container_config_is_valid_and_binds_all_interfaces() {
+    let out = Command::new(WHARF)
+        .args([
+            "check",
+            "--config",
+            &format!("{ROOT}/configs/container.toml"),
+        ])
+        // The image's file root does not exist here: point it at the repository's.
+        .env(
+            "WHARF_SERVICES__FILES__OPTIONS__ROOT",
+            format!("{ROOT}/files"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = read("configs/container.toml");
+    assert!(
+        !text.contains("127.0.0.1"),
+        "a container must listen on its interfaces"
+    );
+    assert!(
+        !text.contains("plugin = \"exec\""),
+        "exec is opt-in in containers"
+    );
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_the_container_config_and_the_image() {
+    let docs = manifests();
+    let config = read("configs/container.toml");
+    let ports = listen_ports(&config);
+
+    // The ConfigMap carries configs/container.toml verbatim.
+    let configmap = kind(&docs, "ConfigMap")[0];
+    assert_eq!(
+        configmap["data"]["wharf.toml"].as_str(),
+        Some(config.as_str())
+    );
+
+    // The container exposes exactly the configured ports, named like the services.
+    let deployment = kind(&docs, "Deployment")[0];
+    let pod = &deployment["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let exposed: std::collections::BTreeMap<String, u16> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let name = p["name"].as_str().unwrap().to_string();
+            (name, p["containerPort"].as_u64().unwrap() as u16)
+        })
+        .collect();
+    assert_eq!(exposed, ports);
+
+    // Probes hit the health endpoints on the metrics port; scrapes go there too.
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["port"], "metrics");
+    }
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(ports["metrics"].to_string().as_str())
+    );
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    // The config is mounted where the arguments say, and drains before the pod is killed.
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args, ["serve", "--config", "/etc/wharf/wharf.toml"]);
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/etc/wharf");
+    let grace: toml::Value = toml::from_str(&config).unwrap();
+    let grace =
+        humantime::parse_duration(grace["server"]["shutdown_grace"].as_str().unwrap()).unwrap();
+    let termination = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace.as_secs() < termination,
+        "shutdown_grace must end before SIGKILL"
+    );
+
+    // Every Service targets a named container port, and every service port is published.
+    let labels = &pod["metadata"]["labels"];
+    let mut published = Vec::new();
+    for service in kind(&docs, "Service") {
+        assert_eq!(&service["spec"]["selector"], labels);
+        for port in service["spec"]["ports"].as_sequence().unwrap() {
+            let target = port["targetPort"].as_str().unwrap();
+            assert!(exposed.contains_key(target), "targetPort {target}");
+            published.push(target.to_string());
+        }
+    }
+    published.sort();
+    assert_eq!(published, ports.keys().cloned().collect::<Vec<_>>());
+
+    // The ServiceMonitor selects the metrics Service and scrapes /metrics on its port.
+    let monitor = kind(&docs, "ServiceMonitor")[0];
+    let metrics_service = kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "wharf-metrics")
+        .unwrap();
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(&metrics_service["metadata"]["labels"][k], v);
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+
+    // The PodDisruptionBudget covers these pods.
+    let pdb = kind(&docs, "PodDisruptionBudget")[0];
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
+
+    // Same unprivileged user as the image.
+    let dockerfile = read("Dockerfile");
+    let uid = pod["spec"]["securityContext"]["runAsUser"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        dockerfile.contains(&format!("USER {uid}:")),
+        "image user != runAsUser {uid}"
+    );
+    let expose = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPOSE "))
+        .unwrap();
+    let mut exposed_by_image: Vec<u16> = expose
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    exposed_by_image.sort();
+    let mut configured: Vec<u16> = ports.values().copied().collect();
+    configured.sort();
+    assert_eq!(exposed_by_image, configured);
 }

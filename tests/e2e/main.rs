@@ -4,9 +4,9 @@
 
 mod bench;
 mod cli;
+mod deploy;
 mod echo;
 mod exec;
-mod deploy;
 mod faults;
 mod files;
 mod harness;
