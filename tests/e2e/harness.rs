@@ -222,6 +222,13 @@ impl Server {
             None => Command::new(WHARF),
         };
         cmd.arg("serve").arg("--config").arg(&path).args(args);
+        // Config overrides come from the test, never from the environment the tests run in
+        // (WHARF_SOAK_SECS, a developer's WHARF_* settings).
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WHARF_") {
+                cmd.env_remove(key);
+            }
+        }
         cmd.env("WHARF_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
