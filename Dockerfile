@@ -2,8 +2,10 @@
 # wharf in a slim image, running as an unprivileged user.
 #
 #   docker build -t wharf .
-#   docker run --rm -p 127.0.0.1:6969:6969 -p 127.0.0.1:8080:8080 -p 127.0.0.1:9999:9999 \
-#     -p 127.0.0.1:9898:9898 wharf
+#   docker run --rm --stop-timeout 30 -p 127.0.0.1:6969:6969 -p 127.0.0.1:8080:8080 \
+#     -p 127.0.0.1:9999:9999 -p 127.0.0.1:9898:9898 wharf
+#
+# (--stop-timeout: Docker kills after 10 s by default; the config drains for up to 25 s.)
 #
 # Docker's default seccomp profile refuses io_uring_setup: with backend = "auto" wharf then
 # runs on epoll and logs "backend auto: using epoll because io_uring_setup is not permitted".

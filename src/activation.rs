@@ -116,6 +116,9 @@ fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
     if get(libc::SO_TYPE)? != libc::SOCK_STREAM {
         return Err("not a stream socket".into());
     }
+    if !matches!(get(libc::SO_DOMAIN)?, libc::AF_INET | libc::AF_INET6) {
+        return Err("not a TCP/IP socket (a unix socket? use an address in ListenStream=)".into());
+    }
     if get(libc::SO_ACCEPTCONN)? != 1 {
         return Err("not a listening socket".into());
     }

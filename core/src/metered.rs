@@ -101,8 +101,9 @@ async fn counted_read<C: Conn>(
 }
 
 impl<C: Conn> Metered<C> {
-    /// A read between requests while draining: a request the client already sent is still
-    /// served (nothing is lost); a silent connection ends now, like a client that closed.
+    /// A read between requests once draining has begun (no read of ours is pending): a request
+    /// the client already sent is still served; a silent connection ends now, like a client
+    /// that closed.
     fn drain_read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
         if buf.capacity() == buf.len() {
             buf.reserve(crate::buffer::IDLE);
@@ -128,10 +129,10 @@ impl<C: Conn> Conn for Metered<C> {
         tokio::select! {
             biased;
             done = read => done,
-            _ = self.shutdown.wait() => {
-                // The read (and its buffer) were dropped with the losing branch.
-                self.drain_read(Vec::with_capacity(crate::buffer::ACTIVE))
-            }
+            // Draining while nothing has arrived: end the connection like a client that
+            // closed. No second read here: on io_uring the dropped read may still be armed in
+            // the kernel and would take whatever arrives next.
+            _ = self.shutdown.wait() => (Ok(0), Vec::new()),
         }
     }
 

@@ -96,7 +96,7 @@ fn download(addr: SocketAddr, path: &str, rate: Option<usize>) -> (u64, Option<S
     download_with(addr, path, rate, || {})
 }
 
-/// [`download`], calling `started` once the size has arrived (the transfer is running).
+/// [`download`], calling `started` once the first bytes of the file have arrived.
 fn download_with(
     addr: SocketAddr,
     path: &str,
@@ -110,7 +110,7 @@ fn download_with(
     let n = s.read(&mut size).unwrap();
     let size: u64 = std::str::from_utf8(&size[..n]).unwrap().parse().unwrap();
     s.write_all(b"ok").unwrap();
-    started();
+    let mut started = Some(started);
     let mut left = size;
     let mut buf = vec![0u8; rate.unwrap_or(1 << 20)];
     while left > 0 {
@@ -118,6 +118,10 @@ fn download_with(
         match s.read(&mut buf[..want]) {
             Ok(0) | Err(_) => return (size, None),
             Ok(n) => left -= n as u64,
+        }
+        // The transfer is running: the first bytes of the file are in.
+        if let Some(started) = started.take() {
+            started();
         }
         if rate.is_some() {
             std::thread::sleep(Duration::from_millis(10));
@@ -216,9 +220,16 @@ fn files_deleted_or_truncated_mid_transfer_never_verify_as_something_else() {
             std::fs::write(&path, &data).unwrap();
             let addr = server.addr("files");
             let name2 = name.to_string();
-            // A slow reader (~25 MB/s), so the change lands mid-transfer.
-            let client = std::thread::spawn(move || download(addr, &name2, Some(256 * 1024)));
-            std::thread::sleep(Duration::from_millis(200));
+            // A slow reader (~25 MB/s); the change lands once the transfer is running.
+            let (running_tx, running) = std::sync::mpsc::channel();
+            let client = std::thread::spawn(move || {
+                download_with(addr, &name2, Some(256 * 1024), move || {
+                    let _ = running_tx.send(());
+                })
+            });
+            running
+                .recv_timeout(Duration::from_secs(10))
+                .expect("transfer started");
             match change {
                 "delete" => std::fs::remove_file(&path).unwrap(),
                 _ => std::fs::OpenOptions::new()
@@ -305,26 +316,33 @@ fn sigterm_during_50_downloads_lets_each_finish_verified_and_refuses_new_connect
         let addr = server.addr("files");
         // 50 readers at ~13 MB/s at most each (0.6 s or more per download); SIGTERM once
         // every one of them has its size, i.e. every transfer is running.
-        let started = std::sync::Arc::new(std::sync::Barrier::new(DOWNLOADS + 1));
+        let (started_tx, started) = std::sync::mpsc::channel();
         let clients: Vec<_> = (0..DOWNLOADS)
             .map(|_| {
-                let started = started.clone();
+                let started_tx = started_tx.clone();
                 std::thread::spawn(move || {
-                    download_with(addr, "f.bin", Some(128 * 1024), || {
-                        started.wait();
+                    download_with(addr, "f.bin", Some(128 * 1024), move || {
+                        let _ = started_tx.send(());
                     })
                 })
             })
             .collect();
-        started.wait();
+        for _ in 0..DOWNLOADS {
+            started
+                .recv_timeout(Duration::from_secs(30))
+                .expect("every download starts");
+        }
         let signalled = Instant::now();
         server.signal(libc::SIGTERM);
-        // New connections are refused at once.
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
-            "{backend}: a new connection was accepted after SIGTERM"
-        );
+        // New connections are refused at once (polled: the signal takes a moment to land).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: still accepting after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let want = md5_hex(&data);
         for c in clients {
             let (size, slot) = c.join().unwrap();

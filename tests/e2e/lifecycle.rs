@@ -277,3 +277,55 @@ fn socket_activation_matches_unnamed_sockets_by_listen_address() {
     assert_eq!(first.join().unwrap(), b"HI");
     assert_eq!(server.addr("echo"), addr);
 }
+
+#[test]
+fn an_activated_socket_outlives_wharf_on_both_backends() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // This test plays systemd: it owns the listening socket, passes it as descriptor 3, and
+    // must still be able to accept on it after wharf has stopped (a restart reuses it).
+    for backend in backends() {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let fd = socket.as_raw_fd();
+        let mut server = Server::start_wrapped(
+            &echo_config(""),
+            &["sh", "-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""],
+            &["--backend", backend],
+            &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "echo")],
+            |cmd| {
+                // SAFETY: only dup2 and fcntl (async-signal-safe) between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        // dup2 onto itself would keep close-on-exec: clear it instead.
+                        let rc = if fd == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        };
+                        if rc < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        assert_eq!(server.addr("echo"), addr);
+        let mut s = connect(addr);
+        assert_eq!(echo_once(&mut s, b"x"), b"X");
+        drop(s);
+        server.signal(libc::SIGTERM);
+        assert_eq!(
+            server.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+        // Still listening: a connection completes and is accepted here.
+        let _client = std::net::TcpStream::connect(addr).expect("the shared socket was closed");
+        socket.set_nonblocking(false).unwrap();
+        let (_conn, _) = socket
+            .accept()
+            .expect("the shared socket stopped listening");
+    }
+}

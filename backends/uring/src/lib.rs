@@ -39,10 +39,8 @@ impl Backend for IoUring {
     }
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
-        // io_uring waits by itself; some kernels complete an accept on a non-blocking
-        // listener with EAGAIN instead of waiting, which would make the accept loop spin.
-        socket.set_nonblocking(false)?;
-        Ok(TcpListener(tokio_uring::net::TcpListener::from_std(socket)))
+        socket.set_nonblocking(true)?;
+        Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
     }
 }
 
@@ -111,23 +109,20 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A worker's listening socket.
-pub struct TcpListener(tokio_uring::net::TcpListener);
+/// A worker's listening socket. Connections are accepted on readiness (tokio's reactor, which
+/// tokio-uring runs on) and served through the ring: accepting is not the hot path, and an
+/// io_uring accept cannot be cancelled with tokio-uring 0.5 (a dropped operation stays armed),
+/// so a stopped listener could only be silenced by `shutdown(2)`, which would also stop a
+/// socket shared with systemd (socket activation).
+pub struct TcpListener(tokio::net::TcpListener);
 
 /// tokio-uring does not cancel an operation whose future is dropped: the kernel keeps it in
-/// flight, and the op keeps the socket open. `shutdown(2)` completes pending operations (an
-/// accept fails, a receive sees end of stream), so dropping really closes the socket. Without
-/// this, a stopped listener would keep accepting and an idle-timed-out client would never be
-/// disconnected.
+/// flight, and the op keeps the socket open. `shutdown(2)` completes pending operations (a
+/// receive sees end of stream), so dropping a connection really closes it. Without this, an
+/// idle-timed-out client would never be disconnected.
 fn complete_pending_ops(fd: std::os::fd::RawFd) {
     // SAFETY: `fd` belongs to a socket we still own (called from Drop, before it is closed).
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-}
-
-impl Drop for TcpListener {
-    fn drop(&mut self) {
-        complete_pending_ops(self.0.as_raw_fd());
-    }
 }
 
 impl Listener for TcpListener {
@@ -135,7 +130,11 @@ impl Listener for TcpListener {
 
     async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
         let (stream, peer) = self.0.accept().await?;
+        let stream = stream.into_std()?;
+        // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
+        stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
+        let stream = tokio_uring::net::TcpStream::from_std(stream);
         Ok((TcpConn { stream, peer }, peer))
     }
 }
