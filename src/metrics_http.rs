@@ -27,8 +27,12 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole request, reading and writing, must finish within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrape connections served at once; more are closed at accept.
+/// Scrape connections served at once; more go to the reserve.
 const MAX_SCRAPES_IN_FLIGHT: usize = 64;
+/// Connections beyond those, served only for health checks and within [`RESERVE_TIMEOUT`]: a
+/// peer holding every scrape slot must not make liveness probes fail. More are closed at accept.
+const RESERVE_SLOTS: usize = 16;
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder (histograms with [`LATENCY_BUCKETS`]).
@@ -70,6 +74,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let allow_from = std::sync::Arc::new(allow_from);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT));
+    let reserve = std::sync::Arc::new(tokio::sync::Semaphore::new(RESERVE_SLOTS));
     let listener = TcpListener::from_std(listener)?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -92,14 +97,20 @@ pub async fn serve(
         let readiness = readiness.clone();
         let allowed = allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()));
         // Bounded: a peer that never reads cannot pile up tasks and descriptors.
-        let Ok(permit) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let (permit, health_only, limit) = match std::sync::Arc::clone(&slots).try_acquire_owned() {
+            Ok(p) => (p, false, REQUEST_TIMEOUT),
+            Err(_) => match std::sync::Arc::clone(&reserve).try_acquire_owned() {
+                Ok(p) => (p, true, RESERVE_TIMEOUT),
+                Err(_) => {
+                    drop(stream);
+                    continue;
+                }
+            },
         };
         tokio::spawn(async move {
             let _permit = permit;
-            let answer = respond(stream, &handle, allowed, &readiness);
-            match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+            let answer = respond(stream, &handle, allowed, health_only, &readiness);
+            match tokio::time::timeout(limit, answer).await {
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
                 Err(_) => debug!(%peer, "metrics request timed out"),
                 Ok(Ok(())) => {}
@@ -108,10 +119,12 @@ pub async fn serve(
     }
 }
 
+/// Answers one request; `health_only` (every scrape slot taken) serves health checks only.
 async fn respond(
     mut stream: TcpStream,
     handle: &PrometheusHandle,
     allowed: bool,
+    health_only: bool,
     readiness: &Readiness,
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(1024);
@@ -154,6 +167,12 @@ async fn respond(
             "503 Service Unavailable",
             "text/plain",
             "not ready: starting or draining\n".to_string(),
+        )
+    } else if health_only {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            "busy: too many scrapes in flight\n".to_string(),
         )
     } else if !allowed {
         (

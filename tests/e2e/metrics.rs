@@ -327,3 +327,18 @@ fn health_endpoints_answer_everyone_and_readyz_turns_503_while_draining() {
         );
     }
 }
+
+#[test]
+fn health_checks_are_answered_while_every_scrape_slot_is_held() {
+    let dir = TempDir::new();
+    let server = Server::start(&config(&dir.0, ""), "epoll");
+    let metrics = server.metrics.unwrap();
+    // 64 connections that never send a request hold every scrape slot (for up to 10 s).
+    let held: Vec<std::net::TcpStream> = (0..64).map(|_| connect(metrics)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    // A scrape beyond the limit is told so instead of waiting.
+    assert_eq!(http_get(metrics, "/metrics").0, 503);
+    drop(held);
+}
