@@ -139,12 +139,12 @@ pub fn main(args: SwapArgs) -> i32 {
 
 fn run(args: SwapArgs) -> Result<(), String> {
     validate(&args)?;
-    // Workload mistakes (--pipeline with exec...) are reported before any server starts.
-    let mut probe = args.work.clone();
+    let mut work = args.work.clone();
     if args.plugin == Protocol::Get {
-        probe.path = Some(BENCH_FILE.to_string());
+        work.path = Some(BENCH_FILE.to_string());
     }
-    probe.spec(
+    // Workload mistakes (--pipeline with exec...) are reported before any server starts.
+    work.spec(
         args.plugin,
         SocketAddr::from(([127, 0, 0, 1], 1)),
         1,
@@ -185,10 +185,6 @@ fn run(args: SwapArgs) -> Result<(), String> {
         )?),
         _ => None,
     };
-    let mut work = args.work.clone();
-    if args.plugin == Protocol::Get {
-        work.path = Some(BENCH_FILE.to_string());
-    }
     let threads = work.threads.unwrap_or(if client_cpus.is_empty() {
         cpus.len()
     } else {

@@ -2,7 +2,6 @@
 //! reported (refused connections, a server speaking another protocol), parseable JSON, and a
 //! short `wharf bench swap` that writes its table, results.json and chart.
 
-use std::net::SocketAddr;
 use std::process::{Command, Output};
 
 use crate::harness::*;
@@ -203,12 +202,7 @@ fn a_server_that_stops_answering_shows_as_stalled_requests_in_the_open_loop() {
 #[test]
 fn refused_connections_are_counted_not_panics() {
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+    let addr = free_addr().to_string();
     let (report, out) = bench(&["echo", &addr, "-c", "3"]);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert_eq!(num(&report, "requests"), 0.0);

@@ -83,9 +83,7 @@ fn syntax_errors_and_missing_files_are_reported() {
 
 #[test]
 fn serve_with_a_bad_config_exits_before_binding() {
-    let free = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let port = free_addr().port();
     let config = format!(
         "[services.good]\nplugin = \"echo\"\nlisten = \"127.0.0.1:{port}\"\n\
          [services.bad]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"soon\"\n"

@@ -1,18 +1,10 @@
 //! Startup and shutdown: SIGTERM/SIGINT drain, grace expiry, exit codes.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-
-fn echo_once(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
-    s.write_all(msg).unwrap();
-    let mut buf = vec![0; msg.len()];
-    s.read_exact(&mut buf).unwrap();
-    buf
-}
-
 /// Polls until connecting to `addr` is refused (the listener is closed).
 fn refused_within(addr: std::net::SocketAddr, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -137,6 +129,38 @@ fn idle_keep_alive_and_command_connections_do_not_hold_the_drain() {
     }
 }
 
+/// Starts `wharf serve` under `systemd-socket-activate`, which binds `listen` and passes the
+/// sockets (named `fdnames`, colon-separated, when given).
+fn start_socket_activated(
+    config: &str,
+    listen: &[SocketAddr],
+    fdnames: Option<&str>,
+    args: &[&str],
+) -> Result<Server, String> {
+    let mut wrapper: Vec<String> = vec!["systemd-socket-activate".into()];
+    wrapper.extend(listen.iter().map(|a| format!("--listen={a}")));
+    wrapper.extend(fdnames.map(|n| format!("--fdname={n}")));
+    wrapper.extend(["-E".into(), "WHARF_LOG".into()]);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    Server::start_wrapped(config, &wrapper, args, &[], |_| {})
+}
+
+/// systemd-socket-activate starts wharf on the first connection: in the background, connects
+/// to `addr` as soon as something listens there, and returns the connection.
+fn first_connection(addr: SocketAddr) -> std::thread::JoinHandle<TcpStream> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = TcpStream::connect(addr) {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                return s;
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
 #[test]
 fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
     if !have_tool("systemd-socket-activate", "--version") {
@@ -154,43 +178,17 @@ fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
             held_echo.local_addr().unwrap()
         );
         // The addresses systemd would bind from the .socket unit.
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        };
-        let (echo, metrics) = (free(), free());
-        // systemd-socket-activate starts wharf on the first connection: make one.
-        let first = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(mut s) = std::net::TcpStream::connect(echo) {
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    return echo_once(&mut s, b"first");
-                }
-                assert!(Instant::now() < deadline, "nothing listens on {echo}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let (l_echo, l_metrics) = (format!("--listen={echo}"), format!("--listen={metrics}"));
-        let server = Server::start_wrapped(
+        let (echo, metrics) = (free_addr(), free_addr());
+        let first = first_connection(echo);
+        let server = start_socket_activated(
             &config,
-            &[
-                "systemd-socket-activate",
-                &l_echo,
-                &l_metrics,
-                "--fdname=echo:metrics",
-                "-E",
-                "WHARF_LOG",
-            ],
+            &[echo, metrics],
+            Some("echo:metrics"),
             &["--backend", backend],
-            &[],
-            |_| {},
         )
         .unwrap_or_else(|e| panic!("{backend}: {e}"));
         // The connection that started wharf waited in the socket's backlog and is served.
-        assert_eq!(first.join().unwrap(), b"FIRST");
+        assert_eq!(echo_once(&mut first.join().unwrap(), b"first"), b"FIRST");
         assert_eq!(server.addr("echo"), echo, "{}", server.log());
         assert_eq!(server.metrics, Some(metrics));
         let mut s = connect(echo);
@@ -205,32 +203,11 @@ fn socket_activation_with_a_socket_no_service_claims_is_a_clear_startup_error() 
     if !have_tool("systemd-socket-activate", "--version") {
         return;
     }
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let trigger = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    let listen = format!("--listen={addr}");
-    let err = Server::start_wrapped(
-        &echo_config(""),
-        &[
-            "systemd-socket-activate",
-            &listen,
-            "--fdname=ech0",
-            "-E",
-            "WHARF_LOG",
-        ],
-        &[],
-        &[],
-        |_| {},
-    )
-    .err()
-    .expect("wharf must refuse a socket it has no service for");
+    let addr = free_addr();
+    let trigger = first_connection(addr);
+    let err = start_socket_activated(&echo_config(""), &[addr], Some("ech0"), &[])
+        .err()
+        .expect("wharf must refuse a socket it has no service for");
     trigger.join().unwrap();
     assert!(
         err.contains(&format!("sockets ech0 ({addr}) that match no service")),
@@ -246,35 +223,14 @@ fn socket_activation_matches_unnamed_sockets_by_listen_address() {
         return;
     }
     // One socket, no names (as from a single wharf.socket unit): matched by the config's address.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = free_addr();
     let config = format!(
         "[services.echo]\nplugin = \"echo\"\nlisten = \"{addr}\"\n\
          [services.echo.options]\ntransform = \"upper\"\n"
     );
-    let first = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                return echo_once(&mut s, b"hi");
-            }
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    let listen = format!("--listen={addr}");
-    let server = Server::start_wrapped(
-        &config,
-        &["systemd-socket-activate", &listen, "-E", "WHARF_LOG"],
-        &[],
-        &[],
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(first.join().unwrap(), b"HI");
+    let first = first_connection(addr);
+    let server = start_socket_activated(&config, &[addr], None, &[]).unwrap();
+    assert_eq!(echo_once(&mut first.join().unwrap(), b"hi"), b"HI");
     assert_eq!(server.addr("echo"), addr);
 }
 

@@ -32,12 +32,9 @@ fn raise_fd_limit(n: u64) -> bool {
     }
 }
 
-/// One echo exchange on an open connection.
-fn echo_once(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).unwrap();
-    let mut back = vec![0; msg.len()];
-    s.read_exact(&mut back).unwrap();
-    assert_eq!(back, msg.to_ascii_uppercase());
+/// One exchange with an uppercasing echo service, checked.
+fn echoed(s: &mut TcpStream, msg: &[u8]) {
+    assert_eq!(echo_once(s, msg), msg.to_ascii_uppercase());
 }
 
 #[test]
@@ -59,7 +56,7 @@ fn ten_thousand_idle_echo_connections_on_one_worker_cost_under_10_kib_each() {
         // Warm up what every connection shares (allocator arenas, the runtime), then measure.
         let mut warm: Vec<TcpStream> = (0..100).map(|_| connect(addr)).collect();
         for s in &mut warm {
-            echo_once(s, b"warm");
+            echoed(s, b"warm");
         }
         drop(warm);
         std::thread::sleep(Duration::from_millis(200));
@@ -69,7 +66,7 @@ fn ten_thousand_idle_echo_connections_on_one_worker_cost_under_10_kib_each() {
         for i in 0..CONNECTIONS {
             let mut s = connect(addr);
             // Every connection is served once, then stays open and silent.
-            echo_once(&mut s, format!("hello {i}").as_bytes());
+            echoed(&mut s, format!("hello {i}").as_bytes());
             conns.push(s);
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -80,8 +77,8 @@ fn ten_thousand_idle_echo_connections_on_one_worker_cost_under_10_kib_each() {
         );
         // A new client is still answered at once, and so is the oldest idle one.
         let mut fresh = connect(addr);
-        echo_once(&mut fresh, b"still here");
-        echo_once(&mut conns[0], b"and me");
+        echoed(&mut fresh, b"still here");
+        echoed(&mut conns[0], b"and me");
         assert!(
             per_conn <= 10.0 * 1024.0,
             "{backend}: {per_conn:.0} bytes per idle connection (limit 10 KiB)"
@@ -93,7 +90,7 @@ fn ten_thousand_idle_echo_connections_on_one_worker_cost_under_10_kib_each() {
 fn round_trip(addr: SocketAddr) -> Duration {
     let mut s = connect(addr);
     let start = Instant::now();
-    echo_once(&mut s, b"ping");
+    echoed(&mut s, b"ping");
     start.elapsed()
 }
 
@@ -228,7 +225,7 @@ fn connection_floods_are_turned_away_counted_and_never_exhaust_descriptors() {
         // Fill every slot, then flood both services from four threads at once.
         let mut held: Vec<TcpStream> = (0..20).map(|_| connect(echo)).collect();
         for s in &mut held {
-            echo_once(s, b"mine");
+            echoed(s, b"mine");
         }
         let baseline = open_fds(server.pid());
         let flooders: Vec<_> = [echo, private, echo, private]
@@ -279,7 +276,7 @@ fn connection_floods_are_turned_away_counted_and_never_exhaust_descriptors() {
         }
         // The 20 admitted clients never noticed.
         for s in &mut held {
-            echo_once(s, b"still mine");
+            echoed(s, b"still mine");
         }
         assert!(!server.log().contains("panicked"));
     }
