@@ -62,6 +62,13 @@ pub struct LoadSpec {
     pub server_pids: Vec<u32>,
 }
 
+impl LoadSpec {
+    /// Client threads actually started: at least one, and never more than connections.
+    pub fn client_threads(&self) -> usize {
+        self.threads.clamp(1, self.connections.max(1))
+    }
+}
+
 /// What one run measured.
 pub struct LoadResult {
     /// Requests answered inside the window (errors included).
@@ -155,7 +162,7 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
         from: begin + spec.warmup,
         to: begin + spec.warmup + spec.duration,
     };
-    let threads = spec.threads.clamp(1, spec.connections.max(1));
+    let threads = spec.client_threads();
     let mut result = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {

@@ -100,7 +100,7 @@ impl Report {
             protocol: spec.workload.protocol.as_str(),
             addr: spec.addr.to_string(),
             connections: spec.connections,
-            threads: spec.threads.clamp(1, spec.connections.max(1)),
+            threads: spec.client_threads(),
             pipeline: spec.pipeline,
             mode: if spec.rate.is_some() {
                 "open"
