@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the configured services until SIGTERM or SIGINT.
+    /// Run the configured services until SIGTERM or SIGINT; SIGHUP reloads the config.
     Serve {
         /// Config file (TOML); without it, the embedded configs/default.toml.
         #[arg(long, short)]
@@ -36,6 +36,9 @@ enum Command {
         /// Override server.workers (0 = one per CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// Reload when the config file's content changes (as on SIGHUP), checked twice a second.
+        #[arg(long, requires = "config")]
+        watch_config: bool,
     },
     /// Validate the config without binding anything, and print the resolved services.
     Check {
@@ -120,6 +123,7 @@ pub fn main(registry: Registry) -> i32 {
             config,
             backend,
             workers,
+            watch_config,
         } => {
             let overrides = Overrides {
                 backend: backend.map(Into::into),
@@ -129,7 +133,13 @@ pub fn main(registry: Registry) -> i32 {
                 Ok(plan) => plan,
                 Err(errors) => return report_config_errors(&errors),
             };
-            match serve::run(plan) {
+            let reload = serve::ReloadSource {
+                watch: config.clone().filter(|_| watch_config),
+                load: std::sync::Arc::new(move || {
+                    plan::load(config.as_deref(), &overrides, &registry)
+                }),
+            };
+            match serve::run(plan, reload) {
                 Ok(()) => 0,
                 Err(serve::ServeError(msg)) => {
                     eprintln!("wharf: error: {msg}");

@@ -11,6 +11,7 @@ pub mod client;
 pub mod metrics_http;
 pub mod plan;
 pub mod registry;
+pub mod reload;
 pub mod serve;
 
 pub use registry::Registry;

@@ -65,14 +65,14 @@ impl Readiness {
 
 /// Serves scrapes and health checks until the task is dropped. Call inside a tokio runtime.
 /// Peers outside a non-empty `allow_from` get 403 for `/metrics`; the health endpoints reveal
-/// nothing and answer everyone (a kubelet probes from the node's address).
+/// nothing and answer everyone (a kubelet probes from the node's address). `allow_from` is
+/// read at each connection, so a config reload changes it for the next scrape.
 pub async fn serve(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
-    allow_from: Vec<Cidr>,
+    allow_from: tokio::sync::watch::Receiver<Vec<Cidr>>,
     readiness: Readiness,
 ) -> io::Result<()> {
-    let allow_from = std::sync::Arc::new(allow_from);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT));
     let reserve = std::sync::Arc::new(tokio::sync::Semaphore::new(RESERVE_SLOTS));
     let listener = TcpListener::from_std(listener)?;
@@ -95,7 +95,10 @@ pub async fn serve(
         };
         let handle = handle.clone();
         let readiness = readiness.clone();
-        let allowed = allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()));
+        let allowed = {
+            let allow_from = allow_from.borrow();
+            allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
+        };
         // Bounded: a peer that never reads cannot pile up tasks and descriptors.
         let (permit, health_only, limit) = match std::sync::Arc::clone(&slots).try_acquire_owned() {
             Ok(p) => (p, false, REQUEST_TIMEOUT),

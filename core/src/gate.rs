@@ -5,6 +5,11 @@
 //! outcome, and hands out a [`Ticket`] that keeps the connection counted as active until it is
 //! dropped. Metric handles are registered here once per service, so the data path never hashes
 //! a metric key.
+//!
+//! A gate is one *generation* of a service: a config reload that changes the service makes a
+//! new gate for new connections and retires the old one, whose connections then drain under
+//! the old settings (see [`crate::shutdown`]). The two share the open-connection count, so
+//! `max_connections` still bounds the service as a whole.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +22,7 @@ use crate::config::ServiceConfig;
 use crate::conn::Conn;
 use crate::metered::Metered;
 use crate::net::Cidr;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// Metric names, in one place so docs, tests and dashboards agree.
 pub mod names {
@@ -39,6 +44,10 @@ pub mod names {
     pub const REQUESTS: &str = "wharf_requests_total";
     /// Histogram: request latency (plugins with requests only).
     pub const REQUEST_DURATION: &str = "wharf_request_duration_seconds";
+    /// Counter, label `result` (`success`, `invalid`, `failed`): config reloads.
+    pub const CONFIG_RELOADS: &str = "wharf_config_reloads_total";
+    /// Gauge: 1 if the last config reload (or the start) succeeded, 0 if it did not.
+    pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "wharf_config_last_reload_successful";
 }
 
 /// Registers HELP text and units for the framework's metrics. Call once after installing a
@@ -68,6 +77,14 @@ pub fn describe_metrics() {
         "Build information; the value is always 1."
     );
     describe_counter!(names::REQUESTS, "Finished requests, by outcome.");
+    describe_counter!(
+        names::CONFIG_RELOADS,
+        "Config reloads (SIGHUP, --watch-config), by result: success, invalid, failed."
+    );
+    describe_gauge!(
+        names::CONFIG_LAST_RELOAD_SUCCESSFUL,
+        "1 if the last config reload succeeded (or none was tried), 0 if it was rejected."
+    );
     describe_histogram!(
         names::REQUEST_DURATION,
         Unit::Seconds,
@@ -143,18 +160,23 @@ pub struct ServiceGate {
     allow_from: Vec<Cidr>,
     max_connections: usize,
     idle_timeout: Option<Duration>,
-    /// Open connections across all workers, for `max_connections`.
-    open: AtomicUsize,
+    /// Open connections across all workers and generations, for `max_connections`.
+    open: Arc<AtomicUsize>,
+    /// Pulled when this generation is retired (reload or shutdown): its connections drain.
+    retire: ShutdownTrigger,
     pub(crate) metrics: ConnMetrics,
 }
 
 impl ServiceGate {
     /// Registers the service's metric handles and takes its limits from `config`.
     /// `outcomes` are the plugin's request outcomes ([`crate::Plugin::OUTCOMES`]).
+    /// `previous` is the generation this one replaces, if any: its open connections keep
+    /// counting against `max_connections`.
     pub fn new(
         labels: ServiceLabels,
         config: &ServiceConfig,
         outcomes: &'static [&'static str],
+        previous: Option<&ServiceGate>,
     ) -> Arc<Self> {
         let l = |extra: &[(&str, &'static str)]| labels.with(extra);
         let requests: Vec<(&'static str, Counter)> = outcomes
@@ -198,9 +220,26 @@ impl ServiceGate {
             allow_from: config.allow_from.clone(),
             max_connections: config.max_connections,
             idle_timeout: Some(config.idle_timeout).filter(|d| !d.is_zero()),
-            open: AtomicUsize::new(0),
+            open: previous.map_or_else(Default::default, |p| Arc::clone(&p.open)),
+            retire: shutdown::channel().0,
             metrics,
         })
+    }
+
+    /// Retires this generation: its connections finish what they are doing, and those still
+    /// open after `grace` are closed. Idempotent; the first deadline stands.
+    pub fn retire(&self, grace: Duration) {
+        self.retire.trigger(grace);
+    }
+
+    /// The drain signal of this generation, as its connections see it.
+    pub fn retirement(&self) -> Shutdown {
+        self.retire.subscribe()
+    }
+
+    /// Connections open now across every generation of this service.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
     }
 
     /// The service's labels (for plugins that register their own series).
@@ -252,10 +291,12 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Wraps the accepted connection in the metering, idle-timeout layer.
-    pub fn wrap<C: Conn>(self, conn: C, shutdown: Shutdown) -> Metered<C> {
+    /// Wraps the accepted connection in the metering, idle-timeout layer, which also tells the
+    /// plugin when its generation is draining ([`Conn::read_idle`]).
+    pub fn wrap<C: Conn>(self, conn: C) -> Metered<C> {
         let idle = self.gate.idle_timeout;
-        Metered::new(conn, self, idle, shutdown)
+        let drain = self.gate.retirement();
+        Metered::new(conn, self, idle, drain)
     }
 
     pub(crate) fn gate(&self) -> &ServiceGate {

@@ -1,44 +1,70 @@
-//! Stopping: the process-wide stop signal and each worker's count of open connections.
+//! Stopping: drain signals with a deadline, and each worker's count of open connections.
 //!
-//! SIGTERM/SIGINT flips one [`ShutdownTrigger`]; every worker holds a [`Shutdown`] and stops its
-//! accept loops at once. The worker then waits on its [`ConnTracker`] until its connections end
-//! or the grace period runs out, whichever is first.
+//! A drain is one mechanism used at two scopes. The process-wide [`ShutdownTrigger`]
+//! (SIGTERM/SIGINT) stops every accept loop; each service generation's own trigger (held by its
+//! [`ServiceGate`](crate::gate::ServiceGate)) is pulled at shutdown and when a config reload
+//! removes or replaces the service. Either way connections finish what they are doing (a
+//! keep-alive connection closes between requests), and whatever is still open at the deadline,
+//! `grace` after the trigger, is closed.
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-/// Flips the stop signal for everyone holding a [`Shutdown`].
-pub struct ShutdownTrigger(watch::Sender<bool>);
+/// Starts a drain for everyone holding the matching [`Shutdown`].
+pub struct ShutdownTrigger(watch::Sender<Option<Instant>>);
 
-/// A cloneable, runtime-independent view of the stop signal.
+/// A cloneable, runtime-independent view of a drain signal and its deadline.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(watch::Receiver<Option<Instant>>);
 
 /// A new signal pair.
 pub fn channel() -> (ShutdownTrigger, Shutdown) {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(None);
     (ShutdownTrigger(tx), Shutdown(rx))
 }
 
 impl ShutdownTrigger {
-    /// Tells every worker to stop accepting and drain.
-    pub fn trigger(&self) {
-        self.0.send_replace(true);
+    /// Starts the drain: no new work, and connections still open after `grace` are closed.
+    /// Only the first call counts; a later one never extends or shortens the deadline.
+    pub fn trigger(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        self.0.send_if_modified(|current| {
+            let first = current.is_none();
+            if first {
+                *current = Some(deadline);
+            }
+            first
+        });
+    }
+
+    /// Another receiver of this signal.
+    pub fn subscribe(&self) -> Shutdown {
+        Shutdown(self.0.subscribe())
     }
 }
 
 impl Shutdown {
-    /// Completes once shutdown has been triggered (or the trigger was dropped).
+    /// Completes once the drain has started (or the trigger was dropped).
     pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.0.wait_for(Option::is_some).await;
     }
 
-    /// Whether shutdown has been triggered.
+    /// Whether the drain has started.
     pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
+        self.0.borrow().is_some()
+    }
+
+    /// Completes at the drain's deadline: time to close whatever is still open. A dropped
+    /// trigger that never fired counts as a deadline now.
+    pub async fn deadline(&mut self) {
+        self.wait().await;
+        let deadline = *self.0.borrow();
+        if let Some(at) = deadline {
+            tokio::time::sleep_until(at.into()).await;
+        }
     }
 }
 
@@ -49,6 +75,8 @@ pub struct ConnTracker(Rc<TrackerInner>);
 #[derive(Default)]
 struct TrackerInner {
     open: Cell<usize>,
+    /// Connections closed by a drain deadline rather than ending on their own.
+    cut: Cell<usize>,
     idle: Notify,
 }
 
@@ -67,8 +95,14 @@ impl ConnTracker {
         self.0.open.get()
     }
 
-    /// Waits until no connection is open, for at most `grace`. Returns whether all finished.
-    pub async fn drain(&self, grace: Duration) -> bool {
+    /// Connections closed so far because a drain deadline came before they ended.
+    pub fn cut(&self) -> usize {
+        self.0.cut.get()
+    }
+
+    /// Waits until no connection is open, or until `shutdown`'s deadline (plus a moment for the
+    /// connections' own deadline handling to run). Returns whether all finished.
+    pub async fn drain(&self, mut shutdown: Shutdown) -> bool {
         let all_closed = async {
             loop {
                 let notified = self.0.idle.notified();
@@ -78,7 +112,21 @@ impl ConnTracker {
                 notified.await;
             }
         };
-        tokio::time::timeout(grace, all_closed).await.is_ok()
+        let deadline = async {
+            shutdown.deadline().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::select! {
+            _ = all_closed => true,
+            _ = deadline => self.0.open.get() == 0,
+        }
+    }
+}
+
+impl Tracked {
+    /// Records that this connection is being closed by a drain deadline.
+    pub fn cut(&self) {
+        self.0.cut.set(self.0.cut.get() + 1);
     }
 }
 
@@ -89,5 +137,34 @@ impl Drop for Tracked {
         if open == 0 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_trigger_sets_the_deadline() {
+        let (trigger, mut rx) = channel();
+        assert!(!rx.is_triggered());
+        let started = Instant::now();
+        trigger.trigger(Duration::from_millis(200));
+        trigger.trigger(Duration::from_secs(100));
+        assert!(rx.is_triggered());
+        rx.deadline().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(50),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_trigger_ends_the_wait() {
+        let (trigger, mut rx) = channel();
+        drop(trigger);
+        rx.wait().await;
+        rx.deadline().await;
     }
 }

@@ -1,15 +1,25 @@
 //! The worker: what every backend runs on each of its threads.
 //!
-//! One worker runs one accept loop per service on its own `SO_REUSEPORT` socket. An accepted
-//! connection is admitted by the service's [`ServiceGate`], wrapped in [`Metered`], and served
-//! on a local task. On shutdown the accept loops end at once (their sockets close), then the
-//! worker waits for its connections up to the grace period.
+//! One worker runs one accept loop per listener *slot* on its own `SO_REUSEPORT` socket (a slot
+//! is one service's listening address; the main thread numbers them). An accepted connection is
+//! admitted by the slot's current [`Handler`] (a service generation's gate and instance), wrapped
+//! in [`Metered`], and served on a local task.
+//!
+//! A config reload reaches the worker as a [`Control`] message: start a slot (a new address),
+//! swap a slot's handler (changed settings, same socket: nothing is closed or re-bound) or stop
+//! a slot (its socket closes). Connections are never moved: each stays with the generation that
+//! accepted it until it ends or that generation's drain deadline closes it.
+//!
+//! On shutdown the accept loops end at once (their sockets close), then the worker waits for its
+//! connections up to the drain deadline.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Listener};
@@ -18,17 +28,74 @@ use crate::metered::Metered;
 use crate::service::DynService;
 use crate::shutdown::{ConnTracker, Shutdown};
 
-/// The connection type plugins see on backend `B`.
-pub type ConnOf<B> = Metered<<<B as Backend>::Listener as Listener>::Conn>;
+/// The connection type a backend's listener accepts, before metering.
+pub type RawConnOf<B> = <<B as Backend>::Listener as Listener>::Conn;
 
-/// One service as one worker runs it.
-pub struct WorkerService<B: Backend> {
-    /// This worker's socket for the service (bound and listening already).
-    pub socket: std::net::TcpListener,
-    /// Admission and metrics, shared with the service's other workers.
+/// The connection type plugins see on backend `B`.
+pub type ConnOf<B> = Metered<RawConnOf<B>>;
+
+/// Names one listening address across all workers (assigned by the caller, never reused).
+pub type SlotId = u64;
+
+/// What serves a slot's new connections: one generation of a service.
+pub struct Handler<C> {
+    /// Admission, metrics and the drain signal, shared with the service's other workers.
     pub gate: Arc<ServiceGate>,
     /// The protocol.
-    pub service: Arc<dyn DynService<ConnOf<B>>>,
+    pub service: Arc<dyn DynService<Metered<C>>>,
+}
+
+impl<C> Clone for Handler<C> {
+    fn clone(&self) -> Self {
+        Handler {
+            gate: Arc::clone(&self.gate),
+            service: Arc::clone(&self.service),
+        }
+    }
+}
+
+/// A handler for backend `B`'s connections.
+pub type HandlerOf<B> = Handler<RawConnOf<B>>;
+
+/// One service's listening socket as one worker runs it.
+pub struct WorkerService<B: Backend> {
+    /// Which slot the socket belongs to.
+    pub slot: SlotId,
+    /// This worker's socket for the slot (bound, listening and non-blocking already).
+    pub socket: std::net::TcpListener,
+    /// What serves it.
+    pub handler: HandlerOf<B>,
+}
+
+/// One change to a worker's slots.
+pub enum Change<B: Backend> {
+    /// Start accepting on a new socket.
+    Start(WorkerService<B>),
+    /// New connections of `slot` go to `handler` from now on; open ones stay where they are.
+    Swap {
+        /// The slot to change.
+        slot: SlotId,
+        /// Its new handler.
+        handler: HandlerOf<B>,
+    },
+    /// Stop accepting on `slot` and close its socket.
+    Stop(SlotId),
+}
+
+/// A batch of changes, applied in order; `done` reports listeners that could not be adopted.
+pub struct Control<B: Backend> {
+    /// The changes.
+    pub changes: Vec<Change<B>>,
+    /// Answered once every change is in effect on this worker.
+    pub done: oneshot::Sender<io::Result<()>>,
+}
+
+/// The sending side of a worker's control channel.
+pub type ControlSender<B> = mpsc::UnboundedSender<Control<B>>;
+
+/// A new control channel for one worker.
+pub fn control_channel<B: Backend>() -> (ControlSender<B>, mpsc::UnboundedReceiver<Control<B>>) {
+    mpsc::unbounded_channel()
 }
 
 /// Runs one worker on the current thread until shutdown and drain are done.
@@ -37,46 +104,60 @@ pub struct WorkerService<B: Backend> {
 pub fn run<B: Backend>(
     id: usize,
     services: Vec<WorkerService<B>>,
+    mut control: mpsc::UnboundedReceiver<Control<B>>,
     shutdown: Shutdown,
-    grace: Duration,
     ready: impl FnOnce(io::Result<()>),
 ) -> io::Result<()> {
     let mut ready = Some(ready);
     let result = B::block_on(async {
-        let mut listeners = Vec::with_capacity(services.len());
-        for s in services {
-            match B::listener(s.socket) {
-                Ok(l) => listeners.push((l, s.gate, s.service)),
-                Err(e) => {
-                    let msg = format!("worker {id}: cannot adopt listening socket: {e}");
-                    (ready.take().unwrap())(Err(io::Error::new(e.kind(), msg)));
-                    return;
-                }
+        let mut slots = Slots::<B> {
+            id,
+            handlers: HashMap::new(),
+            loops: Vec::new(),
+            tracker: ConnTracker::default(),
+            shutdown: shutdown.clone(),
+        };
+        let started = services.into_iter().try_for_each(|s| slots.start(s));
+        let failed = started.is_err();
+        (ready.take().unwrap())(started);
+        if failed {
+            return;
+        }
+
+        let mut stop = shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait() => break,
+                message = control.recv() => match message {
+                    Some(Control { changes, done }) => {
+                        let _ = done.send(slots.apply(changes));
+                    }
+                    // The main thread is gone: nothing will change any more.
+                    None => {
+                        stop.wait().await;
+                        break;
+                    }
+                },
             }
         }
-        (ready.take().unwrap())(Ok(()));
 
-        let tracker = ConnTracker::default();
-        let loops: Vec<_> = listeners
-            .into_iter()
-            .map(|(listener, gate, service)| {
-                let accept =
-                    accept_loop(listener, gate, service, tracker.clone(), shutdown.clone());
-                tokio::task::spawn_local(accept)
-            })
-            .collect();
-        for l in loops {
+        for l in std::mem::take(&mut slots.loops) {
             let _ = l.await;
         }
+        let tracker = slots.tracker.clone();
         let open = tracker.open();
         if open > 0 {
             debug!(worker = id, open, "draining connections");
-            if !tracker.drain(grace).await {
+            let cut_before = tracker.cut();
+            tracker.drain(shutdown).await;
+            // Closed by their deadline, plus any the worker's own deadline caught first.
+            let cut = tracker.cut() - cut_before + tracker.open();
+            if cut > 0 {
                 info!(
                     worker = id,
-                    still_open = tracker.open(),
-                    grace = ?grace,
-                    "grace period over, closing remaining connections"
+                    closed = cut,
+                    "grace period over, closed the connections still open"
                 );
             }
         }
@@ -94,11 +175,59 @@ pub fn run<B: Backend>(
     result
 }
 
-/// Accepts connections for one service until shutdown.
+/// A worker's accept loops, by slot.
+struct Slots<B: Backend> {
+    id: usize,
+    handlers: HashMap<SlotId, watch::Sender<Option<HandlerOf<B>>>>,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+    tracker: ConnTracker,
+    shutdown: Shutdown,
+}
+
+impl<B: Backend> Slots<B> {
+    fn start(&mut self, s: WorkerService<B>) -> io::Result<()> {
+        let listener = B::listener(s.socket).map_err(|e| {
+            let msg = format!("worker {}: cannot adopt listening socket: {e}", self.id);
+            io::Error::new(e.kind(), msg)
+        })?;
+        let (tx, rx) = watch::channel(Some(s.handler));
+        self.handlers.insert(s.slot, tx);
+        let accept = accept_loop(listener, rx, self.tracker.clone(), self.shutdown.clone());
+        self.loops.push(tokio::task::spawn_local(accept));
+        Ok(())
+    }
+
+    fn apply(&mut self, changes: Vec<Change<B>>) -> io::Result<()> {
+        let mut result = Ok(());
+        for change in changes {
+            match change {
+                Change::Start(s) => {
+                    if let Err(e) = self.start(s) {
+                        result = Err(e);
+                    }
+                }
+                Change::Swap { slot, handler } => {
+                    if let Some(tx) = self.handlers.get(&slot) {
+                        tx.send_replace(Some(handler));
+                    }
+                }
+                // The accept loop sees `None`, ends, and drops (closes) its socket.
+                Change::Stop(slot) => {
+                    if let Some(tx) = self.handlers.remove(&slot) {
+                        tx.send_replace(None);
+                    }
+                }
+            }
+        }
+        self.loops.retain(|l| !l.is_finished());
+        result
+    }
+}
+
+/// Accepts connections for one slot until shutdown or until the slot is stopped.
 async fn accept_loop<L: Listener>(
     listener: L,
-    gate: Arc<ServiceGate>,
-    service: Arc<dyn DynService<Metered<L::Conn>>>,
+    mut handler: watch::Receiver<Option<Handler<L::Conn>>>,
     tracker: ConnTracker,
     mut shutdown: Shutdown,
 ) {
@@ -107,7 +236,17 @@ async fn accept_loop<L: Listener>(
         let accepted = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
+            changed = handler.changed() => {
+                if changed.is_err() || handler.borrow().is_none() {
+                    break;
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
+        };
+        // The handler in effect when the connection was accepted serves it to the end.
+        let Some(current) = handler.borrow().clone() else {
+            break;
         };
         let (conn, peer) = match accepted {
             Ok(accepted) => {
@@ -115,7 +254,8 @@ async fn accept_loop<L: Listener>(
                 accepted
             }
             Err(e) => {
-                if let Some(pause) = backoff.on_error(&e, gate.labels().service.as_str()) {
+                let service = current.gate.labels().service.as_str();
+                if let Some(pause) = backoff.on_error(&e, service) {
                     tokio::select! {
                         _ = shutdown.wait() => break,
                         _ = tokio::time::sleep(pause) => {}
@@ -124,16 +264,26 @@ async fn accept_loop<L: Listener>(
                 continue;
             }
         };
+        let Handler { gate, service } = current;
         match gate.admit(peer.ip()) {
             Ok(ticket) => {
-                let conn = ticket.wrap(conn, shutdown.clone());
-                let service = Arc::clone(&service);
+                let conn = ticket.wrap(conn);
+                let mut drain = gate.retirement();
                 let tracked = tracker.track();
                 tokio::task::spawn_local(async move {
-                    let _tracked = tracked;
-                    if let Err(e) = service.serve_dyn(conn).await {
-                        log_conn_error(&peer, &e);
+                    tokio::select! {
+                        served = service.serve_dyn(conn) => {
+                            if let Err(e) = served {
+                                log_conn_error(&peer, &e);
+                            }
+                        }
+                        // Dropping the protocol's future closes the connection.
+                        _ = drain.deadline() => {
+                            tracked.cut();
+                            debug!(%peer, "closed: still open at the end of the drain");
+                        }
                     }
+                    drop(tracked);
                 });
             }
             Err(reason) => {

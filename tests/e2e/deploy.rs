@@ -53,6 +53,18 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    // `systemctl reload` checks the config, then asks wharf to reload it.
+    let reload: Vec<&str> = service
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert_eq!(
+        reload,
+        [
+            format!("{WHARF} check --config /etc/wharf/wharf.toml").as_str(),
+            "/bin/kill -HUP $MAINPID"
+        ]
+    );
     for hardening in [
         "DynamicUser=yes",
         "ProtectSystem=strict",
@@ -178,8 +190,18 @@ fn kubernetes_manifests_agree_with_the_container_config_and_the_image() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert_eq!(args, ["serve", "--config", "/etc/wharf/wharf.toml"]);
+    // --watch-config reloads a changed ConfigMap, which only reaches a directory mount.
+    assert_eq!(
+        args,
+        [
+            "serve",
+            "--config",
+            "/etc/wharf/wharf.toml",
+            "--watch-config"
+        ]
+    );
     assert_eq!(container["volumeMounts"][0]["mountPath"], "/etc/wharf");
+    assert!(container["volumeMounts"][0].get("subPath").is_none());
     let grace: toml::Value = toml::from_str(&config).unwrap();
     let grace =
         humantime::parse_duration(grace["server"]["shutdown_grace"].as_str().unwrap()).unwrap();

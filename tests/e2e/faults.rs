@@ -4,7 +4,7 @@
 //! leaked, no zombie and no panic in its log.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -82,63 +82,6 @@ fn assert_healthy(server: &Server, fds: usize, root: &std::path::Path) {
     let (size, digest) = download(server.addr("files"), "small.txt", None);
     let small = std::fs::read(root.join("small.txt")).unwrap();
     assert_eq!((size, digest), (small.len() as u64, Some(md5_hex(&small))));
-}
-
-fn md5_hex(data: &[u8]) -> String {
-    use md5::Digest;
-    format!("{:x}", md5::Md5::digest(data))
-}
-
-/// The tutorial's download, reading at most `rate` bytes per 10 ms when given; returns the
-/// announced size and the digest slot (None if the connection ended before it). Callers
-/// compare the slot with the MD5 of the file as it was.
-fn download(addr: SocketAddr, path: &str, rate: Option<usize>) -> (u64, Option<String>) {
-    download_with(addr, path, rate, || {})
-}
-
-/// [`download`], calling `started` once the first bytes of the file have arrived.
-fn download_with(
-    addr: SocketAddr,
-    path: &str,
-    rate: Option<usize>,
-    started: impl FnOnce(),
-) -> (u64, Option<String>) {
-    let mut s = connect(addr);
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(format!("get {path}\n").as_bytes()).unwrap();
-    let mut size = [0u8; 32];
-    let n = s.read(&mut size).unwrap();
-    let size: u64 = std::str::from_utf8(&size[..n]).unwrap().parse().unwrap();
-    s.write_all(b"ok").unwrap();
-    let mut started = Some(started);
-    let mut left = size;
-    let mut buf = vec![0u8; rate.unwrap_or(1 << 20)];
-    while left > 0 {
-        let want = buf.len().min(left as usize);
-        match s.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => return (size, None),
-            Ok(n) => left -= n as u64,
-        }
-        // The transfer is running: the first bytes of the file are in.
-        if let Some(started) = started.take() {
-            started();
-        }
-        if rate.is_some() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    let mut slot = Vec::new();
-    while slot.len() < 32 {
-        let mut b = [0u8; 32];
-        match s.read(&mut b[..32 - slot.len()]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => slot.extend_from_slice(&b[..n]),
-        }
-        if slot.starts_with(b"ERR file changed") {
-            break;
-        }
-    }
-    (size, Some(String::from_utf8_lossy(&slot).to_string()))
 }
 
 #[test]

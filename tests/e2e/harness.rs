@@ -178,7 +178,33 @@ pub struct Server {
     pub metrics: Option<SocketAddr>,
     pub backend: String,
     log: Arc<Mutex<Vec<String>>>,
+    config: PathBuf,
     _dir: TempDir,
+}
+
+/// Services (by name, the latest `listening` line wins), the metrics address and the backend,
+/// from a server's log.
+fn parse_startup(lines: &[String]) -> (HashMap<String, SocketAddr>, Option<SocketAddr>, String) {
+    let mut services = HashMap::new();
+    let mut metrics = None;
+    let mut backend = String::new();
+    for line in lines {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        if line.contains("listening service=") {
+            if let (Some(name), Some(addr)) = (field("service"), field("listen")) {
+                services.insert(name, addr.parse().unwrap());
+                backend = field("backend").unwrap_or_default();
+            }
+        }
+        if line.contains("metrics endpoint listening") {
+            metrics = field("listen").map(|a| a.parse().unwrap());
+        }
+    }
+    (services, metrics, backend)
 }
 
 impl Server {
@@ -274,34 +300,79 @@ impl Server {
                 ));
             }
         }
-        let lines = log.lock().unwrap().clone();
-        let mut services = HashMap::new();
-        let mut metrics = None;
-        let mut backend = String::new();
-        for line in &lines {
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                    .map(|v| v.trim_matches('"').to_string())
-            };
-            if line.contains("listening service=") {
-                if let (Some(name), Some(addr)) = (field("service"), field("listen")) {
-                    services.insert(name, addr.parse().unwrap());
-                    backend = field("backend").unwrap_or_default();
-                }
-            }
-            if line.contains("metrics endpoint listening") {
-                metrics = field("listen").map(|a| a.parse().unwrap());
-            }
-        }
+        let (services, metrics, backend) = parse_startup(&log.lock().unwrap());
         Ok(Server {
             child,
             services,
             metrics,
             backend,
             log,
+            config: path,
             _dir: dir,
         })
+    }
+
+    /// The config file the server was started with (tests rewrite it to reload).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    /// Replaces the config file the way an operator's tooling should: a new file renamed
+    /// over the old one, so a reader never sees half of it.
+    pub fn rewrite_config(&self, text: &str) {
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Lines of the log containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `needle` has appeared in `count` lines of the log.
+    pub fn wait_log(&self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.log_count(needle) < count {
+            if Instant::now() > deadline {
+                panic!("`{needle}` not logged {count} time(s):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGHUP and waits for the outcome line: `configuration reloaded`, `reload
+    /// rejected` or `reload failed`. Returns that line.
+    pub fn reload(&mut self) -> String {
+        const OUTCOMES: [&str; 3] = ["configuration reloaded", "reload rejected", "reload failed"];
+        let seen = |s: &Server| OUTCOMES.iter().map(|o| s.log_count(o)).sum::<usize>();
+        let before = seen(self);
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen(self) == before {
+            if Instant::now() > deadline {
+                panic!("no reload outcome logged:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.refresh_services();
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .rev()
+            .find(|l| OUTCOMES.iter().any(|o| l.contains(o)))
+            .cloned()
+            .unwrap()
+    }
+
+    /// Re-reads the services' addresses from the log (a reload may have added some).
+    pub fn refresh_services(&mut self) {
+        let (services, _, _) = parse_startup(&self.log.lock().unwrap());
+        self.services = services;
     }
 
     pub fn addr(&self, service: &str) -> SocketAddr {
@@ -478,4 +549,62 @@ pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
         ),
     }
+}
+
+/// The hex MD5 of `data`, as file-get sends it.
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::Digest;
+    format!("{:x}", md5::Md5::digest(data))
+}
+
+/// The tutorial's download, reading at most `rate` bytes per 10 ms when given; returns the
+/// announced size and the digest slot (None if the connection ended before it). Callers
+/// compare the slot with the MD5 of the file as it was.
+pub fn download(addr: SocketAddr, path: &str, rate: Option<usize>) -> (u64, Option<String>) {
+    download_with(addr, path, rate, || {})
+}
+
+/// [`download`], calling `started` once the first bytes of the file have arrived.
+pub fn download_with(
+    addr: SocketAddr,
+    path: &str,
+    rate: Option<usize>,
+    started: impl FnOnce(),
+) -> (u64, Option<String>) {
+    let mut s = connect(addr);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(format!("get {path}\n").as_bytes()).unwrap();
+    let mut size = [0u8; 32];
+    let n = s.read(&mut size).unwrap();
+    let size: u64 = std::str::from_utf8(&size[..n]).unwrap().parse().unwrap();
+    s.write_all(b"ok").unwrap();
+    let mut started = Some(started);
+    let mut left = size;
+    let mut buf = vec![0u8; rate.unwrap_or(1 << 20)];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        match s.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return (size, None),
+            Ok(n) => left -= n as u64,
+        }
+        // The transfer is running: the first bytes of the file are in.
+        if let Some(started) = started.take() {
+            started();
+        }
+        if rate.is_some() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let mut slot = Vec::new();
+    while slot.len() < 32 {
+        let mut b = [0u8; 32];
+        match s.read(&mut b[..32 - slot.len()]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => slot.extend_from_slice(&b[..n]),
+        }
+        if slot.starts_with(b"ERR file changed") {
+            break;
+        }
+    }
+    (size, Some(String::from_utf8_lossy(&slot).to_string()))
 }

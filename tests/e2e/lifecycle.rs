@@ -180,7 +180,7 @@ fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
         // The addresses systemd would bind from the .socket unit.
         let (echo, metrics) = (free_addr(), free_addr());
         let first = first_connection(echo);
-        let server = start_socket_activated(
+        let mut server = start_socket_activated(
             &config,
             &[echo, metrics],
             Some("echo:metrics"),
@@ -194,6 +194,12 @@ fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
         let mut s = connect(echo);
         assert_eq!(echo_once(&mut s, b"activated"), b"ACTIVATED");
         assert_eq!(http_get(metrics, "/readyz").0, 200);
+        // A reload that changes the service keeps the socket systemd passed.
+        server.rewrite_config(&config.replace("\"upper\"", "\"none\""));
+        let outcome = server.reload();
+        assert!(outcome.contains("changed=echo"), "{outcome}");
+        assert_eq!(echo_once(&mut connect(echo), b"after"), b"after");
+        assert_eq!(echo_once(&mut s, b"open"), b"OPEN");
         drop((held_echo, held_metrics));
     }
 }

@@ -15,3 +15,4 @@ mod lifecycle;
 mod limits;
 mod load;
 mod metrics;
+mod reload;

@@ -1,0 +1,458 @@
+//! Config reload (SIGHUP, `--watch-config`) on a real server with real clients, on both
+//! backends: clients connected across a reload see no error, a client connecting in a tight
+//! loop sees no refusal, changed services serve new connections with the new settings while
+//! open ones keep the old, removed services drain, and an invalid or unbindable config changes
+//! nothing.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// What a client thread saw.
+#[derive(Debug, Default)]
+struct Seen {
+    exchanges: usize,
+    /// Replies in upper case (the service's `transform = "upper"`).
+    upper: usize,
+    /// Replies as sent (`transform = "none"`).
+    verbatim: usize,
+    errors: Vec<String>,
+}
+
+/// One echo exchange of a lower-case message; which transform answered, or what went wrong.
+fn exchange(s: &mut TcpStream, n: usize, seen: &mut Seen) {
+    let msg = format!("msg-{n:08}\n");
+    let mut back = vec![0; msg.len()];
+    match s
+        .write_all(msg.as_bytes())
+        .and_then(|_| s.read_exact(&mut back))
+    {
+        Ok(()) if back == msg.as_bytes() => seen.verbatim += 1,
+        Ok(()) if back == msg.to_uppercase().as_bytes() => seen.upper += 1,
+        Ok(()) => seen
+            .errors
+            .push(format!("garbled: {:?}", String::from_utf8_lossy(&back))),
+        Err(e) => seen.errors.push(format!("exchange {n}: {e}")),
+    }
+    seen.exchanges += 1;
+}
+
+/// One connection kept open, exchanging until `stop`.
+fn steady_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        let mut s = connect(addr);
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) && seen.errors.is_empty() {
+            exchange(&mut s, n, &mut seen);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        seen
+    })
+}
+
+/// A new connection per exchange, as fast as it goes, until `stop`.
+fn connecting_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match TcpStream::connect(addr) {
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    exchange(&mut s, n, &mut seen);
+                }
+                Err(e) => seen.errors.push(format!("connect {n}: {e}")),
+            }
+            n += 1;
+        }
+        seen
+    })
+}
+
+fn echo_service(name: &str, listen: &str, transform: &str, extra: &str) -> String {
+    format!(
+        "[services.{name}]\nplugin = \"echo\"\nlisten = \"{listen}\"\n{extra}\
+         [services.{name}.options]\ntransform = \"{transform}\"\n"
+    )
+}
+
+fn header(grace: &str) -> String {
+    format!(
+        "[server]\nworkers = 2\nshutdown_grace = \"{grace}\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n"
+    )
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    matches!(TcpStream::connect(addr), Err(e) if e.kind() == ErrorKind::ConnectionRefused)
+}
+
+fn reloads(server: &Server, result: &str) -> f64 {
+    server
+        .metric("wharf_config_reloads_total", &[("result", result)])
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
+    for backend in backends() {
+        let root = TempDir::new();
+        let file = payload(8 << 20, 3);
+        std::fs::write(root.0.join("big.bin"), &file).unwrap();
+        let fixed = free_addr().to_string();
+        let files = format!(
+            "[services.gone]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.gone.options]\nroot = \"{}\"\n",
+            root.0.display()
+        );
+        let v1 = format!(
+            "{}{}{}{files}",
+            header("20s"),
+            echo_service("keep", "127.0.0.1:0", "upper", ""),
+            echo_service("change", &fixed, "upper", "")
+        );
+        let v2 = format!(
+            "{}{}{}{}",
+            header("20s"),
+            echo_service("keep", "127.0.0.1:0", "upper", ""),
+            echo_service("change", &fixed, "none", ""),
+            echo_service("added", "127.0.0.1:0", "upper", "")
+        );
+        let mut server = Server::start(&v1, backend);
+        let (keep, change, gone) = (
+            server.addr("keep"),
+            server.addr("change"),
+            server.addr("gone"),
+        );
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = [
+            ("steady on keep", steady_client(keep, stop.clone())),
+            ("steady on change", steady_client(change, stop.clone())),
+            ("connecting to keep", connecting_client(keep, stop.clone())),
+            (
+                "connecting to change",
+                connecting_client(change, stop.clone()),
+            ),
+        ];
+        // A download from the service being removed, running across the reload.
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let download = std::thread::spawn(move || {
+            download_with(gone, "big.bin", Some(64 << 10), move || {
+                let _ = started_tx.send(());
+            })
+        });
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+
+        server.rewrite_config(&v2);
+        let outcome = server.reload();
+        assert!(outcome.contains("configuration reloaded"), "{outcome}");
+        assert!(
+            outcome.contains("unchanged=1")
+                && outcome.contains("changed=change")
+                && outcome.contains("added=added")
+                && outcome.contains("removed=gone"),
+            "{outcome}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+
+        let seen: Vec<(&str, Seen)> = clients
+            .into_iter()
+            .map(|(name, c)| (name, c.join().unwrap()))
+            .collect();
+        println!("{backend}: {seen:?}");
+        for (name, s) in &seen {
+            assert!(s.errors.is_empty(), "{backend}: {name}: {:?}", s.errors);
+            assert!(s.exchanges > 20, "{backend}: {name}: {s:?}");
+        }
+        // Unchanged service: always upper. The open connection to the changed service keeps
+        // the settings it was accepted with; new connections get the new ones.
+        assert_eq!(seen[0].1.verbatim, 0, "{backend}");
+        assert_eq!(
+            seen[1].1.verbatim, 0,
+            "{backend}: old connection, old settings"
+        );
+        assert_eq!(seen[2].1.verbatim, 0, "{backend}");
+        assert!(
+            seen[3].1.upper > 0 && seen[3].1.verbatim > 0,
+            "{backend}: new connections switch to the new settings: {:?}",
+            seen[3].1
+        );
+
+        // The removed service finished its download, then refuses; the added one serves.
+        let (size, digest) = download.join().unwrap();
+        assert_eq!(size, file.len() as u64);
+        assert_eq!(
+            digest.as_deref(),
+            Some(md5_hex(&file).as_str()),
+            "{backend}"
+        );
+        assert!(
+            refused(gone),
+            "{backend}: a removed service stops listening"
+        );
+        let mut added = connect(server.addr("added"));
+        assert_eq!(echo_once(&mut added, b"new\n"), b"NEW\n");
+        assert_eq!(reloads(&server, "success"), 1.0);
+        assert_eq!(
+            server.metric("wharf_config_last_reload_successful", &[]),
+            Some(1.0)
+        );
+
+        // An invalid config: every error logged, nothing changes.
+        server.rewrite_config(&format!(
+            "{v2}[services.bad]\nplugin = \"ech\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.keep.options.extra]\nx = 1\n"
+        ));
+        let outcome = server.reload();
+        assert!(outcome.contains("reload rejected"), "{outcome}");
+        let path = server.config_path().display().to_string();
+        let log = server.log();
+        assert!(
+            log.contains(&format!(
+                "{path}: services.bad.plugin: unknown plugin `ech`"
+            )),
+            "{log}"
+        );
+        assert_eq!(reloads(&server, "invalid"), 1.0);
+        assert_eq!(
+            server.metric("wharf_config_last_reload_successful", &[]),
+            Some(0.0)
+        );
+
+        // A valid config that cannot be applied (an address in use): nothing changes either,
+        // not even the other service it edits.
+        let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy_addr = busy.local_addr().unwrap().to_string();
+        server.rewrite_config(&format!(
+            "{}{}{}{}{}",
+            header("20s"),
+            echo_service("keep", "127.0.0.1:0", "none", ""),
+            echo_service("change", &fixed, "none", ""),
+            echo_service("added", "127.0.0.1:0", "upper", ""),
+            echo_service("blocked", &busy_addr, "upper", "")
+        ));
+        let outcome = server.reload();
+        assert!(outcome.contains("reload failed"), "{outcome}");
+        assert!(
+            outcome.contains(&format!(
+                "{path}: services.blocked.listen: cannot listen on"
+            )),
+            "{outcome}"
+        );
+        assert_eq!(reloads(&server, "failed"), 1.0);
+        let mut k = connect(keep);
+        assert_eq!(echo_once(&mut k, b"still\n"), b"STILL\n", "{backend}");
+        for s in [keep, change, server.addr("added")] {
+            assert!(!refused(s), "{backend}: {s} still serves");
+        }
+
+        // A valid config again, and the drain at exit still covers every generation.
+        server.rewrite_config(&v2);
+        assert!(server.reload().contains("configuration reloaded"));
+        assert_eq!(
+            server.metric("wharf_config_last_reload_successful", &[]),
+            Some(1.0)
+        );
+        drop(k);
+        drop(added);
+        server.signal(libc::SIGTERM);
+        let status = server.wait(Duration::from_secs(10));
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
+    }
+}
+
+#[test]
+fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
+    for backend in backends() {
+        let fixed = free_addr().to_string();
+        let limit = "max_connections = 2\n";
+        let mut server = Server::start(
+            &format!(
+                "{}{}",
+                header("20s"),
+                echo_service("a", &fixed, "upper", limit)
+            ),
+            backend,
+        );
+        let addr = server.addr("a");
+
+        // Two connections of the first generation fill the service.
+        let mut old: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+        for s in &mut old {
+            assert_eq!(echo_once(s, b"x\n"), b"X\n");
+        }
+        server.rewrite_config(&format!(
+            "{}{}",
+            header("20s"),
+            echo_service("a", &fixed, "none", limit)
+        ));
+        assert!(server.reload().contains("changed=a"));
+        let mut third = connect(addr);
+        assert!(
+            closed_within(&mut third, Duration::from_secs(2)),
+            "{backend}: the old generation's connections still count"
+        );
+        server.wait_metric(
+            "wharf_connections_rejected_total",
+            &[
+                ("service", "a"),
+                ("plugin", "echo"),
+                ("backend", backend),
+                ("reason", "max_connections"),
+            ],
+            1.0,
+        );
+        drop(old.pop());
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fresh = connect(addr);
+        assert_eq!(
+            echo_once(&mut fresh, b"y\n"),
+            b"y\n",
+            "{backend}: new settings"
+        );
+        assert_eq!(
+            echo_once(&mut old[0], b"z\n"),
+            b"Z\n",
+            "{backend}: old settings"
+        );
+        drop(fresh);
+        drop(old);
+        // No limit for what follows: a client connecting in a loop may have a few
+        // connections still closing on the server side.
+        server.rewrite_config(&format!(
+            "{}{}",
+            header("20s"),
+            echo_service("a", &fixed, "upper", "")
+        ));
+        assert!(server.reload().contains("changed=a"));
+
+        // Renamed: the new name inherits the socket; a connecting client never sees a refusal.
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = connecting_client(addr, stop.clone());
+        std::thread::sleep(Duration::from_millis(200));
+        server.rewrite_config(&format!(
+            "{}{}",
+            header("20s"),
+            echo_service("b", &fixed, "none", "")
+        ));
+        let outcome = server.reload();
+        assert!(outcome.contains("changed=b (was a)"), "{outcome}");
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let seen = client.join().unwrap();
+        assert!(seen.errors.is_empty(), "{backend}: {:?}", seen.errors);
+        assert!(seen.verbatim > 0 && seen.upper > 0, "{backend}: {seen:?}");
+        let accepted = server.metric(
+            "wharf_connections_accepted_total",
+            &[("service", "b"), ("plugin", "echo"), ("backend", backend)],
+        );
+        assert!(accepted.unwrap_or(0.0) > 0.0, "{backend}: {accepted:?}");
+    }
+}
+
+#[test]
+fn a_replaced_generation_drains_and_is_closed_at_the_new_grace() {
+    for backend in backends() {
+        let web = |body: &str| {
+            format!(
+                "[services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
+                 [services.web.options]\nbody = \"{body}\"\n"
+            )
+        };
+        let mut server = Server::start(
+            &format!(
+                "{}{}{}",
+                header("20s"),
+                web("one"),
+                echo_service("e", "127.0.0.1:0", "upper", "")
+            ),
+            backend,
+        );
+        let mut http = connect(server.addr("web"));
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 512];
+        let n = http.read(&mut head).unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).ends_with("one"));
+        let mut echo = connect(server.addr("e"));
+        assert_eq!(echo_once(&mut echo, b"a\n"), b"A\n");
+
+        server.rewrite_config(&format!(
+            "{}{}{}",
+            header("1s"),
+            web("two"),
+            echo_service("e", "127.0.0.1:0", "none", "")
+        ));
+        assert!(server.reload().contains("configuration reloaded"));
+        // The idle keep-alive connection of the old generation closes, as in a shutdown drain.
+        assert!(
+            closed_within(&mut http, Duration::from_secs(2)),
+            "{backend}"
+        );
+        let (status, body) = http_get(server.addr("web"), "/");
+        assert_eq!((status, body.as_str()), (200, "two"));
+        // The old echo connection keeps working with the old settings until the new grace
+        // period (1 s) is over, then it is closed.
+        assert_eq!(echo_once(&mut echo, b"b\n"), b"B\n", "{backend}");
+        assert!(
+            closed_within(&mut echo, Duration::from_secs(3)),
+            "{backend}"
+        );
+        let mut fresh = connect(server.addr("e"));
+        assert_eq!(echo_once(&mut fresh, b"c\n"), b"c\n");
+    }
+}
+
+#[test]
+fn watch_config_reloads_when_the_file_changes() {
+    let v1 = format!(
+        "{}{}",
+        header("5s"),
+        echo_service("one", "127.0.0.1:0", "upper", "")
+    );
+    let mut server = Server::start_with(&v1, &["--watch-config"], &[]).unwrap();
+    assert!(server.log().contains("watching the config file"));
+    server.rewrite_config(&format!(
+        "{v1}{}",
+        echo_service("two", "127.0.0.1:0", "upper", "")
+    ));
+    server.wait_log("configuration reloaded", 1, Duration::from_secs(10));
+    server.refresh_services();
+    let mut two = connect(server.addr("two"));
+    assert_eq!(echo_once(&mut two, b"hi\n"), b"HI\n");
+
+    // A broken file is rejected once (not at every poll) and the services keep running.
+    server.rewrite_config("[services.one\n");
+    server.wait_log("reload rejected", 1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(server.log_count("reload rejected"), 1, "{}", server.log());
+    assert_eq!(echo_once(&mut two, b"still\n"), b"STILL\n");
+
+    // Fixed again: reloaded, and SIGHUP still works beside the watcher.
+    server.rewrite_config(&v1);
+    server.wait_log("configuration reloaded", 2, Duration::from_secs(10));
+    assert!(closed_within(&mut two, Duration::from_secs(6)));
+    assert!(server.reload().contains("configuration reloaded"));
+    assert_eq!(reloads(&server, "success"), 3.0);
+    assert_eq!(reloads(&server, "invalid"), 1.0);
+}
+
+#[test]
+fn watch_config_needs_a_config_file() {
+    let out = std::process::Command::new(WHARF)
+        .args(["serve", "--watch-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
