@@ -433,6 +433,7 @@ impl<B: Backend> Running<B> {
         load: &Arc<dyn Fn() -> Result<Plan, Vec<ConfigError>> + Send + Sync>,
     ) {
         info!(trigger = why, "reloading the configuration");
+        let started = std::time::Instant::now();
         let load = Arc::clone(load);
         let loaded = tokio::task::spawn_blocking(move || load())
             .await
@@ -454,7 +455,7 @@ impl<B: Backend> Running<B> {
                 );
                 ReloadResult::Invalid
             }
-            Ok(plan) => match self.apply(plan).await {
+            Ok(plan) => match self.apply(plan, started).await {
                 Ok(()) => ReloadResult::Success,
                 Err(ServeError(msg)) => {
                     error!("reload failed: {msg}; still running the previous configuration");
@@ -467,7 +468,7 @@ impl<B: Backend> Running<B> {
 
     /// Applies a validated plan: binds new addresses first (any failure leaves everything as it
     /// was), then tells every worker, then retires the generations that were replaced.
-    async fn apply(&mut self, plan: Plan) -> Result<(), ServeError> {
+    async fn apply(&mut self, plan: Plan, started: std::time::Instant) -> Result<(), ServeError> {
         let running: Vec<ServiceKey> = self.services.iter().map(|s| s.key.clone()).collect();
         let new: Vec<ServiceKey> = plan.services.iter().map(ServiceKey::of).collect();
         let steps = reload::diff(&running, &new);
@@ -604,6 +605,7 @@ impl<B: Backend> Running<B> {
             changed = %summary.changed.join(", "),
             added = %summary.added.join(", "),
             removed = %summary.removed.join(", "),
+            took = ?started.elapsed(),
             "configuration reloaded"
         );
         if !restart.is_empty() {
