@@ -129,12 +129,18 @@ pub fn main(registry: Registry) -> i32 {
                 backend: backend.map(Into::into),
                 workers,
             };
+            serve::catch_early_sighup();
+            // What --watch-config compares against: the file as it was before this load.
+            let watch = config
+                .clone()
+                .filter(|_| watch_config)
+                .map(|path| (path.clone(), std::fs::read(path).ok()));
             let plan = match plan::load(config.as_deref(), &overrides, &registry) {
                 Ok(plan) => plan,
                 Err(errors) => return report_config_errors(&errors),
             };
             let reload = serve::ReloadSource {
-                watch: config.clone().filter(|_| watch_config),
+                watch,
                 load: std::sync::Arc::new(move || {
                     plan::load(config.as_deref(), &overrides, &registry)
                 }),

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod metrics_http;
+pub mod notify;
 pub mod plan;
 pub mod registry;
 pub mod reload;

@@ -16,8 +16,9 @@
 //!
 //! `serve` applies the outcome (see `serve::Running::apply`).
 
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tracing::warn;
@@ -45,7 +46,12 @@ impl ServiceKey {
     pub fn of(svc: &PlannedService) -> Self {
         // `options` are skipped by ServiceConfig's Serialize; the plugin's resolved options
         // (typed, defaults filled in) stand for them, so `a = 1` and a default of 1 agree.
-        let framework = toml::to_string(&svc.config).unwrap_or_default();
+        // A config that cannot be rendered never matches anything: "changed" is the safe side.
+        let framework = toml::to_string(&svc.config).unwrap_or_else(|e| {
+            static UNIQUE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = UNIQUE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("# unrenderable ({e}) #{n}")
+        });
         ServiceKey {
             name: svc.name.clone(),
             listen: svc.config.listen,
@@ -85,7 +91,9 @@ pub enum Step {
 
 /// Matches running services to new ones. Steps come out in the order they should be applied:
 /// new sockets first, then handler swaps, then closures, so nothing that continues has a gap.
-pub fn diff(running: &[ServiceKey], new: &[ServiceKey]) -> Vec<Step> {
+/// `bound` is the address each running service's socket actually has (a port-0 service's port,
+/// so pinning it to that port keeps the socket).
+pub fn diff(running: &[ServiceKey], bound: &[SocketAddr], new: &[ServiceKey]) -> Vec<Step> {
     let mut taken = vec![false; running.len()];
     let mut placed: Vec<Option<Step>> = vec![None; new.len()];
 
@@ -110,10 +118,9 @@ pub fn diff(running: &[ServiceKey], new: &[ServiceKey]) -> Vec<Step> {
         if placed[n].is_some() || key.listen.port() == 0 {
             continue;
         }
-        let found = running
-            .iter()
-            .enumerate()
-            .find(|(r, old)| !taken[*r] && old.listen == key.listen);
+        let found = running.iter().enumerate().find(|(r, old)| {
+            !taken[*r] && (old.listen == key.listen || bound.get(*r) == Some(&key.listen))
+        });
         if let Some((r, _)) = found {
             taken[r] = true;
             placed[n] = Some(Step::Swap { running: r, new: n });
@@ -160,6 +167,29 @@ pub fn restart_only(running: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
+/// Largest config file `--watch-config` reads.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads the config file for the watcher, off the async runtime (a hung mount must not stall
+/// the health endpoints), refusing anything but a regular file of sane size (a FIFO would block).
+pub async fn read_config_file(path: PathBuf) -> io::Result<Vec<u8>> {
+    let read = move || {
+        let meta = std::fs::metadata(&path)?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(io::Error::other(format!(
+                "larger than {MAX_CONFIG_BYTES} bytes"
+            )));
+        }
+        std::fs::read(&path)
+    };
+    tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+}
+
 /// Notices when the config file's content changes, for `--watch-config`.
 pub struct FileWatcher {
     path: PathBuf,
@@ -172,29 +202,32 @@ pub struct FileWatcher {
 }
 
 impl FileWatcher {
-    /// Watches `path`, taking its current content as the loaded one.
-    pub fn new(path: PathBuf) -> Self {
-        let mut w = FileWatcher {
+    /// Watches `path`; `loaded` is the content read just before the running config was loaded.
+    pub fn new(path: PathBuf, loaded: Option<Vec<u8>>) -> Self {
+        FileWatcher {
             path,
-            loaded: None,
+            loaded,
             settling: None,
             failing: false,
-        };
-        w.mark_loaded();
-        w
+        }
     }
 
-    /// Records the file's content now as the one the next load reads. Call just before any
-    /// reload, whatever triggered it, so the watcher does not report that content again.
-    pub fn mark_loaded(&mut self) {
-        self.loaded = std::fs::read(&self.path).ok();
+    /// The watched file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records `content` (read just before a reload, whatever triggered it) as the loaded one,
+    /// so the watcher does not report that content again.
+    pub fn mark_loaded(&mut self, content: Option<Vec<u8>>) {
+        self.loaded = content;
         self.settling = None;
     }
 
-    /// Reads the file; true when its content differs from the loaded one and has not changed
-    /// since the previous poll.
-    pub fn poll(&mut self) -> bool {
-        let content = match std::fs::read(&self.path) {
+    /// Takes one poll's read; true when the content differs from the loaded one and has not
+    /// changed since the previous poll.
+    pub fn observe(&mut self, read: io::Result<Vec<u8>>) -> bool {
+        let content = match read {
             Ok(c) => {
                 self.failing = false;
                 c
@@ -231,6 +264,35 @@ mod tests {
         }
     }
 
+    /// Sockets bound where configured (no port 0).
+    fn bound(running: &[ServiceKey]) -> Vec<SocketAddr> {
+        running.iter().map(|k| k.listen).collect()
+    }
+
+    #[test]
+    fn pinning_a_port_zero_service_to_its_port_keeps_the_socket() {
+        let running = [key("a", "127.0.0.1:0", "x")];
+        let bound = ["127.0.0.1:40000".parse().unwrap()];
+        assert_eq!(
+            diff(&running, &bound, &[key("a", "127.0.0.1:40000", "x")]),
+            [Step::Swap { running: 0, new: 0 }]
+        );
+    }
+
+    #[test]
+    fn a_rename_plus_a_new_service_on_the_old_address() {
+        // `a` moves away and `b` takes its address: b inherits the socket, a binds anew.
+        let running = [key("a", "127.0.0.1:7001", "x")];
+        let new = [
+            key("a", "127.0.0.1:7002", "x"),
+            key("b", "127.0.0.1:7001", "x"),
+        ];
+        assert_eq!(
+            diff(&running, &bound(&running), &new),
+            [Step::Start { new: 0 }, Step::Swap { running: 0, new: 1 }]
+        );
+    }
+
     #[test]
     fn unchanged_changed_added_removed() {
         let running = [
@@ -244,7 +306,7 @@ mod tests {
             key("d", "127.0.0.1:7004", "x"),
         ];
         assert_eq!(
-            diff(&running, &new),
+            diff(&running, &bound(&running), &new),
             [
                 Step::Start { new: 2 },
                 Step::Keep { running: 0, new: 0 },
@@ -267,7 +329,7 @@ mod tests {
             key("renamed", "127.0.0.1:7003", "x"),
         ];
         assert_eq!(
-            diff(&running, &new),
+            diff(&running, &bound(&running), &new),
             [
                 Step::Swap { running: 1, new: 0 },
                 Step::Swap { running: 0, new: 1 },
@@ -280,11 +342,11 @@ mod tests {
     fn port_zero_is_kept_by_name_only() {
         let running = [key("a", "127.0.0.1:0", "x")];
         assert_eq!(
-            diff(&running, &[key("a", "127.0.0.1:0", "x")]),
+            diff(&running, &bound(&running), &[key("a", "127.0.0.1:0", "x")]),
             [Step::Keep { running: 0, new: 0 }]
         );
         assert_eq!(
-            diff(&running, &[key("b", "127.0.0.1:0", "x")]),
+            diff(&running, &bound(&running), &[key("b", "127.0.0.1:0", "x")]),
             [Step::Start { new: 0 }, Step::Stop { running: 0 }]
         );
     }
@@ -294,7 +356,7 @@ mod tests {
         let running = [key("a", "127.0.0.1:7001", "x")];
         let new = [key("a", "127.0.0.1:7005", "x")];
         assert_eq!(
-            diff(&running, &new),
+            diff(&running, &bound(&running), &new),
             [Step::Start { new: 0 }, Step::Stop { running: 0 }]
         );
     }
@@ -352,21 +414,34 @@ mod tests {
 
     #[test]
     fn the_watcher_waits_for_a_settled_change() {
-        let dir = std::env::temp_dir().join(format!("wharf-watch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "a").unwrap();
-        let mut w = FileWatcher::new(path.clone());
-        assert!(!w.poll());
-        std::fs::write(&path, "b").unwrap();
-        assert!(!w.poll(), "a change is reported once it has settled");
-        assert!(w.poll());
-        w.mark_loaded();
-        assert!(!w.poll());
-        std::fs::remove_file(&path).unwrap();
-        assert!(!w.poll(), "a missing file is not a change");
-        std::fs::write(&path, "b").unwrap();
-        assert!(!w.poll(), "back as loaded");
-        std::fs::remove_dir_all(&dir).unwrap();
+        let mut w = FileWatcher::new("c.toml".into(), Some(b"a".to_vec()));
+        let read = |c: &str| Ok(c.as_bytes().to_vec());
+        assert!(!w.observe(read("a")));
+        assert!(
+            !w.observe(read("b")),
+            "a change is reported once it has settled"
+        );
+        assert!(w.observe(read("b")));
+        w.mark_loaded(Some(b"b".to_vec()));
+        assert!(!w.observe(read("b")));
+        assert!(
+            !w.observe(Err(io::Error::other("gone"))),
+            "a missing file is not a change"
+        );
+        assert!(!w.observe(read("b")), "back as loaded");
+        assert!(!w.observe(read("c")));
+        assert!(!w.observe(read("d")), "still changing");
+        assert!(w.observe(read("d")));
+    }
+
+    #[tokio::test]
+    async fn the_watcher_reads_only_regular_files() {
+        let fifo = std::env::temp_dir().join(format!("wharf-fifo-{}", std::process::id()));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let read = read_config_file(fifo.clone()).await;
+        std::fs::remove_file(&fifo).unwrap();
+        assert!(read.unwrap_err().to_string().contains("not a regular file"));
     }
 }

@@ -35,6 +35,7 @@ use wharf_core::worker::{
 
 use crate::activation::Activated;
 use crate::metrics_http;
+use crate::notify;
 use crate::plan::{Plan, PlannedService};
 use crate::registry::BuiltService;
 use crate::reload::{self, FileWatcher, ServiceKey, Step};
@@ -70,8 +71,32 @@ fn resolve_backend(choice: BackendChoice) -> Result<BackendChoice, ServeError> {
 pub struct ReloadSource {
     /// Loads and validates the config again (same file, same command-line overrides).
     pub load: Arc<dyn Fn() -> Result<Plan, Vec<ConfigError>> + Send + Sync>,
-    /// `--watch-config`: the file to poll for changes.
-    pub watch: Option<PathBuf>,
+    /// `--watch-config`: the file to poll for changes, and its content as read just before the
+    /// startup load (so a change made while starting is not missed).
+    pub watch: Option<(PathBuf, Option<Vec<u8>>)>,
+}
+
+static EARLY_SIGHUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_early_sighup(_: libc::c_int) {
+    EARLY_SIGHUP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Call first thing in `serve`: until the real handlers are installed (after the config is
+/// loaded and every socket bound), a SIGHUP (`systemctl reload`, a ConfigMap watcher) would
+/// otherwise kill the process. It is remembered and acted on once serving.
+pub fn catch_early_sighup() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGHUP,
+            on_early_sighup as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+}
+
+fn early_sighup_seen() -> bool {
+    EARLY_SIGHUP.swap(false, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Runs the plan until SIGTERM/SIGINT and the drain that follows, reloading on SIGHUP.
@@ -94,6 +119,8 @@ struct RunningService {
     slot: SlotId,
     /// The generation serving new connections.
     gate: Arc<ServiceGate>,
+    /// Its socket came from systemd, which keeps its own copy open.
+    activated: bool,
 }
 
 /// Everything the main thread needs to reload and to stop.
@@ -102,6 +129,8 @@ struct Running<B: Backend> {
     workers: Vec<ControlSender<B>>,
     services: Vec<RunningService>,
     next_slot: SlotId,
+    /// Generations a reload replaced, still draining (until their last connection ends).
+    retired: Vec<std::sync::Weak<ServiceGate>>,
     /// The settings in effect (restart-only ones stay as started).
     config: Config,
     metrics_allow: watch::Sender<Vec<Cidr>>,
@@ -109,7 +138,7 @@ struct Running<B: Backend> {
 
 fn launch<B: Backend>(
     plan: Plan,
-    reload: ReloadSource,
+    mut reload: ReloadSource,
     instance: InstanceOf<B>,
 ) -> Result<(), ServeError> {
     let server = &plan.config.server;
@@ -131,8 +160,12 @@ fn launch<B: Backend>(
                     g.iter().try_for_each(|s| s.set_nonblocking(true))?;
                     Ok((socket.local_addr()?, g))
                 })
-                .map_err(|e| ServeError(format!("socket activation: {}: {e}", svc.name)))?,
-            None => bind_service(&plan, svc, workers)?,
+                .map_err(|e| ServeError(format!("socket activation: {}: {e}", svc.name)))
+                .map(|(addr, g)| (addr, g, true))?,
+            None => {
+                let (addr, g) = bind_service(&plan, svc, workers)?;
+                (addr, g, false)
+            }
         };
         groups.push(group);
     }
@@ -209,11 +242,12 @@ fn launch<B: Backend>(
         workers: Vec::with_capacity(workers),
         services: Vec::with_capacity(plan.services.len()),
         next_slot: 0,
+        retired: Vec::new(),
         config: plan.config.clone(),
         metrics_allow,
     };
     let mut per_worker: Vec<Vec<WorkerService<B>>> = (0..workers).map(|_| Vec::new()).collect();
-    for (svc, (bound, group)) in plan.services.iter().zip(groups) {
+    for (svc, (bound, group, activated)) in plan.services.iter().zip(groups) {
         let (slot, handler) = running.new_generation(svc, None);
         for (worker_services, socket) in per_worker.iter_mut().zip(group) {
             worker_services.push(WorkerService {
@@ -227,6 +261,7 @@ fn launch<B: Backend>(
             bound,
             slot,
             gate: handler.gate,
+            activated,
         });
     }
 
@@ -284,39 +319,69 @@ fn launch<B: Backend>(
             }
             _ => None,
         };
-        let mut watcher = reload.watch.clone().map(|path| {
+        let mut watcher = reload.watch.take().map(|(path, loaded)| {
             info!(path = %path.display(), every = ?reload::WATCH_INTERVAL, "watching the config file for changes");
-            FileWatcher::new(path)
+            FileWatcher::new(path, loaded)
         });
         info!(config = %plan.origin, "wharf ready");
+        notify::notify("READY=1");
         drop(plan);
 
         let mut signals = signals;
         let mut tick = tokio::time::interval(reload::WATCH_INTERVAL);
-        let signal = loop {
-            let why = tokio::select! {
-                signal = signals.recv() => match signal {
-                    Signal::Hup => "SIGHUP",
-                    stop => break stop,
-                },
-                _ = tick.tick(), if watcher.is_some() => {
-                    if !watcher.as_mut().is_some_and(FileWatcher::poll) {
-                        continue;
+        // A SIGHUP that came while starting: the file may have changed since it was read.
+        let mut pending_hup = early_sighup_seen();
+        let signal = 'serve: loop {
+            let why = if std::mem::take(&mut pending_hup) {
+                "SIGHUP"
+            } else {
+                tokio::select! {
+                    biased;
+                    signal = signals.recv() => match signal {
+                        Signal::Hup => "SIGHUP",
+                        stop => break 'serve stop,
+                    },
+                    _ = tick.tick(), if watcher.is_some() => {
+                        let Some(w) = watcher.as_mut() else { continue };
+                        let content = reload::read_config_file(w.path().to_path_buf()).await;
+                        if !w.observe(content) {
+                            continue;
+                        }
+                        "config file changed"
                     }
-                    "config file changed"
                 }
             };
             if let Some(w) = watcher.as_mut() {
-                w.mark_loaded();
+                let content = reload::read_config_file(w.path().to_path_buf()).await;
+                w.mark_loaded(content.ok());
             }
-            running.reload(why, &reload.load).await;
+            notify::reloading();
+            // A stop signal wins over a reload in progress (a config on a hung mount, a plugin
+            // slow to build): nothing is applied before the workers are told, and after that
+            // the process is stopping anyway.
+            let mut job = std::pin::pin!(running.reload(why, &reload.load));
+            loop {
+                tokio::select! {
+                    biased;
+                    signal = signals.recv() => match signal {
+                        Signal::Hup => pending_hup = true,
+                        stop => {
+                            warn!(signal = stop.name(), "stop signal during a reload: abandoning the reload");
+                            break 'serve stop;
+                        }
+                    },
+                    _ = &mut job => break,
+                }
+            }
+            notify::notify("READY=1");
         };
 
         let grace = running.config.server.shutdown_grace;
         info!(signal = signal.name(), grace = ?grace, "shutting down: no new connections, draining open ones");
+        notify::notify("STOPPING=1");
         readiness.set_draining();
         trigger.trigger(grace);
-        running.retire_all(grace);
+        running.drain_all_within(grace);
         // A second stop signal during the drain means "now": exit without waiting for the grace.
         tokio::spawn(async move {
             loop {
@@ -457,8 +522,12 @@ impl<B: Backend> Running<B> {
             }
             Ok(plan) => match self.apply(plan, started).await {
                 Ok(()) => ReloadResult::Success,
-                Err(ServeError(msg)) => {
+                Err(ApplyError::Unchanged(msg)) => {
                     error!("reload failed: {msg}; still running the previous configuration");
+                    ReloadResult::Failed
+                }
+                Err(ApplyError::Partial(msg)) => {
+                    error!("reload failed: partly applied ({msg}); some workers may not serve the new configuration: restart wharf");
                     ReloadResult::Failed
                 }
             },
@@ -466,19 +535,36 @@ impl<B: Backend> Running<B> {
         result.record();
     }
 
-    /// Applies a validated plan: binds new addresses first (any failure leaves everything as it
-    /// was), then tells every worker, then retires the generations that were replaced.
-    async fn apply(&mut self, plan: Plan, started: std::time::Instant) -> Result<(), ServeError> {
+    /// Applies a validated plan: binds new addresses first (any failure there leaves everything
+    /// as it was), then tells every worker, then retires the generations that were replaced.
+    async fn apply(&mut self, plan: Plan, started: std::time::Instant) -> Result<(), ApplyError> {
         let running: Vec<ServiceKey> = self.services.iter().map(|s| s.key.clone()).collect();
+        let bound: Vec<SocketAddr> = self.services.iter().map(|s| s.bound).collect();
         let new: Vec<ServiceKey> = plan.services.iter().map(ServiceKey::of).collect();
-        let steps = reload::diff(&running, &new);
+        let steps = reload::diff(&running, &bound, &new);
         let workers = self.workers.len();
 
-        // 1. Bind every new address; nothing has changed yet if one fails.
+        // 1. Check and bind; nothing has changed yet if this fails.
+        for step in &steps {
+            if let Step::Stop { running } = *step {
+                let s = &self.services[running];
+                if s.activated {
+                    return Err(ApplyError::Unchanged(format!(
+                        "service `{}` listens on {}, a socket systemd passed (socket activation): \
+                         removing or moving it needs the .socket unit changed and a restart",
+                        s.key.name, s.bound
+                    )));
+                }
+            }
+        }
         let mut groups = Vec::new();
         for step in &steps {
             if let Step::Start { new } = *step {
-                groups.push((new, bind_service(&plan, &plan.services[new], workers)?));
+                let svc = &plan.services[new];
+                let group = bind_service(&plan, svc, workers).map_err(|ServeError(msg)| {
+                    ApplyError::Unchanged(self.explain_overlap(msg, svc.config.listen))
+                })?;
+                groups.push((new, group));
             }
         }
 
@@ -496,15 +582,21 @@ impl<B: Backend> Running<B> {
                         bound: s.bound,
                         slot: s.slot,
                         gate: Arc::clone(&s.gate),
+                        activated: s.activated,
                     });
                 }
                 Step::Swap { running, new } => {
                     let svc = &plan.services[new];
                     let old = &self.services[running];
-                    let same = (old.key.name == svc.name).then(|| Arc::clone(&old.gate));
-                    let (slot, bound) = (old.slot, old.bound);
+                    let (slot, bound, activated) = (old.slot, old.bound, old.activated);
                     retired.push(Arc::clone(&old.gate));
                     summary.changed.push(describe_swap(&old.key, &svc.name));
+                    if old.key.name != svc.name {
+                        summary.listening.push(slot);
+                    }
+                    // The service of that name, wherever it ran: `max_connections` spans its
+                    // generations.
+                    let same = self.generation_of(&svc.name);
                     let (_, handler) = self.new_generation(svc, same.as_deref());
                     for c in &mut changes {
                         c.push(Change::Swap {
@@ -517,15 +609,15 @@ impl<B: Backend> Running<B> {
                         bound,
                         slot,
                         gate: handler.gate,
+                        activated,
                     });
                 }
                 Step::Start { new } => {
                     let svc = &plan.services[new];
-                    let (_, (bound, group)) = groups
-                        .iter_mut()
-                        .find(|(n, _)| *n == new)
-                        .expect("bound above");
-                    // Same name on a new address: still one service for `max_connections`.
+                    let Some((_, (bound, group))) = groups.iter_mut().find(|(n, _)| *n == new)
+                    else {
+                        continue; // every Start was bound in step 1
+                    };
                     let same = self.generation_of(&svc.name);
                     let (slot, handler) = self.new_generation(svc, same.as_deref());
                     for (c, socket) in changes.iter_mut().zip(group.drain(..)) {
@@ -536,12 +628,13 @@ impl<B: Backend> Running<B> {
                         }));
                     }
                     summary.added.push(format!("{} ({})", svc.name, bound));
-                    summary.started.push(slot);
+                    summary.listening.push(slot);
                     next[new] = Some(RunningService {
                         key: ServiceKey::of(svc),
                         bound: *bound,
                         slot,
                         gate: handler.gate,
+                        activated: false,
                     });
                 }
                 Step::Stop { running } => {
@@ -559,26 +652,28 @@ impl<B: Backend> Running<B> {
 
         // 3. Every worker applies its batch; wait until all have.
         let mut acks = Vec::with_capacity(workers);
-        for (control, changes) in self.workers.iter().zip(changes) {
+        let mut failures = Vec::new();
+        for (id, (control, changes)) in self.workers.iter().zip(changes).enumerate() {
             let (done, ack) = oneshot::channel();
-            if control.send(Control { changes, done }).is_ok() {
-                acks.push(ack);
+            match control.send(Control { changes, done }) {
+                Ok(()) => acks.push(ack),
+                Err(_) => failures.push(format!("worker {id} is gone")),
             }
         }
-        let mut failures = Vec::new();
         for ack in acks {
             match ack.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failures.push(e.to_string()),
-                Err(_) => failures.push("a worker is gone".into()),
+                Err(_) => failures.push("a worker ended during the reload".into()),
             }
         }
 
-        // 4. The replaced generations drain under the new grace period.
-        let grace = plan.config.server.shutdown_grace;
+        // 4. The replaced generations finish their connections; the new state is in effect.
         for gate in retired {
-            gate.retire(grace);
+            gate.retire();
+            self.retired.push(Arc::downgrade(&gate));
         }
+        self.retired.retain(|g| g.strong_count() > 0);
         summary.unchanged = steps
             .iter()
             .filter(|s| matches!(s, Step::Keep { .. }))
@@ -589,16 +684,15 @@ impl<B: Backend> Running<B> {
         for s in self
             .services
             .iter()
-            .filter(|s| summary.started.contains(&s.slot))
+            .filter(|s| summary.listening.contains(&s.slot))
         {
             log_listening::<B>(s, &self.config, workers);
         }
-        if !failures.is_empty() {
-            return Err(ServeError(format!(
-                "partly applied: {}",
-                failures.join("; ")
-            )));
-        }
+        let outcome = if failures.is_empty() {
+            "configuration reloaded"
+        } else {
+            "configuration partly applied"
+        };
         info!(
             config = %plan.origin,
             unchanged = summary.unchanged,
@@ -606,7 +700,7 @@ impl<B: Backend> Running<B> {
             added = %summary.added.join(", "),
             removed = %summary.removed.join(", "),
             took = ?started.elapsed(),
-            "configuration reloaded"
+            "{outcome}"
         );
         if !restart.is_empty() {
             warn!(
@@ -614,7 +708,36 @@ impl<B: Backend> Running<B> {
                 "these settings changed but only take effect after a restart"
             );
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError::Partial(failures.join("; ")))
+        }
+    }
+
+    /// Adds to a bind error when the address overlaps a socket of this very process (the
+    /// same port on a wildcard and a specific address, or the metrics listener): that is not
+    /// "another process", and only a restart can move between them.
+    fn explain_overlap(&self, msg: String, wanted: SocketAddr) -> String {
+        let overlaps = |have: SocketAddr| {
+            have.port() == wanted.port()
+                && (have.ip() == wanted.ip()
+                    || have.ip().is_unspecified()
+                    || wanted.ip().is_unspecified())
+        };
+        let ours = self
+            .services
+            .iter()
+            .map(|s| (s.key.name.as_str(), s.bound))
+            .chain(self.config.metrics.as_ref().map(|m| ("metrics", m.listen)))
+            .find(|(_, have)| overlaps(*have));
+        match ours {
+            Some((name, have)) => format!(
+                "{msg}; it overlaps `{name}` on {have} in this process: moving between \
+                 overlapping addresses needs a restart"
+            ),
+            None => msg,
+        }
     }
 
     /// Takes the reloadable settings of `new`; restart-only ones stay as started.
@@ -627,10 +750,13 @@ impl<B: Backend> Running<B> {
         }
     }
 
-    /// Starts the drain of every service generation (shutdown).
-    fn retire_all(&self, grace: Duration) {
+    /// Drains every generation, current and retired, within `grace` (shutdown).
+    fn drain_all_within(&self, grace: Duration) {
         for s in &self.services {
-            s.gate.retire(grace);
+            s.gate.drain_within(grace);
+        }
+        for gate in self.retired.iter().filter_map(std::sync::Weak::upgrade) {
+            gate.drain_within(grace);
         }
     }
 }
@@ -643,6 +769,14 @@ fn describe_swap(old: &ServiceKey, new_name: &str) -> String {
     }
 }
 
+/// Why a valid config could not be applied.
+enum ApplyError {
+    /// Found before anything changed (an address in use...).
+    Unchanged(String),
+    /// Some workers could not take their part; the rest is in effect.
+    Partial(String),
+}
+
 /// What a reload did, for its log line.
 #[derive(Default)]
 struct Summary {
@@ -650,8 +784,8 @@ struct Summary {
     changed: Vec<String>,
     added: Vec<String>,
     removed: Vec<String>,
-    /// Slots of the added services.
-    started: Vec<SlotId>,
+    /// Slots to announce with a `listening` line (added, or serving under a new name).
+    listening: Vec<SlotId>,
 }
 
 /// Binds `svc`'s address for every worker; errors name the config key.

@@ -7,7 +7,7 @@
 //! a metric key.
 //!
 //! A gate is one *generation* of a service: a config reload that changes the service makes a
-//! new gate for new connections and retires the old one, whose connections then drain under
+//! new gate for new connections and retires the old one, whose connections then finish under
 //! the old settings (see [`crate::shutdown`]). The two share the open-connection count, so
 //! `max_connections` still bounds the service as a whole.
 
@@ -214,7 +214,9 @@ impl ServiceGate {
         for (_, c) in &metrics.requests {
             c.increment(0);
         }
-        metrics.active.set(0.0);
+        // Not `set(0)`: a new generation shares the series with the one it replaces, whose
+        // connections are still counted in it.
+        metrics.active.increment(0.0);
         Arc::new(ServiceGate {
             labels,
             allow_from: config.allow_from.clone(),
@@ -226,9 +228,15 @@ impl ServiceGate {
         })
     }
 
-    /// Retires this generation: its connections finish what they are doing, and those still
-    /// open after `grace` are closed. Idempotent; the first deadline stands.
-    pub fn retire(&self, grace: Duration) {
+    /// Retires this generation (a reload replaced or removed it): its connections finish what
+    /// they are doing and end on their own, or by their idle timeout. No deadline.
+    pub fn retire(&self) {
+        self.retire.trigger_without_deadline();
+    }
+
+    /// Drains this generation with a deadline (shutdown): connections still open after `grace`
+    /// are closed. An earlier deadline stands.
+    pub fn drain_within(&self, grace: Duration) {
         self.retire.trigger(grace);
     }
 

@@ -1,11 +1,14 @@
-//! Stopping: drain signals with a deadline, and each worker's count of open connections.
+//! Stopping: drain signals with an optional deadline, and each worker's count of open
+//! connections.
 //!
 //! A drain is one mechanism used at two scopes. The process-wide [`ShutdownTrigger`]
 //! (SIGTERM/SIGINT) stops every accept loop; each service generation's own trigger (held by its
-//! [`ServiceGate`](crate::gate::ServiceGate)) is pulled at shutdown and when a config reload
-//! removes or replaces the service. Either way connections finish what they are doing (a
-//! keep-alive connection closes between requests), and whatever is still open at the deadline,
-//! `grace` after the trigger, is closed.
+//! [`ServiceGate`](crate::gate::ServiceGate)) is pulled when a config reload removes or replaces
+//! the service, and at shutdown. Draining connections finish what they are doing (a keep-alive
+//! connection closes between requests). A reload drains without a deadline: the old
+//! generation's connections end on their own (or by their idle timeout). A shutdown sets one,
+//! `grace` from now, and whatever is still open then is closed; a deadline can only be brought
+//! forward, never pushed back.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -13,28 +16,51 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+/// The state a drain signal carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Serving normally.
+    Running,
+    /// Draining; open connections are closed at the deadline, if there is one.
+    Draining(Option<Instant>),
+}
+
 /// Starts a drain for everyone holding the matching [`Shutdown`].
-pub struct ShutdownTrigger(watch::Sender<Option<Instant>>);
+pub struct ShutdownTrigger(watch::Sender<Drain>);
 
 /// A cloneable, runtime-independent view of a drain signal and its deadline.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<Option<Instant>>);
+pub struct Shutdown(watch::Receiver<Drain>);
 
 /// A new signal pair.
 pub fn channel() -> (ShutdownTrigger, Shutdown) {
-    let (tx, rx) = watch::channel(None);
+    let (tx, rx) = watch::channel(Drain::Running);
     (ShutdownTrigger(tx), Shutdown(rx))
 }
 
 impl ShutdownTrigger {
-    /// Starts the drain: no new work, and connections still open after `grace` are closed.
-    /// Only the first call counts; a later one never extends or shortens the deadline.
+    /// Starts the drain (if not started yet) with connections still open after `grace` closed;
+    /// an earlier deadline set before stands.
     pub fn trigger(&self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        self.0.send_if_modified(|current| {
-            let first = current.is_none();
+        self.0.send_if_modified(|state| {
+            let sooner = match *state {
+                Drain::Running | Drain::Draining(None) => true,
+                Drain::Draining(Some(at)) => deadline < at,
+            };
+            if sooner {
+                *state = Drain::Draining(Some(deadline));
+            }
+            sooner
+        });
+    }
+
+    /// Starts the drain without a deadline: connections end on their own.
+    pub fn trigger_without_deadline(&self) {
+        self.0.send_if_modified(|state| {
+            let first = *state == Drain::Running;
             if first {
-                *current = Some(deadline);
+                *state = Drain::Draining(None);
             }
             first
         });
@@ -49,21 +75,33 @@ impl ShutdownTrigger {
 impl Shutdown {
     /// Completes once the drain has started (or the trigger was dropped).
     pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(Option::is_some).await;
+        let _ = self.0.wait_for(|s| *s != Drain::Running).await;
     }
 
     /// Whether the drain has started.
     pub fn is_triggered(&self) -> bool {
-        self.0.borrow().is_some()
+        *self.0.borrow() != Drain::Running
     }
 
-    /// Completes at the drain's deadline: time to close whatever is still open. A dropped
-    /// trigger that never fired counts as a deadline now.
+    /// Completes at the drain's deadline: time to close whatever is still open. Follows a
+    /// deadline set or brought forward while waiting. A dropped trigger that never set one
+    /// counts as a deadline now.
     pub async fn deadline(&mut self) {
-        self.wait().await;
-        let deadline = *self.0.borrow();
-        if let Some(at) = deadline {
-            tokio::time::sleep_until(at.into()).await;
+        loop {
+            let state = *self.0.borrow_and_update();
+            match state {
+                Drain::Draining(Some(at)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => return,
+                        changed = self.0.changed() => if changed.is_err() { return },
+                    }
+                }
+                Drain::Running | Drain::Draining(None) => {
+                    if self.0.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -145,7 +183,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_first_trigger_sets_the_deadline() {
+    async fn the_earliest_deadline_stands() {
         let (trigger, mut rx) = channel();
         assert!(!rx.is_triggered());
         let started = Instant::now();
@@ -157,6 +195,28 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(200) && waited < Duration::from_secs(50),
             "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_without_deadline_gets_one_at_shutdown() {
+        let (trigger, mut rx) = channel();
+        trigger.trigger_without_deadline();
+        assert!(rx.is_triggered());
+        let mut early = rx.clone();
+        let waiting = tokio::time::timeout(Duration::from_millis(100), early.deadline());
+        assert!(waiting.await.is_err(), "no deadline yet");
+        let started = Instant::now();
+        let deadline = tokio::spawn(async move { rx.deadline().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        trigger.trigger(Duration::from_secs(60));
+        trigger.trigger(Duration::from_millis(100));
+        trigger.trigger(Duration::from_secs(60));
+        deadline.await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(30),
+            "brought forward: {waited:?}"
         );
     }
 

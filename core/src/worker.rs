@@ -232,26 +232,39 @@ async fn accept_loop<L: Listener>(
     mut shutdown: Shutdown,
 ) {
     let mut backoff = AcceptBackoff::default();
+    let Some(mut current) = handler.borrow().clone() else {
+        return;
+    };
     loop {
         let accepted = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
             changed = handler.changed() => {
-                if changed.is_err() || handler.borrow().is_none() {
-                    break;
+                let next = handler.borrow_and_update().clone();
+                match (changed, next) {
+                    (Ok(()), Some(next)) => {
+                        current = next;
+                        continue;
+                    }
+                    // Stopped by a reload: serve the connections the kernel already completed
+                    // (closing the socket would reset them), then close it.
+                    _ => {
+                        while let Ok(Ok((conn, peer))) =
+                            tokio::time::timeout(Duration::ZERO, listener.accept()).await
+                        {
+                            serve(&current, conn, peer, &tracker);
+                        }
+                        break;
+                    }
                 }
-                continue;
             }
             accepted = listener.accept() => accepted,
         };
-        // The handler in effect when the connection was accepted serves it to the end.
-        let Some(current) = handler.borrow().clone() else {
-            break;
-        };
-        let (conn, peer) = match accepted {
-            Ok(accepted) => {
+        match accepted {
+            Ok((conn, peer)) => {
                 backoff.reset();
-                accepted
+                // The handler in effect when the connection was accepted serves it to the end.
+                serve(&current, conn, peer, &tracker);
             }
             Err(e) => {
                 let service = current.gate.labels().service.as_str();
@@ -261,35 +274,45 @@ async fn accept_loop<L: Listener>(
                         _ = tokio::time::sleep(pause) => {}
                     }
                 }
-                continue;
             }
-        };
-        let Handler { gate, service } = current;
-        match gate.admit(peer.ip()) {
-            Ok(ticket) => {
-                let conn = ticket.wrap(conn);
-                let mut drain = gate.retirement();
-                let tracked = tracker.track();
-                tokio::task::spawn_local(async move {
-                    tokio::select! {
-                        served = service.serve_dyn(conn) => {
-                            if let Err(e) = served {
-                                log_conn_error(&peer, &e);
-                            }
-                        }
-                        // Dropping the protocol's future closes the connection.
-                        _ = drain.deadline() => {
-                            tracked.cut();
-                            debug!(%peer, "closed: still open at the end of the drain");
+        }
+    }
+}
+
+/// Admits an accepted connection through `handler`'s gate and serves it on a local task until
+/// it ends or its generation's drain deadline closes it.
+fn serve<C: crate::conn::Conn + 'static>(
+    handler: &Handler<C>,
+    conn: C,
+    peer: SocketAddr,
+    tracker: &ConnTracker,
+) {
+    let gate = &handler.gate;
+    match gate.admit(peer.ip()) {
+        Ok(ticket) => {
+            let conn = ticket.wrap(conn);
+            let mut drain = gate.retirement();
+            let service = Arc::clone(&handler.service);
+            let tracked = tracker.track();
+            tokio::task::spawn_local(async move {
+                tokio::select! {
+                    served = service.serve_dyn(conn) => {
+                        if let Err(e) = served {
+                            log_conn_error(&peer, &e);
                         }
                     }
-                    drop(tracked);
-                });
-            }
-            Err(reason) => {
-                debug!(service = %gate.labels().service, %peer, reason = reason.as_str(), "connection rejected");
-                drop(conn);
-            }
+                    // Dropping the protocol's future closes the connection.
+                    _ = drain.deadline() => {
+                        tracked.cut();
+                        debug!(%peer, "closed: still open at the end of the drain");
+                    }
+                }
+                drop(tracked);
+            });
+        }
+        Err(reason) => {
+            debug!(service = %gate.labels().service, %peer, reason = reason.as_str(), "connection rejected");
+            drop(conn);
         }
     }
 }

@@ -200,6 +200,16 @@ fn systemd_socket_activation_serves_the_passed_sockets_without_binding() {
         assert!(outcome.contains("changed=echo"), "{outcome}");
         assert_eq!(echo_once(&mut connect(echo), b"after"), b"after");
         assert_eq!(echo_once(&mut s, b"open"), b"OPEN");
+        // Removing it cannot close systemd's copy of the socket: refused, nothing changes.
+        let other = "[services.other]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n";
+        let without = config.split("[services.echo]").next().unwrap().to_string() + other;
+        server.rewrite_config(&without);
+        let outcome = server.reload();
+        assert!(
+            outcome.contains("reload failed") && outcome.contains("socket activation"),
+            "{outcome}"
+        );
+        assert_eq!(echo_once(&mut connect(echo), b"kept"), b"kept");
         drop((held_echo, held_metrics));
     }
 }
