@@ -225,7 +225,8 @@ impl FileWatcher {
     }
 
     /// Takes one poll's read; true when the content differs from the loaded one and has not
-    /// changed since the previous poll.
+    /// changed since the previous poll. The content is then taken as the loaded one: the caller
+    /// is about to load it.
     pub fn observe(&mut self, read: io::Result<Vec<u8>>) -> bool {
         let content = match read {
             Ok(c) => {
@@ -245,6 +246,7 @@ impl FileWatcher {
             return false;
         }
         if self.settling.as_ref() == Some(&content) {
+            self.mark_loaded(Some(content));
             return true;
         }
         self.settling = Some(content);
@@ -422,6 +424,7 @@ mod tests {
             "a change is reported once it has settled"
         );
         assert!(w.observe(read("b")));
+        assert!(!w.observe(read("b")), "reported once, then loaded");
         w.mark_loaded(Some(b"b".to_vec()));
         assert!(!w.observe(read("b")));
         assert!(

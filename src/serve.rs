@@ -248,7 +248,7 @@ fn launch<B: Backend>(
     };
     let mut per_worker: Vec<Vec<WorkerService<B>>> = (0..workers).map(|_| Vec::new()).collect();
     for (svc, (bound, group, activated)) in plan.services.iter().zip(groups) {
-        let (slot, handler) = running.new_generation(svc, None);
+        let (slot, handler) = (running.new_slot(), running.new_generation(svc, None));
         for (worker_services, socket) in per_worker.iter_mut().zip(group) {
             worker_services.push(WorkerService {
                 slot,
@@ -332,26 +332,29 @@ fn launch<B: Backend>(
         // A SIGHUP that came while starting: the file may have changed since it was read.
         let mut pending_hup = early_sighup_seen();
         let signal = 'serve: loop {
-            let why = if std::mem::take(&mut pending_hup) {
-                "SIGHUP"
+            // SIGHUP (now or while a reload ran), or a change the watcher saw.
+            let file_changed = if std::mem::take(&mut pending_hup) {
+                false
             } else {
                 tokio::select! {
                     biased;
                     signal = signals.recv() => match signal {
-                        Signal::Hup => "SIGHUP",
+                        Signal::Hup => false,
                         stop => break 'serve stop,
                     },
                     _ = tick.tick(), if watcher.is_some() => {
                         let Some(w) = watcher.as_mut() else { continue };
                         let content = reload::read_config_file(w.path().to_path_buf()).await;
+                        // A reported change is marked as loaded already.
                         if !w.observe(content) {
                             continue;
                         }
-                        "config file changed"
+                        true
                     }
                 }
             };
-            if let Some(w) = watcher.as_mut() {
+            let why = if file_changed { "config file changed" } else { "SIGHUP" };
+            if let (Some(w), false) = (watcher.as_mut(), file_changed) {
                 let content = reload::read_config_file(w.path().to_path_buf()).await;
                 w.mark_loaded(content.ok());
             }
@@ -460,26 +463,29 @@ impl ReloadResult {
 }
 
 impl<B: Backend> Running<B> {
-    /// A gate and instance for a planned service, on a fresh slot. `previous` is the generation
-    /// it replaces, if it is the same service (same name): they share `max_connections`.
+    /// A gate and instance for a planned service. `previous` is the generation it replaces, if
+    /// it is the same service (same name): they share `max_connections`.
     fn new_generation(
-        &mut self,
+        &self,
         svc: &PlannedService,
         previous: Option<&ServiceGate>,
-    ) -> (SlotId, Handler<worker::RawConnOf<B>>) {
+    ) -> Handler<worker::RawConnOf<B>> {
         let labels = ServiceLabels {
             service: svc.name.clone(),
             plugin: svc.config.plugin.clone(),
             backend: B::NAME.to_string(),
         };
         let gate = ServiceGate::new(labels, &svc.config, svc.built.outcomes, previous);
-        let handler = Handler {
+        Handler {
             gate,
             service: (self.instance)(&svc.built),
-        };
-        let slot = self.next_slot;
+        }
+    }
+
+    /// A number for a new listening socket.
+    fn new_slot(&mut self) -> SlotId {
         self.next_slot += 1;
-        (slot, handler)
+        self.next_slot
     }
 
     /// The generation now serving the service called `name`, if one is running.
@@ -597,7 +603,7 @@ impl<B: Backend> Running<B> {
                     // The service of that name, wherever it ran: `max_connections` spans its
                     // generations.
                     let same = self.generation_of(&svc.name);
-                    let (_, handler) = self.new_generation(svc, same.as_deref());
+                    let handler = self.new_generation(svc, same.as_deref());
                     for c in &mut changes {
                         c.push(Change::Swap {
                             slot,
@@ -619,7 +625,8 @@ impl<B: Backend> Running<B> {
                         continue; // every Start was bound in step 1
                     };
                     let same = self.generation_of(&svc.name);
-                    let (slot, handler) = self.new_generation(svc, same.as_deref());
+                    let (slot, handler) =
+                        (self.new_slot(), self.new_generation(svc, same.as_deref()));
                     for (c, socket) in changes.iter_mut().zip(group.drain(..)) {
                         c.push(Change::Start(WorkerService {
                             slot,

@@ -537,6 +537,18 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Polls until connecting to `addr` is refused (the listener is closed).
+pub fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    false
+}
+
 /// Whether the peer closed (EOF or reset) within `limit`.
 pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     s.set_read_timeout(Some(limit)).unwrap();

@@ -1,22 +1,10 @@
 //! Startup and shutdown: SIGTERM/SIGINT drain, grace expiry, exit codes.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-/// Polls until connecting to `addr` is refused (the listener is closed).
-fn refused_within(addr: std::net::SocketAddr, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return true,
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-    false
-}
-
 #[test]
 fn sigterm_stops_accepting_at_once_and_lets_open_connections_finish() {
     for backend in backends() {
