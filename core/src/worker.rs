@@ -149,17 +149,18 @@ pub fn run<B: Backend>(
         let open = tracker.open();
         if open > 0 {
             debug!(worker = id, open, "draining connections");
-            let cut_before = tracker.cut();
             tracker.drain(shutdown).await;
-            // Closed by their deadline, plus any the worker's own deadline caught first.
-            let cut = tracker.cut() - cut_before + tracker.open();
-            if cut > 0 {
-                info!(
-                    worker = id,
-                    closed = cut,
-                    "grace period over, closed the connections still open"
-                );
-            }
+        }
+        // Only a shutdown sets drain deadlines (a reload does not), so every cut is this
+        // drain's, even one that happened while the accept loops were still finishing. Add
+        // any the worker's own deadline caught first.
+        let cut = tracker.cut() + tracker.open();
+        if cut > 0 {
+            info!(
+                worker = id,
+                closed = cut,
+                "grace period over, closed the connections still open"
+            );
         }
     });
     if let Some(ready) = ready.take() {

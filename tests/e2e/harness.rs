@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -171,6 +171,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Waits (briefly) for the log reader to reach the end of an exited wharf's stderr: the
+/// process can exit before the reader has taken its last lines from the pipe.
+fn wait_for_log_end(complete: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !complete.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A running `wharf serve`, killed on drop.
 pub struct Server {
     child: Child,
@@ -178,6 +187,8 @@ pub struct Server {
     pub metrics: Option<SocketAddr>,
     pub backend: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set by the log reader at the end of wharf's stderr: after that the log is complete.
+    log_complete: Arc<AtomicBool>,
     config: PathBuf,
     _dir: TempDir,
 }
@@ -268,16 +279,21 @@ impl Server {
             .map_err(|e| format!("spawning {WHARF}: {e}"))?;
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let log_complete = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         {
             let log = Arc::clone(&log);
+            let log_complete = Arc::clone(&log_complete);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("wharf ready") {
+                    let ready = line.contains("wharf ready");
+                    // Logged before it is announced, so the log read at "ready" holds it.
+                    log.lock().unwrap().push(line);
+                    if ready {
                         let _ = ready_tx.send(());
                     }
-                    log.lock().unwrap().push(line);
                 }
+                log_complete.store(true, Ordering::Release);
             });
         }
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -286,7 +302,7 @@ impl Server {
                 break;
             }
             if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
+                wait_for_log_end(&log_complete);
                 return Err(format!(
                     "wharf exited early ({status}):\n{}",
                     log.lock().unwrap().join("\n")
@@ -307,6 +323,7 @@ impl Server {
             metrics,
             backend,
             log,
+            log_complete,
             config: path,
             _dir: dir,
         })
@@ -388,11 +405,12 @@ impl Server {
         assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit, at most `limit`; once it has, the log is complete.
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                wait_for_log_end(&self.log_complete);
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(10));
