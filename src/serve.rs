@@ -815,9 +815,14 @@ fn bind_metrics(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// What a bind error says when the address is taken (`wharf bench swap` looks for it to retry
+/// on another port).
+pub(crate) const ADDRESS_IN_USE_HINT: &str = "(another process is listening there)";
+
 fn bind_error(plan: &Plan, key: &str, addr: SocketAddr, e: &io::Error) -> ServeError {
+    let in_use = format!(" {ADDRESS_IN_USE_HINT}");
     let hint = match e.kind() {
-        io::ErrorKind::AddrInUse => " (another process is listening there)",
+        io::ErrorKind::AddrInUse => in_use.as_str(),
         io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
         io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
         _ => "",

@@ -26,6 +26,8 @@ use super::{chart, WorkloadArgs};
 const DEFAULT_FILE_SIZE: usize = 1024 * 1024;
 /// How long a server may take to start listening.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ports tried per server: another process can take a free port before the server binds it.
+const PORT_ATTEMPTS: usize = 3;
 
 /// `wharf bench swap <plugin> ...`
 #[derive(Args)]
@@ -449,6 +451,10 @@ struct Server {
 }
 
 impl Server {
+    /// Starts a server on a free port and waits until it listens there. The port is chosen
+    /// by the kernel, then released for the server to bind, so another process can take it
+    /// in between: wharf then exits saying so (its exclusive bind probe), and another port is
+    /// tried.
     fn start(
         args: &SwapArgs,
         backend: SwapBackend,
@@ -456,9 +462,29 @@ impl Server {
         cpus: &[usize],
         files: Option<&Path>,
     ) -> Result<Server, String> {
+        let mut attempt = 1;
+        loop {
+            let mut server = Self::spawn(args, backend, out, cpus, files)?;
+            match server.wait_listening() {
+                Ok(()) => return Ok(server),
+                Err(e) if attempt < PORT_ATTEMPTS && server.lost_its_port() => {
+                    eprintln!("{e}\ntrying another port");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts `wharf serve` on a port the kernel just handed out and released.
+    fn spawn(
+        args: &SwapArgs,
+        backend: SwapBackend,
+        out: &Path,
+        cpus: &[usize],
+        files: Option<&Path>,
+    ) -> Result<Server, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-        // A free port, chosen by the kernel; wharf's own exclusive bind probe catches the
-        // (unlikely) case of someone taking it in between.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("cannot pick a port: {e}"))?
@@ -493,31 +519,44 @@ impl Server {
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start wharf serve: {e}"))?;
-        let mut server = Server {
+        Ok(Server {
             backend,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
             log,
             config,
-        };
+        })
+    }
+
+    /// Waits until the server listens on its address. A connect alone is not enough: it
+    /// would also succeed if another process had taken the port, so the listening socket
+    /// must be the server's own.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            server.check_alive()?;
-            if std::net::TcpStream::connect_timeout(&server.addr, Duration::from_millis(200))
-                .is_ok()
+            self.check_alive()?;
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+                && procstat::listening_pids(self.addr).contains(&self.child.id())
             {
-                return Ok(server);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "the {} server did not listen on {} within {STARTUP_TIMEOUT:?}{}",
-                    backend.as_str(),
-                    server.addr,
-                    server.log_tail()
+                    self.backend.as_str(),
+                    self.addr,
+                    self.log_tail()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the server exited because its port was taken before it could bind it.
+    fn lost_its_port(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+            && std::fs::read_to_string(&self.log)
+                .is_ok_and(|log| log.contains(crate::serve::ADDRESS_IN_USE_HINT))
     }
 
     /// An error (with the end of the server's log) when the server has exited.

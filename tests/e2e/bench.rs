@@ -17,10 +17,15 @@ fn config(root: &std::path::Path) -> String {
 
 /// Runs `wharf bench <args> --json` briefly; returns the parsed report and the output.
 fn bench(args: &[&str]) -> (serde_json::Value, Output) {
+    bench_for("0.5", args)
+}
+
+/// [`bench`] measuring for `duration` seconds.
+fn bench_for(duration: &str, args: &[&str]) -> (serde_json::Value, Output) {
     let out = Command::new(WHARF)
         .arg("bench")
         .args(args)
-        .args(["--duration", "0.5", "--warmup", "0.2", "--json"])
+        .args(["--duration", duration, "--warmup", "0.2", "--json"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -110,8 +115,9 @@ fn bench_reports_sane_figures_for_every_protocol_on_both_backends() {
         ]);
         assert_sane(&report, &server, &out);
 
-        // Open loop: the rate asked for is the rate sent (within the run's granularity).
-        let (report, out) = bench(&["echo", &addr("echo"), "-c", "4", "--rate", "2000"]);
+        // Open loop: the rate asked for is the rate sent (within the run's granularity). Over
+        // 2 s, so that a stall of this busy machine costs a few percent, not the band.
+        let (report, out) = bench_for("2", &["echo", &addr("echo"), "-c", "4", "--rate", "2000"]);
         assert_sane(&report, &server, &out);
         assert_eq!(report["mode"], "open");
         let rps = num(&report, "requests_per_sec");
@@ -201,8 +207,19 @@ fn a_server_that_stops_answering_shows_as_stalled_requests_in_the_open_loop() {
 
 #[test]
 fn refused_connections_are_counted_not_panics() {
-    // A port nobody listens on.
-    let addr = free_addr().to_string();
+    // A port nobody listens on: bound but not listening, so connecting is refused, and held
+    // for the whole test so that nothing else can take the port in the meantime.
+    let unlistened =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    unlistened
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = unlistened
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .unwrap()
+        .to_string();
     let (report, out) = bench(&["echo", &addr, "-c", "3"]);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert_eq!(num(&report, "requests"), 0.0);

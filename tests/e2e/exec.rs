@@ -158,18 +158,22 @@ fn processes_with(marker: &str) -> usize {
 fn a_client_vanishing_mid_command_kills_it() {
     for (i, backend) in backends().into_iter().enumerate() {
         let dir = TempDir::new();
-        let server = Server::start(&exec_config(&dir, None), backend);
+        // A command timeout (and a sleep) far beyond the wait below: the child going within
+        // it is the client's leaving, not the timeout.
+        let config = exec_config(&dir, None).replace("timeout = \"3s\"", "timeout = \"60s\"");
+        assert!(config.contains("timeout = \"60s\""), "{config}");
+        let server = Server::start(&config, backend);
         let marker = format!("sleep 29.{i}{}", std::process::id() % 1000);
         let mut s = connect(server.addr("exec"));
         use std::io::Write;
         s.write_all(format!("{marker}\n").as_bytes()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(15);
         while processes_with(&marker) == 0 {
             assert!(Instant::now() < deadline, "command never started");
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(s);
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(15);
         while processes_with(&marker) > 0 {
             assert!(
                 Instant::now() < deadline,

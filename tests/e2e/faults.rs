@@ -26,13 +26,7 @@ fn config(root: &std::path::Path) -> String {
 /// just after its answer).
 fn settled_fds(server: &Server, root: &std::path::Path) -> usize {
     assert_healthy(server, usize::MAX, root);
-    (0..10)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            open_fds(server.pid())
-        })
-        .min()
-        .unwrap()
+    settled_open_fds(server.pid())
 }
 
 /// Closes `s` with a reset (SO_LINGER 0) instead of a FIN.
@@ -55,10 +49,10 @@ fn zombies_of(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// The server is clean and serving: back to `fds` descriptors (within a few seconds), no
-/// zombie child, no panic logged, and every service answers.
+/// The server is clean and serving: back to `fds` descriptors (within 15 s), no zombie
+/// child, no panic logged, and every service answers.
 fn assert_healthy(server: &Server, fds: usize, root: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while open_fds(server.pid()) > fds && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -163,11 +157,15 @@ fn files_deleted_or_truncated_mid_transfer_never_verify_as_something_else() {
             std::fs::write(&path, &data).unwrap();
             let addr = server.addr("files");
             let name2 = name.to_string();
-            // A slow reader (~25 MB/s); the change lands once the transfer is running.
+            // A slow reader (~25 MB/s); the change lands once the transfer is running. The
+            // reader waits for it: what is in flight meanwhile is bounded by the socket
+            // buffers (a few MB of the 20), so the change always lands mid-transfer.
             let (running_tx, running) = std::sync::mpsc::channel();
+            let (changed_tx, changed) = std::sync::mpsc::channel::<()>();
             let client = std::thread::spawn(move || {
                 download_with(addr, &name2, Some(256 * 1024), move || {
                     let _ = running_tx.send(());
+                    let _ = changed.recv();
                 })
             });
             running
@@ -182,6 +180,7 @@ fn files_deleted_or_truncated_mid_transfer_never_verify_as_something_else() {
                     .set_len(1000)
                     .unwrap(),
             }
+            changed_tx.send(()).unwrap();
             let (size, slot) = client.join().unwrap();
             assert_eq!(size, data.len() as u64);
             match slot.as_deref() {
@@ -258,14 +257,22 @@ fn sigterm_during_50_downloads_lets_each_finish_verified_and_refuses_new_connect
         let mut server = Server::start(&config(&dir.0), backend);
         let addr = server.addr("files");
         // 50 readers at ~13 MB/s at most each (0.6 s or more per download); SIGTERM once
-        // every one of them has its size, i.e. every transfer is running.
+        // every one of them has its size, i.e. every transfer is running. The first one
+        // pauses until new connections are seen refused: the drain cannot have ended by then,
+        // so that refusal is the listener closing, not the server gone.
         let (started_tx, started) = std::sync::mpsc::channel();
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let mut release = Some(release);
         let clients: Vec<_> = (0..DOWNLOADS)
             .map(|_| {
                 let started_tx = started_tx.clone();
+                let release = release.take();
                 std::thread::spawn(move || {
                     download_with(addr, "f.bin", Some(128 * 1024), move || {
                         let _ = started_tx.send(());
+                        if let Some(release) = release {
+                            let _ = release.recv();
+                        }
                     })
                 })
             })
@@ -277,8 +284,9 @@ fn sigterm_during_50_downloads_lets_each_finish_verified_and_refuses_new_connect
         }
         let signalled = Instant::now();
         server.signal(libc::SIGTERM);
-        // New connections are refused at once (polled: the signal takes a moment to land).
-        let deadline = Instant::now() + Duration::from_secs(3);
+        // New connections are refused (polled: the signal takes a moment to land) while the
+        // paused download holds the drain.
+        let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
             assert!(
                 Instant::now() < deadline,
@@ -286,6 +294,7 @@ fn sigterm_during_50_downloads_lets_each_finish_verified_and_refuses_new_connect
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        release_tx.send(()).unwrap();
         let want = md5_hex(&data);
         for c in clients {
             let (size, slot) = c.join().unwrap();

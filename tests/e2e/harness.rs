@@ -174,8 +174,14 @@ impl Drop for TempDir {
 /// Waits (briefly) for the log reader to reach the end of an exited wharf's stderr: the
 /// process can exit before the reader has taken its last lines from the pipe.
 fn wait_for_log_end(complete: &AtomicBool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !complete.load(Ordering::Acquire) && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !complete.load(Ordering::Acquire) {
+        if Instant::now() > deadline {
+            // Something else holds wharf's stderr open (a child it spawned?): say so, as the
+            // log may then lack its last lines.
+            eprintln!("wharf exited but its stderr did not reach its end within 30 s");
+            return;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -439,7 +445,7 @@ impl Server {
     /// Polls `metric` until it equals `want` (servers settle counters after the client sees
     /// the close), failing with the last value after a few seconds.
     pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let got = self.metric(name, labels);
             if got == Some(want) {
@@ -457,6 +463,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        wait_for_log_end(&self.log_complete);
         let log = self.log();
         if log.contains("panicked") {
             // A panic anywhere in the server is a bug even if the test passed.
@@ -506,7 +513,7 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 /// A one-shot HTTP/1.1 GET with std sockets.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
@@ -534,10 +541,43 @@ pub fn echo_once(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     back
 }
 
-/// A loopback address nothing listens on (a port the kernel just handed out and released).
+/// A loopback address nothing listens on now, for a config that needs a fixed port.
+///
+/// The port comes from below the kernel's ephemeral range: a port the kernel handed out (bind
+/// to port 0) could be taken again, before wharf binds it, as the local port of one of the
+/// thousands of client connections other tests make. Each call in this process gets another
+/// port.
 pub fn free_addr() -> SocketAddr {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FIRST: usize = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FIRST + 1_000 {
+        let span = ephemeral_low - FIRST;
+        let start = std::process::id() as usize * 7_919;
+        for _ in 0..span {
+            let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+                return l.local_addr().unwrap();
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// The fewest descriptors `pid` has open over half a second: a baseline that a socket still
+/// closing (its close not yet run by a busy worker) does not inflate.
+pub fn settled_open_fds(pid: i32) -> usize {
+    (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            open_fds(pid)
+        })
+        .min()
         .unwrap()
 }
 

@@ -8,14 +8,17 @@ use crate::harness::*;
 #[test]
 fn sigterm_stops_accepting_at_once_and_lets_open_connections_finish() {
     for backend in backends() {
-        let mut server = Server::start(&echo_config(""), backend);
+        // A grace far longer than any stall of a loaded machine: exiting before it proves the
+        // drain ended because the client did.
+        let config = echo_config("").replace("shutdown_grace = \"5s\"", "shutdown_grace = \"60s\"");
+        let mut server = Server::start(&config, backend);
         let addr = server.addr("echo");
         let mut open = connect(addr);
         assert_eq!(echo_once(&mut open, b"before"), b"BEFORE");
 
         server.signal(libc::SIGTERM);
         assert!(
-            refused_within(addr, Duration::from_secs(2)),
+            refused_within(addr, Duration::from_secs(10)),
             "still accepting after SIGTERM"
         );
         // The open connection is still served during the drain...
@@ -24,14 +27,14 @@ fn sigterm_stops_accepting_at_once_and_lets_open_connections_finish() {
             server.wait(Duration::from_millis(300)).is_none(),
             "exited before its client finished"
         );
-        // ...and once it finishes, the process exits 0 well before the 5 s grace.
+        // ...and once it finishes, the process exits 0 well before the 60 s grace.
         let closed_at = Instant::now();
         drop(open);
         let status = server
-            .wait(Duration::from_secs(4))
+            .wait(Duration::from_secs(30))
             .expect("did not exit after drain");
         assert!(status.success(), "{status}\n{}", server.log());
-        assert!(closed_at.elapsed() < Duration::from_secs(3));
+        assert!(closed_at.elapsed() < Duration::from_secs(30));
         assert!(server.log().contains("SIGTERM"));
     }
 }
@@ -47,10 +50,10 @@ fn grace_period_expiry_closes_stragglers_and_still_exits_zero() {
         let start = Instant::now();
         server.signal(libc::SIGINT);
         assert!(
-            closed_within(&mut idle, Duration::from_secs(3)),
+            closed_within(&mut idle, Duration::from_secs(10)),
             "straggler not closed"
         );
-        let status = server.wait(Duration::from_secs(3)).expect("did not exit");
+        let status = server.wait(Duration::from_secs(10)).expect("did not exit");
         assert!(status.success(), "{status}");
         let took = start.elapsed();
         assert!(
@@ -71,7 +74,7 @@ fn idle_server_exits_immediately_on_sigterm() {
     for backend in backends() {
         let mut server = Server::start(&echo_config(""), backend);
         server.signal(libc::SIGTERM);
-        let status = server.wait(Duration::from_secs(2)).expect("did not exit");
+        let status = server.wait(Duration::from_secs(10)).expect("did not exit");
         assert!(status.success());
     }
 }
@@ -81,7 +84,7 @@ fn idle_keep_alive_and_command_connections_do_not_hold_the_drain() {
     for backend in backends() {
         let dir = TempDir::new();
         let config = format!(
-            "[server]\nworkers = 1\nshutdown_grace = \"10s\"\n\
+            "[server]\nworkers = 1\nshutdown_grace = \"60s\"\n\
              [services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n\
              [services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
              [services.files.options]\nroot = \"{}\"\n",
@@ -104,16 +107,16 @@ fn idle_keep_alive_and_command_connections_do_not_hold_the_drain() {
         let start = Instant::now();
         server.signal(libc::SIGTERM);
         let status = server
-            .wait(Duration::from_secs(5))
+            .wait(Duration::from_secs(30))
             .expect("drain waited for idle connections");
         assert!(status.success());
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            start.elapsed() < Duration::from_secs(30),
             "took {:?}",
             start.elapsed()
         );
-        assert!(closed_within(&mut web, Duration::from_secs(1)));
-        assert!(closed_within(&mut files, Duration::from_secs(1)));
+        assert!(closed_within(&mut web, Duration::from_secs(10)));
+        assert!(closed_within(&mut files, Duration::from_secs(10)));
     }
 }
 

@@ -73,7 +73,25 @@ struct Prometheus {
 }
 
 impl Prometheus {
+    /// Starts Prometheus scraping `targets` and waits until it is ready. Its port is picked
+    /// before it binds it, so another process may take it in between: then it exits saying
+    /// so, and it is started again on another port.
     fn start(targets: &[SocketAddr]) -> Prometheus {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start(targets) {
+                Ok(p) => return p,
+                Err(log) if attempt < ATTEMPTS && log.contains("address already in use") => {
+                    eprintln!("prometheus lost its port, trying another: {log}");
+                }
+                Err(log) => panic!("prometheus exited before it was ready:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// One start; `Err` with its log if it exited before it was ready.
+    fn try_start(targets: &[SocketAddr]) -> Result<Prometheus, String> {
         let dir = TempDir::new();
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         let config = dir.write(
@@ -85,6 +103,9 @@ impl Prometheus {
             ),
         );
         let addr = free_addr();
+        // Its log goes to a file: a pipe nobody reads could fill and stall it.
+        let log_path = dir.0.join("prometheus.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -93,21 +114,32 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
-        let p = Prometheus {
+        let mut p = Prometheus {
             child,
             addr,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200 {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "prometheus did not become ready");
+            // A moment first: one that cannot listen exits at once, before it is asked.
             std::thread::sleep(Duration::from_millis(100));
+            // Exited (its address taken, a bad flag...): fail now, with its own words.
+            if let Some(status) = p.child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("{status}\n{log}"));
+            }
+            // Ready (another program on the port would not answer this with 200).
+            if std::net::TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200 {
+                return Ok(p);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not become ready:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
     }
 
@@ -179,8 +211,9 @@ fn a_real_prometheus_sees_exact_byte_counts_and_live_throughput() {
         echo_bytes(server.addr("echo"), 700_001);
         echo_bytes(server.addr("echo"), 299_999);
 
-        // file-get: a reader paced at ~15 MB/s, so the transfer spans several scrapes and
-        // rate() can be asked while it runs.
+        // file-get: a reader paced at ~4 MB/s until rate() has been seen (80 MB would take
+        // ~20 s), so the transfer spans many scrapes and rate() can be asked while it runs;
+        // then at full speed.
         let mut s = connect(server.addr("files"));
         s.write_all(b"get big.bin\n").unwrap();
         let mut head = [0u8; 32];
@@ -193,17 +226,18 @@ fn a_real_prometheus_sees_exact_byte_counts_and_live_throughput() {
         let started = Instant::now();
         let mut next_query = Duration::from_millis(2500);
         while received < size + 32 {
-            let want = buf.len().min(size + 32 - received);
+            let chunk = if saw_rate { buf.len() } else { 64 * 1024 };
+            let want = chunk.min(size + 32 - received);
             let n = s.read(&mut buf[..want]).unwrap();
             assert!(n > 0);
             received += n;
             if !saw_rate && started.elapsed() > next_query && received < size {
-                let rate = prom.value(&format!("rate(wharf_sent_bytes_total{}[3s])", sel("files")));
+                let rate = prom.value(&format!("rate(wharf_sent_bytes_total{}[5s])", sel("files")));
                 saw_rate = rate.is_some_and(|r| r > 0.0);
                 next_query += Duration::from_millis(500);
             }
             if !saw_rate {
-                std::thread::sleep(Duration::from_millis(17));
+                std::thread::sleep(Duration::from_millis(16));
             }
         }
         assert!(
@@ -288,9 +322,10 @@ fn metrics_allow_from_answers_403_and_no_section_means_no_endpoint() {
 fn health_endpoints_answer_everyone_and_readyz_turns_503_while_draining() {
     for backend in backends() {
         let dir = TempDir::new();
-        // Scrapes restricted to 10/8: the health endpoints still answer loopback.
+        // Scrapes restricted to 10/8: the health endpoints still answer loopback. A grace far
+        // beyond the waits below: exiting within them means the drain ended it.
         let config = config(&dir.0, "allow_from = [\"10.0.0.0/8\"]")
-            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"10s\"");
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"60s\"");
         let mut server = Server::start(&config, backend);
         let metrics = server.metrics.unwrap();
         assert_eq!(http_get(metrics, "/metrics").0, 403);
@@ -302,7 +337,7 @@ fn health_endpoints_answer_everyone_and_readyz_turns_503_while_draining() {
         let mut b = [0u8; 1];
         held.read_exact(&mut b).unwrap();
         server.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(15);
         while http_get(metrics, "/readyz").0 != 503 {
             assert!(
                 Instant::now() < deadline,
@@ -317,8 +352,9 @@ fn health_endpoints_answer_everyone_and_readyz_turns_503_while_draining() {
         );
         drop(held);
         assert_eq!(
-            server.wait(Duration::from_secs(5)).and_then(|s| s.code()),
-            Some(0)
+            server.wait(Duration::from_secs(20)).and_then(|s| s.code()),
+            Some(0),
+            "{backend}: did not exit once drained"
         );
     }
 }
@@ -328,9 +364,25 @@ fn health_checks_are_answered_while_every_scrape_slot_is_held() {
     let dir = TempDir::new();
     let server = Server::start(&config(&dir.0, ""), "epoll");
     let metrics = server.metrics.unwrap();
-    // 64 connections that never send a request hold every scrape slot (for up to 10 s).
+    let idle_fds = (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            open_fds(server.pid())
+        })
+        .min()
+        .unwrap();
+    // 64 connections that never send a request hold every scrape slot (for 5 s from their
+    // accept, the request head timeout). Wait until the server has accepted them all
+    // (counted by its descriptors: a test scrape would take a slot and race them).
     let held: Vec<std::net::TcpStream> = (0..64).map(|_| connect(metrics)).collect();
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while open_fds(server.pid()) < idle_fds + held.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the held connections were not all accepted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".to_string()));
     assert_eq!(http_get(metrics, "/readyz").0, 200);
     // A scrape beyond the limit is told so instead of waiting.

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -42,38 +42,72 @@ fn exchange(s: &mut TcpStream, n: usize, seen: &mut Seen) {
     seen.exchanges += 1;
 }
 
+/// A client thread, and how many exchanges it has made so far.
+struct Client {
+    progress: Arc<AtomicUsize>,
+    thread: JoinHandle<Seen>,
+}
+
+impl Client {
+    /// Runs `step` (exchange number, what was seen) until `stop` or the first error.
+    fn spawn(
+        stop: Arc<AtomicBool>,
+        mut step: impl FnMut(usize, &mut Seen) + Send + 'static,
+    ) -> Self {
+        let progress = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&progress);
+        let thread = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && seen.errors.is_empty() {
+                step(n, &mut seen);
+                n += 1;
+                counter.store(n, Ordering::Relaxed);
+            }
+            seen
+        });
+        Client { progress, thread }
+    }
+
+    fn join(self) -> Seen {
+        self.thread.join().unwrap()
+    }
+}
+
 /// One connection kept open, exchanging until `stop`.
-fn steady_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Seen> {
-    std::thread::spawn(move || {
-        let mut seen = Seen::default();
-        let mut s = connect(addr);
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) && seen.errors.is_empty() {
-            exchange(&mut s, n, &mut seen);
-            n += 1;
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        seen
+fn steady_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> Client {
+    let mut s = connect(addr);
+    Client::spawn(stop, move |n, seen| {
+        exchange(&mut s, n, seen);
+        std::thread::sleep(Duration::from_millis(2));
     })
 }
 
 /// A new connection per exchange, as fast as it goes, until `stop`.
-fn connecting_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Seen> {
-    std::thread::spawn(move || {
-        let mut seen = Seen::default();
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) {
-            match TcpStream::connect(addr) {
-                Ok(mut s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    exchange(&mut s, n, &mut seen);
-                }
-                Err(e) => seen.errors.push(format!("connect {n}: {e}")),
-            }
-            n += 1;
+fn connecting_client(addr: SocketAddr, stop: Arc<AtomicBool>) -> Client {
+    Client::spawn(stop, move |n, seen| match TcpStream::connect(addr) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            exchange(&mut s, n, seen);
         }
-        seen
+        Err(e) => seen.errors.push(format!("connect {n}: {e}")),
     })
+}
+
+/// Waits until every client has made `n` more exchanges (rather than sleeping a fixed time,
+/// which a loaded machine may spend without scheduling them at all).
+fn wait_progress<'a>(clients: impl IntoIterator<Item = &'a Client>, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for c in clients {
+        let target = c.progress.load(Ordering::Relaxed) + n;
+        while c.progress.load(Ordering::Relaxed) < target && !c.thread.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a client made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 fn echo_service(name: &str, listen: &str, transform: &str, extra: &str) -> String {
@@ -146,7 +180,7 @@ fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
             })
         });
         started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        wait_progress(clients.iter().map(|(_, c)| c), 25);
 
         server.rewrite_config(&v2);
         let outcome = server.reload();
@@ -158,17 +192,18 @@ fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
                 && outcome.contains("removed=gone"),
             "{outcome}"
         );
-        std::thread::sleep(Duration::from_millis(300));
+        // Every connection accepted after the outcome line gets the new settings.
+        wait_progress(clients.iter().map(|(_, c)| c), 25);
         stop.store(true, Ordering::Relaxed);
 
         let seen: Vec<(&str, Seen)> = clients
             .into_iter()
-            .map(|(name, c)| (name, c.join().unwrap()))
+            .map(|(name, c)| (name, c.join()))
             .collect();
         println!("{backend}: {seen:?}");
         for (name, s) in &seen {
             assert!(s.errors.is_empty(), "{backend}: {name}: {:?}", s.errors);
-            assert!(s.exchanges > 20, "{backend}: {name}: {s:?}");
+            assert!(s.exchanges >= 50, "{backend}: {name}: {s:?}");
         }
         // Unchanged service: always upper. The open connection to the changed service keeps
         // the settings it was accepted with; new connections get the new ones.
@@ -193,7 +228,7 @@ fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
             "{backend}"
         );
         assert!(
-            refused_within(gone, Duration::from_secs(1)),
+            refused_within(gone, Duration::from_secs(10)),
             "{backend}: a removed service stops listening"
         );
         let mut added = connect(server.addr("added"));
@@ -301,7 +336,7 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
         );
         let mut third = connect(addr);
         assert!(
-            closed_within(&mut third, Duration::from_secs(2)),
+            closed_within(&mut third, Duration::from_secs(10)),
             "{backend}: the old generation's connections still count"
         );
         server.wait_metric(
@@ -314,8 +349,9 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
             ],
             1.0,
         );
+        // A slot frees once the server has seen the close (the gauge falls after the count).
         drop(old.pop());
-        std::thread::sleep(Duration::from_millis(100));
+        server.wait_metric("wharf_connections_active", &active, 1.0);
         let mut fresh = connect(addr);
         assert_eq!(
             echo_once(&mut fresh, b"y\n"),
@@ -341,7 +377,7 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
         // Renamed: the new name inherits the socket; a connecting client never sees a refusal.
         let stop = Arc::new(AtomicBool::new(false));
         let client = connecting_client(addr, stop.clone());
-        std::thread::sleep(Duration::from_millis(200));
+        wait_progress([&client], 25);
         server.rewrite_config(&format!(
             "{}{}",
             header("20s"),
@@ -349,9 +385,9 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
         ));
         let outcome = server.reload();
         assert!(outcome.contains("changed=b (was a)"), "{outcome}");
-        std::thread::sleep(Duration::from_millis(200));
+        wait_progress([&client], 25);
         stop.store(true, Ordering::Relaxed);
-        let seen = client.join().unwrap();
+        let seen = client.join();
         assert!(seen.errors.is_empty(), "{backend}: {:?}", seen.errors);
         assert!(seen.verbatim > 0 && seen.upper > 0, "{backend}: {seen:?}");
         let accepted = server.metric(
@@ -363,7 +399,18 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
         // Reloads that add and remove a service leave no descriptor behind.
         let base = format!("{}{}", header("20s"), echo_service("b", &fixed, "none", ""));
         let with_extra = format!("{base}{}", echo_service("x", "127.0.0.1:0", "upper", ""));
-        let before = open_fds(server.pid());
+        for service in ["a", "b"] {
+            server.wait_metric(
+                "wharf_connections_active",
+                &[
+                    ("service", service),
+                    ("plugin", "echo"),
+                    ("backend", backend),
+                ],
+                0.0,
+            );
+        }
+        let before = settled_open_fds(server.pid());
         for _ in 0..10 {
             server.rewrite_config(&with_extra);
             assert!(server.reload().contains("added=x"));
@@ -372,14 +419,14 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
             server.rewrite_config(&base);
             assert!(server.reload().contains("removed=x"));
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while open_fds(server.pid()) > before && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(
-            open_fds(server.pid()),
-            before,
-            "{backend}: descriptors after 20 reloads"
+        assert!(
+            open_fds(server.pid()) <= before,
+            "{backend}: descriptors after 20 reloads: {} (before: {before})",
+            open_fds(server.pid())
         );
         assert_eq!(reloads(&server, "success"), 23.0);
     }
@@ -422,7 +469,7 @@ fn a_replaced_generation_finishes_its_connections_and_shutdown_still_bounds_them
         // The idle keep-alive connection of the old generation closes between requests (as
         // nginx does on reload); new connections get the new body.
         assert!(
-            closed_within(&mut http, Duration::from_secs(2)),
+            closed_within(&mut http, Duration::from_secs(10)),
             "{backend}"
         );
         let (status, body) = http_get(server.addr("web"), "/");
@@ -442,10 +489,10 @@ fn a_replaced_generation_finishes_its_connections_and_shutdown_still_bounds_them
         // A shutdown bounds every generation by the grace period (1 s now).
         server.signal(libc::SIGTERM);
         assert!(
-            closed_within(&mut echo, Duration::from_secs(3)),
+            closed_within(&mut echo, Duration::from_secs(10)),
             "{backend}"
         );
-        let status = server.wait(Duration::from_secs(5));
+        let status = server.wait(Duration::from_secs(10));
         assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", server.log());
         assert!(
             server.log().contains("grace period over"),
@@ -484,7 +531,7 @@ fn watch_config_reloads_when_the_file_changes() {
     server.rewrite_config(&v1);
     server.wait_log("configuration reloaded", 2, Duration::from_secs(10));
     // `two` is gone: no new connections; the open one finishes on its own.
-    assert!(refused_within(server.addr("two"), Duration::from_secs(1)));
+    assert!(refused_within(server.addr("two"), Duration::from_secs(10)));
     assert_eq!(echo_once(&mut two, b"last\n"), b"LAST\n");
     assert!(server.reload().contains("configuration reloaded"));
     assert_eq!(reloads(&server, "success"), 3.0);
@@ -540,7 +587,7 @@ fn sighup_while_starting_is_remembered_not_fatal() {
     });
     // From the moment wharf catches SIGHUP (its first act), send it every millisecond until
     // it is ready: the signal must never find the default action (terminate) in place.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !catches(pid, libc::SIGHUP) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -560,7 +607,7 @@ fn sighup_while_starting_is_remembered_not_fatal() {
     }
     assert!(sent > 0);
     // At least one reload follows (the early ones are coalesced), and the server serves.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !log.iter().any(|l| l.contains("configuration reloaded")) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -611,4 +658,47 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert!(server
         .wait(Duration::from_secs(5))
         .is_some_and(|s| s.success()));
+}
+
+/// A stop signal wins over a reload in progress: SIGHUP and SIGTERM queued together (sent
+/// while wharf is stopped) reach it at once; when the SIGHUP is taken first, the SIGTERM
+/// arrives while the reload runs, and wharf abandons the reload and drains. Which of the two
+/// wharf takes first is up to it, so this repeats until the reload case has been seen.
+#[test]
+fn a_stop_signal_during_a_reload_abandons_it_and_drains() {
+    let v1 = format!(
+        "{}{}",
+        header("5s"),
+        echo_service("one", "127.0.0.1:0", "upper", "")
+    );
+    let v2 = format!("{v1}{}", echo_service("two", "127.0.0.1:0", "upper", ""));
+    let mut outcomes = Vec::new();
+    for _ in 0..16 {
+        let mut server = Server::start_with(&v1, &[], &[]).unwrap();
+        let mut open = connect(server.addr("one"));
+        assert_eq!(echo_once(&mut open, b"a\n"), b"A\n");
+        server.rewrite_config(&v2);
+        server.signal(libc::SIGSTOP);
+        server.signal(libc::SIGHUP);
+        server.signal(libc::SIGTERM);
+        server.signal(libc::SIGCONT);
+        // The drain waits for the open connection, which is still served...
+        assert!(refused_within(server.addr("one"), Duration::from_secs(10)));
+        assert_eq!(echo_once(&mut open, b"b\n"), b"B\n");
+        drop(open);
+        // ...and once it ends, wharf exits 0 without having applied the new config.
+        let status = server.wait(Duration::from_secs(20));
+        let log = server.log();
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+        assert!(log.contains("stopped"), "{log}");
+        assert!(!log.contains("configuration reloaded"), "{log}");
+        let abandoned = log.contains("stop signal during a reload: abandoning the reload");
+        outcomes.push(abandoned);
+        if abandoned {
+            assert!(log.contains("signal=\"SIGTERM\""), "{log}");
+            println!("reload abandoned at attempt {}", outcomes.len());
+            return;
+        }
+    }
+    panic!("the SIGTERM never arrived during the reload in {outcomes:?}");
 }
