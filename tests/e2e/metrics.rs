@@ -364,13 +364,7 @@ fn health_checks_are_answered_while_every_scrape_slot_is_held() {
     let dir = TempDir::new();
     let server = Server::start(&config(&dir.0, ""), "epoll");
     let metrics = server.metrics.unwrap();
-    let idle_fds = (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            open_fds(server.pid())
-        })
-        .min()
-        .unwrap();
+    let idle_fds = settled_open_fds(server.pid());
     // 64 connections that never send a request hold every scrape slot (for 5 s from their
     // accept, the request head timeout). Wait until the server has accepted them all
     // (counted by its descriptors: a test scrape would take a slot and race them).
