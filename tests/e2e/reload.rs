@@ -674,7 +674,13 @@ fn a_stop_signal_during_a_reload_abandons_it_and_drains() {
     let v2 = format!("{v1}{}", echo_service("two", "127.0.0.1:0", "upper", ""));
     let mut outcomes = Vec::new();
     for _ in 0..16 {
-        let mut server = Server::start_with(&v1, &[], &[]).unwrap();
+        // In a process group of its own: while a member of this test's group is stopped, the
+        // kernel would send SIGHUP to the whole group (every other test's wharf) should the
+        // group become orphaned (POSIX job control).
+        let mut server = Server::start_custom(&v1, &[], &[], |cmd| {
+            std::os::unix::process::CommandExt::process_group(cmd, 0);
+        })
+        .unwrap();
         let mut open = connect(server.addr("one"));
         assert_eq!(echo_once(&mut open, b"a\n"), b"A\n");
         server.rewrite_config(&v2);
