@@ -77,9 +77,17 @@ pub struct ReloadSource {
 }
 
 static EARLY_SIGHUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set once tokio's handler is in place. Tokio's handler (signal-hook-registry) also calls the
+/// handler it replaced, this one, for every later SIGHUP: without this flag a SIGHUP arriving
+/// during startup would be seen twice, and cause two reloads.
+static SIGHUP_HANDED_OVER: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_early_sighup(_: libc::c_int) {
-    EARLY_SIGHUP.store(true, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering::SeqCst;
+    if !SIGHUP_HANDED_OVER.load(SeqCst) {
+        EARLY_SIGHUP.store(true, SeqCst);
+    }
 }
 
 /// Call first thing in `serve`: until the real handlers are installed (after the config is
@@ -95,8 +103,13 @@ pub fn catch_early_sighup() {
     };
 }
 
-fn early_sighup_seen() -> bool {
-    EARLY_SIGHUP.swap(false, std::sync::atomic::Ordering::Relaxed)
+/// Call right after installing tokio's SIGHUP handler: from then on its stream reports every
+/// SIGHUP. Returns whether one came before. (One arriving between tokio's `sigaction` and this
+/// call is reported by both: a second reload of an unchanged file, which is harmless.)
+fn hand_over_sighup() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    SIGHUP_HANDED_OVER.store(true, SeqCst);
+    EARLY_SIGHUP.swap(false, SeqCst)
 }
 
 /// Runs the plan until SIGTERM/SIGINT and the drain that follows, reloading on SIGHUP.
@@ -228,6 +241,8 @@ fn launch<B: Backend>(
     let signals = main_rt
         .block_on(async { Signals::install() })
         .map_err(|e| ServeError(format!("cannot install signal handlers: {e}")))?;
+    // A SIGHUP that came while starting: the file may have changed since it was read.
+    let early_sighup = hand_over_sighup();
 
     // One set of sockets per worker.
     let (metrics_allow, metrics_allow_rx) = watch::channel(
@@ -329,8 +344,7 @@ fn launch<B: Backend>(
 
         let mut signals = signals;
         let mut tick = tokio::time::interval(reload::WATCH_INTERVAL);
-        // A SIGHUP that came while starting: the file may have changed since it was read.
-        let mut pending_hup = early_sighup_seen();
+        let mut pending_hup = early_sighup;
         let signal = 'serve: loop {
             // SIGHUP (now or while a reload ran), or a change the watcher saw.
             let file_changed = if std::mem::take(&mut pending_hup) {

@@ -384,12 +384,20 @@ impl Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.refresh_services();
+        // The outcome of this reload: the first one after those already seen.
         let log = self.log.lock().unwrap();
         log.iter()
-            .rev()
-            .find(|l| OUTCOMES.iter().any(|o| l.contains(o)))
+            .filter(|l| OUTCOMES.iter().any(|o| l.contains(o)))
+            .nth(before)
             .cloned()
             .unwrap()
+    }
+
+    /// [`Server::reload`], asserting that the outcome line contains `want`.
+    pub fn expect_reload(&mut self, want: &str) -> String {
+        let outcome = self.reload();
+        assert!(outcome.contains(want), "want `{want}`, got: {outcome}");
+        outcome
     }
 
     /// Re-reads the services' addresses from the log (a reload may have added some).

@@ -289,7 +289,7 @@ fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
 
         // A valid config again, and the drain at exit still covers every generation.
         server.rewrite_config(&v2);
-        assert!(server.reload().contains("configuration reloaded"));
+        server.expect_reload("configuration reloaded");
         assert_eq!(
             server.metric("wharf_config_last_reload_successful", &[]),
             Some(1.0)
@@ -327,7 +327,7 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
             header("20s"),
             echo_service("a", &fixed, "none", limit)
         ));
-        assert!(server.reload().contains("changed=a"));
+        server.expect_reload("changed=a");
         // The series is shared by both generations: the old connections still count.
         let active = [("service", "a"), ("plugin", "echo"), ("backend", backend)];
         assert_eq!(
@@ -372,7 +372,7 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
             header("20s"),
             echo_service("a", &fixed, "upper", "")
         ));
-        assert!(server.reload().contains("changed=a"));
+        server.expect_reload("changed=a");
 
         // Renamed: the new name inherits the socket; a connecting client never sees a refusal.
         let stop = Arc::new(AtomicBool::new(false));
@@ -413,11 +413,11 @@ fn a_renamed_service_keeps_its_socket_and_max_connections_spans_generations() {
         let before = settled_open_fds(server.pid());
         for _ in 0..10 {
             server.rewrite_config(&with_extra);
-            assert!(server.reload().contains("added=x"));
+            server.expect_reload("added=x");
             let mut x = connect(server.addr("x"));
             assert_eq!(echo_once(&mut x, b"x\n"), b"X\n");
             server.rewrite_config(&base);
-            assert!(server.reload().contains("removed=x"));
+            server.expect_reload("removed=x");
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while open_fds(server.pid()) > before && std::time::Instant::now() < deadline {
@@ -465,7 +465,7 @@ fn a_replaced_generation_finishes_its_connections_and_shutdown_still_bounds_them
             web("two"),
             echo_service("e", "127.0.0.1:0", "none", "")
         ));
-        assert!(server.reload().contains("configuration reloaded"));
+        server.expect_reload("configuration reloaded");
         // The idle keep-alive connection of the old generation closes between requests (as
         // nginx does on reload); new connections get the new body.
         assert!(
@@ -533,7 +533,7 @@ fn watch_config_reloads_when_the_file_changes() {
     // `two` is gone: no new connections; the open one finishes on its own.
     assert!(refused_within(server.addr("two"), Duration::from_secs(10)));
     assert_eq!(echo_once(&mut two, b"last\n"), b"LAST\n");
-    assert!(server.reload().contains("configuration reloaded"));
+    server.expect_reload("configuration reloaded");
     assert_eq!(reloads(&server, "success"), 3.0);
     assert_eq!(reloads(&server, "invalid"), 1.0);
 }
@@ -674,13 +674,7 @@ fn a_stop_signal_during_a_reload_abandons_it_and_drains() {
     let v2 = format!("{v1}{}", echo_service("two", "127.0.0.1:0", "upper", ""));
     let mut outcomes = Vec::new();
     for _ in 0..16 {
-        // In a process group of its own: while a member of this test's group is stopped, the
-        // kernel would send SIGHUP to the whole group (every other test's wharf) should the
-        // group become orphaned (POSIX job control).
-        let mut server = Server::start_custom(&v1, &[], &[], |cmd| {
-            std::os::unix::process::CommandExt::process_group(cmd, 0);
-        })
-        .unwrap();
+        let mut server = Server::start_with(&v1, &[], &[]).unwrap();
         let mut open = connect(server.addr("one"));
         assert_eq!(echo_once(&mut open, b"a\n"), b"A\n");
         server.rewrite_config(&v2);
