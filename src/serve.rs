@@ -890,3 +890,35 @@ impl Signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test in this binary that touches SIGHUP: the handlers are process-wide.
+    #[test]
+    fn each_sighup_is_reported_once_across_the_hand_over_to_tokio() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        catch_early_sighup();
+        // SAFETY: raise(3) delivers to this thread, whose handler only stores to an atomic.
+        let raise = || assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
+        raise();
+        let mut hup = rt
+            .block_on(async {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            })
+            .unwrap();
+        // Before the hand-over: reported by the early flag (tokio was not there yet).
+        assert!(hand_over_sighup());
+        // After it: tokio's stream reports it, the early handler (which tokio's calls too)
+        // no longer does.
+        raise();
+        let got =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), hup.recv()).await });
+        assert_eq!(got, Ok(Some(())));
+        assert!(!EARLY_SIGHUP.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
