@@ -125,6 +125,7 @@ pub fn run(plan: Plan, reload: ReloadSource) -> Result<(), ServeError> {
 type InstanceOf<B> = fn(&BuiltService) -> Arc<dyn DynService<ConnOf<B>>>;
 
 /// One running service, as the main thread tracks it.
+#[derive(Clone)]
 struct RunningService {
     key: ServiceKey,
     /// The address its socket actually has (port 0 resolved, or the activated socket's).
@@ -263,21 +264,11 @@ fn launch<B: Backend>(
     };
     let mut per_worker: Vec<Vec<WorkerService<B>>> = (0..workers).map(|_| Vec::new()).collect();
     for (svc, (bound, group, activated)) in plan.services.iter().zip(groups) {
-        let (slot, handler) = (running.new_slot(), running.new_generation(svc, None));
-        for (worker_services, socket) in per_worker.iter_mut().zip(group) {
-            worker_services.push(WorkerService {
-                slot,
-                socket,
-                handler: handler.clone(),
-            });
+        let (service, started) = running.start_service(svc, bound, group, activated);
+        for (worker_services, started) in per_worker.iter_mut().zip(started) {
+            worker_services.push(started);
         }
-        running.services.push(RunningService {
-            key: ServiceKey::of(svc),
-            bound,
-            slot,
-            gate: handler.gate,
-            activated,
-        });
+        running.services.push(service);
     }
 
     let (trigger, stop) = shutdown::channel();
@@ -477,19 +468,16 @@ impl ReloadResult {
 }
 
 impl<B: Backend> Running<B> {
-    /// A gate and instance for a planned service. `previous` is the generation it replaces, if
-    /// it is the same service (same name): they share `max_connections`.
-    fn new_generation(
-        &self,
-        svc: &PlannedService,
-        previous: Option<&ServiceGate>,
-    ) -> Handler<worker::RawConnOf<B>> {
+    /// A gate and instance for a planned service. If a service of that name is running
+    /// (wherever it listens), the new generation shares its `max_connections` count.
+    fn new_generation(&self, svc: &PlannedService) -> Handler<worker::RawConnOf<B>> {
         let labels = ServiceLabels {
             service: svc.name.clone(),
             plugin: svc.config.plugin.clone(),
             backend: B::NAME.to_string(),
         };
-        let gate = ServiceGate::new(labels, &svc.config, svc.built.outcomes, previous);
+        let previous = self.generation_of(&svc.name);
+        let gate = ServiceGate::new(labels, &svc.config, svc.built.outcomes, previous.as_deref());
         Handler {
             gate,
             service: (self.instance)(&svc.built),
@@ -500,6 +488,34 @@ impl<B: Backend> Running<B> {
     fn new_slot(&mut self) -> SlotId {
         self.next_slot += 1;
         self.next_slot
+    }
+
+    /// A new listening socket for `svc` (one descriptor per worker in `group`): how the main
+    /// thread tracks it, and what each worker starts.
+    fn start_service(
+        &mut self,
+        svc: &PlannedService,
+        bound: SocketAddr,
+        group: Vec<std::net::TcpListener>,
+        activated: bool,
+    ) -> (RunningService, Vec<WorkerService<B>>) {
+        let (slot, handler) = (self.new_slot(), self.new_generation(svc));
+        let per_worker = group
+            .into_iter()
+            .map(|socket| WorkerService {
+                slot,
+                socket,
+                handler: handler.clone(),
+            })
+            .collect();
+        let service = RunningService {
+            key: ServiceKey::of(svc),
+            bound,
+            slot,
+            gate: handler.gate,
+            activated,
+        };
+        (service, per_worker)
     }
 
     /// The generation now serving the service called `name`, if one is running.
@@ -577,14 +593,14 @@ impl<B: Backend> Running<B> {
                 }
             }
         }
-        let mut groups = Vec::new();
+        let mut groups = std::collections::HashMap::new();
         for step in &steps {
             if let Step::Start { new } = *step {
                 let svc = &plan.services[new];
                 let group = bind_service(&plan, svc, workers).map_err(|ServeError(msg)| {
                     ApplyError::Unchanged(self.explain_overlap(msg, svc.config.listen))
                 })?;
-                groups.push((new, group));
+                groups.insert(new, group);
             }
         }
 
@@ -596,14 +612,7 @@ impl<B: Backend> Running<B> {
         for step in &steps {
             match *step {
                 Step::Keep { running, new } => {
-                    let s = &self.services[running];
-                    next[new] = Some(RunningService {
-                        key: s.key.clone(),
-                        bound: s.bound,
-                        slot: s.slot,
-                        gate: Arc::clone(&s.gate),
-                        activated: s.activated,
-                    });
+                    next[new] = Some(self.services[running].clone());
                 }
                 Step::Swap { running, new } => {
                     let svc = &plan.services[new];
@@ -614,10 +623,7 @@ impl<B: Backend> Running<B> {
                     if old.key.name != svc.name {
                         summary.listening.push(slot);
                     }
-                    // The service of that name, wherever it ran: `max_connections` spans its
-                    // generations.
-                    let same = self.generation_of(&svc.name);
-                    let handler = self.new_generation(svc, same.as_deref());
+                    let handler = self.new_generation(svc);
                     for c in &mut changes {
                         c.push(Change::Swap {
                             slot,
@@ -634,29 +640,16 @@ impl<B: Backend> Running<B> {
                 }
                 Step::Start { new } => {
                     let svc = &plan.services[new];
-                    let Some((_, (bound, group))) = groups.iter_mut().find(|(n, _)| *n == new)
-                    else {
+                    let Some((bound, group)) = groups.remove(&new) else {
                         continue; // every Start was bound in step 1
                     };
-                    let same = self.generation_of(&svc.name);
-                    let (slot, handler) =
-                        (self.new_slot(), self.new_generation(svc, same.as_deref()));
-                    for (c, socket) in changes.iter_mut().zip(group.drain(..)) {
-                        c.push(Change::Start(WorkerService {
-                            slot,
-                            socket,
-                            handler: handler.clone(),
-                        }));
+                    let (service, started) = self.start_service(svc, bound, group, false);
+                    for (c, started) in changes.iter_mut().zip(started) {
+                        c.push(Change::Start(started));
                     }
                     summary.added.push(format!("{} ({})", svc.name, bound));
-                    summary.listening.push(slot);
-                    next[new] = Some(RunningService {
-                        key: ServiceKey::of(svc),
-                        bound: *bound,
-                        slot,
-                        gate: handler.gate,
-                        activated: false,
-                    });
+                    summary.listening.push(service.slot);
+                    next[new] = Some(service);
                 }
                 Step::Stop { running } => {
                     let old = &self.services[running];

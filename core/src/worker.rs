@@ -145,7 +145,7 @@ pub fn run<B: Backend>(
         for l in std::mem::take(&mut slots.loops) {
             let _ = l.await;
         }
-        let tracker = slots.tracker.clone();
+        let tracker = &slots.tracker;
         let open = tracker.open();
         if open > 0 {
             debug!(worker = id, open, "draining connections");
