@@ -4,15 +4,13 @@
 //! A drain is one mechanism used at two scopes. The process-wide [`ShutdownTrigger`]
 //! (SIGTERM/SIGINT) stops every accept loop; each service generation's own trigger (held by its
 //! [`ServiceGate`](crate::gate::ServiceGate)) is pulled when a config reload removes or replaces
-//! the service, and at shutdown. Draining connections finish what they are doing (a keep-alive
-//! connection closes between requests). A reload drains without a deadline: the old
-//! generation's connections end on their own (or by their idle timeout). A shutdown sets one,
-//! `grace` from now, and whatever is still open then is closed; a deadline can only be brought
-//! forward, never pushed back.
-//!
-//! Only a drain with a deadline (a shutdown) ends idle connections early
-//! ([`Shutdown::stopping`], used by [`Conn::read_idle`](crate::Conn::read_idle)): a reload
-//! retires a generation without ending its established sessions.
+//! the service, and at shutdown. A reload drains without a deadline: the old generation's
+//! connections, idle sessions included, keep working under its settings until they end on
+//! their own (or by their idle timeout). A shutdown sets one, `grace` from now: connections
+//! finish what they are doing, those idle between requests end at once
+//! ([`Shutdown::stopping`], used by [`Conn::read_idle`](crate::Conn::read_idle)), and whatever
+//! is still open at the deadline is closed; a deadline can only be brought forward, never
+//! pushed back.
 
 use std::cell::Cell;
 use std::rc::Rc;
