@@ -114,10 +114,33 @@ fn hand_over_sighup() -> bool {
 
 /// Runs the plan until SIGTERM/SIGINT and the drain that follows, reloading on SIGHUP.
 pub fn run(plan: Plan, reload: ReloadSource) -> Result<(), ServeError> {
+    // However serving ends (the drain, a grace that expired, a startup error after workers
+    // started, a panic unwinding), no child process it started survives it.
+    let _children = KillChildrenOnExit;
     let backend = resolve_backend(plan.config.server.backend)?;
     match backend {
         BackendChoice::IoUring => launch::<IoUring>(plan, reload, |b| Arc::clone(&b.io_uring)),
         _ => launch::<Epoll>(plan, reload, |b| Arc::clone(&b.epoll)),
+    }
+}
+
+/// Kills every child process group still recorded ([`wharf_core::children`]) when dropped,
+/// and keeps any new one from starting.
+struct KillChildrenOnExit;
+
+impl Drop for KillChildrenOnExit {
+    fn drop(&mut self) {
+        kill_children();
+    }
+}
+
+fn kill_children() {
+    let killed = wharf_core::children::kill_all();
+    if killed > 0 {
+        warn!(
+            groups = killed,
+            "killed child processes still running at exit"
+        );
     }
 }
 
@@ -397,6 +420,7 @@ fn launch<B: Backend>(
                     Signal::Hup => info!("SIGHUP ignored: shutting down"),
                     again => {
                         warn!(signal = again.name(), "second signal: exiting without finishing the drain");
+                        kill_children();
                         std::process::exit(1);
                     }
                 }

@@ -97,7 +97,8 @@ impl CommandReader {
     }
 
     /// Consumes an acknowledgement: whatever the client sends next, up to [`MAX_ACK`] bytes.
-    /// Returns `false` if the client closed instead.
+    /// Returns `false` at end of stream: the client half-closed (or closed) instead, so it can
+    /// send nothing more, though it may still be reading.
     pub async fn ack<C: Conn>(&mut self, conn: &mut C) -> io::Result<bool> {
         if self.buf.is_empty() && self.read(conn, false).await? == 0 {
             return Ok(false);
@@ -163,8 +164,10 @@ fn decode(line: Vec<u8>) -> Frame {
 }
 
 /// Sends `result` framed as these protocols do: its length in ASCII decimal (no terminator),
-/// then, once the client acknowledges, the bytes themselves. Returns `false` if the client
-/// closed instead of acknowledging.
+/// then, once the client acknowledges, the bytes themselves. A client that reaches end of
+/// stream instead of acknowledging has half-closed (it can no longer send, but may still be
+/// reading, like `printf 'cmd' | nc -q5`): it gets the result anyway. Returns `false` in that
+/// case, so the caller ends the connection after this result.
 pub async fn send_framed<C: Conn>(
     conn: &mut C,
     reader: &mut CommandReader,
@@ -172,12 +175,10 @@ pub async fn send_framed<C: Conn>(
 ) -> io::Result<bool> {
     let (res, _) = conn.write_all(result.len().to_string().into_bytes()).await;
     res?;
-    if !reader.ack(conn).await? {
-        return Ok(false);
-    }
+    let acked = reader.ack(conn).await?;
     let (res, _) = conn.write_all(result).await;
     res?;
-    Ok(true)
+    Ok(acked)
 }
 
 #[cfg(test)]
@@ -294,6 +295,26 @@ mod tests {
             let (sent, got) = tokio::join!(server, talk);
             assert!(sent);
             assert_eq!(got, b"hello result");
+        });
+    }
+
+    #[test]
+    fn a_half_closed_client_still_gets_its_result() {
+        testing::block_on(async {
+            let (mut conn, client) = testing::pipe();
+            let mut r = CommandReader::default();
+            client.write_all(b"cmd\n").await.unwrap();
+            client.close_write();
+            assert_eq!(
+                r.next(&mut conn).await.unwrap(),
+                Frame::Command("cmd".into())
+            );
+            let sent = send_framed(&mut conn, &mut r, b"the result".to_vec())
+                .await
+                .unwrap();
+            assert!(!sent, "no ack came: the connection ends after this result");
+            conn.shutdown().await.unwrap();
+            assert_eq!(client.read_to_end().await, b"10the result");
         });
     }
 }

@@ -31,9 +31,12 @@ pub trait Conn {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize>;
 
     /// A [`Conn::read`] at a point where the protocol is between requests, so ending the
-    /// connection loses nothing: once the server is shutting down it returns `Ok(0)` (end of
-    /// stream) at once, so idle keep-alive and command connections let the drain finish
-    /// instead of holding it for the whole grace period. Outside a server, a plain read.
+    /// connection loses nothing: once the server is shutting down (SIGTERM/SIGINT) it returns
+    /// `Ok(0)` (end of stream) at once, so idle keep-alive and command connections let the
+    /// drain finish instead of holding it for the whole grace period. A config reload that
+    /// retires the connection's service generation does not end it: established sessions keep
+    /// working under the settings they started with until they end or idle out. Outside a
+    /// server, a plain read.
     async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         self.read(buf).await
     }
@@ -62,8 +65,11 @@ pub trait Conn {
     /// connection is pending (an io_uring read whose future was dropped still is).
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>>;
 
-    /// Whether the peer has closed its side or reset the connection, checked without
-    /// consuming input or waiting: lets a long-running request notice a vanished client.
+    /// Whether the peer is gone: the connection was reset or failed (`POLLHUP`/`POLLERR`),
+    /// checked without consuming input or waiting, so a long-running request can stop work
+    /// nobody will read. A half-closed peer (it sent FIN with `shutdown(SHUT_WR)`, or closed
+    /// after sending) is *not* gone: it may still be reading, so it gets its answer; end of
+    /// stream is what [`Conn::read`] returning `0` reports, not this.
     fn peer_closed(&self) -> bool;
 
     /// Sends `len` bytes of `file` starting at `offset`; returns how many were sent, fewer only

@@ -14,12 +14,14 @@
 //! - [`config`]: the figment-based config model and its error reporting.
 //! - [`buffer`]: read buffers sized for what the client does (small while it is idle).
 //! - [`command`]: line framing for command-style protocols (exec, file-get).
+//! - [`children`]: the process-wide registry of child process groups, killed on every exit.
 //! - [`shutdown`]: drain signals with deadlines (process stop, a reload retiring a service
 //!   generation) and the per-worker connection tracker used to drain.
 //! - [`testing`]: an in-memory [`Conn`] so plugins are unit-tested without sockets.
 
 pub mod backend;
 pub mod buffer;
+pub mod children;
 pub mod command;
 pub mod config;
 pub mod conn;

@@ -101,7 +101,7 @@ async fn counted_read<C: Conn>(
 }
 
 impl<C: Conn> Metered<C> {
-    /// A read between requests once draining has begun (no read of ours is pending): a request
+    /// A read between requests once the process is stopping (no read of ours is pending): a request
     /// the client already sent is still served; a silent connection ends now, like a client
     /// that closed.
     fn drain_read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
@@ -122,17 +122,19 @@ impl<C: Conn> Conn for Metered<C> {
     }
 
     async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        if self.shutdown.is_triggered() {
+        // Only a shutdown (a drain with a deadline) ends idle connections: a reload retiring
+        // this generation leaves its established sessions working until they end or idle out.
+        if self.shutdown.is_stopping() {
             return self.drain_read(buf);
         }
         let read = counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf);
         tokio::select! {
             biased;
             done = read => done,
-            // Draining while nothing has arrived: end the connection like a client that
+            // Stopping while nothing has arrived: end the connection like a client that
             // closed. No second read here: on io_uring the dropped read may still be armed in
             // the kernel and would take whatever arrives next.
-            _ = self.shutdown.wait() => (Ok(0), Vec::new()),
+            _ = self.shutdown.stopping() => (Ok(0), Vec::new()),
         }
     }
 

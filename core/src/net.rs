@@ -86,19 +86,20 @@ pub fn recv_now(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> io::Result<Option<
     Ok(Some(n))
 }
 
-/// Whether the peer of a connected socket has closed or reset it, asked with a zero-timeout
-/// `poll(2)` for `POLLRDHUP`: it neither waits nor consumes, and it still sees the FIN when
-/// unread data is queued ahead of it. Shared implementation of
-/// [`Conn::peer_closed`](crate::Conn::peer_closed).
+/// Whether the peer of a connected socket is gone: the connection was reset or failed
+/// (`POLLHUP`, `POLLERR`), asked with a zero-timeout `poll(2)` that neither waits nor consumes.
+/// A half-close (`POLLRDHUP`: the peer sent FIN but may still be reading) is deliberately not
+/// a disconnect. Shared implementation of [`Conn::peer_closed`](crate::Conn::peer_closed).
 pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLRDHUP,
+        // POLLHUP and POLLERR are always reported; asking for nothing else.
+        events: 0,
         revents: 0,
     };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 /// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).

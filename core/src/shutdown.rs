@@ -4,11 +4,13 @@
 //! A drain is one mechanism used at two scopes. The process-wide [`ShutdownTrigger`]
 //! (SIGTERM/SIGINT) stops every accept loop; each service generation's own trigger (held by its
 //! [`ServiceGate`](crate::gate::ServiceGate)) is pulled when a config reload removes or replaces
-//! the service, and at shutdown. Draining connections finish what they are doing (a keep-alive
-//! connection closes between requests). A reload drains without a deadline: the old
-//! generation's connections end on their own (or by their idle timeout). A shutdown sets one,
-//! `grace` from now, and whatever is still open then is closed; a deadline can only be brought
-//! forward, never pushed back.
+//! the service, and at shutdown. A reload drains without a deadline: the old generation's
+//! connections, idle sessions included, keep working under its settings until they end on
+//! their own (or by their idle timeout). A shutdown sets one, `grace` from now: connections
+//! finish what they are doing, those idle between requests end at once
+//! ([`Shutdown::stopping`], used by [`Conn::read_idle`](crate::Conn::read_idle)), and whatever
+//! is still open at the deadline is closed; a deadline can only be brought forward, never
+//! pushed back.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -81,6 +83,22 @@ impl Shutdown {
     /// Whether the drain has started.
     pub fn is_triggered(&self) -> bool {
         *self.0.borrow() != Drain::Running
+    }
+
+    /// Whether the drain has a deadline: the process is stopping (a reload's drain has none
+    /// until a shutdown sets one).
+    pub fn is_stopping(&self) -> bool {
+        matches!(*self.0.borrow(), Drain::Draining(Some(_)))
+    }
+
+    /// Completes once the drain has a deadline (the process is stopping), or the trigger was
+    /// dropped. A reload retiring a generation does not complete it: its established
+    /// connections go on until they end or idle out.
+    pub async fn stopping(&mut self) {
+        let _ = self
+            .0
+            .wait_for(|s| matches!(s, Drain::Draining(Some(_))))
+            .await;
     }
 
     /// Completes at the drain's deadline: time to close whatever is still open. Follows a
@@ -218,6 +236,21 @@ mod tests {
             waited < Duration::from_secs(30),
             "brought forward: {waited:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_deadline_means_stopping() {
+        let (trigger, rx) = channel();
+        trigger.trigger_without_deadline();
+        assert!(rx.is_triggered() && !rx.is_stopping());
+        let mut early = rx.clone();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), early.stopping());
+        assert!(waiting.await.is_err(), "a reload's drain is not a stop");
+        let mut later = rx.clone();
+        let stopping = tokio::spawn(async move { later.stopping().await });
+        trigger.trigger(Duration::from_secs(60));
+        stopping.await.unwrap();
+        assert!(rx.is_stopping());
     }
 
     #[tokio::test]

@@ -215,7 +215,7 @@ impl Conn for MemConn {
 
     fn peer_closed(&self) -> bool {
         let s = self.shared.borrow();
-        (s.to_server.writer_closed && s.to_server.data.is_empty()) || s.to_client.reader_gone
+        s.to_client.reader_gone
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

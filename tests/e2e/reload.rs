@@ -466,10 +466,13 @@ fn a_replaced_generation_finishes_its_connections_and_shutdown_still_bounds_them
             echo_service("e", "127.0.0.1:0", "none", "")
         ));
         server.expect_reload("configuration reloaded");
-        // The idle keep-alive connection of the old generation closes between requests (as
-        // nginx does on reload); new connections get the new body.
+        // The idle keep-alive connection of the old generation goes on with the old settings
+        // (a reload ends no established connection); new connections get the new body.
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let n = http.read(&mut head).unwrap();
         assert!(
-            closed_within(&mut http, Duration::from_secs(10)),
+            String::from_utf8_lossy(&head[..n]).ends_with("one"),
             "{backend}"
         );
         let (status, body) = http_get(server.addr("web"), "/");
@@ -486,8 +489,13 @@ fn a_replaced_generation_finishes_its_connections_and_shutdown_still_bounds_them
             2.0,
         );
 
-        // A shutdown bounds every generation by the grace period (1 s now).
+        // A shutdown bounds every generation by the grace period (1 s now), and ends the old
+        // generation's idle keep-alive connection at once.
         server.signal(libc::SIGTERM);
+        assert!(
+            closed_within(&mut http, Duration::from_secs(10)),
+            "{backend}"
+        );
         assert!(
             closed_within(&mut echo, Duration::from_secs(10)),
             "{backend}"

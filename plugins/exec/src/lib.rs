@@ -10,14 +10,19 @@
 //! - **Nothing runs unless allowlisted**, and never through a shell ([`policy`]).
 //! - **Every process is bounded** ([`run`]): timeout with the whole process group killed,
 //!   capped output, cleared environment plus configured `env`, configured `cwd`, and at most
-//!   `max_concurrent` processes per service.
-//! - **Clients are accountable**: optional `token` auth, and a client that disconnects has its
-//!   command killed.
+//!   `max_concurrent` processes per service; none outlives wharf (`wharf_core::children`).
+//! - **Results are bounded together** ([`budget`]): the output held by running commands and by
+//!   results waiting for their client's ack never exceeds `max_pending_output` per service.
+//! - **Clients are accountable**: optional `token` auth with failures logged and limited per
+//!   source ([`throttle`]), and a client that resets its connection has its command killed (a
+//!   half-closed one is still reading: it gets its result).
 //! - **Workers never block**: spawning, reading output and waiting run on the blocking pool;
 //!   the connection task only watches the client and waits for the result.
 
+pub mod budget;
 pub mod policy;
 pub mod run;
+pub mod throttle;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -51,12 +56,17 @@ pub mod refusals {
     pub const NOT_UTF8: &str = "command is not valid UTF-8";
     /// Every process slot stayed busy for the command's whole timeout.
     pub const BUSY: &str = "server busy: too many commands running";
+    /// The service's `max_pending_output` stayed spent for the command's whole timeout.
+    pub const BUSY_OUTPUT: &str = "server busy: too much output waiting for clients";
     /// The program could not be started.
     pub const CANNOT_RUN: &str = "cannot run ";
     /// No `auth <token>` first.
     pub const AUTH_REQUIRED: &str = "auth required";
     /// A wrong token.
     pub const AUTH_FAILED: &str = "auth failed";
+    /// Too many failures from the client's address: its token was not even checked.
+    pub const AUTH_THROTTLED: &str =
+        "auth failed: too many failures from this address, retry later";
 
     /// Every refusal prefix.
     pub const ALL: &[&str] = &[
@@ -67,14 +77,30 @@ pub mod refusals {
         TOO_LONG,
         NOT_UTF8,
         BUSY,
+        BUSY_OUTPUT,
         CANNOT_RUN,
         AUTH_REQUIRED,
         AUTH_FAILED,
+        AUTH_THROTTLED,
     ];
 }
 
 /// The result when a command printed nothing and succeeded (the tutorial's wording).
 pub const NO_OUTPUT: &str = "cmd has no output...";
+
+/// Default `max_pending_output`: 64 MiB per service.
+pub const DEFAULT_MAX_PENDING_OUTPUT: u64 = 64 * 1024 * 1024;
+
+/// Room for the notes a result may get beyond its output (`[exit status N]`...).
+const NOTE_ROOM: u64 = 256;
+
+/// What a command reserves from the budget while it runs: each output pipe may fill up to
+/// `max_output` before the concatenation is cut, plus the notes.
+fn running_reservation(max_output: usize) -> u64 {
+    (max_output as u64)
+        .saturating_mul(2)
+        .saturating_add(NOTE_ROOM)
+}
 
 /// How often a running command checks that its client is still there.
 const CLIENT_CHECK: Duration = Duration::from_millis(100);
@@ -100,6 +126,11 @@ pub struct ExecOptions {
     pub token: Option<String>,
     /// CPU niceness of commands (0-19): higher yields more readily to the IO workers.
     pub nice: i32,
+    /// Bytes all of the service's running commands and unacknowledged results may hold.
+    pub max_pending_output: u64,
+    /// Failed `auth` attempts allowed per source address (IPv6: /64) and minute, after a
+    /// burst of 5; more are refused without checking the token.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for ExecOptions {
@@ -117,6 +148,8 @@ impl Default for ExecOptions {
             max_concurrent: 16,
             token: None,
             nice: 10,
+            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
+            auth_failures_per_minute: 60,
         }
     }
 }
@@ -148,7 +181,9 @@ pub struct Exec {
     env: Vec<(String, String)>,
     cwd: PathBuf,
     slots: Arc<Semaphore>,
+    output: Arc<budget::Budget>,
     token: Option<String>,
+    throttle: throttle::AuthThrottle,
     nice: i32,
 }
 
@@ -158,6 +193,7 @@ mod outcome {
     pub const NONZERO_EXIT: &str = "nonzero_exit";
     pub const TIMEOUT: &str = "timeout";
     pub const REFUSED: &str = "refused";
+    pub const BUSY: &str = "busy";
     pub const AUTH_FAILED: &str = "auth_failed";
 }
 
@@ -186,68 +222,88 @@ impl Service for Exec {
                 }
                 Frame::NotUtf8 => {
                     let text = refusals::NOT_UTF8.as_bytes().to_vec();
-                    if !send_framed(&mut conn, &mut reader, text).await? {
-                        return Ok(());
-                    }
+                    let more = send_framed(&mut conn, &mut reader, text).await?;
                     conn.record_request(outcome::REFUSED, Duration::ZERO);
+                    if !more {
+                        return conn.shutdown().await;
+                    }
                     continue;
                 }
             };
             let started = Instant::now();
             if !authenticated {
-                let (text, accepted) = self.authenticate(&line);
-                if !send_framed(&mut conn, &mut reader, text.as_bytes().to_vec()).await? {
-                    return Ok(());
-                }
+                let (text, accepted) = self.authenticate(&line, conn.peer_addr());
+                let more = send_framed(&mut conn, &mut reader, text.as_bytes().to_vec()).await?;
                 if !accepted {
                     conn.record_request(outcome::AUTH_FAILED, started.elapsed());
+                    return conn.shutdown().await;
+                }
+                if !more {
                     return conn.shutdown().await;
                 }
                 authenticated = true;
                 continue;
             }
-            let Some((result, label)) = self.execute(&line, &conn).await? else {
-                // The client left while its command ran; the command was killed.
+            let Some((result, label, reservation)) = self.execute(&line, &conn).await? else {
+                // The client reset the connection while its command ran; it was killed.
                 return Ok(());
             };
-            if !send_framed(&mut conn, &mut reader, result).await? {
-                return Ok(());
-            }
+            let sent = send_framed(&mut conn, &mut reader, result).await;
+            // The result is sent (or cannot be): its memory goes back to the service's budget.
+            drop(reservation);
             conn.record_request(label, started.elapsed());
+            if !sent? {
+                // Half-closed: it got its result and can send no further command.
+                return conn.shutdown().await;
+            }
         }
     }
 }
 
 impl Exec {
-    /// Checks an `auth <token>` line in constant time.
-    fn authenticate(&self, line: &str) -> (&'static str, bool) {
+    /// Checks an `auth <token>` line in constant time, unless `peer`'s source has used up its
+    /// failures; counts and logs (rate-limited, never the token) every failure.
+    fn authenticate(&self, line: &str, peer: std::net::SocketAddr) -> (&'static str, bool) {
         let Some(expected) = &self.token else {
             return ("ok", true);
         };
-        match line.strip_prefix("auth ") {
-            Some(given) if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) => {
-                ("ok", true)
-            }
-            Some(_) => (refusals::AUTH_FAILED, false),
-            None => (refusals::AUTH_REQUIRED, false),
+        let Some(given) = line.strip_prefix("auth ") else {
+            return (refusals::AUTH_REQUIRED, false);
+        };
+        if !self.throttle.allowed(peer.ip()) {
+            self.throttle.failed(peer, true);
+            return (refusals::AUTH_THROTTLED, false);
         }
+        if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+            return ("ok", true);
+        }
+        self.throttle.failed(peer, false);
+        (refusals::AUTH_FAILED, false)
     }
 
-    /// Runs one command line; `None` if the client disconnected meanwhile.
-    async fn execute<C: Conn>(
-        &self,
-        line: &str,
-        conn: &C,
-    ) -> io::Result<Option<(Vec<u8>, &'static str)>> {
+    /// Runs one command line: its result, outcome label and the share of the output budget
+    /// the result holds (until it is sent); `None` if the client reset the connection meanwhile.
+    async fn execute<C: Conn>(&self, line: &str, conn: &C) -> io::Result<Option<Executed>> {
         let approved = match policy::check(&self.allowlist, line) {
             Ok(approved) => approved,
-            Err(Refusal(text)) => return Ok(Some((text.into_bytes(), outcome::REFUSED))),
+            Err(Refusal(text)) => return Ok(Some((text.into_bytes(), outcome::REFUSED, None))),
         };
         let entry = &self.allowlist[approved.name];
+        // Memory for its output, then a process slot, both within the command's timeout.
+        let waiting_until = Instant::now() + entry.timeout;
+        let reserve = running_reservation(entry.max_output);
+        let Some(mut reservation) = self.output.reserve(reserve, entry.timeout).await else {
+            let text = refusals::BUSY_OUTPUT.as_bytes().to_vec();
+            return Ok(Some((text, outcome::BUSY, None)));
+        };
         let Ok(Ok(slot)) =
-            tokio::time::timeout(entry.timeout, Arc::clone(&self.slots).acquire_owned()).await
+            tokio::time::timeout_at(waiting_until, Arc::clone(&self.slots).acquire_owned()).await
         else {
-            return Ok(Some((refusals::BUSY.as_bytes().to_vec(), outcome::REFUSED)));
+            return Ok(Some((
+                refusals::BUSY.as_bytes().to_vec(),
+                outcome::BUSY,
+                None,
+            )));
         };
         let mut args = entry.fixed_args.clone();
         args.extend(approved.extra_args.iter().map(|a| a.to_string()));
@@ -284,19 +340,26 @@ impl Exec {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 let text = format!("{}{}: {e}", refusals::CANNOT_RUN, approved.name);
-                return Ok(Some((text.into_bytes(), outcome::REFUSED)));
+                return Ok(Some((text.into_bytes(), outcome::REFUSED, None)));
             }
             Err(join) => return Err(io::Error::other(format!("command runner failed: {join}"))),
         };
-        Ok(Some(render(&outcome, entry)))
+        let (text, label) = render(outcome, entry);
+        reservation.shrink_to(text.capacity() as u64);
+        Ok(Some((text, label, Some(reservation))))
     }
 }
 
-/// The result text and the outcome label of a finished command.
-fn render(o: &Outcome, entry: &Entry) -> (Vec<u8>, &'static str) {
-    let mut text = Vec::with_capacity(o.stdout.len() + o.stderr.len() + 64);
-    text.extend_from_slice(&o.stdout);
+/// A command's result, its outcome label, and the budget share it holds until sent.
+type Executed = (Vec<u8>, &'static str, Option<budget::Reservation>);
+
+/// The result text and the outcome label of a finished command, sized to fit.
+fn render(o: Outcome, entry: &Entry) -> (Vec<u8>, &'static str) {
+    // stdout's buffer is reused: no second copy of the output while the result is built.
+    let mut text = o.stdout;
+    text.reserve_exact(o.stderr.len() + NOTE_ROOM as usize);
     text.extend_from_slice(&o.stderr);
+    drop(o.stderr);
     let note = |text: &mut Vec<u8>, line: String| {
         if text.last().is_some_and(|&b| b != b'\n') {
             text.push(b'\n');
@@ -334,6 +397,7 @@ fn render(o: &Outcome, entry: &Entry) -> (Vec<u8>, &'static str) {
     if text.is_empty() {
         text.extend_from_slice(NO_OUTPUT.as_bytes());
     }
+    text.shrink_to_fit();
     (text, label)
 }
 
@@ -416,12 +480,26 @@ impl Plugin for Exec {
             kind: "string (optional)",
             help: "require `auth <token>` as each connection's first command",
         },
+        OptionDoc {
+            name: "max_pending_output",
+            kind: "integer (bytes)",
+            help: "output all running commands (2 x max_output each) and unacknowledged results \
+                   of the service may hold; more commands wait up to their timeout, then are \
+                   refused (outcome `busy`)",
+        },
+        OptionDoc {
+            name: "auth_failures_per_minute",
+            kind: "integer",
+            help: "failed `auth` attempts per source address (IPv6: /64) and minute, after a \
+                   burst of 5; beyond it tokens are not even checked",
+        },
     ];
     const OUTCOMES: &'static [&'static str] = &[
         outcome::OK,
         outcome::NONZERO_EXIT,
         outcome::TIMEOUT,
         outcome::REFUSED,
+        outcome::BUSY,
         outcome::AUTH_FAILED,
     ];
     type Options = ExecOptions;
@@ -432,6 +510,12 @@ impl Plugin for Exec {
         }
         if o.timeout.is_zero() {
             return Err(PluginError::option("timeout", "must be more than 0s"));
+        }
+        if o.auth_failures_per_minute == 0 {
+            return Err(PluginError::option(
+                "auth_failures_per_minute",
+                "must be at least 1",
+            ));
         }
         if !(0..=19).contains(&o.nice) {
             return Err(PluginError::option("nice", "must be between 0 and 19"));
@@ -480,6 +564,22 @@ impl Plugin for Exec {
                     "must be more than 0s",
                 ));
             }
+            let max_output = spec.max_output.unwrap_or(o.max_output);
+            let max_output = usize::try_from(max_output).unwrap_or(usize::MAX);
+            if running_reservation(max_output) > o.max_pending_output {
+                let key = match spec.max_output {
+                    Some(_) => format!("{key}.max_output"),
+                    None => "max_output".to_string(),
+                };
+                return Err(PluginError::option(
+                    key,
+                    format!(
+                        "{max_output} bytes cannot run within max_pending_output = {} (a \
+                         running command reserves 2 x max_output + {NOTE_ROOM} bytes)",
+                        o.max_pending_output
+                    ),
+                ));
+            }
             allowlist.insert(
                 word.clone(),
                 Entry {
@@ -487,8 +587,7 @@ impl Plugin for Exec {
                     fixed_args: fixed.to_vec(),
                     allow_args: spec.allow_args,
                     timeout,
-                    max_output: usize::try_from(spec.max_output.unwrap_or(o.max_output))
-                        .unwrap_or(usize::MAX),
+                    max_output,
                 },
             );
         }
@@ -497,7 +596,9 @@ impl Plugin for Exec {
             env: o.env.into_iter().collect(),
             cwd: o.cwd,
             slots: Arc::new(Semaphore::new(o.max_concurrent)),
+            output: budget::Budget::new(o.max_pending_output),
             token: o.token,
+            throttle: throttle::AuthThrottle::new(o.auth_failures_per_minute),
             nice: o.nice,
         })
     }

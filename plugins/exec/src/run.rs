@@ -14,7 +14,7 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,11 +101,11 @@ pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
         .current_dir(&job.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so a timeout kills everything it started.
-        .process_group(0);
-    let mut child = cmd.spawn()?;
-    let pid = child.id() as libc::pid_t;
+        .stderr(Stdio::piped());
+    // Its own process group (so a timeout kills everything it started), recorded process-wide
+    // so that nothing of it outlives wharf.
+    let (mut child, registered) = wharf_core::children::spawn(&mut cmd)?;
+    let pid = registered.pgid();
     if job.nice != 0 {
         // Lower the child's CPU priority (its own children inherit it) so a burst of commands
         // cannot starve the IO workers. Set from here rather than in a pre_exec hook, which
@@ -122,6 +122,8 @@ pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
     // unreaped its pid, and so the group id, cannot be reused by an unrelated process.
     // SAFETY: signalling our own child's process group (pgid == its pid).
     unsafe { libc::kill(-pid, libc::SIGKILL) };
+    // Forgotten before the reap, while the group id cannot have been reused.
+    drop(registered);
     let status = child.wait()?;
     let mut outcome = supervised?;
     // Collect what is still buffered in the pipes (every writer in the group is dead now).
@@ -264,6 +266,13 @@ impl<R: Read + AsRawFd> Pipe<R> {
                 }
                 Ok(n) => {
                     let keep = n.min(*budget);
+                    // Grow by doubling, but never past what this pipe may keep: the memory a
+                    // running command holds is bounded by its `max_output`, not twice that.
+                    if into.capacity() - into.len() < keep {
+                        let limit = into.len() + *budget;
+                        let want = (into.capacity() * 2).max(into.len() + keep).min(limit);
+                        into.reserve_exact(want - into.len());
+                    }
                     into.extend_from_slice(&chunk[..keep]);
                     *budget -= keep;
                     *cut += (n - keep) as u64;

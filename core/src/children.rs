@@ -1,0 +1,103 @@
+//! Every child process group wharf started and has not finished with, process-wide, so that no
+//! child outlives wharf whatever way it exits.
+//!
+//! A plugin that runs processes (exec; any future process plugin) starts each one in its own
+//! process group through [`spawn`], which records the group until the returned [`Registered`]
+//! guard drops. Whatever path ends the process (the end of a drain, a grace period that
+//! expired while commands ran, a second SIGTERM/SIGINT that calls `std::process::exit`, a
+//! startup error after workers started, a panic unwinding out of `serve`), the binary calls
+//! [`kill_all`] first: every recorded group gets SIGKILL, and from then on [`spawn`] refuses to
+//! start anything, so a blocking thread still inside a plugin while the runtimes are torn down
+//! cannot leave a new child behind.
+//!
+//! Group ids are safe to signal while recorded: the guard must be dropped *before* the group's
+//! leader is reaped, so the id cannot have been reused by an unrelated process.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::{PoisonError, RwLock};
+
+/// The live groups, and whether [`kill_all`] has run.
+struct Registry {
+    groups: BTreeSet<libc::pid_t>,
+    closed: bool,
+}
+
+static REGISTRY: RwLock<Registry> = RwLock::new(Registry {
+    groups: BTreeSet::new(),
+    closed: false,
+});
+
+/// Records one live process group until dropped. Drop it before reaping the group's leader.
+#[must_use = "the group is forgotten when the guard drops"]
+pub struct Registered(libc::pid_t);
+
+impl Registered {
+    /// The process group id (the leader's pid).
+    pub fn pgid(&self) -> libc::pid_t {
+        self.0
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
+        r.groups.remove(&self.0);
+    }
+}
+
+/// Spawns `cmd` as the leader of a new process group and records the group. Fails (without
+/// starting anything) once [`kill_all`] has run: wharf is exiting.
+pub fn spawn(cmd: &mut Command) -> io::Result<(Child, Registered)> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    // Held across the spawn so that kill_all either sees this group or runs before it starts.
+    let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
+    if r.closed {
+        return Err(io::Error::other("wharf is exiting: no new processes"));
+    }
+    let child = cmd.spawn()?;
+    let pgid = child.id() as libc::pid_t;
+    r.groups.insert(pgid);
+    Ok((child, Registered(pgid)))
+}
+
+/// SIGKILLs every recorded process group and refuses new ones from now on. Called on every
+/// exit path of `wharf serve`; idempotent. Returns how many groups were signalled.
+pub fn kill_all() -> usize {
+    let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
+    r.closed = true;
+    for &pgid in &r.groups {
+        // SAFETY: signalling a process group we started whose leader is not reaped yet.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+    r.groups.len()
+}
+
+/// Groups recorded now (for tests and diagnostics).
+pub fn live() -> usize {
+    REGISTRY
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .groups
+        .len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn kill_all_kills_recorded_groups_and_refuses_new_ones() {
+        let (mut child, registered) = spawn(Command::new("sleep").arg("30")).unwrap();
+        assert!(live() >= 1);
+        assert!(kill_all() >= 1);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        drop(registered);
+        let refused = spawn(&mut Command::new("true"));
+        assert!(refused.is_err(), "no process starts once wharf is exiting");
+    }
+}
