@@ -448,3 +448,62 @@ async fn write_answer(stream: &mut TcpStream, response: &[u8]) -> io::Result<()>
     stream.write_all(response).await?;
     stream.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(last: u8) -> PeerKey {
+        PeerKey::of(IpAddr::from([127, 0, 0, last]))
+    }
+
+    #[test]
+    fn peers_are_addresses_and_ipv6_64s() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(PeerKey::of(a), PeerKey::of(b));
+        assert_ne!(PeerKey::of(a), PeerKey::of(c));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(PeerKey::of(mapped), v4(1));
+        assert_ne!(v4(1), v4(2));
+    }
+
+    #[test]
+    fn one_peer_has_at_most_its_cap_open() {
+        let tracker = Arc::new(Tracker::default());
+        let held: Vec<Ticket> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| tracker.admit(v4(2)).unwrap())
+            .collect();
+        assert!(tracker.admit(v4(2)).is_none());
+        // Others are not affected, and a closed connection frees its place.
+        assert!(tracker.admit(v4(3)).is_some());
+        drop(held.into_iter().next());
+        assert!(tracker.admit(v4(2)).is_some());
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_head_of_the_busiest_peer() {
+        let tracker = Arc::new(Tracker::default());
+        // Peers 10.. with 1 connection each, then peer 2 with 4 (its first one is the oldest
+        // head of the busiest peer, not the oldest overall).
+        let mut held: Vec<Ticket> = (0..MAX_PENDING_HEADS - 4)
+            .map(|i| tracker.admit(PeerKey::V4(10 + i as u32)).unwrap())
+            .collect();
+        held.extend((0..4).map(|_| tracker.admit(v4(2)).unwrap()));
+        let busiest_oldest = held[MAX_PENDING_HEADS - 4].id;
+        let probe = tracker.admit(v4(1)).unwrap();
+        let c = tracker.lock();
+        assert_eq!(c.heads.len(), MAX_PENDING_HEADS);
+        assert!(c.heads.iter().all(|h| h.id != busiest_oldest));
+        assert!(c.heads.iter().any(|h| h.id == probe.id));
+        drop(c);
+        // A head that arrived cannot be evicted any more, and ending frees the peer's place.
+        probe.head_done();
+        assert_eq!(tracker.lock().heads.len(), MAX_PENDING_HEADS - 1);
+        drop(probe);
+        drop(held);
+        let c = tracker.lock();
+        assert!(c.heads.is_empty() && c.open.is_empty());
+    }
+}

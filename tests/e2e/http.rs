@@ -220,7 +220,9 @@ fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
     let mut s = connect(addr);
     s.write_all(request.as_bytes()).unwrap();
     let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
+    if let Err(e) = s.read_to_string(&mut reply) {
+        panic!("{request:?}: the connection stayed open after {reply:?}: {e}");
+    }
     assert_eq!(
         reply.matches("HTTP/1.1 ").count(),
         1,
