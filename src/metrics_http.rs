@@ -6,14 +6,33 @@
 //! metrics-exporter-prometheus renders the exposition text; this module is the small HTTP/1.1
 //! responder in front of it, so the endpoint runs on our own runtime, binds before anything
 //! starts (an address in use is a startup error), and can grow access rules and health checks
-//! without another HTTP stack. One request per connection, bounded head size, read timeout.
+//! without another HTTP stack. One request per connection, bounded head size.
+//!
+//! The endpoint is reachable by whoever can reach the port, and a failing liveness probe
+//! restarts the pod, so no client may make the health answers wait (issue 14, item 2):
+//!
+//! - a connection holds nothing but its descriptor until its request head has arrived, which
+//!   must happen within [`HEAD_TIMEOUT`] of the accept; health answers then need no slot;
+//! - one peer (an IPv4 address, an IPv6 /64) has at most [`MAX_CONNECTIONS_PER_PEER`]
+//!   connections open; more are closed at accept;
+//! - at most [`MAX_PENDING_HEADS`] connections wait for their head at once: a new one evicts
+//!   the oldest head of the peer holding the most connections, so silent or slow clients from
+//!   many addresses cannot lock out a probe, which sends its head at once;
+//! - scrape slots ([`MAX_SCRAPES_IN_FLIGHT`]) go only to `/metrics` requests from peers in
+//!   `allow_from`, checked before a slot is taken.
+//!
+//! What is turned away is counted in `wharf_metrics_endpoint_rejected_total{reason}`.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
 use tracing::debug;
 use wharf_core::net::Cidr;
 
@@ -23,17 +42,42 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Largest request head read; a longer one gets 400.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole request, reading and writing, must finish within this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrape connections served at once; more go to the reserve.
-const MAX_SCRAPES_IN_FLIGHT: usize = 64;
-/// Connections beyond those, served only for health checks and within [`RESERVE_TIMEOUT`]: a
-/// peer holding every scrape slot must not make liveness probes fail. More are closed at accept.
-const RESERVE_SLOTS: usize = 16;
-const RESERVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// From the accept to the end of the request head. A probe or a scraper sends its request at
+/// once; a connection that has not within this is closed (`reason="head_timeout"`).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections waiting for their request head at once; a new one beyond this evicts one
+/// (`reason="evicted"`).
+pub const MAX_PENDING_HEADS: usize = 256;
+/// Connections one peer (IPv4 address, IPv6 /64) may have open; more are closed at accept
+/// (`reason="per_peer"`). A kubelet or a Prometheus server uses one at a time.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// Scrapes rendered and written at once; a scrape beyond this gets 503 (`reason="busy"`).
+pub const MAX_SCRAPES_IN_FLIGHT: usize = 64;
+/// A scrape (rendering and writing the exposition) must finish within this.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writing any other answer (a few hundred bytes) must finish within this.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Counter, label `reason`: connections and requests the metrics endpoint turned away.
+pub const REJECTED: &str = "wharf_metrics_endpoint_rejected_total";
+/// Every `reason` of [`REJECTED`]: closed at accept over [`MAX_CONNECTIONS_PER_PEER`]; evicted
+/// while sending the head; closed at [`HEAD_TIMEOUT`]; a malformed or oversized head (400);
+/// a scrape outside `allow_from` (403); a scrape beyond [`MAX_SCRAPES_IN_FLIGHT`] (503).
+pub const REJECT_REASONS: &[&str] = &[
+    "per_peer",
+    "evicted",
+    "head_timeout",
+    "bad_request",
+    "allow_from",
+    "busy",
+];
+
+fn count_rejected(reason: &'static str) {
+    metrics::counter!(REJECTED, "reason" => reason).increment(1);
+}
 
 /// Installs the global Prometheus recorder (histograms with [`LATENCY_BUCKETS`]).
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -63,18 +107,31 @@ impl Readiness {
     }
 }
 
+/// What one request is answered from, shared by every connection.
+struct Endpoint {
+    handle: PrometheusHandle,
+    allow_from: tokio::sync::watch::Receiver<Vec<Cidr>>,
+    readiness: Readiness,
+    scrapes: Arc<tokio::sync::Semaphore>,
+}
+
 /// Serves scrapes and health checks until the task is dropped. Call inside a tokio runtime.
 /// Peers outside a non-empty `allow_from` get 403 for `/metrics`; the health endpoints reveal
 /// nothing and answer everyone (a kubelet probes from the node's address). `allow_from` is
-/// read at each connection, so a config reload changes it for the next scrape.
+/// read when a request arrives, so a config reload changes it for the next scrape.
 pub async fn serve(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
     allow_from: tokio::sync::watch::Receiver<Vec<Cidr>>,
     readiness: Readiness,
 ) -> io::Result<()> {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT));
-    let reserve = std::sync::Arc::new(tokio::sync::Semaphore::new(RESERVE_SLOTS));
+    metrics::describe_counter!(
+        REJECTED,
+        "Connections and requests the metrics endpoint turned away, by reason."
+    );
+    for reason in REJECT_REASONS {
+        metrics::counter!(REJECTED, "reason" => *reason).increment(0);
+    }
     let listener = TcpListener::from_std(listener)?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -84,6 +141,13 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
+    let endpoint = Arc::new(Endpoint {
+        handle,
+        allow_from,
+        readiness,
+        scrapes: Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT)),
+    });
+    let tracker = Arc::new(Tracker::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -93,118 +157,353 @@ pub async fn serve(
                 continue;
             }
         };
-        let handle = handle.clone();
-        let readiness = readiness.clone();
-        let allowed = {
-            let allow_from = allow_from.borrow();
-            allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
+        let Some(ticket) = tracker.admit(PeerKey::of(peer.ip())) else {
+            count_rejected("per_peer");
+            continue;
         };
-        // Bounded: a peer that never reads cannot pile up tasks and descriptors.
-        let (permit, health_only, limit) = match std::sync::Arc::clone(&slots).try_acquire_owned() {
-            Ok(p) => (p, false, REQUEST_TIMEOUT),
-            Err(_) => match std::sync::Arc::clone(&reserve).try_acquire_owned() {
-                Ok(p) => (p, true, RESERVE_TIMEOUT),
-                Err(_) => {
-                    drop(stream);
-                    continue;
-                }
-            },
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            let answer = respond(stream, &handle, allowed, health_only, &readiness);
-            match tokio::time::timeout(limit, answer).await {
-                Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
-                Err(_) => debug!(%peer, "metrics request timed out"),
-                Ok(Ok(())) => {}
-            }
-        });
+        let id = ticket.id;
+        let endpoint = Arc::clone(&endpoint);
+        let task = tokio::spawn(async move { connection(stream, peer, ticket, &endpoint).await });
+        tracker.set_abort(id, task.abort_handle());
     }
 }
 
-/// Answers one request; `health_only` (every scrape slot taken) serves health checks only.
-async fn respond(
-    mut stream: TcpStream,
-    handle: &PrometheusHandle,
-    allowed: bool,
-    health_only: bool,
-    readiness: &Readiness,
-) -> io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let complete = tokio::time::timeout(READ_TIMEOUT, async {
-        loop {
-            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-                return Ok::<bool, io::Error>(true);
-            }
-            if head.len() >= MAX_REQUEST_HEAD {
-                return Ok(false);
-            }
-            if stream.read_buf(&mut head).await? == 0 {
-                return Ok(false);
+/// Whose connections count together: an IPv4 address (also IPv4-mapped), an IPv6 /64 (what
+/// one host is usually given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl PeerKey {
+    fn of(ip: IpAddr) -> PeerKey {
+        match ip {
+            IpAddr::V4(v4) => PeerKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => PeerKey::V4(u32::from(v4)),
+                None => PeerKey::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// The endpoint's open connections: how many each peer has, and which still send their head.
+#[derive(Default)]
+struct Tracker(Mutex<Connections>);
+
+#[derive(Default)]
+struct Connections {
+    open: HashMap<PeerKey, usize>,
+    /// Connections still sending their request head, oldest first.
+    heads: Vec<PendingHead>,
+    next_id: u64,
+}
+
+struct PendingHead {
+    id: u64,
+    peer: PeerKey,
+    /// Ends the connection's task; set right after it is spawned.
+    abort: Option<AbortHandle>,
+}
+
+/// One admitted connection; dropping it (the connection ended or was evicted) frees its place.
+struct Ticket {
+    tracker: Arc<Tracker>,
+    id: u64,
+    peer: PeerKey,
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
+        // Nothing panics while holding it; if something did, the counts are still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits a connection from `peer`, evicting a pending head if [`MAX_PENDING_HEADS`] are
+    /// waiting; `None` if `peer` already has [`MAX_CONNECTIONS_PER_PEER`] open.
+    fn admit(self: &Arc<Self>, peer: PeerKey) -> Option<Ticket> {
+        let mut c = self.lock();
+        let open = c.open.entry(peer).or_default();
+        if *open >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *open += 1;
+        let evicted = if c.heads.len() >= MAX_PENDING_HEADS {
+            c.evict()
+        } else {
+            None
+        };
+        let id = c.next_id;
+        c.next_id += 1;
+        c.heads.push(PendingHead {
+            id,
+            peer,
+            abort: None,
+        });
+        drop(c);
+        if let Some(victim) = evicted {
+            count_rejected("evicted");
+            if let Some(abort) = victim.abort {
+                abort.abort();
             }
         }
-    })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request head timeout"))??;
+        Some(Ticket {
+            tracker: Arc::clone(self),
+            id,
+            peer,
+        })
+    }
 
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    fn set_abort(&self, id: u64, abort: AbortHandle) {
+        let mut c = self.lock();
+        if let Some(head) = c.heads.iter_mut().find(|h| h.id == id) {
+            head.abort = Some(abort);
+        }
+    }
+}
+
+impl Connections {
+    /// Takes out the oldest pending head of the peer with the most connections open: a probe,
+    /// which has one connection and sends its head at once, is the last to go.
+    fn evict(&mut self) -> Option<PendingHead> {
+        let mut victim: Option<(usize, usize)> = None;
+        for (i, head) in self.heads.iter().enumerate() {
+            let open = self.open.get(&head.peer).copied().unwrap_or(0);
+            if victim.is_none_or(|(most, _)| open > most) {
+                victim = Some((open, i));
+            }
+        }
+        victim.map(|(_, i)| self.heads.remove(i))
+    }
+
+    fn head_done(&mut self, id: u64) {
+        if let Some(i) = self.heads.iter().position(|h| h.id == id) {
+            self.heads.remove(i);
+        }
+    }
+}
+
+impl Ticket {
+    /// The head arrived (or will not): the connection can no longer be evicted.
+    fn head_done(&self) {
+        self.tracker.lock().head_done(self.id);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut c = self.tracker.lock();
+        c.head_done(self.id);
+        if let Some(open) = c.open.get_mut(&self.peer) {
+            *open -= 1;
+            if *open == 0 {
+                c.open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves one connection: its head within [`HEAD_TIMEOUT`], then one answer.
+async fn connection(mut stream: TcpStream, peer: SocketAddr, ticket: Ticket, endpoint: &Endpoint) {
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await;
+    ticket.head_done();
+    let head = match head {
+        // Connected and closed without a word (a TCP check): nothing to answer.
+        Ok(Ok(head)) if head.bytes.is_empty() => return,
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "metrics request failed");
+            return;
+        }
+        Err(_) => {
+            count_rejected("head_timeout");
+            debug!(%peer, "metrics request head timed out");
+            return;
+        }
+    };
+    let (answer, limit) = match answer(&head, peer, endpoint) {
+        Answer::Fixed(response) => (response, ANSWER_TIMEOUT),
+        Answer::Scrape(permit, head_only) => {
+            let body = endpoint.handle.render();
+            let response = response("200 OK", METRICS_TYPE, &body, head_only);
+            let write = write_answer(&mut stream, &response);
+            match tokio::time::timeout(SCRAPE_TIMEOUT, write).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics scrape failed"),
+                Err(_) => debug!(%peer, "metrics scrape timed out"),
+                Ok(Ok(())) => {}
+            }
+            drop(permit);
+            return;
+        }
+    };
+    match tokio::time::timeout(limit, write_answer(&mut stream, &answer)).await {
+        Ok(Err(e)) => debug!(%peer, error = %e, "metrics answer failed"),
+        Err(_) => debug!(%peer, "metrics answer timed out"),
+        Ok(Ok(())) => {}
+    }
+}
+
+/// A request head as read: incomplete when the peer closed before its end or it outgrew
+/// [`MAX_REQUEST_HEAD`].
+struct Head {
+    bytes: Vec<u8>,
+    complete: bool,
+}
+
+async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+    let mut bytes = Vec::with_capacity(1024);
+    loop {
+        if bytes.windows(4).any(|w| w == b"\r\n\r\n") || bytes.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Head {
+                bytes,
+                complete: true,
+            });
+        }
+        if bytes.len() >= MAX_REQUEST_HEAD || stream.read_buf(&mut bytes).await? == 0 {
+            return Ok(Head {
+                bytes,
+                complete: false,
+            });
+        }
+    }
+}
+
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+enum Answer {
+    /// A small answer, written as is.
+    Fixed(Vec<u8>),
+    /// A scrape holding a slot; `true` for `HEAD` (headers only).
+    Scrape(tokio::sync::OwnedSemaphorePermit, bool),
+}
+
+/// What `head` gets. Only an allowed `/metrics` request takes a scrape slot.
+fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
+    let line = head.bytes.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    let fixed = |status, body: &str| Answer::Fixed(response(status, "text/plain", body, head_only));
 
-    let (status, content_type, body) = if !complete {
-        ("400 Bad Request", "text/plain", "bad request\n".to_string())
-    } else if method != "GET" && method != "HEAD" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET and HEAD\n".to_string(),
-        )
-    } else if path == "/healthz" {
-        ("200 OK", "text/plain", "ok\n".to_string())
-    } else if path == "/readyz" && readiness.is_ready() {
-        ("200 OK", "text/plain", "ready\n".to_string())
-    } else if path == "/readyz" {
-        (
+    if !head.complete {
+        count_rejected("bad_request");
+        return fixed("400 Bad Request", "bad request\n");
+    }
+    if method != "GET" && method != "HEAD" {
+        return fixed("405 Method Not Allowed", "only GET and HEAD\n");
+    }
+    match path {
+        "/healthz" => fixed("200 OK", "ok\n"),
+        "/readyz" if endpoint.readiness.is_ready() => fixed("200 OK", "ready\n"),
+        "/readyz" => fixed(
             "503 Service Unavailable",
-            "text/plain",
-            "not ready: starting or draining\n".to_string(),
-        )
-    } else if health_only {
-        (
-            "503 Service Unavailable",
-            "text/plain",
-            "busy: too many scrapes in flight\n".to_string(),
-        )
-    } else if !allowed {
-        (
-            "403 Forbidden",
-            "text/plain",
-            "forbidden: not in metrics.allow_from\n".to_string(),
-        )
-    } else if path == "/metrics" {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            handle.render(),
-        )
-    } else {
-        (
+            "not ready: starting or draining\n",
+        ),
+        "/metrics" => {
+            let allowed = {
+                let allow_from = endpoint.allow_from.borrow();
+                allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
+            };
+            if !allowed {
+                count_rejected("allow_from");
+                return fixed("403 Forbidden", "forbidden: not in metrics.allow_from\n");
+            }
+            match Arc::clone(&endpoint.scrapes).try_acquire_owned() {
+                Ok(permit) => Answer::Scrape(permit, head_only),
+                Err(_) => {
+                    count_rejected("busy");
+                    fixed(
+                        "503 Service Unavailable",
+                        "busy: too many scrapes in flight\n",
+                    )
+                }
+            }
+        }
+        _ => fixed(
             "404 Not Found",
-            "text/plain",
-            "not found; try /metrics, /healthz or /readyz\n".to_string(),
-        )
-    };
+            "not found; try /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+fn response(status: &str, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
     let mut response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\nServer: wharf\r\n\r\n",
         body.len()
     )
     .into_bytes();
-    if method != "HEAD" {
+    if !head_only {
         response.extend_from_slice(body.as_bytes());
     }
-    stream.write_all(&response).await?;
+    response
+}
+
+async fn write_answer(stream: &mut TcpStream, response: &[u8]) -> io::Result<()> {
+    stream.write_all(response).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(last: u8) -> PeerKey {
+        PeerKey::of(IpAddr::from([127, 0, 0, last]))
+    }
+
+    #[test]
+    fn peers_are_addresses_and_ipv6_64s() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(PeerKey::of(a), PeerKey::of(b));
+        assert_ne!(PeerKey::of(a), PeerKey::of(c));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(PeerKey::of(mapped), v4(1));
+        assert_ne!(v4(1), v4(2));
+    }
+
+    #[test]
+    fn one_peer_has_at_most_its_cap_open() {
+        let tracker = Arc::new(Tracker::default());
+        let held: Vec<Ticket> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| tracker.admit(v4(2)).unwrap())
+            .collect();
+        assert!(tracker.admit(v4(2)).is_none());
+        // Others are not affected, and a closed connection frees its place.
+        assert!(tracker.admit(v4(3)).is_some());
+        drop(held.into_iter().next());
+        assert!(tracker.admit(v4(2)).is_some());
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_head_of_the_busiest_peer() {
+        let tracker = Arc::new(Tracker::default());
+        // Peers 10.. with 1 connection each, then peer 2 with 4 (its first one is the oldest
+        // head of the busiest peer, not the oldest overall).
+        let mut held: Vec<Ticket> = (0..MAX_PENDING_HEADS - 4)
+            .map(|i| tracker.admit(PeerKey::V4(10 + i as u32)).unwrap())
+            .collect();
+        held.extend((0..4).map(|_| tracker.admit(v4(2)).unwrap()));
+        let busiest_oldest = held[MAX_PENDING_HEADS - 4].id;
+        let probe = tracker.admit(v4(1)).unwrap();
+        let c = tracker.lock();
+        assert_eq!(c.heads.len(), MAX_PENDING_HEADS);
+        assert!(c.heads.iter().all(|h| h.id != busiest_oldest));
+        assert!(c.heads.iter().any(|h| h.id == probe.id));
+        drop(c);
+        // A head that arrived cannot be evicted any more, and ending frees the peer's place.
+        probe.head_done();
+        assert_eq!(tracker.lock().heads.len(), MAX_PENDING_HEADS - 1);
+        drop(probe);
+        drop(held);
+        let c = tracker.lock();
+        assert!(c.heads.is_empty() && c.open.is_empty());
+    }
 }

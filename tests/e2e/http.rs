@@ -213,3 +213,132 @@ fn a_head_split_across_reads_is_reassembled_on_both_backends() {
         assert!(response.ends_with("Hello, World"), "{backend}: {response}");
     }
 }
+
+/// Sends `request` on a new connection and returns the status of its response, after checking
+/// that it is the only one (the server closed the connection after it).
+fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
+    let mut s = connect(addr);
+    s.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    if let Err(e) = s.read_to_string(&mut reply) {
+        panic!("{request:?}: the connection stayed open after {reply:?}: {e}");
+    }
+    assert_eq!(
+        reply.matches("HTTP/1.1 ").count(),
+        1,
+        "{request:?}: {reply}"
+    );
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What RFC 9112 and nginx answer (issue 14, item 13), and Python's http.client's view of it.
+const PYTHON_DEVIATIONS: &str = r#"
+import http.client, sys
+host, port = sys.argv[1], int(sys.argv[2])
+def status(method, target, headers, body=None):
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    c.putrequest(method, target, skip_host=any(k == "Host" for k, _ in headers),
+                 skip_accept_encoding=True)
+    for k, v in headers:
+        c.putheader(k, v)
+    c.endheaders(body)
+    r = c.getresponse()
+    r.read()
+    c.close()
+    return r.status
+print(status("CONNECT", "example.com:443", [("Host", "example.com:443")]))
+for h in ["a b", "a/b@c", "a, b"]:
+    print(status("GET", "/", [("Host", h)]))
+print(status("POST", "/", [("Transfer-Encoding", "identity, chunked")], b"0\r\n\r\n"))
+print(status("GET", "*", []))
+print(status("OPTIONS", "*", []))
+"#;
+
+#[test]
+fn rfc_9112_deviations_get_nginx_answers_on_both_backends() {
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let addr = server.addr("web");
+        let cases = [
+            // RFC 9110 §9.3.6: no 2xx with a body to CONNECT; nginx says 405.
+            (
+                "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                405,
+            ),
+            ("TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+            // RFC 9112 §3.2: an invalid Host is 400.
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400),
+            // RFC 9112 §6.1 and nginx: a transfer coding we do not implement is 501.
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+                501,
+            ),
+            // RFC 9112 §3.2.4: asterisk-form is for OPTIONS only.
+            ("GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+            ("OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+        ];
+        for (request, want) in cases {
+            assert_eq!(raw_status(addr, request), want, "{backend}: {request:?}");
+        }
+        server.wait_metric("wharf_requests_total", &labels(backend, "5xx"), 1.0);
+
+        let python = python_client(PYTHON_DEVIATIONS, addr, &[]);
+        if !python.is_empty() {
+            assert_eq!(python, "405\n400\n400\n400\n501\n400\n200\n", "{backend}");
+        }
+        if have_tool("curl", "--version") {
+            let url = format!("http://{addr}/");
+            for (args, want) in [
+                (vec!["-X", "CONNECT"], "405"),
+                (vec!["-H", "Host: a b"], "400"),
+                (vec!["--request-target", "*"], "400"),
+                (vec!["-X", "OPTIONS", "--request-target", "*"], "200"),
+            ] {
+                let out = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                let code = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(code, want, "{backend}: curl {args:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_half_closed_client_is_still_answered_on_both_backends() {
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        // One request, then two pipelined: the client shuts down its sending side at once and
+        // reads on; the end of its input is not a disconnect.
+        for count in [1, 2] {
+            let mut s = connect(server.addr("web"));
+            let request = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(count);
+            s.write_all(request.as_bytes()).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            assert_eq!(
+                reply.matches("HTTP/1.1 200 OK").count(),
+                count,
+                "{backend}: {reply}"
+            );
+            assert!(reply.ends_with("Hello, World"), "{backend}: {reply}");
+        }
+        // A request with a body, half-closed right after the body.
+        let mut s = connect(server.addr("web"));
+        s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{backend}: {reply}");
+    }
+}

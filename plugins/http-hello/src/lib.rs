@@ -8,8 +8,11 @@
 //! Protocol rules (PROTOCOLS.md, http-hello): keep-alive by default in HTTP/1.1,
 //! `Connection: close` honoured, HTTP/1.0 closes unless it asks for keep-alive, HEAD gets
 //! headers only, bodies (Content-Length or chunked) are read and discarded up to `max_body`
-//! (413 above), malformed requests get 400, heads over 8 KiB get 431, and a head that does not
-//! arrive within `header_timeout` of its first byte gets 408; each error closes the connection.
+//! (413 above), malformed requests get 400 (an invalid `Host` or request-target included), heads
+//! over 8 KiB get 431, CONNECT and TRACE get 405, a transfer coding other than chunked gets 501,
+//! and a head that does not arrive within `header_timeout` of its first byte gets 408; each
+//! error closes the connection. A client that half-closes (shuts down its sending side) after
+//! its requests is still answered: only the end of its input is seen, not a disconnect.
 
 mod body;
 mod request;
@@ -66,6 +69,16 @@ pub struct HttpHello {
 /// `outcome` label values, by status class.
 const OK: &str = "2xx";
 const CLIENT_ERROR: &str = "4xx";
+const SERVER_ERROR: &str = "5xx";
+
+/// The `outcome` label of an error response.
+fn outcome(status: Status) -> &'static str {
+    if status.is_server_error() {
+        SERVER_ERROR
+    } else {
+        CLIENT_ERROR
+    }
+}
 
 impl HttpHello {
     /// A service answering with `options.body`.
@@ -253,8 +266,8 @@ impl Service for HttpHello {
             for _ in 0..batch.ok {
                 conn.record_request(OK, elapsed);
             }
-            if batch.error.is_some() {
-                conn.record_request(CLIENT_ERROR, elapsed);
+            if let Some(status) = batch.error {
+                conn.record_request(outcome(status), elapsed);
             }
             if batch.close {
                 conn.shutdown().await?;
@@ -306,7 +319,7 @@ impl Plugin for HttpHello {
             help: "time from a request head's first byte to its end before 408",
         },
     ];
-    const OUTCOMES: &'static [&'static str] = &[OK, CLIENT_ERROR, "5xx"];
+    const OUTCOMES: &'static [&'static str] = &[OK, CLIENT_ERROR, SERVER_ERROR];
     type Options = HttpHelloOptions;
 
     fn build(options: HttpHelloOptions) -> Result<Self, PluginError> {

@@ -3,7 +3,10 @@
 //! httparse does the parsing straight from the read buffer (no copies); this module applies
 //! HTTP/1.1 message rules on top: persistence (RFC 9112 §9.3), body framing (§6.3: chunked
 //! wins, `Transfer-Encoding` with `Content-Length` is refused, conflicting lengths are refused),
-//! `Host` required in HTTP/1.1, and the size limit of the head.
+//! `Host` required in HTTP/1.1 and valid (§3.2), the request-target's form (§3.2: `*` only for
+//! OPTIONS), and the size limit of the head. Where RFC 9112 leaves a choice, the answer is
+//! nginx's: 501 for a transfer coding other than chunked, 405 for CONNECT and TRACE (this is
+//! neither a proxy nor a server that can reflect a request).
 
 /// Largest request head accepted (request line plus headers); larger is 431.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -49,6 +52,10 @@ pub enum Status {
     PayloadTooLarge,
     /// 431: head over [`MAX_HEAD`] or too many header fields.
     HeaderFieldsTooLarge,
+    /// 405: CONNECT or TRACE, which this server does not do.
+    MethodNotAllowed,
+    /// 501: a transfer coding other than chunked.
+    NotImplemented,
 }
 
 impl Status {
@@ -59,9 +66,20 @@ impl Status {
             Status::RequestTimeout => "408 Request Timeout",
             Status::PayloadTooLarge => "413 Content Too Large",
             Status::HeaderFieldsTooLarge => "431 Request Header Fields Too Large",
+            Status::MethodNotAllowed => "405 Method Not Allowed",
+            Status::NotImplemented => "501 Not Implemented",
         }
     }
+
+    /// Whether the server, not the client, is the cause (a `5xx`).
+    pub fn is_server_error(self) -> bool {
+        self == Status::NotImplemented
+    }
 }
+
+/// The `Allow` value of a 405: what this server answers (every method but CONNECT and TRACE;
+/// these are the registered ones it knows of).
+pub const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Parses the request head at the start of `buf`: `Ok(None)` if it is not complete yet.
 pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
@@ -83,8 +101,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
     let mut close = false;
     let mut keep_alive_token = false;
     let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut transfer_encoding = false;
+    let mut codings = Codings::default();
     let mut has_host = false;
     let mut expect_continue = false;
     for h in req.headers.iter() {
@@ -102,24 +119,37 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = true;
-            // Only the final coding decides framing; it must be chunked (RFC 9112 §6.3).
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            codings.add(h.value);
         } else if name.eq_ignore_ascii_case("host") {
-            if has_host {
-                return Err(Status::BadRequest); // RFC 9112 §3.2: exactly one Host
+            // RFC 9112 §3.2: exactly one Host, with a valid value.
+            if has_host || !valid_host(h.value) {
+                return Err(Status::BadRequest);
             }
             has_host = true;
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
-    // Ambiguous framing is how requests get smuggled: refuse it.
-    if transfer_encoding && (length.is_some() || !chunked || http10) {
+    if !http10 && !has_host {
         return Err(Status::BadRequest);
     }
-    if !http10 && !has_host {
+    let chunked = codings.present;
+    if codings.present {
+        // Ambiguous framing is how requests get smuggled: refuse it (RFC 9112 §6.3: the final
+        // coding must be chunked, applied once, and never next to Content-Length).
+        if length.is_some() || http10 || !codings.last_chunked || codings.chunked > 1 {
+            return Err(Status::BadRequest);
+        }
+        // RFC 9112 §6.1: a coding we do not implement is 501 (so is it for nginx).
+        if codings.other {
+            return Err(Status::NotImplemented);
+        }
+    }
+    let method = req.method.unwrap_or_default();
+    if method == "CONNECT" || method == "TRACE" {
+        return Err(Status::MethodNotAllowed);
+    }
+    if !valid_target(method, req.path.unwrap_or_default()) {
         return Err(Status::BadRequest);
     }
     let body = match (chunked, length) {
@@ -139,6 +169,121 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
         body,
         expect_continue: expect_continue && !http10 && body != Body::None,
     }))
+}
+
+/// The transfer codings of every `Transfer-Encoding` line, in order (RFC 9110 §5.3: the lines
+/// form one list).
+#[derive(Default)]
+struct Codings {
+    present: bool,
+    /// How many times `chunked` appears.
+    chunked: usize,
+    /// Whether the final coding is `chunked`.
+    last_chunked: bool,
+    /// Whether any other coding appears (`identity`, `gzip`, ...).
+    other: bool,
+}
+
+impl Codings {
+    fn add(&mut self, value: &[u8]) {
+        self.present = true;
+        for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue; // empty list elements do not count (RFC 9110 §5.6.1)
+            }
+            self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+            if self.last_chunked {
+                self.chunked += 1;
+            } else {
+                self.other = true;
+            }
+        }
+    }
+}
+
+/// RFC 9112 §3.2: `Host = uri-host [ ":" port ]` (RFC 3986 §3.2.2), or empty when the target
+/// has no authority. Spaces, `/`, `@`, a second `:` outside brackets are all invalid.
+fn valid_host(value: &[u8]) -> bool {
+    let value = value.trim_ascii();
+    let port = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        if !valid_ip_literal(&literal[..end]) {
+            return false;
+        }
+        &literal[end + 1..]
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        if !valid_reg_name(&value[..end]) {
+            return false;
+        }
+        &value[end..]
+    };
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
+/// `unreserved / sub-delims` of RFC 3986.
+fn host_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )`; an IPv4 address is one too.
+fn valid_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        if name[i] == b'%' {
+            if !name
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+        } else if host_char(name[i]) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// Inside `[...]`: an IPv6 address or `IPvFuture = "v" 1*HEXDIG "." 1*( unreserved /
+/// sub-delims / ":" )`.
+fn valid_ip_literal(literal: &[u8]) -> bool {
+    if let Some(future) = literal.strip_prefix(b"v").or(literal.strip_prefix(b"V")) {
+        let Some(dot) = future.iter().position(|&b| b == b'.') else {
+            return false;
+        };
+        let (version, rest) = (&future[..dot], &future[dot + 1..]);
+        return !version.is_empty()
+            && version.iter().all(u8::is_ascii_hexdigit)
+            && !rest.is_empty()
+            && rest.iter().all(|&b| host_char(b) || b == b':');
+    }
+    std::str::from_utf8(literal).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
+/// RFC 9112 §3.2: origin-form (`/path`) or absolute-form (`scheme:...`) for every method we
+/// answer; asterisk-form (`*`) only for OPTIONS. (CONNECT, the only user of authority-form, is
+/// refused before.)
+fn valid_target(method: &str, target: &str) -> bool {
+    match target.as_bytes() {
+        [b'/', ..] => true,
+        b"*" => method == "OPTIONS",
+        [first, rest @ ..] if first.is_ascii_alphabetic() => {
+            let scheme_len = rest
+                .iter()
+                .position(|&b| !(b.is_ascii_alphanumeric() || b"+-.".contains(&b)));
+            scheme_len.is_some_and(|n| rest[n] == b':')
+        }
+        _ => false,
+    }
 }
 
 fn parse_length(value: &[u8]) -> Option<u64> {
@@ -185,8 +330,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.body, Body::Length(12));
-        let h = head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let h = head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked \r\n\r\n");
         assert_eq!(h.unwrap().unwrap().body, Body::Chunked);
+        let h = head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ,chunked\r\n\r\n");
+        assert_eq!(
+            h.unwrap().unwrap().body,
+            Body::Chunked,
+            "empty list elements"
+        );
         let h =
             head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n");
         let h = h.unwrap().unwrap();
@@ -197,6 +348,10 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         ] {
@@ -232,5 +387,85 @@ mod tests {
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert_eq!(head(&many), Err(Status::HeaderFieldsTooLarge));
+    }
+
+    /// Parses `template` with `{}` replaced by each case: a complete head for `want` None,
+    /// else the error `want`.
+    fn expect_each(template: &str, cases: &[&str], want: Option<Status>) {
+        for case in cases {
+            let req = template.replace("{}", case);
+            match want {
+                None => assert!(head(&req).is_ok_and(|h| h.is_some()), "{case:?}"),
+                Some(status) => assert_eq!(head(&req), Err(status), "{case:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_not_implemented() {
+        // nginx answers 501 to each; RFC 9112 §6.1 says SHOULD 501.
+        expect_each(
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {}\r\n\r\n",
+            &[
+                "identity, chunked",
+                "gzip, chunked",
+                "IDENTITY,chunked",
+                "identity\r\nTransfer-Encoding: chunked",
+            ],
+            Some(Status::NotImplemented),
+        );
+    }
+
+    #[test]
+    fn host_values() {
+        let template = "GET / HTTP/1.1\r\nHost: {}\r\n\r\n";
+        let good = [
+            "example.com",
+            "example.com:8080",
+            "example.com:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "[v1.fe80::a+en1]",
+            "a,b",
+            "xn--bcher-kva.example",
+            "%41b",
+            "",
+        ];
+        expect_each(template, &good, None);
+        let bad = [
+            "a b", "a/b@c", "a, b", "a@b", "a:b:c", "a:80x", "[::1", "[::g]", "[v.x]", "%4", "%zz",
+            "a\\b", "a?b", "a#b", "[::1]x",
+        ];
+        expect_each(template, &bad, Some(Status::BadRequest));
+    }
+
+    #[test]
+    fn request_targets_and_refused_methods() {
+        let template = "{}\r\nHost: x\r\n\r\n";
+        let good = [
+            "GET /a?b HTTP/1.1",
+            "GET http://x/a HTTP/1.1",
+            "POST https://x:1/ HTTP/1.1",
+            "OPTIONS * HTTP/1.1",
+            "OPTIONS / HTTP/1.1",
+        ];
+        expect_each(template, &good, None);
+        let bad = [
+            "GET * HTTP/1.1",
+            "HEAD * HTTP/1.1",
+            "GET x HTTP/1.1",
+            "GET x.y/z HTTP/1.1",
+            "GET 1http://x/ HTTP/1.1",
+        ];
+        expect_each(template, &bad, Some(Status::BadRequest));
+        let refused = [
+            "CONNECT x:443 HTTP/1.1",
+            "CONNECT / HTTP/1.1",
+            "TRACE / HTTP/1.1",
+        ];
+        expect_each(template, &refused, Some(Status::MethodNotAllowed));
+        assert!(Status::NotImplemented.is_server_error());
+        assert!(!Status::MethodNotAllowed.is_server_error());
     }
 }

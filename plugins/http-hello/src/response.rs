@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::request::Status;
+use crate::request::{Status, ALLOW};
 
 /// The 200 response of a service, split around the per-request parts.
 pub struct Responses {
@@ -68,6 +68,12 @@ pub fn push_error(out: &mut Vec<u8>, date: &[u8], status: Status) {
     out.extend_from_slice(b"\r\nServer: wharf\r\nContent-Type: text/plain\r\nContent-Length: ");
     out.extend_from_slice(body_len.to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
+    if status == Status::MethodNotAllowed {
+        // RFC 9110 §15.5.6: a 405 says what is allowed.
+        out.extend_from_slice(b"Allow: ");
+        out.extend_from_slice(ALLOW.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     push_date(out, date);
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out.extend_from_slice(line.as_bytes());
@@ -131,18 +137,21 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("Content-Length: 12\r\n"));
         assert!(text.contains("Connection: keep-alive\r\n\r\nHello, World"));
-        let mut out = Vec::new();
-        push_error(
-            &mut out,
-            b"Thu, 01 Jan 1970 00:00:00 GMT",
-            Status::PayloadTooLarge,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let error = |status| {
+            let mut out = Vec::new();
+            push_error(&mut out, b"Thu, 01 Jan 1970 00:00:00 GMT", status);
+            String::from_utf8(out).unwrap()
+        };
+        let text = error(Status::PayloadTooLarge);
         assert!(text.starts_with("HTTP/1.1 413 Content Too Large\r\n"));
         assert!(text.contains("Content-Length: 22\r\n"), "{text}");
         assert!(
             text.ends_with("Connection: close\r\n\r\n413 Content Too Large\n"),
             "{text}"
         );
+        assert!(!text.contains("Allow:"), "{text}");
+        let text = error(Status::MethodNotAllowed);
+        assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(text.contains(&format!("\r\nAllow: {ALLOW}\r\n")), "{text}");
     }
 }

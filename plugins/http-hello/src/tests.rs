@@ -183,12 +183,17 @@ fn connection_close_and_http10_close_after_the_response() {
 /// Sends `request` (without closing) and returns the single error response; checks that the
 /// server closed the connection and counted one 4xx request.
 async fn error_for(request: &[u8]) -> Response {
+    error_recorded_as(request, CLIENT_ERROR).await
+}
+
+/// [`error_for`], counted with `outcome`.
+async fn error_recorded_as(request: &[u8], outcome: &str) -> Response {
     let (conn, client) = testing::pipe();
     let server = testing::spawn(service(), conn);
     client.write_all(request).await.unwrap();
     let out = client.read_to_end().await;
     let responses = parse_responses(&out, &[]);
-    assert_eq!(client.recorded_requests(), [CLIENT_ERROR]);
+    assert_eq!(client.recorded_requests(), [outcome]);
     drop(client);
     server.await.unwrap().unwrap();
     assert_eq!(responses.len(), 1, "{responses:#?}");
@@ -240,6 +245,48 @@ fn every_error_status() {
         );
         assert_eq!(client.recorded_requests(), [OK, CLIENT_ERROR]);
         drop(client);
+        server.await.unwrap().unwrap();
+    });
+}
+
+/// Issue 14, item 13: what RFC 9112 and nginx answer, where this server used to say 200.
+#[test]
+fn deviations_from_rfc_9112_get_nginx_answers() {
+    testing::block_on(async {
+        // CONNECT: never a 2xx with a body (RFC 9110 §9.3.6); nginx says 405, so do we.
+        let r =
+            error_for(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").await;
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some(request::ALLOW));
+        assert_eq!(
+            error_for(b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .status,
+            405
+        );
+        for host in ["a b", "a/b@c", "a, b"] {
+            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert_eq!(error_for(req.as_bytes()).await.status, 400, "{host:?}");
+        }
+        let r = error_recorded_as(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+            SERVER_ERROR,
+        )
+        .await;
+        assert_eq!(r.status, 501);
+        assert_eq!(
+            error_for(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n").await.status,
+            400
+        );
+        // Server-wide OPTIONS is what asterisk-form is for.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        let out = exchange(&client, &[b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"]).await;
+        let responses = parse_responses(&out, &[]);
+        assert_eq!(
+            responses.iter().map(|r| r.status).collect::<Vec<_>>(),
+            [200]
+        );
         server.await.unwrap().unwrap();
     });
 }
