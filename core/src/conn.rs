@@ -89,6 +89,20 @@ pub trait Conn {
         Ok(sent)
     }
 
+    /// Runs `job` (blocking work: a file open, one bounded step of a computation) on the
+    /// blocking pool and returns its result; an error means the job panicked. Served
+    /// connections run it within their service's `max_blocking` budget (see
+    /// [`crate::blocking`]), so keep jobs short: never wait for a client inside one. This
+    /// default, used outside a server (tests), runs it on tokio's blocking pool unbounded.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> R + Send + 'static,
+    ) -> io::Result<R> {
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| io::Error::other(format!("blocking job failed: {e}")))
+    }
+
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
     async fn shutdown(&mut self) -> io::Result<()>;
 
