@@ -377,10 +377,9 @@ async fn hash_and_send<C: Conn>(
         let (reading, mut step) = (Arc::clone(file), std::mem::take(progress));
         let job = move || {
             buf.resize(want, 0);
-            let res = reading.read_at(&mut buf, pos).map(|n| {
+            let res = reading.read_at(&mut buf, pos).inspect(|&n| {
                 buf.truncate(n);
                 step.update(&buf);
-                n
             });
             (res, step, buf)
         };
