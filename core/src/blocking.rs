@@ -226,6 +226,22 @@ mod tests {
     }
 
     #[test]
+    fn max_blocking_defaults_to_8_and_is_bounded() {
+        use crate::config::{ConfigSource, MAX_BLOCKING};
+        let service =
+            |extra: &str| format!("[services.f]\nplugin = 'echo'\nlisten = '127.0.0.1:1'\n{extra}");
+        let config = ConfigSource::from_toml_str(&service(""), "test").config();
+        assert_eq!(config.unwrap().services["f"].max_blocking, 8);
+        for bad in [0, MAX_BLOCKING + 1] {
+            let text = service(&format!("max_blocking = {bad}\n"));
+            let errors = ConfigSource::from_toml_str(&text, "test")
+                .config()
+                .unwrap_err();
+            assert_eq!(errors[0].key, "services.f.max_blocking", "{errors:?}");
+        }
+    }
+
+    #[test]
     fn generations_of_one_size_share_their_threads() {
         let old = BlockingBudget::new(3, &labels(), None);
         let same = BlockingBudget::new(3, &labels(), Some(&old));
