@@ -158,13 +158,21 @@ pub async fn sendfile_on_reactor(
     let ready = unsafe { AsyncFd::register_with_interest(Registered(fd), Interest::WRITABLE) }?;
     let mut sent = 0u64;
     while sent < len {
-        let mut guard = ready.writable().await?;
-        match guard.try_io(|r| sendfile_once(r.as_raw_fd(), file, &mut off, len - sent)) {
-            Ok(Ok(0)) => break, // the file is shorter than promised
-            Ok(Ok(n)) => sent += n as u64,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => {}
+        // Try first: a fresh registration knows no readiness yet, and waiting for the reactor
+        // to report a socket that is already writable costs a round trip per call.
+        match sendfile_once(fd, file, &mut off, len - sent) {
+            Ok(0) => break, // the file is shorter than promised
+            Ok(n) => {
+                sent += n as u64;
+                // A client that keeps up must not keep the worker from its other connections.
+                tokio::task::consume_budget().await;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Cleared before the next try, so an edge that comes in between is not lost.
+                ready.writable().await?.clear_ready();
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(sent)
