@@ -22,8 +22,9 @@
 //! - A download whose digest is cached goes out with `Conn::send_file` (zero-copy `sendfile`
 //!   on the worker, waiting for the socket through the reactor on both backends). A cold
 //!   download reads and hashes one chunk per job (the MD5 state moves from job to job) and the
-//!   worker sends each chunk it gets, so the digest costs no extra pass. Between chunks it
-//!   checks that the client is still there, and stops (keeping the progress) when it is not.
+//!   worker then sends that chunk with `send_file` from the page cache, so a stalled client
+//!   holds no buffer and no thread. Between chunks it checks that the client is still there,
+//!   and stops (keeping the progress) when it is not.
 
 pub mod digest;
 pub mod resolve;
@@ -46,6 +47,12 @@ use resolve::{fstat, Denied, Listed, Root, Want};
 
 /// Bytes read and hashed per blocking job of a cold download.
 const CHUNK: usize = 256 * 1024;
+
+thread_local! {
+    /// The read buffer of a blocking thread's hashing jobs: buffers stay with the few threads
+    /// of the budget, never with the (many, possibly stalled) connections.
+    static CHUNK_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 /// Most entries a listing shows.
 const MAX_LISTED: usize = 10_000;
 /// Files modified more recently than this are not cached (timestamps have coarse ticks).
@@ -336,8 +343,8 @@ impl FileGet {
 }
 
 /// The loop of [`FileGet::send_hashing`]: hashes from `progress` to the end of the file one
-/// chunk per blocking job, and sends `offset..` as it goes. `progress` is left where hashing
-/// stopped.
+/// chunk per blocking job, and sends `offset..` as it goes, each chunk with `send_file` right
+/// after it was hashed. `progress` is left where hashing stopped.
 ///
 /// Bytes the progress already covers are sent first with `send_file`. When hashing must first
 /// catch up to `offset` (a resume), a first piece of the requested range is sent before it
@@ -367,7 +374,6 @@ async fn hash_and_send<C: Conn>(
         }
         sent = first;
     }
-    let mut buf = Vec::with_capacity(CHUNK);
     while progress.hashed < size {
         if conn.peer_closed() {
             return Ok(Hashed::Short);
@@ -376,25 +382,26 @@ async fn hash_and_send<C: Conn>(
         let want = (size - pos).min(CHUNK as u64) as usize;
         let (reading, mut step) = (Arc::clone(file), std::mem::take(progress));
         let job = move || {
-            buf.resize(want, 0);
-            let res = reading.read_at(&mut buf, pos).inspect(|&n| {
-                buf.truncate(n);
-                step.update(&buf);
+            let res = CHUNK_BUFFER.with_borrow_mut(|buf| {
+                buf.resize(want, 0);
+                let n = reading.read_at(buf, pos)?;
+                step.update(&buf[..n]);
+                Ok(n)
             });
-            (res, step, buf)
+            (res, step)
         };
-        let (res, step, returned) = conn.blocking(job).await?;
+        let (res, step): (io::Result<usize>, Progress) = conn.blocking(job).await?;
         *progress = step;
-        buf = returned;
         if res? == 0 {
             return Ok(Hashed::Short);
         }
+        // The chunk just read is in the page cache: send it from there (no copy, and no buffer
+        // of ours held while a slow client reads it). A change in between shows in the key.
         let end = progress.hashed;
         if end > sent {
-            buf.drain(..(sent - pos) as usize);
-            let (res, returned) = conn.write_all(buf).await;
-            buf = returned;
-            res?;
+            if conn.send_file(file, sent, end - sent).await? < end - sent {
+                return Ok(Hashed::Short);
+            }
             sent = end;
         }
     }
