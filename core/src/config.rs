@@ -102,6 +102,10 @@ pub struct ServiceConfig {
     /// Close a connection whose read or write makes no progress for this long; `0s` disables.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Blocking-pool jobs (file opens, hashing, directory reads) this service runs at once,
+    /// across all workers; more wait in line (first come, first served).
+    #[serde(default = "default_max_blocking")]
+    pub max_blocking: usize,
     /// Client networks allowed to connect; empty allows everyone who can reach `listen`.
     #[serde(default)]
     pub allow_from: Vec<Cidr>,
@@ -113,6 +117,13 @@ pub struct ServiceConfig {
 fn default_max_connections() -> usize {
     10_000
 }
+
+fn default_max_blocking() -> usize {
+    8
+}
+
+/// Most `max_blocking` accepted: each job can occupy a thread.
+pub const MAX_BLOCKING: usize = 256;
 
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(300)
@@ -289,6 +300,10 @@ impl ConfigSource {
             if svc.max_connections == 0 {
                 let key = format!("services.{name}.max_connections");
                 errors.push(self.error_at(&key, "must be at least 1".into()));
+            }
+            if !(1..=MAX_BLOCKING).contains(&svc.max_blocking) {
+                let key = format!("services.{name}.max_blocking");
+                errors.push(self.error_at(&key, format!("must be 1..={MAX_BLOCKING}")));
             }
             if svc.idle_timeout > DAY {
                 let key = format!("services.{name}.idle_timeout");

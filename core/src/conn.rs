@@ -95,6 +95,20 @@ pub trait Conn {
         Ok(sent)
     }
 
+    /// Runs `job` (blocking work: a file open, one bounded step of a computation) off the
+    /// worker and returns its result; an error means the job panicked. Served connections run
+    /// it on their service's `max_blocking` threads (see [`crate::blocking`]), so keep jobs
+    /// short: never wait for a client inside one. This default, used outside a server (the
+    /// [`crate::testing`] pipe), runs it on tokio's blocking pool, unbounded.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> R + Send + 'static,
+    ) -> io::Result<R> {
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| io::Error::other(format!("blocking job failed: {e}")))
+    }
+
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
     async fn shutdown(&mut self) -> io::Result<()>;
 

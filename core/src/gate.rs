@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 
+use crate::blocking::BlockingBudget;
 use crate::config::ServiceConfig;
 use crate::conn::Conn;
 use crate::metered::Metered;
@@ -48,6 +49,12 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "wharf_config_reloads_total";
     /// Gauge: 1 if the last config reload (or the start) succeeded, 0 if it did not.
     pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "wharf_config_last_reload_successful";
+    /// Gauge: blocking-pool jobs of a service running now (at most `max_blocking`).
+    pub const BLOCKING_RUNNING: &str = "wharf_blocking_jobs_running";
+    /// Counter: blocking-pool jobs that found the service's budget full and waited in line.
+    pub const BLOCKING_QUEUED: &str = "wharf_blocking_jobs_queued_total";
+    /// Histogram: time a blocking-pool job waited for a permit of its service's budget.
+    pub const BLOCKING_QUEUE_DURATION: &str = "wharf_blocking_queue_duration_seconds";
 }
 
 /// Registers HELP text and units for the framework's metrics. Call once after installing a
@@ -84,6 +91,20 @@ pub fn describe_metrics() {
     describe_gauge!(
         names::CONFIG_LAST_RELOAD_SUCCESSFUL,
         "1 if the last config reload succeeded (or none was tried), 0 if it was rejected."
+    );
+    describe_gauge!(
+        names::BLOCKING_RUNNING,
+        "Blocking-pool jobs (file opens, hashing, listings) of the service running now; at most \
+         services.<name>.max_blocking."
+    );
+    describe_counter!(
+        names::BLOCKING_QUEUED,
+        "Blocking-pool jobs that found the service's max_blocking budget full and waited."
+    );
+    describe_histogram!(
+        names::BLOCKING_QUEUE_DURATION,
+        Unit::Seconds,
+        "Time blocking-pool jobs waited for a slot of the service's max_blocking budget."
     );
     describe_histogram!(
         names::REQUEST_DURATION,
@@ -165,6 +186,8 @@ pub struct ServiceGate {
     /// Pulled when this generation is retired (reload or shutdown): its connections drain.
     retire: ShutdownTrigger,
     pub(crate) metrics: ConnMetrics,
+    /// Blocking-pool jobs of this service, bounded by `max_blocking`.
+    blocking: BlockingBudget,
 }
 
 impl ServiceGate {
@@ -217,6 +240,8 @@ impl ServiceGate {
         // Not `set(0)`: a new generation shares the series with the one it replaces, whose
         // connections are still counted in it.
         metrics.active.increment(0.0);
+        let blocking =
+            BlockingBudget::new(config.max_blocking, &labels, previous.map(|p| &p.blocking));
         Arc::new(ServiceGate {
             labels,
             allow_from: config.allow_from.clone(),
@@ -225,6 +250,7 @@ impl ServiceGate {
             open: previous.map_or_else(Default::default, |p| Arc::clone(&p.open)),
             retire: shutdown::channel().0,
             metrics,
+            blocking,
         })
     }
 
@@ -248,6 +274,11 @@ impl ServiceGate {
     /// Connections open now across every generation of this service.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// The service's budget of concurrent blocking-pool jobs.
+    pub fn blocking(&self) -> &BlockingBudget {
+        &self.blocking
     }
 
     /// The service's labels (for plugins that register their own series).

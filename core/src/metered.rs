@@ -187,6 +187,13 @@ impl<C: Conn> Conn for Metered<C> {
         self.inner.peer_closed()
     }
 
+    async fn blocking<R: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> R + Send + 'static,
+    ) -> io::Result<R> {
+        self.ticket.gate().blocking().run(job).await
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown().await
     }

@@ -123,65 +123,88 @@ pub fn sendfile_once(
     Ok(n as usize)
 }
 
-/// Sends `len` bytes of `file` from `offset` to the socket `sock` with `sendfile(2)`: zero copy.
-/// Blocking: run it on a blocking thread. Works whether or not the socket is in non-blocking
-/// mode (it waits with `poll(2)` on `EAGAIN`). Returns the bytes sent, fewer than `len` only if
-/// the file ended first.
-pub fn sendfile_blocking(
+/// Sends `len` bytes of `file` from `offset` to the socket `sock` with `sendfile(2)`, on the
+/// calling worker, waiting for writability through tokio's reactor: a client that does not read
+/// costs its socket and nothing else (no thread). For a socket tokio does not poll already
+/// (io_uring's): it is switched to non-blocking mode and registered with the reactor for the
+/// duration of the call, and put back as it was afterwards, also when the future is dropped.
+/// No other operation of the socket may run meanwhile (the caller holds the connection
+/// exclusively). Returns the bytes sent, fewer than `len` only if the file ended first.
+///
+/// Pages already in the page cache are copied at memory speed; a cold page makes that one call
+/// wait for the disk, as on the epoll backend.
+pub async fn sendfile_on_reactor(
     sock: std::os::fd::BorrowedFd<'_>,
     file: &std::fs::File,
     offset: u64,
     len: u64,
 ) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
+    use tokio::io::{unix::AsyncFd, Interest};
+
+    /// The socket's descriptor, registered without being owned (closing stays its owner's).
+    struct Registered(std::os::fd::RawFd);
+    impl AsRawFd for Registered {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0
+        }
+    }
+
+    let fd = sock.as_raw_fd();
     let mut off = i64::try_from(offset).map_err(io::Error::other)?;
+    let _mode = NonBlocking::set(fd)?;
+    // Declared after the mode guard: dropped (deregistered) before the mode is restored.
+    // SAFETY: `sock` is borrowed for this whole call, so the descriptor stays open and refers
+    // to the same socket until `ready` is dropped at its end.
+    let ready = unsafe { AsyncFd::register_with_interest(Registered(fd), Interest::WRITABLE) }?;
     let mut sent = 0u64;
     while sent < len {
-        match sendfile_once(sock.as_raw_fd(), file, &mut off, len - sent) {
+        // Try first: a fresh registration knows no readiness yet, and waiting for the reactor
+        // to report a socket that is already writable costs a round trip per call.
+        match sendfile_once(fd, file, &mut off, len - sent) {
             Ok(0) => break, // the file is shorter than promised
-            Ok(n) => sent += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(sock.as_raw_fd())?,
+            Ok(n) => {
+                sent += n as u64;
+                // A client that keeps up must not keep the worker from its other connections.
+                tokio::task::consume_budget().await;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Cleared before the next try, so an edge that comes in between is not lost.
+                ready.writable().await?.clear_ready();
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(sent)
 }
 
-fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-        return Err(io::ErrorKind::BrokenPipe.into());
-    }
-    Ok(())
+/// Holds a descriptor in non-blocking mode; restores its previous mode on drop.
+struct NonBlocking {
+    fd: std::os::fd::RawFd,
+    was: libc::c_int,
 }
 
-/// [`sendfile_blocking`] on tokio's blocking pool with duplicated descriptors, so neither the
-/// file read nor a full socket buffer ever blocks the worker: the shared zero-copy
-/// implementation of [`Conn::send_file`](crate::Conn::send_file) for socket backends.
-pub async fn sendfile_off_worker(
-    sock: std::os::fd::BorrowedFd<'_>,
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-) -> io::Result<u64> {
-    use std::os::fd::AsFd;
-    let sock = sock.try_clone_to_owned()?;
-    let file = file.try_clone()?;
-    tokio::task::spawn_blocking(move || sendfile_blocking(sock.as_fd(), &file, offset, len))
-        .await
-        .map_err(io::Error::other)?
+impl NonBlocking {
+    fn set(fd: std::os::fd::RawFd) -> io::Result<Self> {
+        // SAFETY: fcntl on a descriptor the caller keeps open for the guard's lifetime.
+        let was = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if was < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, was | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(NonBlocking { fd, was })
+    }
+}
+
+impl Drop for NonBlocking {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is still open (see `set`).
+        unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.was) };
+    }
 }
 
 /// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`); a bare address means one host.

@@ -56,8 +56,8 @@ pub struct TcpConn {
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
-        // Work on the blocking pool may hold a duplicate of this socket; shut it down so that
-        // work ends now instead of when the client stops reading.
+        // End the connection for the peer now, whatever else may still refer to the socket
+        // (nothing in wharf duplicates it today; this keeps it that way for the peer).
         // SAFETY: the descriptor is still open (closed after this, by the stream's own Drop).
         unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
     }

@@ -178,13 +178,14 @@ impl Conn for TcpConn {
         wharf_core::net::peer_closed(self.stream.as_raw_fd())
     }
 
-    /// sendfile off the ring: tokio-uring 0.5 exposes no splice or sendfile operation, so the
-    /// zero-copy path is `sendfile(2)` on the blocking pool (see BENCHMARKS.md for the
-    /// comparison with the read + write fallback).
+    /// `sendfile(2)` on the worker, waiting for socket writability through tokio's reactor
+    /// (which runs under tokio-uring): tokio-uring 0.5 exposes no splice or sendfile
+    /// operation, and running it on the blocking pool held a thread for as long as a client did
+    /// not read. See BENCHMARKS.md for the comparison with ring reads and writes.
     async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
         // SAFETY: the stream's descriptor is open while `self` is borrowed.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        wharf_core::net::sendfile_off_worker(fd, file, offset, len).await
+        wharf_core::net::sendfile_on_reactor(fd, file, offset, len).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

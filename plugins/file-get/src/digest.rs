@@ -1,12 +1,19 @@
-//! The MD5 cache: a digest is computed at most once per unchanged file.
+//! The MD5 cache: a file version is hashed about once, however its downloads go.
 //!
 //! Entries are keyed by the file's identity *and* version: device, inode, size, and the
 //! modification and status-change times to the nanosecond. Any write, truncation, rename over
 //! or replacement produces a different key, so a changed file can never hit a stale digest.
-//! The cache is bounded; when full, the oldest entry goes.
+//!
+//! An entry is either the whole file's digest or, for a hash that stopped before the end (its
+//! client left), the [`Progress`] made: bytes hashed so far and the MD5 state after them. The
+//! next download of that version continues from there, so clients that ask for a file and leave
+//! cannot make the server hash it again and again (a resume at the last byte used to cost a
+//! whole-file hash per request). The cache is bounded; when full, the oldest entry goes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+
+use md5::{Digest, Md5};
 
 /// A file's identity and version, from `fstat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,7 +56,36 @@ impl FileKey {
     }
 }
 
-/// A bounded map from file versions to their MD5, shared by all workers of a service.
+/// How far the hash of a file version has got: the first `hashed` bytes are in `state`.
+#[derive(Clone, Default)]
+pub struct Progress {
+    /// Bytes hashed, from the start of the file.
+    pub hashed: u64,
+    /// The MD5 state after them.
+    pub state: Md5,
+}
+
+impl Progress {
+    /// Hashes `bytes`, the next ones of the file.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.state.update(bytes);
+        self.hashed += bytes.len() as u64;
+    }
+
+    /// The digest of the bytes hashed so far.
+    pub fn digest(&self) -> [u8; 16] {
+        self.state.clone().finalize().into()
+    }
+}
+
+#[derive(Clone)]
+enum Known {
+    Digest([u8; 16]),
+    Partial(Progress),
+}
+
+/// A bounded map from file versions to their MD5 (or the progress of its computation),
+/// shared by all workers of a service.
 pub struct DigestCache {
     inner: Mutex<Entries>,
     capacity: usize,
@@ -57,8 +93,24 @@ pub struct DigestCache {
 
 #[derive(Default)]
 struct Entries {
-    map: HashMap<FileKey, [u8; 16]>,
+    map: HashMap<FileKey, Known>,
     order: VecDeque<FileKey>,
+}
+
+impl Entries {
+    fn put(&mut self, key: FileKey, known: Known, capacity: usize) {
+        if self.map.insert(key, known).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > capacity {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 impl DigestCache {
@@ -72,22 +124,36 @@ impl DigestCache {
 
     /// The digest of this exact file version, if known.
     pub fn get(&self, key: &FileKey) -> Option<[u8; 16]> {
-        self.lock().map.get(key).copied()
+        match self.lock().map.get(key) {
+            Some(Known::Digest(d)) => Some(*d),
+            _ => None,
+        }
     }
 
-    /// Remembers a digest, evicting the oldest entry when full.
-    pub fn insert(&self, key: FileKey, digest: [u8; 16]) {
-        let mut e = self.lock();
-        if e.map.insert(key, digest).is_none() {
-            e.order.push_back(key);
+    /// Where hashing this file version should start: the progress saved by a download that
+    /// stopped, or the beginning.
+    pub fn progress(&self, key: &FileKey) -> Progress {
+        match self.lock().map.get(key) {
+            Some(Known::Partial(p)) => p.clone(),
+            _ => Progress::default(),
         }
-        while e.map.len() > self.capacity {
-            match e.order.pop_front() {
-                Some(old) => {
-                    e.map.remove(&old);
-                }
-                None => break,
-            }
+    }
+
+    /// Remembers a digest (it replaces any progress), evicting the oldest entry when full.
+    pub fn insert(&self, key: FileKey, digest: [u8; 16]) {
+        self.lock().put(key, Known::Digest(digest), self.capacity);
+    }
+
+    /// Remembers how far a stopped hash got, unless the digest or further progress is known.
+    pub fn save_progress(&self, key: FileKey, progress: Progress) {
+        let mut e = self.lock();
+        let further = match e.map.get(&key) {
+            Some(Known::Digest(_)) => false,
+            Some(Known::Partial(p)) => progress.hashed > p.hashed,
+            None => progress.hashed > 0,
+        };
+        if further {
+            e.put(key, Known::Partial(progress), self.capacity);
         }
     }
 
@@ -137,5 +203,31 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert_eq!(cache.get(&key(1, 10)), None, "oldest evicted");
         assert_eq!(hex(&[0xab; 16]), "ab".repeat(16));
+    }
+
+    #[test]
+    fn progress_only_moves_forward_and_a_digest_replaces_it() {
+        let cache = DigestCache::new(4);
+        let k = key(1, 100);
+        assert_eq!(cache.progress(&k).hashed, 0);
+        let mut p = Progress::default();
+        p.update(&[7; 40]);
+        cache.save_progress(k, p.clone());
+        assert_eq!(cache.progress(&k).hashed, 40);
+        assert_eq!(cache.get(&k), None, "progress is not a digest");
+        cache.save_progress(k, Progress::default());
+        assert_eq!(cache.progress(&k).hashed, 40, "no step back");
+        // Continuing from the saved state gives the digest of the whole.
+        let mut resumed = cache.progress(&k);
+        resumed.update(&[7; 60]);
+        assert_eq!(resumed.digest(), <[u8; 16]>::from(Md5::digest([7u8; 100])));
+        cache.insert(k, [9; 16]);
+        cache.save_progress(k, p);
+        assert_eq!(
+            cache.get(&k),
+            Some([9; 16]),
+            "a digest is never replaced by progress"
+        );
+        assert_eq!(cache.progress(&k).hashed, 0);
     }
 }

@@ -12,13 +12,19 @@
 //!
 //! - [`resolve`]: every path is resolved by the kernel beneath the root directory handle;
 //!   only regular files are ever opened for reading.
-//! - [`digest`]: each file version's MD5 is computed at most once (sequentially; two
-//!   concurrent cold downloads of one file may both hash it) and cached under a key that any
-//!   change invalidates.
+//! - [`digest`]: each file version's MD5 is computed about once and cached under a key that
+//!   any change invalidates; a hash stopped because its client left is kept as progress that
+//!   the next download of that version continues (two concurrent cold downloads of one file
+//!   may both hash it).
+//! - Blocking work (opening, listing, reading and hashing) runs through
+//!   [`Conn::blocking`], within the service's `max_blocking` budget, in short jobs: a client
+//!   that does not read never holds a thread or a budget slot.
 //! - A download whose digest is cached goes out with `Conn::send_file` (zero-copy `sendfile`
-//!   on both socket backends, on the blocking pool). A cold download reads and hashes on the
-//!   blocking pool while the worker sends the chunks it produces, so the digest costs no extra
-//!   pass and file reads never block a worker.
+//!   on the worker, waiting for the socket through the reactor on both backends). A cold
+//!   download reads and hashes one chunk per job (the MD5 state moves from job to job) and the
+//!   worker then sends that chunk with `send_file` from the page cache, so a stalled client
+//!   holds no buffer and no thread. Between chunks it checks that the client is still there,
+//!   and stops (keeping the progress) when it is not.
 
 pub mod digest;
 pub mod resolve;
@@ -31,19 +37,22 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use wharf_core::command::{send_framed, CommandReader, Frame};
 use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
 
-use digest::{hex, DigestCache, FileKey};
+use digest::{hex, DigestCache, FileKey, Progress};
 use resolve::{fstat, Denied, Listed, Root, Want};
 
-/// Bytes read and hashed per step of a cold download.
+/// Bytes read and hashed per blocking job of a cold download.
 const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the hashing thread and the worker.
-const CHUNKS_IN_FLIGHT: usize = 2;
+
+thread_local! {
+    /// The read buffer of a blocking thread's hashing jobs: buffers stay with the few threads
+    /// of the budget, never with the (many, possibly stalled) connections.
+    static CHUNK_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 /// Most entries a listing shows.
 const MAX_LISTED: usize = 10_000;
 /// Files modified more recently than this are not cached (timestamps have coarse ticks).
@@ -77,6 +86,8 @@ pub struct FileGet {
     cache: Arc<DigestCache>,
     /// Whole-file digests computed so far (the cache's misses), for tests and diagnostics.
     hashed: AtomicU64,
+    /// Bytes hashed so far, all downloads together (the CPU spent on digests).
+    hashed_bytes: AtomicU64,
 }
 
 /// `outcome` label values.
@@ -95,7 +106,13 @@ impl FileGet {
             root: Arc::new(Root::open(root)?),
             cache: Arc::new(DigestCache::new(cache_entries)),
             hashed: AtomicU64::new(0),
+            hashed_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// How many bytes this service has hashed, all downloads together.
+    pub fn bytes_hashed(&self) -> u64 {
+        self.hashed_bytes.load(Ordering::Relaxed)
     }
 
     /// How many whole-file digests this service has computed.
@@ -161,14 +178,17 @@ impl Service for FileGet {
 }
 
 impl FileGet {
-    /// Resolves and opens a path on the blocking pool: lookups can wait on a disk or a
-    /// network filesystem, and a worker must not.
-    async fn open(&self, path: &str, want: Want) -> io::Result<Result<File, Denied>> {
+    /// Resolves and opens a path in a blocking job: lookups can wait on a disk or a network
+    /// filesystem, and a worker must not.
+    async fn open<C: Conn>(
+        &self,
+        conn: &C,
+        path: &str,
+        want: Want,
+    ) -> io::Result<Result<File, Denied>> {
         let root = Arc::clone(&self.root);
         let path = path.to_string();
-        tokio::task::spawn_blocking(move || root.open_beneath(&path, want))
-            .await
-            .map_err(io::Error::other)
+        conn.blocking(move || root.open_beneath(&path, want)).await
     }
 
     async fn get<C: Conn>(
@@ -178,8 +198,8 @@ impl FileGet {
         path: &str,
         offset: &str,
     ) -> io::Result<Done> {
-        let file = match self.open(path, Want::File).await? {
-            Ok(file) => file,
+        let file = match self.open(conn, path, Want::File).await? {
+            Ok(file) => Arc::new(file),
             Err(denied) => return refuse(conn, &denied).await,
         };
         let key = FileKey::of(&fstat(file.as_raw_fd())?);
@@ -209,17 +229,8 @@ impl FileGet {
                 }
                 Some(digest).filter(|_| unchanged(&file, &key))
             }
-            None => match send_hashing(conn, &file, key, offset).await? {
-                Hashed::Complete(digest) => {
-                    self.hashed.fetch_add(1, Ordering::Relaxed);
-                    // A file modified within the last seconds may change again within the same
-                    // timestamp tick, unseen by the key: such digests are not remembered (git's
-                    // "racy" rule).
-                    if !key.modified_within(RACY_WINDOW) {
-                        self.cache.insert(key, digest);
-                    }
-                    Some(digest)
-                }
+            None => match self.send_hashing(conn, &file, key, offset).await? {
+                Hashed::Complete(digest) => Some(digest),
                 Hashed::Changed => None,
                 Hashed::Short => return Ok(Done::Close),
             },
@@ -239,15 +250,14 @@ impl FileGet {
         reader: &mut CommandReader,
         dir: &str,
     ) -> io::Result<Done> {
-        let handle = match self.open(dir, Want::Directory).await? {
+        let handle = match self.open(conn, dir, Want::Directory).await? {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
         // Directories can be huge: read them off the worker.
-        let (entries, left_out) =
-            tokio::task::spawn_blocking(move || resolve::list(&handle, MAX_LISTED))
-                .await
-                .map_err(io::Error::other)??;
+        let (entries, left_out) = conn
+            .blocking(move || resolve::list(&handle, MAX_LISTED))
+            .await??;
         let mut text = String::new();
         for entry in &entries {
             match entry {
@@ -294,59 +304,111 @@ enum Hashed {
     Short,
 }
 
-/// Sends `file[offset..]` while a blocking thread reads and hashes the whole file.
-async fn send_hashing<C: Conn>(
+impl FileGet {
+    /// Sends `file[offset..]` and hashes the whole file, continuing from the progress the
+    /// cache holds for this version; remembers the digest, or the progress made if it stops
+    /// first (unless the file is too fresh to trust its key: the racy rule below).
+    async fn send_hashing<C: Conn>(
+        &self,
+        conn: &mut C,
+        file: &Arc<File>,
+        key: FileKey,
+        offset: u64,
+    ) -> io::Result<Hashed> {
+        let mut progress = self.cache.progress(&key);
+        let start = progress.hashed;
+        let res = hash_and_send(conn, file, &key, offset, &mut progress).await;
+        self.hashed_bytes
+            .fetch_add(progress.hashed.saturating_sub(start), Ordering::Relaxed);
+        // A file modified within the last seconds may change again within the same timestamp
+        // tick, unseen by the key: its digest and progress are not remembered (git's "racy"
+        // rule), so until it is RACY_WINDOW old each download of it hashes it again.
+        let trusted = !key.modified_within(RACY_WINDOW) && unchanged(file, &key);
+        match res {
+            Ok(Hashed::Complete(digest)) => {
+                self.hashed.fetch_add(1, Ordering::Relaxed);
+                if trusted {
+                    self.cache.insert(key, digest);
+                }
+                Ok(Hashed::Complete(digest))
+            }
+            other => {
+                if trusted && progress.hashed > start {
+                    self.cache.save_progress(key, progress);
+                }
+                other
+            }
+        }
+    }
+}
+
+/// The loop of [`FileGet::send_hashing`]: hashes from `progress` to the end of the file one
+/// chunk per blocking job, and sends `offset..` as it goes, each chunk with `send_file` right
+/// after it was hashed. `progress` is left where hashing stopped.
+///
+/// Bytes the progress already covers are sent first with `send_file`. When hashing must first
+/// catch up to `offset` (a resume), a first piece of the requested range is sent before it
+/// starts: a client that asked and left then answers with a reset, which the check between
+/// chunks sees, instead of costing a whole-file hash. That piece is read once more when the
+/// hash reaches it.
+async fn hash_and_send<C: Conn>(
     conn: &mut C,
-    file: &File,
-    key: FileKey,
+    file: &Arc<File>,
+    key: &FileKey,
     offset: u64,
+    progress: &mut Progress,
 ) -> io::Result<Hashed> {
     let size = key.size();
-    let (chunks, mut incoming) = tokio::sync::mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-    let (recycle, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
-    let reading = file.try_clone()?;
-    let producer = tokio::task::spawn_blocking(move || -> io::Result<Hashed> {
-        let mut md5 = Md5::new();
-        let mut pos = 0u64;
-        while pos < size {
-            let mut buf = reuse
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-            buf.resize((size - pos).min(CHUNK as u64) as usize, 0);
-            let n = reading.read_at(&mut buf, pos)?;
-            if n == 0 {
+    let first = if progress.hashed > offset {
+        progress.hashed.min(size)
+    } else if progress.hashed < offset {
+        offset.saturating_add(CHUNK as u64).min(size)
+    } else {
+        offset
+    };
+    // Bytes before `sent` (from `offset`) have been sent.
+    let mut sent = offset;
+    if first > offset {
+        if conn.send_file(file, offset, first - offset).await? < first - offset {
+            return Ok(Hashed::Short);
+        }
+        sent = first;
+    }
+    while progress.hashed < size {
+        if conn.peer_closed() {
+            return Ok(Hashed::Short);
+        }
+        let pos = progress.hashed;
+        let want = (size - pos).min(CHUNK as u64) as usize;
+        let (reading, mut step) = (Arc::clone(file), std::mem::take(progress));
+        let job = move || {
+            let res = CHUNK_BUFFER.with_borrow_mut(|buf| {
+                buf.resize(want, 0);
+                let n = reading.read_at(buf, pos)?;
+                step.update(&buf[..n]);
+                Ok(n)
+            });
+            (res, step)
+        };
+        let (res, step): (io::Result<usize>, Progress) = conn.blocking(job).await?;
+        *progress = step;
+        if res? == 0 {
+            return Ok(Hashed::Short);
+        }
+        // The chunk just read is in the page cache: send it from there (no copy, and no buffer
+        // of ours held while a slow client reads it). A change in between shows in the key.
+        let end = progress.hashed;
+        if end > sent {
+            if conn.send_file(file, sent, end - sent).await? < end - sent {
                 return Ok(Hashed::Short);
             }
-            buf.truncate(n);
-            md5.update(&buf);
-            let end = pos + n as u64;
-            if end > offset {
-                let skip = offset.saturating_sub(pos) as usize;
-                buf.drain(..skip);
-                if chunks.blocking_send(buf).is_err() {
-                    return Ok(Hashed::Short); // the worker stopped: client gone
-                }
-            }
-            pos = end;
+            sent = end;
         }
-        if !unchanged(&reading, &key) {
-            return Ok(Hashed::Changed);
-        }
-        Ok(Hashed::Complete(md5.finalize().into()))
-    });
-    let mut sent = 0u64;
-    while let Some(chunk) = incoming.recv().await {
-        let n = chunk.len() as u64;
-        let (res, chunk) = conn.write_all(chunk).await;
-        res?;
-        sent += n;
-        let _ = recycle.send(chunk);
     }
-    let hashed = producer.await.map_err(io::Error::other)??;
-    if sent < size - offset {
-        return Ok(Hashed::Short);
+    if !unchanged(file, key) {
+        return Ok(Hashed::Changed);
     }
-    Ok(hashed)
+    Ok(Hashed::Complete(progress.digest()))
 }
 
 impl Plugin for FileGet {

@@ -2,6 +2,7 @@
 //! changes mid-transfer, listings.
 
 use super::*;
+use md5::{Digest, Md5};
 use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -149,15 +150,21 @@ fn every_traversal_form_is_refused_and_the_connection_stays_usable() {
                 "{command:?}"
             );
         }
-        // Still usable, and a symlink that stays inside the root is fine.
-        let good = get(&client, "get inside-link").await;
-        assert_eq!(
-            good,
-            Got::File {
-                data: b"hello file-get\n".to_vec(),
-                trailer: md5_hex(b"hello file-get\n")
-            }
-        );
+        // Still usable, and a symlink or a `..` that stays inside the root is fine.
+        for inside in [
+            "get inside-link",
+            "get sub/../a.txt",
+            "get sub/deeper/../../a.txt",
+        ] {
+            assert_eq!(
+                get(&client, inside).await,
+                Got::File {
+                    data: b"hello file-get\n".to_vec(),
+                    trailer: md5_hex(b"hello file-get\n")
+                },
+                "{inside}"
+            );
+        }
         client.close_write();
         server.await.unwrap().unwrap();
         let recorded = client.recorded_requests();
@@ -436,4 +443,55 @@ fn root_is_required_and_must_exist() {
     .err()
     .unwrap();
     assert!(err.message.contains("not an existing directory"));
+}
+
+#[test]
+fn resumes_that_leave_continue_one_hash_instead_of_starting_over() {
+    let tree = Tree::new("resume-leave");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(tree.root().join("big.bin"), &big).unwrap();
+    tree.age();
+    let svc = Arc::new(tree.service());
+    let size = big.len() as u64;
+    testing::block_on(async {
+        // Each client asks for the last byte, takes it and leaves while the hash runs.
+        for _ in 0..20 {
+            let (conn, client) = testing::pipe_with_capacity(16 * 1024);
+            let server = serve_shared(&svc, conn);
+            client
+                .write_all(format!("get big.bin {}\n", size - 1).as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(reply(&client).await, b"1");
+            client.write_all(b"ack").await.unwrap();
+            assert_eq!(client.read_exact(1).await.unwrap(), [big[big.len() - 1]]);
+            drop(client);
+            let _ = server.await.unwrap();
+        }
+        // Old code: a whole-file hash per request (20 x 3 MB). Now the work of each departed
+        // client is kept and continued: the file is hashed once in all.
+        let hashed = svc.bytes_hashed();
+        assert!(
+            hashed <= size + CHUNK as u64,
+            "hashed {hashed} bytes for a {size}-byte file"
+        );
+        assert!(
+            hashed >= size,
+            "the resumes made no progress: {hashed} bytes"
+        );
+        assert_eq!(svc.digests_computed(), 1);
+        let (conn, client) = testing::pipe();
+        let server = serve_shared(&svc, conn);
+        let got = get(&client, &format!("get big.bin {}", size - 3)).await;
+        assert_eq!(
+            got,
+            Got::File {
+                data: big[big.len() - 3..].to_vec(),
+                trailer: md5_hex(&big),
+            }
+        );
+        assert_eq!(svc.bytes_hashed(), hashed, "the digest came from the cache");
+        drop(client);
+        let _ = server.await;
+    });
 }
