@@ -331,7 +331,8 @@ pub struct Ticket {
 
 impl Ticket {
     /// Wraps the accepted connection in the metering, idle-timeout layer, which also tells the
-    /// plugin when its generation is draining ([`Conn::read_idle`]).
+    /// plugin when the server is stopping ([`Conn::read_idle`]; a reload retiring the generation
+    /// does not end idle sessions).
     pub fn wrap<C: Conn>(self, conn: C) -> Metered<C> {
         let idle = self.gate.idle_timeout;
         let drain = self.gate.retirement();

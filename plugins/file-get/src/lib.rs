@@ -218,9 +218,10 @@ impl FileGet {
         let len = size - offset;
         let (res, _) = conn.write_all(len.to_string().into_bytes()).await;
         res?;
-        if !reader.ack(conn).await? {
-            return Ok(Done::Close);
-        }
+        // A client that half-closed instead of acknowledging is still reading: it gets the
+        // file, and the session ends at its end of stream (the next command read). A client
+        // that is really gone shows itself by a reset at the first write.
+        reader.ack(conn).await?;
 
         let digest = match self.cache.get(&key) {
             Some(digest) => {
@@ -268,9 +269,8 @@ impl FileGet {
         if left_out > 0 {
             text.push_str(&format!("[{left_out} more entries not shown]\n"));
         }
-        if !send_framed(conn, reader, text.into_bytes()).await? {
-            return Ok(Done::Close);
-        }
+        // Sent even to a client that half-closed instead of acknowledging (see `get`).
+        send_framed(conn, reader, text.into_bytes()).await?;
         Ok(Done::Answered(outcome::OK))
     }
 }

@@ -368,6 +368,35 @@ fn a_client_leaving_mid_file_ends_the_session() {
 }
 
 #[test]
+fn a_half_closed_client_still_gets_its_file_and_listing() {
+    let tree = Tree::new("halfclose");
+    let expected = std::fs::read(tree.root().join("sub/b.bin")).unwrap();
+    testing::block_on(async {
+        // Half-closed right after the command: no ack can come, the answer still does.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(tree.service(), conn);
+        client.write_all(b"get sub/b.bin\n").await.unwrap();
+        client.close_write();
+        let all = client.read_to_end().await;
+        let size = expected.len().to_string();
+        assert!(all.starts_with(size.as_bytes()), "{:?}", &all[..16]);
+        let body = &all[size.len()..];
+        assert_eq!(&body[..expected.len()], &expected[..]);
+        assert_eq!(&body[expected.len()..], md5_hex(&expected).as_bytes());
+        server.await.unwrap().unwrap();
+        assert_eq!(client.recorded_requests(), ["ok"]);
+
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(tree.service(), conn);
+        client.write_all(b"list\n").await.unwrap();
+        client.close_write();
+        let all = String::from_utf8(client.read_to_end().await).unwrap();
+        assert!(all.contains("a.txt"), "{all}");
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
 fn offsets_and_sizes_beyond_4_gib() {
     let tree = Tree::new("huge");
     let path = tree.root().join("sparse");
