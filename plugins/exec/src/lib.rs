@@ -424,6 +424,7 @@ impl Plugin for Exec {
         outcome::REFUSED,
         outcome::AUTH_FAILED,
     ];
+    const SECRETS: &'static [&'static str] = &["token"];
     type Options = ExecOptions;
 
     fn build(o: ExecOptions) -> Result<Self, PluginError> {
