@@ -135,14 +135,24 @@ pub fn main(registry: Registry) -> i32 {
                 .clone()
                 .filter(|_| watch_config)
                 .map(|path| (path.clone(), std::fs::read(path).ok()));
-            let plan = match plan::load(config.as_deref(), &overrides, &registry) {
+            let plan = match plan::load(
+                config.as_deref(),
+                std::env::vars_os(),
+                &overrides,
+                &registry,
+            ) {
                 Ok(plan) => plan,
                 Err(errors) => return report_config_errors(&errors),
             };
             let reload = serve::ReloadSource {
                 watch,
                 load: std::sync::Arc::new(move || {
-                    plan::load(config.as_deref(), &overrides, &registry)
+                    plan::load(
+                        config.as_deref(),
+                        std::env::vars_os(),
+                        &overrides,
+                        &registry,
+                    )
                 }),
             };
             match serve::run(plan, reload) {
@@ -154,7 +164,12 @@ pub fn main(registry: Registry) -> i32 {
             }
         }
         Command::Check { config } => {
-            match plan::load(config.as_deref(), &Overrides::default(), &registry) {
+            match plan::load(
+                config.as_deref(),
+                std::env::vars_os(),
+                &Overrides::default(),
+                &registry,
+            ) {
                 Ok(plan) => {
                     print_plan(&plan);
                     0
@@ -238,7 +253,7 @@ fn print_plan(plan: &plan::Plan) {
             "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}",
             svc.name, c.plugin, c.listen, c.max_connections
         );
-        for line in svc.built.options.lines() {
+        for line in svc.built.shown_options.lines() {
             println!("    {line}");
         }
     }

@@ -4,10 +4,10 @@
 //! network, and it collects every error instead of stopping at the first.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use figment::providers::Serialized;
 use figment::value::{Dict, Value};
 use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, ServiceConfig};
 
@@ -47,20 +47,37 @@ pub struct PlannedService {
     pub built: BuiltService,
 }
 
-/// Loads, validates and builds everything; returns every error found.
+/// Loads `file` (or the embedded default) with the `WHARF_` variables of `env` (the process's
+/// `std::env::vars_os()`; other variables are ignored) and the flags, validates and builds
+/// everything; returns every error found.
 pub fn load(
     file: Option<&Path>,
+    env: impl IntoIterator<Item = (OsString, OsString)>,
     overrides: &Overrides,
     registry: &Registry,
 ) -> Result<Plan, Vec<ConfigError>> {
-    let source = ConfigSource::load(file, DEFAULT_CONFIG, overrides_provider(overrides))?;
+    let source = ConfigSource::load(file, DEFAULT_CONFIG, env, overrides_dict(overrides))?;
     build(source, registry)
 }
 
 /// Like [`load`] on a config given as text (`origin` names it in errors), without environment
-/// overrides: for tools and fuzzing.
+/// overrides: for tools and tests.
 pub fn load_str(text: &str, origin: &str, registry: &Registry) -> Result<Plan, Vec<ConfigError>> {
-    build(ConfigSource::from_toml_str(text, origin), registry)
+    load_parts(text, origin, [], registry)
+}
+
+/// Like [`load`] on a config given as text and environment variables given as pairs, touching
+/// neither the file system nor the process environment: for tests and fuzzing.
+pub fn load_parts(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+    registry: &Registry,
+) -> Result<Plan, Vec<ConfigError>> {
+    build(
+        ConfigSource::from_parts(text, origin, env, Dict::new())?,
+        registry,
+    )
 }
 
 /// Validates every section and builds every service of `source`.
@@ -114,7 +131,7 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
     }
 }
 
-fn overrides_provider(o: &Overrides) -> Serialized<Dict> {
+fn overrides_dict(o: &Overrides) -> Dict {
     let mut server = Dict::new();
     if let Some(backend) = o.backend {
         server.insert("backend".into(), Value::from(backend.as_str()));
@@ -126,7 +143,7 @@ fn overrides_provider(o: &Overrides) -> Serialized<Dict> {
     if !server.is_empty() {
         top.insert("server".into(), Value::from(server));
     }
-    Serialized::defaults(top)
+    top
 }
 
 #[cfg(test)]
@@ -164,7 +181,7 @@ mod tests {
 
     #[test]
     fn embedded_default_is_valid_and_binds_loopback_only() {
-        let plan = load(None, &Overrides::default(), &Registry::with_builtins()).unwrap();
+        let plan = load(None, [], &Overrides::default(), &Registry::with_builtins()).unwrap();
         assert!(!plan.services.is_empty());
         for s in &plan.services {
             assert!(
@@ -188,6 +205,7 @@ mod tests {
         );
         let errors = load(
             Some(&cfg.0),
+            [],
             &Overrides::default(),
             &Registry::with_builtins(),
         )
@@ -218,7 +236,7 @@ mod tests {
             backend: Some(BackendChoice::Epoll),
             workers: Some(3),
         };
-        let plan = load(None, &o, &Registry::with_builtins()).unwrap();
+        let plan = load(None, [], &o, &Registry::with_builtins()).unwrap();
         assert_eq!(plan.config.server.backend, BackendChoice::Epoll);
         assert_eq!(plan.config.server.workers, 3);
     }

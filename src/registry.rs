@@ -36,7 +36,9 @@ pub struct PluginEntry {
     pub options: &'static [OptionDoc],
     /// Request outcomes (`wharf_requests_total{outcome}`), empty for plugins without requests.
     pub outcomes: &'static [&'static str],
-    /// Default options, rendered as TOML.
+    /// Options whose values are secrets ([`Plugin::SECRETS`]).
+    pub secrets: &'static [&'static str],
+    /// Default options, rendered as TOML, secrets redacted.
     pub defaults: fn() -> String,
     build: fn(&ConfigSource, &str) -> Result<BuiltService, Vec<ConfigError>>,
 }
@@ -47,8 +49,11 @@ pub struct BuiltService {
     pub epoll: Arc<dyn DynService<ConnOf<Epoll>>>,
     /// The same instance as the io_uring backend calls it.
     pub io_uring: Arc<dyn DynService<ConnOf<IoUring>>>,
-    /// The resolved options, as TOML, for `wharf check`.
+    /// Every resolved option as TOML, secrets included: what a reload compares to tell whether
+    /// the service changed. Never print or log it: [`BuiltService::shown_options`] is for that.
     pub options: String,
+    /// The resolved options as TOML with each secret's value replaced, for `wharf check`.
+    pub shown_options: String,
     /// The plugin's request outcomes, registered as metric series at startup.
     pub outcomes: &'static [&'static str],
 }
@@ -78,7 +83,8 @@ impl Registry {
                 description: P::DESCRIPTION,
                 options: P::OPTIONS,
                 outcomes: P::OUTCOMES,
-                defaults: || to_toml(&P::Options::default()),
+                secrets: P::SECRETS,
+                defaults: || render_all::<P>(&P::Options::default()).1,
                 build: build::<P>,
             },
         );
@@ -117,22 +123,70 @@ fn build<P: Plugin>(
     service: &str,
 ) -> Result<BuiltService, Vec<ConfigError>> {
     let key = format!("services.{service}.options");
-    let options: P::Options = source.extract(&key)?;
-    let rendered = to_toml(&options);
+    let options: P::Options = source.extract(&key, P::SECRETS)?;
+    let (rendered, shown, secrets) = render_all::<P>(&options);
     let instance = P::build(options).map_err(|e| {
         let key = match &e.option {
             Some(option) => format!("{key}.{option}"),
             None => key.clone(),
         };
-        vec![source.error_at(&key, e.message)]
+        // A plugin's message should not quote a secret; make sure of it.
+        let message = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .fold(e.message, |m, s| m.replace(s.as_str(), REDACTED));
+        vec![source.error_at(&key, message)]
     })?;
     let instance = Arc::new(instance);
     Ok(BuiltService {
         epoll: instance.clone(),
         io_uring: instance,
         options: rendered,
+        shown_options: shown,
         outcomes: P::OUTCOMES,
     })
+}
+
+/// What a secret's value is shown as.
+const REDACTED: &str = "<redacted>";
+
+/// `options` rendered as TOML, in full and with every secret ([`Plugin::SECRETS`]) replaced by
+/// [`REDACTED`], and the secrets' values (as text) found on the way.
+fn render_all<P: Plugin>(options: &P::Options) -> (String, String, Vec<String>) {
+    let full = to_toml(options);
+    if P::SECRETS.is_empty() {
+        return (full.clone(), full, Vec::new());
+    }
+    let mut table = match toml::Table::try_from(options) {
+        Ok(table) => table,
+        Err(e) => {
+            // Nothing is shown, so nothing can leak.
+            let line = format!("# cannot render options: {e}");
+            return (full, line, Vec::new());
+        }
+    };
+    let mut secrets = Vec::new();
+    for path in P::SECRETS {
+        let mut parts = path.split('.').peekable();
+        let mut current = &mut table;
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                if let Some(value) = current.get_mut(part) {
+                    secrets.push(match &*value {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    });
+                    *value = toml::Value::String(REDACTED.into());
+                }
+                break;
+            }
+            match current.get_mut(part) {
+                Some(toml::Value::Table(inner)) => current = inner,
+                _ => break,
+            }
+        }
+    }
+    (full, to_toml(&table), secrets)
 }
 
 fn to_toml<T: serde::Serialize>(value: &T) -> String {

@@ -6,14 +6,14 @@
 //! naming where the value came from (file or environment variable) and its key.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Value};
-use figment::{Figment, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -141,25 +141,67 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// One line: control characters (a newline in a quoted key or value) are escaped, so a
+    /// config cannot forge log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origin = Escaped(&self.origin);
         if self.key.is_empty() {
-            write!(f, "{}: {}", self.origin, self.message)
+            write!(f, "{origin}: {}", Escaped(&self.message))
         } else {
-            write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+            write!(
+                f,
+                "{origin}: {}: {}",
+                Escaped(&self.key),
+                Escaped(&self.message)
+            )
         }
+    }
+}
+
+/// Text with its control characters escaped (`\n`, `\u{1b}`).
+struct Escaped<'a>(&'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
 /// The merged configuration sources, kept so plugin options can be extracted (with full key
 /// paths in errors) once the plugin is known.
+///
+/// The sources are merged once, when loaded, and every later lookup reads that one tree: a
+/// figment re-merges all its sources on each lookup, which made checking N services cost
+/// O(N²) (4000 services took 30 s).
 #[derive(Clone)]
 pub struct ConfigSource {
-    figment: Figment,
+    /// The file (or embedded default), then the environment, then flags.
+    merged: Dict,
+    /// The file (or embedded default) alone, to tell which tables an override created.
+    base: Dict,
+    /// Each environment override as (dotted key path, variable name), sorted by name.
+    env: Vec<(String, String)>,
+    /// Where the base config came from.
     origin: String,
 }
 
 /// Most worker threads accepted.
 const MAX_WORKERS: usize = 1024;
+
+/// Largest config file read: far above any real one (10 000 services take about 1 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Deepest nesting of tables and arrays accepted in a file or an environment value. The deepest
+/// real key (an exec command's `argv`) is 7 levels down; parsers recurse per level, so an
+/// unbounded depth overflows the stack.
+pub const MAX_DEPTH: usize = 32;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WHARF_";
@@ -171,42 +213,65 @@ const LOG_ENV_KEY: &str = "log";
 const SECTIONS: &[&str] = &["server", "metrics", "services"];
 
 impl ConfigSource {
-    /// Merges `file` (or, when `None`, the `embedded` default TOML), the `WHARF_` environment and
-    /// `overrides` (command-line flags).
+    /// Merges `file` (or, when `None`, the `embedded` default TOML), the `WHARF_` variables of
+    /// `env` (pass `std::env::vars_os()`; other variables are ignored) and `overrides`
+    /// (command-line flags). Every problem with the sources themselves (unreadable or oversized
+    /// file, TOML syntax, nesting depth, an override that names no key) is reported here.
     pub fn load(
         file: Option<&Path>,
         embedded: &str,
-        overrides: impl Provider,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+        overrides: Dict,
     ) -> Result<Self, Vec<ConfigError>> {
-        let (base, origin) = match file {
+        match file {
             Some(path) => {
                 let origin = path.display().to_string();
-                if !path.is_file() {
-                    return Err(vec![ConfigError {
-                        origin,
+                let text = read_config_file(path).map_err(|message| {
+                    vec![ConfigError {
+                        origin: origin.clone(),
                         key: String::new(),
-                        message: "config file not found (or not a regular file)".into(),
-                    }]);
-                }
-                (Figment::from(Toml::file_exact(path)), origin)
+                        message,
+                    }]
+                })?;
+                Self::from_parts(&text, &origin, env, overrides)
             }
-            None => (
-                Figment::from(Toml::string(embedded)),
-                "embedded configs/default.toml".to_string(),
-            ),
-        };
-        let figment = base
-            .merge(Env::prefixed(ENV_PREFIX).ignore(&[LOG_ENV_KEY]).split("__"))
-            .merge(overrides);
-        Ok(ConfigSource { figment, origin })
+            None => Self::from_parts(embedded, "embedded configs/default.toml", env, overrides),
+        }
     }
 
-    /// A config given as TOML text, named `origin` in errors, without environment overrides.
-    pub fn from_toml_str(text: &str, origin: &str) -> Self {
-        ConfigSource {
-            figment: Figment::from(Toml::string(text)),
-            origin: origin.to_string(),
+    /// Like [`ConfigSource::load`] on config text named `origin` in errors, without touching
+    /// the file system or the process environment: for tests, tools and fuzzing.
+    pub fn from_parts(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+        overrides: Dict,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let base = parse_toml(text).unwrap_or_else(|message| {
+            errors.push(ConfigError {
+                origin: origin.to_string(),
+                key: String::new(),
+                message,
+            });
+            Dict::new()
+        });
+        let (env_dict, env) = parse_env(env).unwrap_or_else(|e| {
+            errors.extend(e);
+            Default::default()
+        });
+        if !errors.is_empty() {
+            return Err(errors);
         }
+        let mut merged = base.clone();
+        merge(&mut merged, env_dict);
+        merge(&mut merged, overrides);
+        Ok(ConfigSource {
+            merged,
+            base,
+            env,
+            origin: origin.to_string(),
+        })
     }
 
     /// Where the base config came from, for messages.
@@ -228,18 +293,11 @@ impl ConfigSource {
     /// callers can go on checking (plugins, options) and report everything in one run.
     pub fn resolve(&self) -> (Config, Vec<ConfigError>) {
         let mut errors = Vec::new();
-        let top: Dict = match self.figment.extract() {
-            Ok(top) => top,
-            Err(e) => {
-                let config = Config {
-                    server: ServerConfig::default(),
-                    metrics: None,
-                    services: BTreeMap::new(),
-                };
-                return (config, self.errors(e, ""));
-            }
-        };
-        for key in top.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+        for key in self
+            .merged
+            .keys()
+            .filter(|k| !SECTIONS.contains(&k.as_str()))
+        {
             errors.push(self.error_at(
                 key,
                 format!(
@@ -253,16 +311,20 @@ impl ConfigSource {
         let metrics = self.section("metrics", &mut errors);
 
         let mut services = BTreeMap::new();
-        match top.get("services") {
+        match self.merged.get("services") {
             None => {}
             Some(Value::Dict(_, names)) => {
-                for name in names.keys() {
+                for (name, value) in names {
+                    let key = format!("services.{name}");
                     if let Err(message) = check_service_name(name) {
-                        errors.push(self.error_at(&format!("services.{name}"), message));
+                        errors.push(self.error_at(&key, message));
                         continue;
                     }
-                    if let Some(svc) = self.section(&format!("services.{name}"), &mut errors) {
-                        services.insert(name.clone(), svc);
+                    match self.deserialize_at(&key, value, &[]) {
+                        Ok(svc) => {
+                            services.insert(name.clone(), svc);
+                        }
+                        Err(e) => errors.extend(e),
                     }
                 }
             }
@@ -315,95 +377,174 @@ impl ConfigSource {
 
     /// Extracts `key` (a dotted path) as `T`; an absent key deserializes from an empty table, so
     /// a struct with defaults needs no section at all and a required field is reported by name.
-    pub fn extract<T: DeserializeOwned>(&self, key: &str) -> Result<T, Vec<ConfigError>> {
-        let figment = if self.figment.contains(key) {
-            self.figment.clone()
-        } else {
-            self.figment
-                .clone()
-                .join(figment::providers::Serialized::default(key, Dict::new()))
-        };
-        figment.extract_inner(key).map_err(|e| self.errors(e, key))
+    /// Errors about the keys in `secrets` (relative to `key`, e.g. `token`) never quote the
+    /// value.
+    pub fn extract<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        secrets: &[&str],
+    ) -> Result<T, Vec<ConfigError>> {
+        let empty = Value::from(Dict::new());
+        let value = lookup(&self.merged, key).unwrap_or(&empty);
+        self.deserialize_at(key, value, secrets)
     }
 
     /// Builds an error located at `key`, attributed to whichever source set that key.
     pub fn error_at(&self, key: &str, message: String) -> ConfigError {
-        let origin = self
-            .figment
-            .find_metadata(key)
-            .map(|md| self.describe_origin(md, key))
-            .unwrap_or_else(|| self.origin.clone());
         ConfigError {
-            origin,
+            origin: self.origin_of(key),
             key: key.to_string(),
             message,
         }
     }
 
     fn section<T: DeserializeOwned>(&self, key: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
-        if !self.figment.contains(key) {
-            return None;
-        }
-        match self.figment.extract_inner(key) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                errors.extend(self.errors(e, key));
-                None
-            }
-        }
+        let value = self.merged.get(key)?;
+        self.deserialize_at(key, value, &[])
+            .map_err(|e| errors.extend(e))
+            .ok()
     }
 
-    /// Converts figment's errors; `prefix` is the key that was extracted (figment appends its parts to
-    /// the end of the error path; we want them first).
-    fn errors(&self, error: figment::Error, prefix: &str) -> Vec<ConfigError> {
+    /// Deserializes `value`, found at `key`, reporting errors under `key`.
+    fn deserialize_at<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &Value,
+        secrets: &[&str],
+    ) -> Result<T, Vec<ConfigError>> {
+        value
+            .deserialize()
+            .map_err(|e| self.errors(e, key, secrets))
+    }
+
+    /// Converts figment's errors, whose paths are relative to `prefix`.
+    fn errors(&self, error: figment::Error, prefix: &str, secrets: &[&str]) -> Vec<ConfigError> {
         error
             .into_iter()
             .map(|e| {
-                let mut path = e.path.clone();
-                let prefix_parts: Vec<&str> = prefix.split('.').filter(|p| !p.is_empty()).collect();
-                if path.ends_with(
-                    &prefix_parts
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>(),
-                ) {
-                    path.truncate(path.len() - prefix_parts.len());
-                }
                 let key = std::iter::once(prefix)
                     .filter(|p| !p.is_empty())
-                    .chain(path.iter().map(String::as_str))
+                    .chain(e.path.iter().map(String::as_str))
                     .collect::<Vec<_>>()
                     .join(".");
-                let origin = match &e.metadata {
-                    Some(md) => self.describe_origin(md, &key),
-                    None => self.origin.clone(),
+                let secret = secrets
+                    .iter()
+                    .any(|s| within(&format!("{prefix}.{s}"), &key));
+                let message = if secret {
+                    describe_secret_kind(&e.kind)
+                } else {
+                    describe_kind(&e.kind)
                 };
                 ConfigError {
-                    origin,
+                    origin: self.origin_of(&key),
                     key,
-                    message: describe_kind(&e.kind),
+                    message,
                 }
             })
             .collect()
     }
 
-    fn describe_origin(&self, md: &figment::Metadata, key: &str) -> String {
-        if let Some(figment::Source::File(_)) = md.source {
-            // One file at most: name it as the user wrote it.
-            return self.origin.clone();
+    /// The source that set `key`: the environment variable that set it or a value containing
+    /// it, else the one that created the table it names (when the file has no such table),
+    /// else the file.
+    fn origin_of(&self, key: &str) -> String {
+        let var = self
+            .env
+            .iter()
+            .filter(|(path, _)| within(path, key))
+            .max_by_key(|(path, _)| path.len())
+            .or_else(|| {
+                if key.is_empty() || lookup(&self.base, key).is_some() {
+                    return None;
+                }
+                self.env.iter().find(|(path, _)| within(key, path))
+            });
+        match var {
+            Some((_, var)) => format!("environment variable {var}"),
+            None => self.origin.clone(),
         }
-        if md.name.contains("environment") {
-            // The variable that set this key: WHARF_ + path segments joined by `__`.
-            let var = key
-                .split('.')
-                .filter(|k| !k.is_empty())
-                .map(str::to_ascii_uppercase)
-                .collect::<Vec<_>>()
-                .join("__");
-            return format!("environment variable {ENV_PREFIX}{var}");
-        }
-        self.origin.clone()
     }
+}
+
+/// Whether dotted key `inner` is `outer` or lies inside it.
+fn within(outer: &str, inner: &str) -> bool {
+    inner
+        .strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// The value at a dotted key.
+fn lookup<'a>(dict: &'a Dict, key: &str) -> Option<&'a Value> {
+    let mut parts = key.split('.');
+    let mut value = dict.get(parts.next()?)?;
+    for part in parts {
+        match value {
+            Value::Dict(_, d) => value = d.get(part)?,
+            _ => return None,
+        }
+    }
+    Some(value)
+}
+
+/// Merges `src` into `dst`: tables merge key by key, anything else replaces.
+fn merge(dst: &mut Dict, src: Dict) {
+    for (key, value) in src {
+        match (dst.get_mut(&key), value) {
+            (Some(Value::Dict(_, d)), Value::Dict(_, s)) => merge(d, s),
+            (_, value) => {
+                dst.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Reads a config file: a regular file, at most [`MAX_CONFIG_BYTES`], UTF-8.
+fn read_config_file(path: &Path) -> Result<String, String> {
+    if !path.is_file() {
+        return Err("config file not found (or not a regular file)".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read the config file: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "the config file is larger than {} MiB",
+            MAX_CONFIG_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()))
+}
+
+/// Parses config text: no byte-order mark, nesting at most [`MAX_DEPTH`], TOML syntax errors
+/// as one line without the source excerpt (which could show a secret).
+fn parse_toml(text: &str) -> Result<Dict, String> {
+    if text.starts_with('\u{feff}') {
+        return Err(
+            "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 \
+                    without one"
+                .into(),
+        );
+    }
+    let depth = toml_depth(text);
+    if depth > MAX_DEPTH {
+        return Err(format!(
+            "tables and arrays nested {depth} levels deep; at most {MAX_DEPTH}"
+        ));
+    }
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let message = e.message().trim().replace('\n', "; ");
+        match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("TOML syntax error at line {line}, column {column}: {message}")
+            }
+            None => format!("TOML syntax error: {message}"),
+        }
+    })
 }
 
 /// figment's wording, with the valid choices spelled plainly.
@@ -421,6 +562,292 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
         }
         Kind::MissingField(name) => format!("missing required key `{name}`"),
         other => other.to_string(),
+    }
+}
+
+/// Parses the `WHARF_` variables of `vars` into a table of overrides and, for each, its dotted
+/// key path and name. A variable that names no key (an empty segment, a stray character), whose
+/// value is not UTF-8 or nested too deep, or that collides with another is an error naming it;
+/// none is ever skipped silently. Values are never quoted in errors: they may be secrets.
+#[allow(clippy::type_complexity)]
+fn parse_env(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<(Dict, Vec<(String, String)>), Vec<ConfigError>> {
+    let mut vars: Vec<(String, OsString)> = vars
+        .into_iter()
+        .map(|(name, value)| (name.to_string_lossy().into_owned(), value))
+        .filter(|(name, _)| {
+            name.get(..ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                && !name[ENV_PREFIX.len()..].eq_ignore_ascii_case(LOG_ENV_KEY)
+        })
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let mut dict = Dict::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in vars {
+        let error = |key: &str, message: String| ConfigError {
+            origin: format!("environment variable {name}"),
+            key: key.to_string(),
+            message,
+        };
+        let path = match env_key_path(&name[ENV_PREFIX.len()..]) {
+            Ok(path) => path,
+            Err(message) => {
+                errors.push(error("", message));
+                continue;
+            }
+        };
+        let key = path.join(".");
+        let Some(text) = value.to_str() else {
+            errors.push(error(&key, "the value is not valid UTF-8".into()));
+            continue;
+        };
+        let depth = env_value_depth(text);
+        if depth > MAX_DEPTH {
+            let message = format!("the value is nested {depth} levels deep; at most {MAX_DEPTH}");
+            errors.push(error(&key, message));
+            continue;
+        }
+        if let Some((_, other)) = keys
+            .iter()
+            .find(|(p, _)| within(p, &key) || within(&key, p))
+        {
+            let message = format!("sets the same key as {other}, or one inside it");
+            errors.push(error(&key, message));
+            continue;
+        }
+        let value: Value = text.parse().unwrap_or_else(|never| match never {});
+        insert(&mut dict, &path, value);
+        keys.push((key, name));
+    }
+    if errors.is_empty() {
+        Ok((dict, keys))
+    } else {
+        Err(errors)
+    }
+}
+
+/// `SERVICES__ECHO__LISTEN` to `["services", "echo", "listen"]`.
+fn env_key_path(name: &str) -> Result<Vec<String>, String> {
+    const HOW: &str = "overrides are WHARF_ + the key path with `__` between segments, \
+                       e.g. WHARF_SERVICES__ECHO__LISTEN";
+    let segments: Vec<&str> = name.split("__").collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(format!(
+            "names no key: an empty segment (a leading, trailing or doubled `__`); {HOW}"
+        ));
+    }
+    if let Some(bad) = segments.iter().find(|s| {
+        !s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }) {
+        return Err(format!(
+            "names no key: `{bad}` has a character other than A-Z, 0-9, `_` and `-`; {HOW}"
+        ));
+    }
+    Ok(segments.iter().map(|s| s.to_ascii_lowercase()).collect())
+}
+
+/// Sets `path` in `dict` to `value`, creating tables on the way (callers rule out collisions).
+fn insert(dict: &mut Dict, path: &[String], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut table = dict;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| Value::from(Dict::new()));
+        if !matches!(entry, Value::Dict(..)) {
+            *entry = Value::from(Dict::new());
+        }
+        let Value::Dict(_, inner) = entry else {
+            unreachable!("made a table just above")
+        };
+        table = inner;
+    }
+    table.insert(last.clone(), value);
+}
+
+/// How deep figment's (recursive) value parser would nest on `text`: `[` and `{` outside
+/// strings and character literals. A `"` opens a string, and a `'` a one-character literal,
+/// only where that parser may start a key or a value (at the start, after `[`, `{` or `,`), so
+/// no bracket it would enter is hidden from the count; elsewhere quotes are ordinary characters
+/// to it, and counting what they enclose only overestimates. (After `=` a quote is not taken as
+/// a string: in a bare value `=` is an ordinary character.)
+fn env_value_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut value_start = true;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_whitespace() {
+            continue;
+        }
+        match c {
+            '"' if value_start => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        _ if escaped => escaped = false,
+                        '\\' => escaped = true,
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '\'' if value_start => {
+                chars.next();
+                chars.next();
+            }
+            '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        value_start = matches!(c, '[' | '{' | ',');
+    }
+    deepest
+}
+
+/// An upper bound on how deeply `text` nests tables and arrays, read before parsing (the TOML
+/// parser bounds arrays and inline tables, but not dotted keys, and the deserializer and the
+/// destructor recurse once per level). Each level is a segment of a `[table]` header or of a
+/// dotted key (`a.b.c = 1`, also inside inline tables), or an array or inline table; strings
+/// and comments are skipped as TOML lexes them.
+fn toml_depth(text: &str) -> usize {
+    let bytes = text.as_bytes();
+    let mut deepest = 0;
+    let mut header = 0; // levels of the current [table] header
+    let mut top_key = 0; // dots in the current top-level key
+    let mut top_in_key = false;
+    let mut frames: Vec<(bool, usize, bool)> = Vec::new(); // (inline table?, key dots, in key)
+    let mut line_start = true;
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        i += 1;
+        match c {
+            b' ' | b'\t' | b'\r' => continue,
+            b'\n' => {
+                if frames.is_empty() {
+                    line_start = true;
+                    top_key = 0;
+                    top_in_key = false;
+                }
+                continue;
+            }
+            b'#' => {
+                i += bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .unwrap_or(bytes.len() - i);
+                continue;
+            }
+            b'"' | b'\'' => {
+                i = skip_string(bytes, i - 1);
+                if line_start && frames.is_empty() {
+                    line_start = false;
+                    top_in_key = true;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if line_start && frames.is_empty() {
+            line_start = false;
+            if c == b'[' {
+                // A header: count its segments up to the closing bracket.
+                header = 1 + usize::from(bytes.get(i) == Some(&b'['));
+                while i < bytes.len() && bytes[i] != b']' && bytes[i] != b'\n' {
+                    match bytes[i] {
+                        b'"' | b'\'' => i = skip_string(bytes, i),
+                        b'.' => {
+                            header += 1;
+                            i += 1;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                deepest = deepest.max(header);
+                continue;
+            }
+            top_in_key = true;
+        }
+        match c {
+            b'.' => match frames.last_mut() {
+                Some((_, dots, true)) => *dots += 1,
+                None if top_in_key => top_key += 1,
+                _ => {}
+            },
+            b'=' => match frames.last_mut() {
+                Some((_, _, in_key)) => *in_key = false,
+                None => top_in_key = false,
+            },
+            b'[' | b'{' => frames.push((c == b'{', 0, c == b'{')),
+            b',' => {
+                if let Some((true, dots, in_key)) = frames.last_mut() {
+                    *dots = 0;
+                    *in_key = true;
+                }
+            }
+            b']' | b'}' => {
+                frames.pop();
+            }
+            _ => {}
+        }
+        let depth = header + top_key + 1 + frames.iter().map(|f| 1 + f.1).sum::<usize>();
+        deepest = deepest.max(depth);
+    }
+    deepest
+}
+
+/// The index just after the TOML string that starts at `start` (a `"` or `'`, possibly
+/// tripled); basic strings honour backslash escapes. An unterminated string runs to the end
+/// (multi-line) or the end of the line.
+fn skip_string(bytes: &[u8], start: usize) -> usize {
+    let quote = bytes[start];
+    let triple = bytes.get(start..start + 3) == Some(&[quote; 3][..]);
+    let mut i = start + if triple { 3 } else { 1 };
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\\' && quote == b'"' {
+            i += 2;
+            continue;
+        }
+        if !triple && b == b'\n' {
+            return i;
+        }
+        if b == quote && (!triple || bytes.get(i..i + 3) == Some(&[quote; 3][..])) {
+            return i + if triple { 3 } else { 1 };
+        }
+        i += 1;
+    }
+    bytes.len()
+}
+
+/// [`describe_kind`] for a secret key: what is wrong, never the value.
+fn describe_secret_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    match kind {
+        Kind::InvalidType(actual, expected) => {
+            let found = match actual {
+                Actual::Bool(_) => "a boolean",
+                Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+                Actual::Float(_) => "a float",
+                Actual::Char(_) | Actual::Str(_) => "a string",
+                Actual::Seq => "an array",
+                Actual::Map => "a table",
+                _ => "another type",
+            };
+            format!("invalid type: found {found}, expected {expected}")
+        }
+        Kind::MissingField(_) | Kind::UnknownField(..) => describe_kind(kind),
+        _ => "invalid value (not shown: the key is secret)".into(),
     }
 }
 
@@ -444,10 +871,9 @@ fn check_service_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use figment::providers::Serialized;
 
     fn load(toml: &str) -> ConfigSource {
-        ConfigSource::load(None, toml, Serialized::defaults(Dict::new())).unwrap()
+        ConfigSource::from_parts(toml, "test.toml", [], Dict::new()).unwrap()
     }
 
     #[test]
@@ -536,6 +962,170 @@ mod tests {
         );
     }
 
+    fn with_env(toml: &str, vars: &[(&str, &str)]) -> Result<ConfigSource, Vec<ConfigError>> {
+        let env = vars
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        ConfigSource::from_parts(toml, "test.toml", env, Dict::new())
+    }
+
+    const ECHO: &str = "[services.e]\nplugin = 'echo'\nlisten = '127.0.0.1:1'\n";
+
+    #[test]
+    fn every_env_override_names_a_key_or_is_an_error_naming_it() {
+        // Empty segments (doubled, leading, trailing `__`) used to vanish silently.
+        for var in [
+            "WHARF_SERVICES__E____ALLOW_FROM",
+            "WHARF___SERVICES__E__ALLOW_FROM",
+            "WHARF_SERVICES__E__ALLOW_FROM__",
+            "WHARF_",
+            "WHARF_SERVICES__E__ALLOW FROM",
+        ] {
+            let errors = with_env(ECHO, &[(var, "[\"10.0.0.0/8\"]")]).err().unwrap();
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            let text = errors[0].to_string();
+            assert!(
+                text.starts_with(&format!("environment variable {var}: ")),
+                "{text}"
+            );
+            assert!(text.contains("names no key"), "{text}");
+        }
+        let first_error = |var: &str, value: &str| {
+            let src = with_env(ECHO, &[(var, value)]).unwrap();
+            src.config().unwrap_err()[0].to_string()
+        };
+        // A well-formed override that names no real key is an error naming the variable.
+        let error = first_error("WHARF_SERVICES__E__ALLOW_FRM", "[]");
+        assert!(
+            error.starts_with("environment variable WHARF_SERVICES__E__ALLOW_FRM: services.e"),
+            "{error}"
+        );
+        // A real key is applied, attributed to its variable; WHARF_LOG and others are ignored.
+        let src = with_env(
+            ECHO,
+            &[
+                ("WHARF_SERVICES__E__ALLOW_FROM", "[\"10.0.0.0/8\"]"),
+                ("WHARF_LOG", "debug"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(src.config().unwrap().services["e"].allow_from.len(), 1);
+        assert_eq!(
+            first_error("WHARF_SERVICES__E__LISTEN", "nowhere"),
+            "environment variable WHARF_SERVICES__E__LISTEN: services.e.listen: \
+             invalid socket address syntax"
+        );
+        // A service created by the environment alone: its errors name the variable.
+        let error = first_error("WHARF_SERVICES__NEW__LISTEN", "127.0.0.1:2");
+        assert!(
+            error.starts_with("environment variable WHARF_SERVICES__NEW__LISTEN: services.new"),
+            "{error}"
+        );
+        // Two variables for one key, and a value that is not UTF-8.
+        let errors = with_env(
+            ECHO,
+            &[
+                ("WHARF_SERVER__WORKERS", "1"),
+                ("WHARF_server__workers", "2"),
+            ],
+        )
+        .err()
+        .unwrap();
+        assert!(errors[0].message.contains("same key"), "{errors:?}");
+        use std::os::unix::ffi::OsStringExt;
+        let env = [(
+            OsString::from("WHARF_SERVER__WORKERS"),
+            OsString::from_vec(vec![0xff, b'1']),
+        )];
+        let errors = ConfigSource::from_parts(ECHO, "t", env, Dict::new())
+            .err()
+            .unwrap();
+        assert!(errors[0].message.contains("not valid UTF-8"), "{errors:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = |open: &str, close: &str, n: usize| open.repeat(n) + &close.repeat(n);
+        for value in [
+            deep("[", "]", 20_000),
+            deep("{a=", "}", 20_000),
+            format!("[\"x\", {}]", deep("[", "]", 20_000)),
+            // brackets hidden from a naive scan by a quote figment does not treat as a string
+            format!("[x=\", {}]", deep("[", "]", 20_000)),
+            format!("[{}{}]", "'[',".repeat(50), deep("[", "]", 20_000)),
+        ] {
+            let errors = with_env(ECHO, &[("WHARF_SERVICES__E__ALLOW_FROM", &value)])
+                .err()
+                .unwrap();
+            assert!(errors[0].message.contains("nested"), "{errors:?}");
+            assert!(!errors[0].message.contains("[["), "quotes the value");
+        }
+        // Strings may hold any brackets.
+        let ok = format!("[\"{}\"]", "[".repeat(100));
+        assert!(with_env(ECHO, &[("WHARF_SERVICES__E__ALLOW_FROM", &ok)]).is_ok());
+
+        let dotted = vec!["a"; 20_000].join(".");
+        for text in [
+            format!("x = {}", deep("[", "]", 20_000)),
+            format!("x = {}", deep("{a=", "}", 20_000)),
+            format!("[{dotted}]\n"),
+            format!("[[{dotted}]]\n"),
+            format!("{dotted} = 1\n"),
+            format!("x = {{ {dotted} = 1 }}\n"),
+            format!("x = [{{ y = [{{ {dotted} = 1 }}] }}]\n"),
+            format!("\"q\".{dotted} = 1\n"),
+        ] {
+            let errors = with_env(&text, &[]).err().unwrap();
+            assert!(errors[0].message.contains("nested"), "{errors:?}");
+        }
+        // Real configs are far from the bound; dots in strings, floats and comments are not levels.
+        let fine = format!(
+            "{ECHO}[services.e.options]\ntransform = 'upper' # {dotted}\n\
+             [services.x.options.commands]\nup = {{ argv = [\"{dotted}\"], timeout = \"1.5s\" }}\n"
+        );
+        assert!(with_env(&fine, &[]).is_ok());
+    }
+
+    #[test]
+    fn byte_order_marks_and_syntax_errors_are_one_line_without_source_text() {
+        let errors = with_env(&format!("\u{feff}{ECHO}"), &[]).err().unwrap();
+        assert_eq!(errors[0].origin, "test.toml");
+        assert!(errors[0].message.contains("byte-order mark"), "{errors:?}");
+        let errors = with_env("[services.e]\ntoken = \"s3cret\n", &[])
+            .err()
+            .unwrap();
+        let text = errors[0].to_string();
+        assert!(
+            text.starts_with("test.toml: TOML syntax error at line 2"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret") && !text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn errors_at_secret_keys_never_quote_the_value() {
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Opts {
+            token: Vec<String>,
+            other: Vec<String>,
+        }
+        let errors = |options: &str| {
+            let src = load(&format!("{ECHO}[services.e.options]\n{options}"));
+            let errors = src.extract::<Opts>("services.e.options", &["token"]);
+            format!("{:?}", errors.unwrap_err())
+        };
+        let all = errors("token = 's3cret'\nother = []\n");
+        assert!(!all.contains("s3cret"), "{all}");
+        assert!(all.contains("services.e.options.token"), "{all}");
+        assert!(all.contains("found a string, expected a sequence"), "{all}");
+        // other keys keep the value in their message
+        let all = errors("token = []\nother = 'visible'\n");
+        assert!(all.contains("found string \\\"visible\\\""), "{all}");
+    }
+
     #[test]
     fn extract_names_nested_option_keys() {
         #[derive(Deserialize, Debug)]
@@ -545,11 +1135,11 @@ mod tests {
             transform: String,
         }
         let src = load("[services.e]\nplugin='echo'\nlisten='127.0.0.1:1'\n[services.e.options]\ntransfrom='upper'\n");
-        let errors = src.extract::<Opts>("services.e.options").unwrap_err();
+        let errors = src.extract::<Opts>("services.e.options", &[]).unwrap_err();
         assert_eq!(errors[0].key, "services.e.options.transfrom", "{errors:?}");
         // absent section: required field reported under the section's path
         let src = load("[services.e]\nplugin='echo'\nlisten='127.0.0.1:1'\n");
-        let errors = src.extract::<Opts>("services.e.options").unwrap_err();
+        let errors = src.extract::<Opts>("services.e.options", &[]).unwrap_err();
         assert!(errors[0].to_string().contains("transform"), "{errors:?}");
     }
 }

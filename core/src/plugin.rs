@@ -3,6 +3,7 @@
 //! A plugin is a [`Service`] plus a name, a one-line description and a typed options struct.
 //! The options struct is deserialized with `deny_unknown_fields` from
 //! `[services.<name>.options]`, so a typo is an error that names the key, not a silent default.
+//! Options that hold secrets are declared ([`Plugin::SECRETS`]) so that nothing prints them.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,6 +22,10 @@ pub trait Plugin: Service + Sized {
     /// (see [`Conn::record_request`](crate::Conn::record_request)). Registered at startup so
     /// every series exists from the first scrape. Empty: no request metrics.
     const OUTCOMES: &'static [&'static str] = &[];
+    /// Options whose values are secrets (keys under `options`, dotted for nested ones, e.g.
+    /// `token`): `wharf check`, `wharf plugins`, logs and config errors show that they are set,
+    /// never their value. Empty: nothing to hide.
+    const SECRETS: &'static [&'static str] = &[];
 
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;

@@ -502,6 +502,7 @@ impl Plugin for Exec {
         outcome::BUSY,
         outcome::AUTH_FAILED,
     ];
+    const SECRETS: &'static [&'static str] = &["token"];
     type Options = ExecOptions;
 
     fn build(o: ExecOptions) -> Result<Self, PluginError> {
