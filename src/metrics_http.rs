@@ -113,6 +113,9 @@ struct Endpoint {
     allow_from: tokio::sync::watch::Receiver<Vec<Cidr>>,
     readiness: Readiness,
     scrapes: Arc<tokio::sync::Semaphore>,
+    /// The `process_*` series (open and maximum descriptors, resident memory, threads, CPU
+    /// seconds), read from /proc at each scrape: how an operator sees the process-wide bounds.
+    process: metrics_process::Collector,
 }
 
 /// Serves scrapes and health checks until the task is dropped. Call inside a tokio runtime.
@@ -146,7 +149,9 @@ pub async fn serve(
         allow_from,
         readiness,
         scrapes: Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT)),
+        process: metrics_process::Collector::default(),
     });
+    endpoint.process.describe();
     let tracker = Arc::new(Tracker::default());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -327,6 +332,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ticket: Ticket, end
     let (answer, limit) = match answer(&head, peer, endpoint) {
         Answer::Fixed(response) => (response, ANSWER_TIMEOUT),
         Answer::Scrape(permit, head_only) => {
+            endpoint.process.collect();
             let body = endpoint.handle.render();
             let response = response("200 OK", METRICS_TYPE, &body, head_only);
             let write = write_answer(&mut stream, &response);

@@ -60,9 +60,28 @@ fn promtool_accepts_a_live_scrape() {
         for name in [
             "wharf_build_info{version=",
             "# TYPE wharf_request_duration_seconds histogram",
+            // The process-wide resources SECURITY.md's resource table points at.
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_resident_memory_bytes ",
+            "process_threads ",
+            "wharf_blocking_jobs_running{",
         ] {
             assert!(scrape.contains(name), "{name} missing");
         }
+        // The descriptor count is this very process's: a real reading, not a placeholder.
+        let open_fds: f64 = scrape
+            .lines()
+            .find_map(|l| l.strip_prefix("process_open_fds "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("process_open_fds value");
+        let actual = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count() as f64;
+        assert!(
+            (open_fds - actual).abs() <= 16.0,
+            "process_open_fds {open_fds} vs /proc {actual}"
+        );
     }
 }
 
