@@ -230,13 +230,14 @@ mod tests {
         use crate::config::{ConfigSource, MAX_BLOCKING};
         let service =
             |extra: &str| format!("[services.f]\nplugin = 'echo'\nlisten = '127.0.0.1:1'\n{extra}");
-        let config = ConfigSource::from_toml_str(&service(""), "test").config();
+        let source = |text: &str| {
+            ConfigSource::from_parts(text, "test", [], figment::value::Dict::new()).unwrap()
+        };
+        let config = source(&service("")).config();
         assert_eq!(config.unwrap().services["f"].max_blocking, 8);
         for bad in [0, MAX_BLOCKING + 1] {
             let text = service(&format!("max_blocking = {bad}\n"));
-            let errors = ConfigSource::from_toml_str(&text, "test")
-                .config()
-                .unwrap_err();
+            let errors = source(&text).config().unwrap_err();
             assert_eq!(errors[0].key, "services.f.max_blocking", "{errors:?}");
         }
     }
