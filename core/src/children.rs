@@ -16,18 +16,18 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::process::{Child, Command};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
-/// The live groups, and whether [`kill_all`] has run.
-struct Registry {
-    groups: BTreeSet<libc::pid_t>,
-    closed: bool,
+/// Whether [`kill_all`] has run. Spawns hold it for reading (so they run concurrently), and
+/// [`kill_all`] takes it for writing: it waits for spawns in progress, whose groups it then
+/// sees, and no spawn starts after it.
+static CLOSED: RwLock<bool> = RwLock::new(false);
+/// The live groups.
+static GROUPS: Mutex<BTreeSet<libc::pid_t>> = Mutex::new(BTreeSet::new());
+
+fn groups() -> std::sync::MutexGuard<'static, BTreeSet<libc::pid_t>> {
+    GROUPS.lock().unwrap_or_else(PoisonError::into_inner)
 }
-
-static REGISTRY: RwLock<Registry> = RwLock::new(Registry {
-    groups: BTreeSet::new(),
-    closed: false,
-});
 
 /// Records one live process group until dropped. Drop it before reaping the group's leader.
 #[must_use = "the group is forgotten when the guard drops"]
@@ -42,8 +42,7 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
-        r.groups.remove(&self.0);
+        groups().remove(&self.0);
     }
 }
 
@@ -53,35 +52,32 @@ pub fn spawn(cmd: &mut Command) -> io::Result<(Child, Registered)> {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0);
     // Held across the spawn so that kill_all either sees this group or runs before it starts.
-    let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
-    if r.closed {
+    let closed = CLOSED.read().unwrap_or_else(PoisonError::into_inner);
+    if *closed {
         return Err(io::Error::other("wharf is exiting: no new processes"));
     }
     let child = cmd.spawn()?;
     let pgid = child.id() as libc::pid_t;
-    r.groups.insert(pgid);
+    groups().insert(pgid);
     Ok((child, Registered(pgid)))
 }
 
 /// SIGKILLs every recorded process group and refuses new ones from now on. Called on every
 /// exit path of `wharf serve`; idempotent. Returns how many groups were signalled.
 pub fn kill_all() -> usize {
-    let mut r = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
-    r.closed = true;
-    for &pgid in &r.groups {
+    let mut closed = CLOSED.write().unwrap_or_else(PoisonError::into_inner);
+    *closed = true;
+    let groups = groups();
+    for &pgid in groups.iter() {
         // SAFETY: signalling a process group we started whose leader is not reaped yet.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
-    r.groups.len()
+    groups.len()
 }
 
 /// Groups recorded now (for tests and diagnostics).
 pub fn live() -> usize {
-    REGISTRY
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .groups
-        .len()
+    groups().len()
 }
 
 #[cfg(test)]
