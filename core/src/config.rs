@@ -256,7 +256,7 @@ impl ConfigSource {
             });
             Dict::new()
         });
-        let (env_dict, env) = parse_env(env).unwrap_or_else(|e| {
+        let (env_dict, env) = parse_env(&base, env).unwrap_or_else(|e| {
             errors.extend(e);
             Default::default()
         });
@@ -571,6 +571,7 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
 /// none is ever skipped silently. Values are never quoted in errors: they may be secrets.
 #[allow(clippy::type_complexity)]
 fn parse_env(
+    base: &Dict,
     vars: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<(Dict, Vec<(String, String)>), Vec<ConfigError>> {
     let mut vars: Vec<(String, OsString)> = vars
@@ -594,7 +595,7 @@ fn parse_env(
             message,
         };
         let path = match env_key_path(&name[ENV_PREFIX.len()..]) {
-            Ok(path) => path,
+            Ok(path) => spelled_as_in(base, path),
             Err(message) => {
                 errors.push(error("", message));
                 continue;
@@ -649,6 +650,34 @@ fn env_key_path(name: &str) -> Result<Vec<String>, String> {
         ));
     }
     Ok(segments.iter().map(|s| s.to_ascii_lowercase()).collect())
+}
+
+/// `path` (lowercase, from a variable name) spelled as the keys the file already has, compared
+/// without case: `WHARF_SERVICES__EXEC__OPTIONS__ENV__PATH` overrides an `env` table's `PATH`
+/// instead of adding a `path` next to it. Segments the file does not have stay lowercase.
+fn spelled_as_in(base: &Dict, path: Vec<String>) -> Vec<String> {
+    let mut table = Some(base);
+    path.into_iter()
+        .map(|segment| {
+            let found = table.and_then(|t| {
+                t.get_key_value(&segment)
+                    .or_else(|| t.iter().find(|(k, _)| k.eq_ignore_ascii_case(&segment)))
+            });
+            match found {
+                Some((key, value)) => {
+                    table = match value {
+                        Value::Dict(_, inner) => Some(inner),
+                        _ => None,
+                    };
+                    key.clone()
+                }
+                None => {
+                    table = None;
+                    segment
+                }
+            }
+        })
+        .collect()
 }
 
 /// Sets `path` in `dict` to `value`, creating tables on the way (callers rule out collisions).
@@ -1042,6 +1071,26 @@ mod tests {
             .err()
             .unwrap();
         assert!(errors[0].message.contains("not valid UTF-8"), "{errors:?}");
+    }
+
+    #[test]
+    fn env_overrides_reach_keys_spelled_with_capitals() {
+        // Variable names are case-insensitive: the override lands on the key the file has
+        // (`PATH`), not on a new lowercase `path` beside it that nothing reads.
+        let toml = "[services.x]\nplugin = 'exec'\nlisten = '127.0.0.1:1'\n\
+                    [services.x.options.env]\nPATH = '/bin'\n";
+        let src = with_env(
+            toml,
+            &[("WHARF_SERVICES__X__OPTIONS__ENV__PATH", "/nonexistent")],
+        )
+        .unwrap();
+        let env: BTreeMap<String, String> = src.extract("services.x.options.env", &[]).unwrap();
+        assert_eq!(env.len(), 1, "{env:?}");
+        assert_eq!(env["PATH"], "/nonexistent");
+        // A key the file does not have is created lowercase, as before.
+        let src = with_env(toml, &[("WHARF_SERVICES__X__OPTIONS__ENV__LANG", "C")]).unwrap();
+        let env: BTreeMap<String, String> = src.extract("services.x.options.env", &[]).unwrap();
+        assert_eq!(env["lang"], "C");
     }
 
     #[test]
