@@ -10,6 +10,7 @@
 //! std::process::exit(wharf::cli::main(registry));
 //! ```
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -56,6 +57,28 @@ pub struct BuiltService {
     pub shown_options: String,
     /// The plugin's request outcomes, registered as metric series at startup.
     pub outcomes: &'static [&'static str],
+    /// The same instance once more, for [`BuiltService::inherit_from`] across a reload.
+    pub instance: Instance,
+    inherit: fn(&dyn Any, &dyn Any),
+}
+
+/// A plugin instance with its type erased, kept by a running service so the generation that
+/// replaces it can [`inherit`](wharf_core::Plugin::inherit) from it.
+pub type Instance = Arc<dyn Any + Send + Sync>;
+
+impl BuiltService {
+    /// Lets this newly built generation share the service-wide bounds of `previous`, the
+    /// running instance it replaces (see [`wharf_core::Plugin::inherit`]). Nothing happens when
+    /// `previous` is another plugin.
+    pub fn inherit_from(&self, previous: &Instance) {
+        (self.inherit)(&*self.instance, &**previous);
+    }
+}
+
+fn inherit<P: Plugin>(new: &dyn Any, previous: &dyn Any) {
+    if let (Some(new), Some(previous)) = (new.downcast_ref::<P>(), previous.downcast_ref::<P>()) {
+        new.inherit(previous);
+    }
 }
 
 impl Registry {
@@ -140,7 +163,9 @@ fn build<P: Plugin>(
     let instance = Arc::new(instance);
     Ok(BuiltService {
         epoll: instance.clone(),
-        io_uring: instance,
+        io_uring: instance.clone(),
+        instance,
+        inherit: inherit::<P>,
         options: rendered,
         shown_options: shown,
         outcomes: P::OUTCOMES,

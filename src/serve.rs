@@ -37,7 +37,7 @@ use crate::activation::Activated;
 use crate::metrics_http;
 use crate::notify;
 use crate::plan::{Plan, PlannedService};
-use crate::registry::BuiltService;
+use crate::registry::{BuiltService, Instance};
 use crate::reload::{self, FileWatcher, ServiceKey, Step};
 
 /// A failure that stops `wharf serve`, already worded for the user.
@@ -158,6 +158,8 @@ struct RunningService {
     gate: Arc<ServiceGate>,
     /// Its socket came from systemd, which keeps its own copy open.
     activated: bool,
+    /// The plugin instance of that generation, which a replacing one inherits bounds from.
+    instance: Instance,
 }
 
 /// Everything the main thread needs to reload and to stop.
@@ -493,15 +495,27 @@ impl ReloadResult {
 
 impl<B: Backend> Running<B> {
     /// A gate and instance for a planned service. If a service of that name is running
-    /// (wherever it listens), the new generation shares its `max_connections` count.
+    /// (wherever it listens), the new generation shares its `max_connections` count, its
+    /// blocking threads, and what its plugin shares across generations ([`Plugin::inherit`]:
+    /// exec's process slots, output budget and auth-failure buckets).
+    ///
+    /// [`Plugin::inherit`]: wharf_core::Plugin::inherit
     fn new_generation(&self, svc: &PlannedService) -> Handler<worker::RawConnOf<B>> {
         let labels = ServiceLabels {
             service: svc.name.clone(),
             plugin: svc.config.plugin.clone(),
             backend: B::NAME.to_string(),
         };
-        let previous = self.generation_of(&svc.name);
-        let gate = ServiceGate::new(labels, &svc.config, svc.built.outcomes, previous.as_deref());
+        let previous = self.services.iter().find(|s| s.key.name == svc.name);
+        if let Some(previous) = previous {
+            svc.built.inherit_from(&previous.instance);
+        }
+        let gate = ServiceGate::new(
+            labels,
+            &svc.config,
+            svc.built.outcomes,
+            previous.map(|p| &*p.gate),
+        );
         Handler {
             gate,
             service: (self.instance)(&svc.built),
@@ -538,16 +552,9 @@ impl<B: Backend> Running<B> {
             slot,
             gate: handler.gate,
             activated,
+            instance: Arc::clone(&svc.built.instance),
         };
         (service, per_worker)
-    }
-
-    /// The generation now serving the service called `name`, if one is running.
-    fn generation_of(&self, name: &str) -> Option<Arc<ServiceGate>> {
-        self.services
-            .iter()
-            .find(|s| s.key.name == name)
-            .map(|s| Arc::clone(&s.gate))
     }
 
     /// Loads the config again and applies it; logs and counts the outcome. Never stops the
@@ -660,6 +667,7 @@ impl<B: Backend> Running<B> {
                         slot,
                         gate: handler.gate,
                         activated,
+                        instance: Arc::clone(&svc.built.instance),
                     });
                 }
                 Step::Start { new } => {

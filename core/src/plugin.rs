@@ -33,6 +33,15 @@ pub trait Plugin: Service + Sized {
     /// Builds the service from validated options; called once per service, before any socket
     /// is bound. Checks that need the outside world (a directory exists...) belong here.
     fn build(options: Self::Options) -> Result<Self, PluginError>;
+
+    /// Called when a config reload replaces a running generation of this service with this
+    /// newly built one, before it serves anything: the place to share bounds that must hold for
+    /// the service as a whole (process slots, memory budgets, rate limits), so that the old
+    /// generation's open sessions and the new one's count together. Nothing else carries over
+    /// from `previous`. The default shares nothing.
+    fn inherit(&self, previous: &Self) {
+        let _ = previous;
+    }
 }
 
 /// One documented option.

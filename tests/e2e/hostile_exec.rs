@@ -300,6 +300,57 @@ fn a_reload_keeps_idle_sessions_of_changed_services() {
     }
 }
 
+/// Reloads must not multiply exec's bounds: with `max_concurrent = 1`, a session opened before
+/// a reload (which changes the service, so a new generation serves new connections) and one
+/// opened after it share the one process slot. Before, each generation had its own slots, so
+/// every reload added `max_concurrent` (and `max_pending_output`) for old sessions.
+#[test]
+fn a_reload_does_not_multiply_the_services_bounds() {
+    for (i, backend) in backends().into_iter().enumerate() {
+        let dir = TempDir::new();
+        let config = |nice: u32| {
+            exec_config(
+                &dir,
+                "5s",
+                &format!("max_concurrent = 1\ntimeout = \"30s\"\nnice = {nice}"),
+                "sleep = { argv = [\"sleep\"], allow_args = true }",
+            )
+        };
+        let mut server = Server::start(&config(10), backend);
+        let mut old_session = connect(server.addr("exec"));
+        server.rewrite_config(&config(11));
+        server.expect_reload("configuration reloaded");
+        let mut new_session = connect(server.addr("exec"));
+
+        let marker = format!("3.{i}{}", std::process::id() % 1000);
+        let started = Instant::now();
+        old_session
+            .write_all(format!("sleep {marker}\n").as_bytes())
+            .unwrap();
+        wait_until(Duration::from_secs(15), "first command started", || {
+            processes_with(&format!("sleep {marker}")).len() == 1
+        });
+        new_session
+            .write_all(format!("sleep {marker}\n").as_bytes())
+            .unwrap();
+        // The second waits for the one slot: never two at once.
+        let mut peak = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            peak = peak.max(processes_with(&format!("sleep {marker}")).len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(peak, 1, "{backend}: both generations ran a command at once");
+        let first = read_size(&mut old_session);
+        let second = read_size(&mut new_session);
+        assert_eq!((first, second), (20, 20), "{backend}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(6),
+            "{backend}: the second command ran beside the first ({:?})",
+            started.elapsed()
+        );
+    }
+}
+
 /// Item 10: `sleep 1` then SHUT_WR is a client still reading: it gets its whole answer
 /// (before, the command was killed and nothing came back). A client that resets has its
 /// command killed.

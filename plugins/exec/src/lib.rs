@@ -180,11 +180,40 @@ pub struct Exec {
     allowlist: BTreeMap<String, Entry>,
     env: Vec<(String, String)>,
     cwd: PathBuf,
+    token: Option<String>,
+    nice: i32,
+    /// The sizes of this generation's bounds.
+    sizes: LimitSizes,
+    /// The bounds, shared with the generation this one replaced when a reload kept their
+    /// sizes ([`Plugin::inherit`]), else made on first use.
+    limits: std::sync::OnceLock<Arc<Limits>>,
+}
+
+/// `max_concurrent`, `max_pending_output`, `auth_failures_per_minute`.
+type LimitSizes = (usize, u64, u32);
+
+/// What bounds a service as a whole, across its workers and reload generations: old sessions
+/// and new ones draw from the same process slots, output budget and failure buckets, so a
+/// reload (every few seconds under `--watch-config`) cannot multiply them.
+struct Limits {
+    sizes: LimitSizes,
     slots: Arc<Semaphore>,
     output: Arc<budget::Budget>,
-    token: Option<String>,
     throttle: throttle::AuthThrottle,
-    nice: i32,
+}
+
+impl Exec {
+    fn limits(&self) -> &Arc<Limits> {
+        self.limits.get_or_init(|| {
+            let (concurrent, pending, auth) = self.sizes;
+            Arc::new(Limits {
+                sizes: self.sizes,
+                slots: Arc::new(Semaphore::new(concurrent)),
+                output: budget::Budget::new(pending),
+                throttle: throttle::AuthThrottle::new(auth),
+            })
+        })
+    }
 }
 
 /// `outcome` label values.
@@ -270,14 +299,15 @@ impl Exec {
         let Some(given) = line.strip_prefix("auth ") else {
             return (refusals::AUTH_REQUIRED, false);
         };
-        if !self.throttle.allowed(peer.ip()) {
-            self.throttle.failed(peer, true);
+        let throttle = &self.limits().throttle;
+        if !throttle.allowed(peer.ip()) {
+            throttle.failed(peer, true);
             return (refusals::AUTH_THROTTLED, false);
         }
         if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
             return ("ok", true);
         }
-        self.throttle.failed(peer, false);
+        throttle.failed(peer, false);
         (refusals::AUTH_FAILED, false)
     }
 
@@ -292,12 +322,16 @@ impl Exec {
         // Memory for its output, then a process slot, both within the command's timeout.
         let waiting_until = Instant::now() + entry.timeout;
         let reserve = running_reservation(entry.max_output);
-        let Some(mut reservation) = self.output.reserve(reserve, entry.timeout).await else {
+        let Some(mut reservation) = self.limits().output.reserve(reserve, entry.timeout).await
+        else {
             let text = refusals::BUSY_OUTPUT.as_bytes().to_vec();
             return Ok(Some((text, outcome::BUSY, None)));
         };
-        let Ok(Ok(slot)) =
-            tokio::time::timeout_at(waiting_until, Arc::clone(&self.slots).acquire_owned()).await
+        let Ok(Ok(slot)) = tokio::time::timeout_at(
+            waiting_until,
+            Arc::clone(&self.limits().slots).acquire_owned(),
+        )
+        .await
         else {
             return Ok(Some((
                 refusals::BUSY.as_bytes().to_vec(),
@@ -596,12 +630,23 @@ impl Plugin for Exec {
             allowlist,
             env: o.env.into_iter().collect(),
             cwd: o.cwd,
-            slots: Arc::new(Semaphore::new(o.max_concurrent)),
-            output: budget::Budget::new(o.max_pending_output),
             token: o.token,
-            throttle: throttle::AuthThrottle::new(o.auth_failures_per_minute),
             nice: o.nice,
+            sizes: (
+                o.max_concurrent,
+                o.max_pending_output,
+                o.auth_failures_per_minute,
+            ),
+            limits: std::sync::OnceLock::new(),
         })
+    }
+
+    fn inherit(&self, previous: &Self) {
+        let shared = previous.limits();
+        if shared.sizes == self.sizes {
+            // Set before this generation serves anything, so nothing made its own yet.
+            let _ = self.limits.set(Arc::clone(shared));
+        }
     }
 }
 
