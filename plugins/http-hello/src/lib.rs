@@ -15,7 +15,9 @@
 //! `Connection: close` honoured, HTTP/1.0 closes unless it asks for keep-alive, HEAD gets
 //! headers only, bodies (Content-Length or chunked) are read and discarded up to `max_body`
 //! (413 above), malformed requests get 400 (an invalid `Host` or request-target included), heads
-//! over 8 KiB get 431, CONNECT and TRACE get 405, a transfer coding other than chunked gets 501,
+//! over 8 KiB get 431 (414 if the request line alone is), HTTP/1.x with an unknown minor
+//! version is answered as HTTP/1.1, other major versions get 505, CONNECT and TRACE get 405, a
+//! transfer coding other than chunked gets 501,
 //! and a head that does not arrive within `header_timeout` of its first byte gets 408; each
 //! error closes the connection. A client that half-closes (shuts down its sending side) after
 //! its requests is still answered: only the end of its input is seen, not a disconnect.

@@ -278,15 +278,27 @@ fn deviations_from_rfc_9112_get_nginx_answers() {
             error_for(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n").await.status,
             400
         );
-        // Server-wide OPTIONS is what asterisk-form is for.
+        // RFC 9112 §3: a request line over the limit is 414; RFC 9110 §2.5: HTTP/2 over an
+        // HTTP/1 connection is 505 (nginx answers both so).
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(8200));
+        assert_eq!(error_for(long.as_bytes()).await.status, 414);
+        let r = error_recorded_as(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", SERVER_ERROR).await;
+        assert_eq!(r.status, 505);
+        // Server-wide OPTIONS is what asterisk-form is for; an unknown HTTP/1 minor version is
+        // answered as HTTP/1.1 (RFC 9110 §2.5, nginx too).
         let (conn, client) = testing::pipe();
         let server = testing::spawn(service(), conn);
-        let out = exchange(&client, &[b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"]).await;
+        let out = exchange(
+            &client,
+            &[b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.2\r\nHost: a\r\n\r\n"],
+        )
+        .await;
         let responses = parse_responses(&out, &[]);
         assert_eq!(
             responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-            [200]
+            [200, 200]
         );
+        assert_eq!(responses[1].header("connection"), None, "kept alive");
         server.await.unwrap().unwrap();
     });
 }
