@@ -282,11 +282,18 @@ fn rfc_9112_deviations_get_nginx_answers_on_both_backends() {
             // RFC 9112 §3.2.4: asterisk-form is for OPTIONS only.
             ("GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
             ("OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+            // RFC 9110 §2.5: an unknown minor version is processed as the highest one known;
+            // another major version is 505 (nginx answers both so).
+            ("GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+            ("GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         ];
         for (request, want) in cases {
             assert_eq!(raw_status(addr, request), want, "{backend}: {request:?}");
         }
-        server.wait_metric("wharf_requests_total", &labels(backend, "5xx"), 1.0);
+        // RFC 9112 §3: a request line over the limit is 414 URI Too Long, as in nginx.
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(8200));
+        assert_eq!(raw_status(addr, &long), 414, "{backend}");
+        server.wait_metric("wharf_requests_total", &labels(backend, "5xx"), 2.0);
 
         let python = python_client(PYTHON_DEVIATIONS, addr, &[]);
         if !python.is_empty() {
@@ -340,5 +347,56 @@ fn a_half_closed_client_is_still_answered_on_both_backends() {
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
         assert!(reply.starts_with("HTTP/1.1 200 OK"), "{backend}: {reply}");
+    }
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+fn resident_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Issue 14: 200 clients each pipelining 615 requests (16 KB) and reading nothing used to
+/// grow the server by ~20 MiB (~105 KB of response buffer kept per connection, for as long as
+/// it stayed open). Now a batch of responses is at most 16 KiB and the buffer shrinks back when
+/// the client stops sending: the growth stays under 12 MiB (measured ~6 MiB, most of it the
+/// ~17 KiB read buffer wharf_core::buffer keeps after a long read) while a normal client is
+/// still served within 2 s.
+#[test]
+fn pipelining_clients_that_never_read_hold_little_memory_on_both_backends() {
+    const CLIENTS: usize = 200;
+    const PIPELINED: usize = 615;
+    const GROWTH_LIMIT_KIB: u64 = 12 * 1024;
+    let served_within = |addr| {
+        let started = std::time::Instant::now();
+        assert_eq!(http_get(addr, "/"), (200, "Hello, World".to_string()));
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    };
+    for backend in backends() {
+        let server = Server::start(&http_config(""), backend);
+        let addr = server.addr("web");
+        served_within(addr);
+        let before = resident_kib(server.pid());
+        let batch = b"GET / HTTP/1.1\r\nHost:a\r\n\r\n".repeat(PIPELINED);
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut s = connect(addr);
+                s.write_all(&batch).unwrap();
+                s
+            })
+            .collect();
+        let answered = (1 + CLIENTS * PIPELINED) as f64;
+        server.wait_metric("wharf_requests_total", &labels(backend, "2xx"), answered);
+        served_within(addr);
+        let grown = resident_kib(server.pid()).saturating_sub(before);
+        eprintln!("{backend}: {CLIENTS} idle pipelining clients grew the server by {grown} KiB");
+        assert!(
+            grown < GROWTH_LIMIT_KIB,
+            "{backend}: {grown} KiB for {CLIENTS} clients"
+        );
+        drop(clients);
     }
 }

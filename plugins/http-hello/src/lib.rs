@@ -1,15 +1,23 @@
 //! The http-hello plugin: a real HTTP/1.1 server that answers every request with one body.
 //!
 //! Built for speed the way hyper and may-minihttp are: requests are parsed in place from the
-//! read buffer with httparse, every complete request of one read is answered into one output
+//! read buffer with httparse, the complete requests of one read are answered into one output
 //! buffer and written with one write (pipelining costs one syscall per batch), responses are
 //! prebuilt except for `Date`, which is rendered once per second per worker.
+//!
+//! The output buffer is bounded: a batch stops once it holds [`OUT_BATCH`] bytes (at least one
+//! response), the rest of the input waits for the next pass after the write, and the buffer
+//! shrinks back to [`OUT_IDLE`] bytes once the client stops streaming. 16 KiB of pipelined
+//! requests would otherwise become ~80 KiB of responses held per connection (much more with a
+//! larger body), kept for as long as the connection stays open.
 //!
 //! Protocol rules (PROTOCOLS.md, http-hello): keep-alive by default in HTTP/1.1,
 //! `Connection: close` honoured, HTTP/1.0 closes unless it asks for keep-alive, HEAD gets
 //! headers only, bodies (Content-Length or chunked) are read and discarded up to `max_body`
 //! (413 above), malformed requests get 400 (an invalid `Host` or request-target included), heads
-//! over 8 KiB get 431, CONNECT and TRACE get 405, a transfer coding other than chunked gets 501,
+//! over 8 KiB get 431 (414 if the request line alone is), HTTP/1.x with an unknown minor
+//! version is answered as HTTP/1.1, other major versions get 505, CONNECT and TRACE get 405, a
+//! transfer coding other than chunked gets 501,
 //! and a head that does not arrive within `header_timeout` of its first byte gets 408; each
 //! error closes the connection. A client that half-closes (shuts down its sending side) after
 //! its requests is still answered: only the end of its input is seen, not a disconnect.
@@ -32,6 +40,11 @@ use response::{push_error, with_date, Persistence, Responses};
 /// After a response that closes the connection, how long unread input is drained so the
 /// client receives the response instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// Bytes of responses one batch stops at (more only if a single response is larger).
+pub const OUT_BATCH: usize = 16 * 1024;
+/// Capacity of the output buffer while the client is not streaming.
+pub const OUT_IDLE: usize = 4096;
 
 /// `[services.<name>.options]` of an http-hello service.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +129,8 @@ struct Batch {
     error: Option<Status>,
     /// A response that closes the connection was appended.
     close: bool,
+    /// Stopped at [`OUT_BATCH`]: complete requests may remain in the input.
+    full: bool,
 }
 
 impl HttpHello {
@@ -126,6 +141,7 @@ impl HttpHello {
             ok: 0,
             error: None,
             close: false,
+            full: false,
         };
         let fail = |batch: &mut Batch, out: &mut Vec<u8>, status| {
             push_error(out, date, status);
@@ -156,6 +172,10 @@ impl HttpHello {
             }
             let rest = &input[batch.consumed..];
             if rest.is_empty() {
+                return batch;
+            }
+            if !out.is_empty() && out.len() + self.responses.max_len() > OUT_BATCH {
+                batch.full = true;
                 return batch;
             }
             let head = match request::parse(rest) {
@@ -217,7 +237,7 @@ impl Service for HttpHello {
     async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
         // Small while the client is quiet, large while it streams (see wharf_core::buffer).
         let mut input: Vec<u8> = Vec::with_capacity(buffer::IDLE);
-        let mut out: Vec<u8> = Vec::with_capacity(4096);
+        let mut out: Vec<u8> = Vec::with_capacity(OUT_IDLE);
         let mut session = Session {
             body: None,
             head_started: None,
@@ -255,25 +275,35 @@ impl Service for HttpHello {
             }
             let arrived = Instant::now();
 
-            out.clear();
-            let batch = with_date(|date| self.answer(&mut session, &input, &mut out, date));
-            if !out.is_empty() {
-                let (res, buf) = conn.write_all(out).await;
-                out = buf;
-                res?;
+            // Answer what arrived, at most OUT_BATCH bytes of responses per write.
+            loop {
+                out.clear();
+                let batch = with_date(|date| self.answer(&mut session, &input, &mut out, date));
+                if !out.is_empty() {
+                    let (res, buf) = conn.write_all(out).await;
+                    out = buf;
+                    res?;
+                }
+                let elapsed = arrived.elapsed();
+                for _ in 0..batch.ok {
+                    conn.record_request(OK, elapsed);
+                }
+                if let Some(status) = batch.error {
+                    conn.record_request(outcome(status), elapsed);
+                }
+                if batch.close {
+                    conn.shutdown().await?;
+                    return linger(&mut conn).await;
+                }
+                input.drain(..batch.consumed);
+                if !batch.full {
+                    break;
+                }
             }
-            let elapsed = arrived.elapsed();
-            for _ in 0..batch.ok {
-                conn.record_request(OK, elapsed);
+            // A short read: the client is not streaming, so the connection may now idle.
+            if n < room && out.capacity() > OUT_IDLE {
+                out = Vec::with_capacity(OUT_IDLE);
             }
-            if let Some(status) = batch.error {
-                conn.record_request(outcome(status), elapsed);
-            }
-            if batch.close {
-                conn.shutdown().await?;
-                return linger(&mut conn).await;
-            }
-            input.drain(..batch.consumed);
             buffer::size_for_next_read(&mut input, n, room);
         }
     }

@@ -6,9 +6,12 @@
 //! `Host` required in HTTP/1.1 and valid (§3.2), the request-target's form (§3.2: `*` only for
 //! OPTIONS), and the size limit of the head. Where RFC 9112 leaves a choice, the answer is
 //! nginx's: 501 for a transfer coding other than chunked, 405 for CONNECT and TRACE (this is
-//! neither a proxy nor a server that can reflect a request).
+//! neither a proxy nor a server that can reflect a request). A request line over the head limit
+//! is 414 (RFC 9112 §3), an unknown minor version of HTTP/1 is processed as HTTP/1.1 (RFC 9110
+//! §2.5), and any other major version is 505, as nginx does.
 
-/// Largest request head accepted (request line plus headers); larger is 431.
+/// Largest request head accepted (request line plus headers); larger is 431, or 414 when the
+/// request line alone is.
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Most header fields accepted; more is 431.
 const MAX_HEADERS: usize = 64;
@@ -52,10 +55,14 @@ pub enum Status {
     PayloadTooLarge,
     /// 431: head over [`MAX_HEAD`] or too many header fields.
     HeaderFieldsTooLarge,
+    /// 414: the request line alone is over [`MAX_HEAD`].
+    UriTooLong,
     /// 405: CONNECT or TRACE, which this server does not do.
     MethodNotAllowed,
     /// 501: a transfer coding other than chunked.
     NotImplemented,
+    /// 505: an HTTP major version other than 1.
+    VersionNotSupported,
 }
 
 impl Status {
@@ -68,12 +75,14 @@ impl Status {
             Status::HeaderFieldsTooLarge => "431 Request Header Fields Too Large",
             Status::MethodNotAllowed => "405 Method Not Allowed",
             Status::NotImplemented => "501 Not Implemented",
+            Status::UriTooLong => "414 URI Too Long",
+            Status::VersionNotSupported => "505 HTTP Version Not Supported",
         }
     }
 
     /// Whether the server, not the client, is the cause (a `5xx`).
     pub fn is_server_error(self) -> bool {
-        self == Status::NotImplemented
+        matches!(self, Status::NotImplemented | Status::VersionNotSupported)
     }
 }
 
@@ -83,14 +92,69 @@ pub const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Parses the request head at the start of `buf`: `Ok(None)` if it is not complete yet.
 pub fn parse(buf: &[u8]) -> Result<Option<Head>, Status> {
+    match parse_head(buf) {
+        Err(Status::BadRequest) => match version(buf) {
+            // httparse knows only 1.0 and 1.1: parse a copy of the head that says 1.1.
+            Some((b'1', at)) => {
+                let mut copy = buf[..buf.len().min(MAX_HEAD + 1)].to_vec();
+                copy[at] = b'1';
+                parse_head(&copy)
+            }
+            Some(_) => Err(Status::VersionNotSupported),
+            None => Err(Status::BadRequest),
+        },
+        other => other,
+    }
+}
+
+/// The request line at the start of `buf` (after the empty lines a server ignores, RFC 9112
+/// §2.2), without its line end; all of `buf` if it has no line end yet.
+fn request_line(buf: &[u8]) -> &[u8] {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[start..];
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    let line = &line[..end];
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The major version digit of a complete request line ending in `HTTP/<digit>.<digit>`, with
+/// the offset of its minor digit in `buf`; `None` for any other line.
+fn version(buf: &[u8]) -> Option<(u8, usize)> {
+    let line = request_line(buf);
+    let offset = line.as_ptr() as usize - buf.as_ptr() as usize;
+    let complete = buf
+        .get(offset + line.len())
+        .is_some_and(|&b| b == b'\r' || b == b'\n');
+    match line.split(|&b| b == b' ').next_back()? {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if complete && major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Some((*major, offset + line.len() - 1))
+        }
+        _ => None,
+    }
+}
+
+/// The status of a head over [`MAX_HEAD`]: 414 if its request line alone is.
+fn too_large(buf: &[u8]) -> Status {
+    if request_line(buf).len() > MAX_HEAD {
+        Status::UriTooLong
+    } else {
+        Status::HeaderFieldsTooLarge
+    }
+}
+
+/// [`parse`] for the versions httparse knows.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Status> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
-        Ok(httparse::Status::Complete(_)) => return Err(Status::HeaderFieldsTooLarge),
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(Status::HeaderFieldsTooLarge)
-        }
+        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf)),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(too_large(buf)),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Status::HeaderFieldsTooLarge),
         Err(_) => return Err(Status::BadRequest),
@@ -374,10 +438,6 @@ mod tests {
             head("G(T / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(Status::BadRequest)
         );
-        assert_eq!(
-            head("GET / HTTP/2.0\r\nHost: x\r\n\r\n"),
-            Err(Status::BadRequest)
-        );
         assert_eq!(head("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None));
         let big = format!(
             "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n",
@@ -387,6 +447,53 @@ mod tests {
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert_eq!(head(&many), Err(Status::HeaderFieldsTooLarge));
+    }
+
+    /// Issue 14: RFC 9112 §3 and RFC 9110 §2.5, as nginx answers.
+    #[test]
+    fn long_request_lines_and_unknown_versions() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(8200));
+        assert_eq!(head(&long), Err(Status::UriTooLong));
+        assert_eq!(
+            head(&long[..MAX_HEAD + 10]),
+            Err(Status::UriTooLong),
+            "no line end yet"
+        );
+        let long_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n", "a".repeat(8200));
+        assert_eq!(head(&long_header), Err(Status::HeaderFieldsTooLarge));
+
+        let h = head("GET / HTTP/1.2\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        assert!(h.keep_alive && !h.http10, "processed as HTTP/1.1");
+        assert_eq!(h.len, 27);
+        let h =
+            head("POST / HTTP/1.9\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\n");
+        let h = h.unwrap().unwrap();
+        assert_eq!((h.body, h.keep_alive), (Body::Length(3), false));
+        assert_eq!(head("GET / HTTP/1.2\r\nHost: x\r\n"), Ok(None));
+        assert_eq!(
+            head("GET / HTTP/1.2\r\n\r\n"),
+            Err(Status::BadRequest),
+            "no Host"
+        );
+        expect_each(
+            "GET / {}\r\nHost: x\r\n\r\n",
+            &["HTTP/2.0", "HTTP/3.0", "HTTP/0.9", "HTTP/9.9"],
+            Some(Status::VersionNotSupported),
+        );
+        expect_each(
+            "GET / {}\r\nHost: x\r\n\r\n",
+            &[
+                "HTTP/1.12",
+                "HTTP/1",
+                "HTTP/12.0",
+                "HTTP/1.x",
+                "http/1.1",
+                "HTTP/2.0 x",
+            ],
+            Some(Status::BadRequest),
+        );
+        assert!(Status::VersionNotSupported.is_server_error());
+        assert!(!Status::UriTooLong.is_server_error());
     }
 
     /// Parses `template` with `{}` replaced by each case: a complete head for `want` None,

@@ -38,6 +38,13 @@ impl Responses {
         }
     }
 
+    /// The longest 200 response [`Responses::push_ok`] appends.
+    pub fn max_len(&self) -> usize {
+        let date = "Date: ".len() + DATE_LEN + 2;
+        let persistence = "Connection: keep-alive\r\n\r\n".len();
+        self.ok_head.len() + date + persistence + self.body.len()
+    }
+
     /// Appends a 200 response.
     pub fn push_ok(
         &self,
@@ -133,6 +140,7 @@ mod tests {
             Persistence::KeepAlive,
             false,
         );
+        assert_eq!(out.len(), r.max_len());
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("Content-Length: 12\r\n"));

@@ -278,15 +278,27 @@ fn deviations_from_rfc_9112_get_nginx_answers() {
             error_for(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n").await.status,
             400
         );
-        // Server-wide OPTIONS is what asterisk-form is for.
+        // RFC 9112 §3: a request line over the limit is 414; RFC 9110 §2.5: HTTP/2 over an
+        // HTTP/1 connection is 505 (nginx answers both so).
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(8200));
+        assert_eq!(error_for(long.as_bytes()).await.status, 414);
+        let r = error_recorded_as(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", SERVER_ERROR).await;
+        assert_eq!(r.status, 505);
+        // Server-wide OPTIONS is what asterisk-form is for; an unknown HTTP/1 minor version is
+        // answered as HTTP/1.1 (RFC 9110 §2.5, nginx too).
         let (conn, client) = testing::pipe();
         let server = testing::spawn(service(), conn);
-        let out = exchange(&client, &[b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"]).await;
+        let out = exchange(
+            &client,
+            &[b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.2\r\nHost: a\r\n\r\n"],
+        )
+        .await;
         let responses = parse_responses(&out, &[]);
         assert_eq!(
             responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-            [200]
+            [200, 200]
         );
+        assert_eq!(responses[1].header("connection"), None, "kept alive");
         server.await.unwrap().unwrap();
     });
 }
@@ -382,4 +394,113 @@ fn options_are_validated_and_used() {
         HttpHello::build(bad).err().unwrap().option.as_deref(),
         Some("content_type")
     );
+}
+
+/// A [`testing::MemConn`] that remembers the largest output buffer the service handed to one
+/// write, and the capacity of the buffer of the last write: what the service holds.
+struct Watched {
+    inner: testing::MemConn,
+    seen: std::rc::Rc<std::cell::Cell<(usize, usize)>>,
+}
+
+impl Conn for Watched {
+    async fn read(&mut self, buf: Vec<u8>) -> wharf_core::BufResult<usize> {
+        self.inner.read(buf).await
+    }
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> wharf_core::BufResult<usize> {
+        let (largest, _) = self.seen.get();
+        self.seen.set((largest.max(buf.len()), buf.capacity()));
+        self.inner.write(buf, from).await
+    }
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        self.inner.try_read(buf)
+    }
+    fn peer_closed(&self) -> bool {
+        self.inner.peer_closed()
+    }
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown().await
+    }
+    fn peer_addr(&self) -> std::net::SocketAddr {
+        self.inner.peer_addr()
+    }
+    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        self.inner.record_request(outcome, elapsed)
+    }
+}
+
+/// Issue 14: 16 KiB of pipelined requests used to be answered into one ~80 KiB buffer (~700 KiB
+/// with a 1 KiB body), kept at that capacity while the connection idled.
+#[test]
+fn pipelined_output_is_bounded_per_write_and_shrinks_when_idle() {
+    for body in ["Hello, World".to_string(), "b".repeat(1024)] {
+        testing::block_on(async {
+            let svc = HttpHello::new(&HttpHelloOptions {
+                body: body.clone(),
+                ..Default::default()
+            });
+            let response_len = svc.responses.max_len() - "Connection: keep-alive\r\n".len();
+            let (conn, client) = testing::pipe();
+            let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+            let watched = Watched {
+                inner: conn,
+                seen: seen.clone(),
+            };
+            let server = tokio::task::spawn_local(async move { svc.serve(watched).await });
+            let requests = b"GET / HTTP/1.1\r\nHost:a\r\n\r\n".repeat(615);
+            let (_, out) = tokio::join!(
+                client.write_all(&requests),
+                client.read_exact(615 * response_len)
+            );
+            let responses = parse_responses(&out.unwrap(), &[]);
+            assert_eq!(responses.len(), 615);
+            assert!(responses
+                .iter()
+                .all(|r| r.status == 200 && r.body == body.as_bytes()));
+            let (largest, _) = seen.get();
+            assert!(
+                largest <= OUT_BATCH,
+                "one write of {largest} bytes (body {})",
+                body.len()
+            );
+            // The burst is over: the next exchange finds a small output buffer.
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost:a\r\n\r\n")
+                .await
+                .unwrap();
+            client.read_exact(response_len).await.unwrap();
+            let (_, capacity) = seen.get();
+            assert!(capacity <= OUT_IDLE, "{capacity} bytes held while idle");
+            client.close_write();
+            assert_eq!(client.read_to_end().await, b"");
+            server.await.unwrap().unwrap();
+            assert_eq!(client.recorded_requests().len(), 616);
+        });
+    }
+}
+
+/// Batches cut at OUT_BATCH keep pipelining exact: order, HEAD, bodies, the final close.
+#[test]
+fn pipelining_across_batch_limits_keeps_order_and_close() {
+    testing::block_on(async {
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(service(), conn);
+        let mut requests = MIXED.repeat(60);
+        requests.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        requests.extend_from_slice(b"GET /ignored HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(requests.len() < testing::DEFAULT_CAPACITY);
+        client.write_all(&requests).await.unwrap();
+        let out = client.read_to_end().await;
+        assert!(out.len() > 2 * OUT_BATCH, "the batch limit is crossed");
+        let head_only: Vec<bool> = MIXED_HEAD_ONLY.repeat(60);
+        let responses = parse_responses(&out, &head_only);
+        assert_eq!(responses.len(), 361);
+        for group in responses[..360].chunks(6) {
+            check_mixed(group);
+        }
+        assert_eq!(responses[360].header("connection"), Some("close"));
+        assert_eq!(client.recorded_requests(), vec![OK; 361]);
+        drop(client);
+        server.await.unwrap().unwrap();
+    });
 }
