@@ -524,3 +524,37 @@ fn resumes_that_leave_continue_one_hash_instead_of_starting_over() {
         let _ = server.await;
     });
 }
+
+#[test]
+fn a_listing_never_exceeds_32_kib_and_says_when_entries_are_left_out() {
+    let tree = Tree::new("list-cap");
+    let big = tree.root().join("big");
+    std::fs::create_dir(&big).unwrap();
+    // 2 000 names of 246 bytes: about 500 KB of listing before the cap.
+    for i in 0..2_000 {
+        let name = format!("{i:06}{}", "n".repeat(240));
+        std::fs::write(big.join(name), b"").unwrap();
+    }
+    testing::block_on(async {
+        // A client that never acknowledges: what the server holds for it is the announced size.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(tree.service(), conn);
+        client.write_all(b"list big\n").await.unwrap();
+        let n: usize = String::from_utf8(reply(&client).await)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n <= MAX_LISTING_BYTES, "a listing of {n} bytes");
+        assert!(n > MAX_LISTING_BYTES - 300, "the cap left room: {n} bytes");
+        client.write_all(b"ack").await.unwrap();
+        let listing = String::from_utf8(client.read_exact(n).await.unwrap()).unwrap();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.last(), Some(&"[more entries not shown]"));
+        assert!(lines.len() > 100, "{} lines", lines.len());
+        for line in &lines[..lines.len() - 1] {
+            assert!(line.starts_with("0\t") && line.len() == 248, "{line:?}");
+        }
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
