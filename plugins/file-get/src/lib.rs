@@ -394,10 +394,14 @@ async fn hash_and_send<C: Conn>(
         sent = first;
     }
     while progress.hashed < size {
-        if conn.peer_closed() {
+        let pos = progress.hashed;
+        // Before any byte went out, hashing below `offset` is for the trailer alone (a resume
+        // at the end of the file): a client that has stopped sending is taken as gone, since
+        // one that sent nothing never answers with the reset `peer_closed` waits for.
+        let unsent = sent == offset && pos < offset;
+        if conn.peer_closed() || (unsent && conn.peer_finished_sending()) {
             return Ok(Hashed::Short);
         }
-        let pos = progress.hashed;
         let want = (size - pos).min(CHUNK as u64) as usize;
         let (reading, mut step) = (Arc::clone(file), std::mem::take(progress));
         let job = move || {

@@ -558,3 +558,46 @@ fn a_listing_never_exceeds_32_kib_and_says_when_entries_are_left_out() {
         server.await.unwrap().unwrap();
     });
 }
+
+#[test]
+fn a_resume_at_the_end_by_a_client_that_closed_costs_no_hash() {
+    let tree = Tree::new("resume-end-closed");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(tree.root().join("big.bin"), &big).unwrap();
+    let svc = Arc::new(tree.service());
+    let size = big.len();
+    testing::block_on(async {
+        // Asks for nothing (`offset == size`), acknowledges and closes: nothing is ever sent
+        // to it, so no reset comes back, and before it cost a whole-file hash for nobody.
+        for _ in 0..4 {
+            let (conn, client) = testing::pipe();
+            let server = serve_shared(&svc, conn);
+            client
+                .write_all(format!("get big.bin {size}\n").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(reply(&client).await, b"0");
+            client.write_all(b"ack").await.unwrap();
+            client.close_write();
+            let _ = client.read_to_end().await;
+            let _ = server.await.unwrap();
+        }
+        assert_eq!(svc.digests_computed(), 0);
+        let hashed = svc.bytes_hashed();
+        assert!(hashed <= CHUNK as u64, "hashed {hashed} bytes for nobody");
+
+        // A client still talking gets the trailer of the same request.
+        let (conn, client) = testing::pipe();
+        let server = serve_shared(&svc, conn);
+        let got = get(&client, &format!("get big.bin {size}")).await;
+        assert_eq!(
+            got,
+            Got::File {
+                data: Vec::new(),
+                trailer: md5_hex(&big),
+            }
+        );
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
