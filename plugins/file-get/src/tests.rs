@@ -601,3 +601,25 @@ fn a_resume_at_the_end_by_a_client_that_closed_costs_no_hash() {
         server.await.unwrap().unwrap();
     });
 }
+
+#[test]
+fn a_request_from_a_client_that_already_reset_runs_no_blocking_job() {
+    let tree = Tree::new("reset-before");
+    testing::block_on(async {
+        for command in ["get a.txt\n", "list\n", "list sub\n"] {
+            let (conn, client) = testing::pipe();
+            client.write_all(command.as_bytes()).await.unwrap();
+            drop(client); // asked and reset before the server read the request
+            let err = testing::spawn(tree.service(), conn)
+                .await
+                .unwrap()
+                .unwrap_err();
+            // Before: the open (and listing) jobs ran, and the first write met a broken pipe.
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset,
+                "{command}: {err}"
+            );
+        }
+    });
+}
