@@ -16,7 +16,7 @@
 //! a client would hold its thread as long as the client wants.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -37,8 +37,12 @@ struct Pool {
     queue: Mutex<mpsc::Sender<Job>>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     started: AtomicUsize,
-    /// Threads waiting for a job.
-    idle: Arc<AtomicUsize>,
+    /// Threads waiting for a job minus jobs sent and not yet taken: above 0, that many
+    /// threads are free to take a job at once; at or below 0, a new job waits behind others
+    /// (or for a thread still starting). Threads add 1 just before they wait for a job, and
+    /// each submitted job takes 1, so a thread that goes from one job straight to a queued one
+    /// is never counted as free.
+    free: Arc<AtomicIsize>,
     running: Gauge,
     queued: Counter,
     queue_time: Histogram,
@@ -62,7 +66,7 @@ impl BlockingBudget {
             queue: Mutex::new(tx),
             jobs: Arc::new(Mutex::new(rx)),
             started: AtomicUsize::new(0),
-            idle: Arc::new(AtomicUsize::new(0)),
+            free: Arc::new(AtomicIsize::new(0)),
             running: metrics::gauge!(names::BLOCKING_RUNNING, l.clone()),
             queued: metrics::counter!(names::BLOCKING_QUEUED, l.clone()),
             queue_time: metrics::histogram!(names::BLOCKING_QUEUE_DURATION, l),
@@ -105,11 +109,8 @@ impl BlockingBudget {
 
 impl Pool {
     fn submit(&self, job: Job) -> io::Result<()> {
-        // Claim an idle thread; with none, start one if the budget allows, else wait in line.
-        let claimed = self
-            .idle
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
+        // Take a free thread; with none, start one if the budget allows, else wait in line.
+        let claimed = self.free.fetch_sub(1, Ordering::AcqRel) > 0;
         if !claimed {
             let grown = self
                 .started
@@ -118,7 +119,10 @@ impl Pool {
                 })
                 .is_ok();
             if grown {
-                self.spawn_thread()?;
+                if let Err(e) = self.spawn_thread() {
+                    self.free.fetch_add(1, Ordering::AcqRel);
+                    return Err(e);
+                }
             } else {
                 self.queued.increment(1);
             }
@@ -130,16 +134,17 @@ impl Pool {
     }
 
     fn spawn_thread(&self) -> io::Result<()> {
-        let (jobs, idle) = (Arc::clone(&self.jobs), Arc::clone(&self.idle));
+        let (jobs, free) = (Arc::clone(&self.jobs), Arc::clone(&self.free));
         let spawned = std::thread::Builder::new()
             .name("wharf-blocking".into())
             .spawn(move || loop {
+                // Free from now until a job arrives (whose submit took the 1 back).
+                free.fetch_add(1, Ordering::AcqRel);
                 let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 match next {
                     Ok(job) => job(),
                     Err(_) => return, // the service is gone
                 }
-                idle.fetch_add(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             self.started.fetch_sub(1, Ordering::AcqRel);
@@ -261,6 +266,79 @@ mod tests {
         let done = runtime().block_on(futures_join_all(jobs));
         assert_eq!(done.len(), 1000);
         assert_eq!(budget.pool.started.load(Ordering::SeqCst), 3);
+    }
+
+    /// Counts `wharf_blocking_jobs_queued_total` in an atomic; every other metric is dropped.
+    struct QueuedRecorder(Arc<std::sync::atomic::AtomicU64>);
+
+    impl metrics::Recorder for QueuedRecorder {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> Counter {
+            if key.name() == names::BLOCKING_QUEUED {
+                Counter::from_arc(Arc::clone(&self.0))
+            } else {
+                Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn every_burst_larger_than_the_pool_is_counted_as_queued() {
+        let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let recorder = QueuedRecorder(Arc::clone(&queued));
+        let budget = Arc::new(metrics::with_local_recorder(&recorder, || {
+            BlockingBudget::new(2, &labels(), None)
+        }));
+        for burst in 1..=3u64 {
+            // 5 jobs on 2 threads, all submitted before the first one ends: 3 wait in line.
+            let jobs = (0..5).map(|_| {
+                let budget = Arc::clone(&budget);
+                async move {
+                    budget
+                        .run(|| std::thread::sleep(Duration::from_millis(30)))
+                        .await
+                        .unwrap()
+                }
+            });
+            runtime().block_on(futures_join_all(jobs));
+            assert_eq!(queued.load(Ordering::SeqCst), 3 * burst, "burst {burst}");
+            // Both threads back waiting before the next burst (they are once they count).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while budget.pool.free.load(Ordering::SeqCst) < 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the threads never came back"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(budget.pool.free.load(Ordering::SeqCst), 2);
+        }
     }
 
     /// Polls every future to completion, in order of the results.

@@ -72,6 +72,21 @@ pub trait Conn {
     /// stream is what [`Conn::read`] returning `0` reports, not this.
     fn peer_closed(&self) -> bool;
 
+    /// Whether the peer has finished sending (it sent FIN: `shutdown(SHUT_WR)` or a close;
+    /// `POLLRDHUP`), or is gone as [`Conn::peer_closed`] says; checked without consuming input
+    /// or waiting.
+    ///
+    /// A peer that finished sending may still be reading, so this is *not* a disconnect in
+    /// general: use it only for work whose result the peer has not been sent any of and that
+    /// it may not want at all. file-get's resume at the very end of a file (`get f <size>`)
+    /// is the case: nothing of the file is sent, so a client that asked and closed never
+    /// answers with a reset, and [`Conn::peer_closed`] would let it cost a whole-file hash;
+    /// such a client gives up its trailer instead. The default (`false`: never finished) keeps
+    /// connections that cannot tell serving.
+    fn peer_finished_sending(&self) -> bool {
+        false
+    }
+
     /// Sends `len` bytes of `file` starting at `offset`; returns how many were sent, fewer only
     /// if the file ended first. Backends override it with a zero-copy path that keeps file
     /// reads off the worker; this portable fallback reads 64 KiB at a time and writes them.

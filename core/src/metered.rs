@@ -187,6 +187,10 @@ impl<C: Conn> Conn for Metered<C> {
         self.inner.peer_closed()
     }
 
+    fn peer_finished_sending(&self) -> bool {
+        self.inner.peer_finished_sending()
+    }
+
     async fn blocking<R: Send + 'static>(
         &self,
         job: impl FnOnce() -> R + Send + 'static,

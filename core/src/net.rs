@@ -102,6 +102,21 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
+/// Whether the peer of a connected socket has finished sending: it sent FIN (`POLLRDHUP`, also
+/// with unread bytes still queued) or the connection was reset or failed, asked like
+/// [`peer_closed`]. Shared implementation of
+/// [`Conn::peer_finished_sending`](crate::Conn::peer_finished_sending).
+pub fn peer_finished_sending(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).
 pub const SENDFILE_MAX: u64 = 0x7fff_f000;
 

@@ -218,6 +218,13 @@ impl Conn for MemConn {
         s.to_client.reader_gone
     }
 
+    /// After the client's [`Client::close_write`] (or drop), unread bytes or not, like a
+    /// socket's `POLLRDHUP`.
+    fn peer_finished_sending(&self) -> bool {
+        let s = self.shared.borrow();
+        s.to_server.writer_closed || s.to_client.reader_gone
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.shared.borrow_mut().to_client.close_writer();
         Ok(())

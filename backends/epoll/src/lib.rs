@@ -93,6 +93,10 @@ impl Conn for TcpConn {
         wharf_core::net::peer_closed(self.stream.as_raw_fd())
     }
 
+    fn peer_finished_sending(&self) -> bool {
+        wharf_core::net::peer_finished_sending(self.stream.as_raw_fd())
+    }
+
     /// `sendfile(2)` driven by socket readiness, on the worker: no thread per transfer, and
     /// a slow client costs nothing but its socket. Pages already in the page cache (the case
     /// this is built for) are copied at memory speed; a cold page makes that one call wait

@@ -178,6 +178,10 @@ impl Conn for TcpConn {
         wharf_core::net::peer_closed(self.stream.as_raw_fd())
     }
 
+    fn peer_finished_sending(&self) -> bool {
+        wharf_core::net::peer_finished_sending(self.stream.as_raw_fd())
+    }
+
     /// `sendfile(2)` on the worker, waiting for socket writability through tokio's reactor
     /// (which runs under tokio-uring): tokio-uring 0.5 exposes no splice or sendfile
     /// operation, and running it on the blocking pool held a thread for as long as a client did

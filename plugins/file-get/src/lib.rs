@@ -43,7 +43,7 @@ use wharf_core::command::{send_framed, CommandReader, Frame};
 use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
 
 use digest::{hex, DigestCache, FileKey, Progress};
-use resolve::{fstat, Denied, Listed, Root, Want};
+use resolve::{fstat, Denied, ListCap, Root, Want};
 
 /// Bytes read and hashed per blocking job of a cold download.
 const CHUNK: usize = 256 * 1024;
@@ -55,6 +55,12 @@ thread_local! {
 }
 /// Most entries a listing shows.
 const MAX_LISTED: usize = 10_000;
+/// Most bytes of a listing's text, the last line included: what one connection that never
+/// acknowledges a listing holds.
+const MAX_LISTING_BYTES: usize = 32 * 1024;
+/// The last line of a listing that left entries out (how many is not counted: see
+/// [`resolve::list`]).
+const MORE_ENTRIES: &str = "[more entries not shown]\n";
 /// Files modified more recently than this are not cached (timestamps have coarse ticks).
 const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 /// What the digest slot carries when the file changed during the transfer.
@@ -186,6 +192,7 @@ impl FileGet {
         path: &str,
         want: Want,
     ) -> io::Result<Result<File, Denied>> {
+        still_there(conn)?;
         let root = Arc::clone(&self.root);
         let path = path.to_string();
         conn.blocking(move || root.open_beneath(&path, want)).await
@@ -255,24 +262,36 @@ impl FileGet {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
-        // Directories can be huge: read them off the worker.
-        let (entries, left_out) = conn
-            .blocking(move || resolve::list(&handle, MAX_LISTED))
-            .await??;
-        let mut text = String::new();
+        still_there(conn)?;
+        // Directories can be huge: read them off the worker, and only as much as is shown.
+        let cap = ListCap {
+            entries: MAX_LISTED,
+            bytes: MAX_LISTING_BYTES - MORE_ENTRIES.len(),
+        };
+        let (entries, more) = conn.blocking(move || resolve::list(&handle, cap)).await??;
+        let mut text = String::with_capacity(MAX_LISTING_BYTES);
         for entry in &entries {
-            match entry {
-                Listed::File(name, size) => text.push_str(&format!("{size}\t{name}\n")),
-                Listed::Dir(name) => text.push_str(&format!("-\t{name}/\n")),
-            }
+            text.push_str(&entry.line());
         }
-        if left_out > 0 {
-            text.push_str(&format!("[{left_out} more entries not shown]\n"));
+        if more {
+            text.push_str(MORE_ENTRIES);
         }
         // Sent even to a client that half-closed instead of acknowledging (see `get`).
         send_framed(conn, reader, text.into_bytes()).await?;
         Ok(Done::Answered(outcome::OK))
     }
+}
+
+/// Checked before each blocking job of a request: a client that already reset (it asked and
+/// left) gets no thread of the budget spent on it. An error, like the reset a write would meet.
+fn still_there<C: Conn>(conn: &C) -> io::Result<()> {
+    if conn.peer_closed() {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the client reset the connection",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the open file still is the version `key` describes.
@@ -375,10 +394,14 @@ async fn hash_and_send<C: Conn>(
         sent = first;
     }
     while progress.hashed < size {
-        if conn.peer_closed() {
+        let pos = progress.hashed;
+        // Before any byte went out, hashing below `offset` is for the trailer alone (a resume
+        // at the end of the file): a client that has stopped sending is taken as gone, since
+        // one that sent nothing never answers with the reset `peer_closed` waits for.
+        let unsent = sent == offset && pos < offset;
+        if conn.peer_closed() || (unsent && conn.peer_finished_sending()) {
             return Ok(Hashed::Short);
         }
-        let pos = progress.hashed;
         let want = (size - pos).min(CHUNK as u64) as usize;
         let (reading, mut step) = (Arc::clone(file), std::mem::take(progress));
         let job = move || {

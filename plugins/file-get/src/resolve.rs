@@ -299,13 +299,37 @@ impl Listed {
             Listed::File(n, _) | Listed::Dir(n) => n,
         }
     }
+
+    /// The entry's line in a listing: `<size>\t<name>\n`, or `-\t<name>/\n` for a directory.
+    pub fn line(&self) -> String {
+        match self {
+            Listed::File(name, size) => format!("{size}\t{name}\n"),
+            Listed::Dir(name) => format!("-\t{name}/\n"),
+        }
+    }
+}
+
+/// What [`list`] may show: at most `entries` entries whose [`Listed::line`]s take at most
+/// `bytes` bytes together.
+#[derive(Debug, Clone, Copy)]
+pub struct ListCap {
+    /// Most entries.
+    pub entries: usize,
+    /// Most bytes of their lines.
+    pub bytes: usize,
 }
 
 /// Lists regular files and directories of an open directory (symlinks and special files are
 /// left out: following them could leave the root; so are names with control characters, which
-/// could forge lines of the listing), sorted by name. At most `cap` entries are kept; the
-/// second value counts those left out.
-pub fn list(dir: &File, cap: usize) -> io::Result<(Vec<Listed>, usize)> {
+/// could forge lines of the listing), sorted by name. The second value says whether entries
+/// were left out.
+///
+/// The work is bounded by `cap`, whatever the directory holds: reading stops at the first
+/// entry that does not fit (it is not counted, nor are the ones after it: counting would cost
+/// a `readdir` and a `stat` each), only entries whose type `readdir` reports as file,
+/// directory or unknown are `stat`ed, and at most `2 * cap.entries` names are read in all
+/// (after that, the rest is reported as left out, even if all of it would have been skipped).
+pub fn list(dir: &File, cap: ListCap) -> io::Result<(Vec<Listed>, bool)> {
     // fdopendir takes ownership of the descriptor it is given: give it a duplicate.
     let dup = dir.try_clone()?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(dup);
@@ -317,19 +341,38 @@ pub fn list(dir: &File, cap: usize) -> io::Result<(Vec<Listed>, usize)> {
         unsafe { libc::close(fd) };
         return Err(e);
     }
+    // The duplicate shares its position with `dir`: start from the first entry even if `dir`
+    // was listed before.
+    // SAFETY: a valid DIR*.
+    unsafe { libc::rewinddir(stream) };
     let mut out = Vec::new();
-    let mut left_out = 0usize;
+    let (mut bytes, mut read) = (0usize, 0usize);
+    let mut more = false;
     loop {
         // SAFETY: `stream` is a valid DIR* until closedir below.
         let entry = unsafe { libc::readdir64(stream) };
         if entry.is_null() {
             break;
         }
+        read += 1;
         // SAFETY: readdir returned a valid entry with a NUL-terminated name.
-        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
-        let bytes = name.to_bytes();
-        if bytes == b"." || bytes == b".." || bytes.iter().any(u8::is_ascii_control) {
+        let (name, d_type) = unsafe {
+            (
+                std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()),
+                (*entry).d_type,
+            )
+        };
+        let bytes_of_name = name.to_bytes();
+        if bytes_of_name == b"."
+            || bytes_of_name == b".."
+            || bytes_of_name.iter().any(u8::is_ascii_control)
+            || !matches!(d_type, libc::DT_REG | libc::DT_DIR | libc::DT_UNKNOWN)
+        {
             continue;
+        }
+        if out.len() >= cap.entries || read > cap.entries.saturating_mul(2) {
+            more = true;
+            break;
         }
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid directory descriptor, name and stat buffer.
@@ -345,24 +388,24 @@ pub fn list(dir: &File, cap: usize) -> io::Result<(Vec<Listed>, usize)> {
             continue;
         }
         let kind = st.st_mode & libc::S_IFMT;
-        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
-            continue;
+        let name = String::from_utf8_lossy(bytes_of_name).into_owned();
+        let listed = match kind {
+            libc::S_IFREG => Listed::File(name, st.st_size as u64),
+            libc::S_IFDIR => Listed::Dir(name),
+            _ => continue,
+        };
+        let len = listed.line().len();
+        if bytes + len > cap.bytes {
+            more = true;
+            break;
         }
-        if out.len() >= cap {
-            left_out += 1;
-            continue;
-        }
-        let name = String::from_utf8_lossy(bytes).into_owned();
-        out.push(if kind == libc::S_IFREG {
-            Listed::File(name, st.st_size as u64)
-        } else {
-            Listed::Dir(name)
-        });
+        bytes += len;
+        out.push(listed);
     }
     // SAFETY: closes the stream and the descriptor it owns.
     unsafe { libc::closedir(stream) };
     out.sort_by(|a, b| a.name().cmp(b.name()));
-    Ok((out, left_out))
+    Ok((out, more))
 }
 
 #[cfg(test)]
@@ -439,6 +482,57 @@ mod tests {
             return;
         }
         inside_allowed_outside_refused(openat2_beneath, root.as_raw_fd());
+    }
+
+    #[test]
+    fn a_listing_stops_reading_at_its_cap() {
+        let tree = Tree::new("cap");
+        let many = tree.0.join("root/many");
+        std::fs::create_dir(&many).unwrap();
+        for i in 0..20_000 {
+            std::fs::write(many.join(format!("f{i}")), b"").unwrap();
+        }
+        let dir = File::open(&many).unwrap();
+        let all = ListCap {
+            entries: usize::MAX / 4,
+            bytes: usize::MAX,
+        };
+        let few = ListCap {
+            entries: 10,
+            bytes: usize::MAX,
+        };
+        let (listed, more) = list(&dir, all).unwrap();
+        assert_eq!((listed.len(), more), (20_000, false));
+        let (listed, more) = list(&dir, few).unwrap();
+        assert_eq!((listed.len(), more), (10, true));
+        let (listed, more) = list(
+            &dir,
+            ListCap {
+                entries: 100,
+                bytes: 50,
+            },
+        )
+        .unwrap();
+        let bytes: usize = listed.iter().map(|l| l.line().len()).sum();
+        assert!(more && bytes <= 50 && bytes > 40, "{bytes} bytes");
+        // Reading on past the cap (to count what is left out) costs a readdir and a stat per
+        // entry: a capped listing of 20 000 entries then costs as much as the whole listing.
+        let fastest = |cap: ListCap| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    list(&dir, cap).unwrap();
+                    t.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let (whole, capped) = (fastest(all), fastest(few));
+        eprintln!("20 000 entries: whole listing {whole:?}, capped at 10 {capped:?}");
+        assert!(
+            capped * 10 < whole,
+            "a capped listing took {capped:?}, the whole one {whole:?}"
+        );
     }
 
     #[test]

@@ -524,3 +524,102 @@ fn resumes_that_leave_continue_one_hash_instead_of_starting_over() {
         let _ = server.await;
     });
 }
+
+#[test]
+fn a_listing_never_exceeds_32_kib_and_says_when_entries_are_left_out() {
+    let tree = Tree::new("list-cap");
+    let big = tree.root().join("big");
+    std::fs::create_dir(&big).unwrap();
+    // 2 000 names of 246 bytes: about 500 KB of listing before the cap.
+    for i in 0..2_000 {
+        let name = format!("{i:06}{}", "n".repeat(240));
+        std::fs::write(big.join(name), b"").unwrap();
+    }
+    testing::block_on(async {
+        // A client that never acknowledges: what the server holds for it is the announced size.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(tree.service(), conn);
+        client.write_all(b"list big\n").await.unwrap();
+        let n: usize = String::from_utf8(reply(&client).await)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n <= MAX_LISTING_BYTES, "a listing of {n} bytes");
+        assert!(n > MAX_LISTING_BYTES - 300, "the cap left room: {n} bytes");
+        client.write_all(b"ack").await.unwrap();
+        let listing = String::from_utf8(client.read_exact(n).await.unwrap()).unwrap();
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.last(), Some(&"[more entries not shown]"));
+        assert!(lines.len() > 100, "{} lines", lines.len());
+        for line in &lines[..lines.len() - 1] {
+            assert!(line.starts_with("0\t") && line.len() == 248, "{line:?}");
+        }
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_resume_at_the_end_by_a_client_that_closed_costs_no_hash() {
+    let tree = Tree::new("resume-end-closed");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(tree.root().join("big.bin"), &big).unwrap();
+    let svc = Arc::new(tree.service());
+    let size = big.len();
+    testing::block_on(async {
+        // Asks for nothing (`offset == size`), acknowledges and closes: nothing is ever sent
+        // to it, so no reset comes back, and before it cost a whole-file hash for nobody.
+        for _ in 0..4 {
+            let (conn, client) = testing::pipe();
+            let server = serve_shared(&svc, conn);
+            client
+                .write_all(format!("get big.bin {size}\n").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(reply(&client).await, b"0");
+            client.write_all(b"ack").await.unwrap();
+            client.close_write();
+            let _ = client.read_to_end().await;
+            let _ = server.await.unwrap();
+        }
+        assert_eq!(svc.digests_computed(), 0);
+        let hashed = svc.bytes_hashed();
+        assert!(hashed <= CHUNK as u64, "hashed {hashed} bytes for nobody");
+
+        // A client still talking gets the trailer of the same request.
+        let (conn, client) = testing::pipe();
+        let server = serve_shared(&svc, conn);
+        let got = get(&client, &format!("get big.bin {size}")).await;
+        assert_eq!(
+            got,
+            Got::File {
+                data: Vec::new(),
+                trailer: md5_hex(&big),
+            }
+        );
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_request_from_a_client_that_already_reset_runs_no_blocking_job() {
+    let tree = Tree::new("reset-before");
+    testing::block_on(async {
+        for command in ["get a.txt\n", "list\n", "list sub\n"] {
+            let (conn, client) = testing::pipe();
+            client.write_all(command.as_bytes()).await.unwrap();
+            drop(client); // asked and reset before the server read the request
+            let err = testing::spawn(tree.service(), conn)
+                .await
+                .unwrap()
+                .unwrap_err();
+            // Before: the open (and listing) jobs ran, and the first write met a broken pipe.
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset,
+                "{command}: {err}"
+            );
+        }
+    });
+}
