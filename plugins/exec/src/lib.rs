@@ -1,6 +1,6 @@
 //! The exec plugin: runs allowlisted commands for remote clients. Security-critical.
 //!
-//! Wire contract (PROTOCOLS.md, exec): the client sends a command line (terminated or not, see
+//! Wire contract (docs/protocols.md, exec): the client sends a command line (terminated or not, see
 //! `wharf_core::command`), the server answers with the result's length in decimal, waits for an
 //! acknowledgement, then sends the result: stdout, then stderr, then a last line such as
 //! `[exit status 2]` when the command did not succeed.

@@ -1,6 +1,6 @@
 //! The file-get plugin: downloads confined to a root, resumable, verified by a whole-file MD5.
 //!
-//! Wire contract (PROTOCOLS.md, file-get): `get <path> [<offset>]` is answered with the number
+//! Wire contract (docs/protocols.md, file-get): `get <path> [<offset>]` is answered with the number
 //! of bytes that follow (from `offset` to the end), the client acknowledges, the bytes come,
 //! then 32 lowercase hex digits: the MD5 of the *whole* file, or `ERR file changed` if the
 //! file changed while it was being sent. `list [<dir>]` is answered like an exec result (size,

@@ -11,7 +11,7 @@
 //! requests would otherwise become ~80 KiB of responses held per connection (much more with a
 //! larger body), kept for as long as the connection stays open.
 //!
-//! Protocol rules (PROTOCOLS.md, http-hello): keep-alive by default in HTTP/1.1,
+//! Protocol rules (docs/protocols.md, http-hello): keep-alive by default in HTTP/1.1,
 //! `Connection: close` honoured, HTTP/1.0 closes unless it asks for keep-alive, HEAD gets
 //! headers only, bodies (Content-Length or chunked) are read and discarded up to `max_body`
 //! (413 above), malformed requests get 400 (an invalid `Host` or request-target included), heads
