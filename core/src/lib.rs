@@ -8,7 +8,7 @@
 //! - [`worker`]: the accept loop and the worker body every backend runs: admission, metering,
 //!   spawning, graceful drain.
 //! - [`gate`]: per-service admission (`allow_from`, `max_connections`) and metric handles.
-//! - [`blocking`]: each service's budget of concurrent blocking-pool jobs (`max_blocking`).
+//! - [`blocking`]: each service's own threads for blocking jobs (`max_blocking`).
 //! - [`metered`]: the [`Conn`] wrapper that counts bytes and enforces `idle_timeout`.
 //! - [`conn`] and [`service`]: the two traits a plugin author meets.
 //! - [`plugin`]: how a plugin names itself and declares typed options.
