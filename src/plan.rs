@@ -115,6 +115,14 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
                 config: svc.clone(),
                 built,
             }),
+            Err(e) if needs_the_repository(&source, name, &svc.plugin, &e) => {
+                tracing::warn!(
+                    service = %name,
+                    "left out of the embedded default config: {}; run wharf from the \
+                     repository (its files/ directory) or give a config with --config",
+                    e[0]
+                );
+            }
             Err(e) => errors.extend(e),
         }
     }
@@ -129,6 +137,23 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
     } else {
         Err(errors)
     }
+}
+
+/// The embedded default's file-get service serves `files`, relative to the working directory:
+/// the repository's sample files. Started anywhere else, that service is left out (with a
+/// warning) rather than stopping `wharf serve` from any directory; a config file given with
+/// `--config` gets no such leniency.
+fn needs_the_repository(
+    source: &ConfigSource,
+    service: &str,
+    plugin: &str,
+    errors: &[ConfigError],
+) -> bool {
+    let root_key = format!("services.{service}.options.root");
+    source.origin() == wharf_core::config::EMBEDDED_ORIGIN
+        && plugin == "file-get"
+        && !errors.is_empty()
+        && errors.iter().all(|e| e.key == root_key)
 }
 
 fn overrides_dict(o: &Overrides) -> Dict {

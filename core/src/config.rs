@@ -203,6 +203,9 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// unbounded depth overflows the stack.
 pub const MAX_DEPTH: usize = 32;
 
+/// How errors name the embedded default config (`wharf serve` without `--config`).
+pub const EMBEDDED_ORIGIN: &str = "embedded configs/default.toml";
+
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WHARF_";
 
@@ -235,7 +238,7 @@ impl ConfigSource {
                 })?;
                 Self::from_parts(&text, &origin, env, overrides)
             }
-            None => Self::from_parts(embedded, "embedded configs/default.toml", env, overrides),
+            None => Self::from_parts(embedded, EMBEDDED_ORIGIN, env, overrides),
         }
     }
 

@@ -39,6 +39,43 @@ fn check_accepts_the_embedded_default_and_prints_services() {
     );
 }
 
+/// The embedded default works from any directory: outside the repository (no `files/` there)
+/// its file-get service is left out with a warning saying why, the others are valid. A config
+/// given with `--config` gets no such leniency: a missing root stays an error.
+#[test]
+fn the_embedded_default_works_outside_the_repository() {
+    let dir = TempDir::new();
+    let out = Command::new(WHARF)
+        .arg("check")
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("service echo: plugin = echo"), "{text}");
+    assert!(!text.contains("service files:"), "{text}");
+    assert!(text.contains("ok: 3 service(s) valid"), "{text}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("left out of the embedded default config")
+            && err.contains("services.files.options.root"),
+        "{err}"
+    );
+
+    let path = dir.write(
+        "own.toml",
+        "[services.files]\nplugin = \"file-get\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.files.options]\nroot = \"files\"\n",
+    );
+    let out = Command::new(WHARF)
+        .args(["check", "--config", &path.display().to_string()])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("services.files.options.root"));
+}
+
 #[test]
 fn check_reports_every_error_with_file_key_and_choices() {
     let dir = TempDir::new();
