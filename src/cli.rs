@@ -213,10 +213,16 @@ fn report_config_errors(errors: &[ConfigError]) -> i32 {
 
 fn print_plan(plan: &plan::Plan) {
     let server = &plan.config.server;
-    println!(
-        "config: {} (with WHARF_* environment overrides)",
-        plan.origin
-    );
+    let overrides: Vec<&str> = plan.source.env_overrides().collect();
+    if overrides.is_empty() {
+        println!("config: {}", plan.origin);
+    } else {
+        println!(
+            "config: {} (overridden by {})",
+            plan.origin,
+            overrides.join(", ")
+        );
+    }
     let workers = match server.workers {
         0 => format!(
             "0 (one per CPU: {})",
@@ -250,8 +256,8 @@ fn print_plan(plan: &plan::Plan) {
             humantime::format_duration(c.idle_timeout).to_string()
         };
         println!(
-            "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}",
-            svc.name, c.plugin, c.listen, c.max_connections
+            "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}, max_blocking = {}",
+            svc.name, c.plugin, c.listen, c.max_connections, c.max_blocking
         );
         for line in svc.built.shown_options.lines() {
             println!("    {line}");

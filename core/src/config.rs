@@ -282,6 +282,11 @@ impl ConfigSource {
         &self.origin
     }
 
+    /// The `WHARF_*` variables that set keys, by name (for `wharf check`).
+    pub fn env_overrides(&self) -> impl Iterator<Item = &str> {
+        self.env.iter().map(|(_, name)| name.as_str())
+    }
+
     /// Resolves and checks every framework-level section, reporting all errors at once.
     pub fn config(&self) -> Result<Config, Vec<ConfigError>> {
         let (config, errors) = self.resolve();

@@ -45,14 +45,32 @@ fn check_accepts_the_embedded_default_and_prints_services() {
 #[test]
 fn the_embedded_default_works_outside_the_repository() {
     let dir = TempDir::new();
-    let out = Command::new(WHARF)
-        .arg("check")
-        .current_dir(&dir.0)
-        .output()
-        .unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(WHARF);
+        cmd.arg("check").current_dir(&dir.0);
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("WHARF_")) {
+            cmd.env_remove(name);
+        }
+        cmd.envs(env.iter().copied()).output().unwrap()
+    };
+    let out = check(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
+    // No override set: none claimed. Each service's blocking threads shown.
+    assert!(
+        text.starts_with("config: embedded configs/default.toml\n"),
+        "{text}"
+    );
     assert!(text.contains("service echo: plugin = echo"), "{text}");
+    assert!(text.contains("max_blocking = 8"), "{text}");
+    let out = check(&[("WHARF_SERVER__WORKERS", "2")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(
+            "config: embedded configs/default.toml (overridden by WHARF_SERVER__WORKERS)\n"
+        ),
+        "{text}"
+    );
     assert!(!text.contains("service files:"), "{text}");
     assert!(text.contains("ok: 3 service(s) valid"), "{text}");
     let err = stderr(&out);
