@@ -6,6 +6,7 @@
 # run; take the medians per binary and backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 old_bin=${1:?usage: fileget-ab.sh OLD_WHARF NEW_WHARF [ROUNDS]}
 new_bin=${2:?usage: fileget-ab.sh OLD_WHARF NEW_WHARF [ROUNDS]}
 rounds=${3:-5}
@@ -26,15 +27,19 @@ listen = "127.0.0.1:18199"
 root = "$work/root"
 TOML
 bench=${CARGO_TARGET_DIR:-target}/release/fileget-bench
+# One download's throughput in MB/s, from fileget-bench's JSON line.
+download_mbps() {
+  "$bench" raw 127.0.0.1:18199 big.bin 1 | sed 's/.*"mb_per_s":\([0-9]*\).*/\1/'
+}
 for round in $(seq "$rounds"); do
   for bin in "$old_bin" "$new_bin"; do
     for backend in epoll io_uring; do
       WHARF_LOG=warn "$bin" serve --config "$work/wharf.toml" --backend "$backend" &
       pid=$!
-      for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18199) 2>/dev/null && break; sleep 0.05; done
-      cold=$("$bench" raw 127.0.0.1:18199 big.bin 1 | sed 's/.*"mb_per_s":\([0-9]*\).*/\1/')
-      cached=$("$bench" raw 127.0.0.1:18199 big.bin 1 | sed 's/.*"mb_per_s":\([0-9]*\).*/\1/')
-      kill -TERM $pid; wait $pid || true
+      wait_for_port 18199
+      cold=$(download_mbps)
+      cached=$(download_mbps)
+      stop_server "$pid"
       echo "round=$round bin=$bin backend=$backend cold_MBps=$cold cached_MBps=$cached"
     done
   done
