@@ -34,7 +34,7 @@ pub struct BlockingBudget {
 
 struct Pool {
     size: usize,
-    queue: Mutex<mpsc::Sender<Job>>,
+    queue: mpsc::Sender<Job>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     started: AtomicUsize,
     /// Threads waiting for a job minus jobs sent and not yet taken: above 0, that many
@@ -63,7 +63,7 @@ impl BlockingBudget {
         let l = labels.with(&[]);
         let pool = Pool {
             size,
-            queue: Mutex::new(tx),
+            queue: tx,
             jobs: Arc::new(Mutex::new(rx)),
             started: AtomicUsize::new(0),
             free: Arc::new(AtomicIsize::new(0)),
@@ -127,8 +127,7 @@ impl Pool {
                 self.queued.increment(1);
             }
         }
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        queue
+        self.queue
             .send(job)
             .map_err(|_| io::Error::other("blocking threads are gone"))
     }

@@ -86,20 +86,16 @@ pub fn recv_now(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> io::Result<Option<
     Ok(Some(n))
 }
 
+/// The states always reported by `poll(2)`: the connection was reset or failed.
+const GONE: libc::c_short = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+
 /// Whether the peer of a connected socket is gone: the connection was reset or failed
 /// (`POLLHUP`, `POLLERR`), asked with a zero-timeout `poll(2)` that neither waits nor consumes.
 /// A half-close (`POLLRDHUP`: the peer sent FIN but may still be reading) is deliberately not
 /// a disconnect. Shared implementation of [`Conn::peer_closed`](crate::Conn::peer_closed).
 pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        // POLLHUP and POLLERR are always reported; asking for nothing else.
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    // Asking for nothing: the states in GONE are reported anyway.
+    poll_now(fd, 0) & GONE != 0
 }
 
 /// Whether the peer of a connected socket has finished sending: it sent FIN (`POLLRDHUP`, also
@@ -107,14 +103,24 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
 /// [`peer_closed`]. Shared implementation of
 /// [`Conn::peer_finished_sending`](crate::Conn::peer_finished_sending).
 pub fn peer_finished_sending(fd: std::os::fd::RawFd) -> bool {
+    poll_now(fd, libc::POLLRDHUP) & (libc::POLLRDHUP | GONE) != 0
+}
+
+/// The events of `fd` now (`poll(2)` with a zero timeout: it neither waits nor consumes); none
+/// if the call fails.
+fn poll_now(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::c_short {
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLRDHUP,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    if n > 0 {
+        pfd.revents
+    } else {
+        0
+    }
 }
 
 /// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).
