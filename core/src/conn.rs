@@ -111,14 +111,19 @@ pub trait Conn {
     }
 
     /// Runs `job` (blocking work: a file open, one bounded step of a computation) off the
-    /// worker and returns its result; an error means the job panicked. Served connections run
-    /// it on their service's `max_blocking` threads (see [`crate::blocking`]), so keep jobs
-    /// short: never wait for a client inside one. This default, used outside a server (the
-    /// [`crate::testing`] pipe), runs it on tokio's blocking pool, unbounded.
+    /// worker and returns its result; an error means the job panicked, or that the peer had
+    /// already reset (then the job does not run: no thread is spent on a client that asked and
+    /// left; see [`peer_reset`]). Served connections run it on their service's `max_blocking`
+    /// threads (see [`crate::blocking`]), so keep jobs short: never wait for a client inside
+    /// one. This default, used outside a server (the [`crate::testing`] pipe), runs it on
+    /// tokio's blocking pool, unbounded.
     async fn blocking<R: Send + 'static>(
         &self,
         job: impl FnOnce() -> R + Send + 'static,
     ) -> io::Result<R> {
+        if self.peer_closed() {
+            return Err(peer_reset());
+        }
         tokio::task::spawn_blocking(job)
             .await
             .map_err(|e| io::Error::other(format!("blocking job failed: {e}")))
@@ -137,6 +142,15 @@ pub trait Conn {
     fn record_request(&self, outcome: &'static str, elapsed: Duration) {
         let _ = (outcome, elapsed);
     }
+}
+
+/// The error [`Conn::blocking`] returns, without running its job, when the peer already reset
+/// the connection: what the next write would meet.
+pub fn peer_reset() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "the client reset the connection",
+    )
 }
 
 /// The error every implementation returns for a read into a full buffer.

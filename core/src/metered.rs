@@ -195,6 +195,9 @@ impl<C: Conn> Conn for Metered<C> {
         &self,
         job: impl FnOnce() -> R + Send + 'static,
     ) -> io::Result<R> {
+        if self.peer_closed() {
+            return Err(crate::conn::peer_reset());
+        }
         self.ticket.gate().blocking().run(job).await
     }
 

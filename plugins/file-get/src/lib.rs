@@ -192,7 +192,6 @@ impl FileGet {
         path: &str,
         want: Want,
     ) -> io::Result<Result<File, Denied>> {
-        still_there(conn)?;
         let root = Arc::clone(&self.root);
         let path = path.to_string();
         conn.blocking(move || root.open_beneath(&path, want)).await
@@ -232,8 +231,8 @@ impl FileGet {
 
         let digest = match self.cache.get(&key) {
             Some(digest) => {
-                if conn.send_file(&file, offset, len).await? < len {
-                    return Ok(Done::Close); // the file shrank: the promised size cannot be met
+                if !send_exactly(conn, &file, offset, len).await? {
+                    return Ok(Done::Close);
                 }
                 Some(digest).filter(|_| unchanged(&file, &key))
             }
@@ -262,7 +261,6 @@ impl FileGet {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
-        still_there(conn)?;
         // Directories can be huge: read them off the worker, and only as much as is shown.
         let cap = ListCap {
             entries: MAX_LISTED,
@@ -282,16 +280,10 @@ impl FileGet {
     }
 }
 
-/// Checked before each blocking job of a request: a client that already reset (it asked and
-/// left) gets no thread of the budget spent on it. An error, like the reset a write would meet.
-fn still_there<C: Conn>(conn: &C) -> io::Result<()> {
-    if conn.peer_closed() {
-        return Err(io::Error::new(
-            io::ErrorKind::ConnectionReset,
-            "the client reset the connection",
-        ));
-    }
-    Ok(())
+/// Sends `len` bytes of `file` from `from`; `false` if the file ended first (it shrank: the
+/// promised size cannot be met, so the connection must end).
+async fn send_exactly<C: Conn>(conn: &mut C, file: &File, from: u64, len: u64) -> io::Result<bool> {
+    Ok(conn.send_file(file, from, len).await? == len)
 }
 
 /// Whether the open file still is the version `key` describes.
@@ -388,7 +380,7 @@ async fn hash_and_send<C: Conn>(
     // Bytes before `sent` (from `offset`) have been sent.
     let mut sent = offset;
     if first > offset {
-        if conn.send_file(file, offset, first - offset).await? < first - offset {
+        if !send_exactly(conn, file, offset, first - offset).await? {
             return Ok(Hashed::Short);
         }
         sent = first;
@@ -422,7 +414,7 @@ async fn hash_and_send<C: Conn>(
         // of ours held while a slow client reads it). A change in between shows in the key.
         let end = progress.hashed;
         if end > sent {
-            if conn.send_file(file, sent, end - sent).await? < end - sent {
+            if !send_exactly(conn, file, sent, end - sent).await? {
                 return Ok(Hashed::Short);
             }
             sent = end;
