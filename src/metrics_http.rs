@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -173,25 +173,8 @@ pub async fn serve(
     }
 }
 
-/// Whose connections count together: an IPv4 address (also IPv4-mapped), an IPv6 /64 (what
-/// one host is usually given).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum PeerKey {
-    V4(u32),
-    V6(u64),
-}
-
-impl PeerKey {
-    fn of(ip: IpAddr) -> PeerKey {
-        match ip {
-            IpAddr::V4(v4) => PeerKey::V4(u32::from(v4)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => PeerKey::V4(u32::from(v4)),
-                None => PeerKey::V6((u128::from(v6) >> 64) as u64),
-            },
-        }
-    }
-}
+/// Whose connections count together: an IPv4 address, an IPv6 /64.
+type PeerKey = wharf_core::net::Source;
 
 /// The endpoint's open connections: how many each peer has, and which still send their head.
 #[derive(Default)]
@@ -460,19 +443,7 @@ mod tests {
     use super::*;
 
     fn v4(last: u8) -> PeerKey {
-        PeerKey::of(IpAddr::from([127, 0, 0, last]))
-    }
-
-    #[test]
-    fn peers_are_addresses_and_ipv6_64s() {
-        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(PeerKey::of(a), PeerKey::of(b));
-        assert_ne!(PeerKey::of(a), PeerKey::of(c));
-        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert_eq!(PeerKey::of(mapped), v4(1));
-        assert_ne!(v4(1), v4(2));
+        PeerKey::of(std::net::IpAddr::from([127, 0, 0, last]))
     }
 
     #[test]

@@ -228,6 +228,30 @@ impl Drop for NonBlocking {
     }
 }
 
+/// The client a peer address counts as, for limits kept per client (exec's auth failures, the
+/// metrics endpoint's connections per peer): an IPv4 address (IPv4-mapped IPv6 too), or an IPv6
+/// /64, what one host is usually given, so a host cannot dodge a limit by rotating addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// An IPv4 address.
+    V4(u32),
+    /// The first 64 bits of an IPv6 address.
+    V6(u64),
+}
+
+impl Source {
+    /// The source `ip` counts as.
+    pub fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(u32::from(v4)),
+                None => Source::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
 /// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`); a bare address means one host.
 ///
 /// IPv4 rules also match IPv4-mapped IPv6 peers (`::ffff:10.1.2.3`), which is how an IPv4 client
@@ -335,6 +359,15 @@ mod tests {
         assert!(!cidr("::1").contains("127.0.0.1".parse().unwrap()));
         assert!(cidr("fd00::/8").contains("fd12::1".parse().unwrap()));
         assert!(cidr("::/0").contains("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_64s() {
+        let of = |s: &str| Source::of(s.parse().unwrap());
+        assert_eq!(of("2001:db8:1:2::1"), of("2001:db8:1:2:ffff::9"));
+        assert_ne!(of("2001:db8:1:2::1"), of("2001:db8:1:3::1"));
+        assert_eq!(of("::ffff:127.0.0.1"), of("127.0.0.1"));
+        assert_ne!(of("127.0.0.1"), of("127.0.0.2"));
     }
 
     #[test]

@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use wharf_core::net::Source;
 
 /// Most sources remembered at once.
 pub const MAX_SOURCES: usize = 4096;
@@ -34,7 +36,7 @@ pub struct AuthThrottle {
 
 #[derive(Default)]
 struct State {
-    sources: HashMap<IpAddr, Bucket>,
+    sources: HashMap<Source, Bucket>,
     last_log: Option<Instant>,
     unlogged: u64,
 }
@@ -48,20 +50,6 @@ struct Bucket {
 impl Bucket {
     fn refilled(self, now: Instant, rate: f64, capacity: f64) -> f64 {
         (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * rate).min(capacity)
-    }
-}
-
-/// The source a peer is accounted under.
-fn source(peer: IpAddr) -> IpAddr {
-    match peer {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
     }
 }
 
@@ -81,7 +69,7 @@ impl AuthThrottle {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state
             .sources
-            .get(&source(peer))
+            .get(&Source::of(peer))
             .is_none_or(|b| b.refilled(Instant::now(), self.rate, self.capacity) >= 1.0)
     }
 
@@ -90,7 +78,7 @@ impl AuthThrottle {
     pub fn failed(&self, peer: SocketAddr, throttled: bool) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = source(peer.ip());
+        let key = Source::of(peer.ip());
         if !state.sources.contains_key(&key) && state.sources.len() >= MAX_SOURCES {
             self.make_room(&mut state.sources, now);
         }
@@ -123,7 +111,7 @@ impl AuthThrottle {
     }
 
     /// Forgets forgiven sources; if none is, the most forgiven one.
-    fn make_room(&self, sources: &mut HashMap<IpAddr, Bucket>, now: Instant) {
+    fn make_room(&self, sources: &mut HashMap<Source, Bucket>, now: Instant) {
         let (rate, capacity) = (self.rate, self.capacity);
         sources.retain(|_, b| b.refilled(now, rate, capacity) < capacity);
         if sources.len() >= MAX_SOURCES {
