@@ -37,8 +37,6 @@ pub struct PluginEntry {
     pub options: &'static [OptionDoc],
     /// Request outcomes (`wharf_requests_total{outcome}`), empty for plugins without requests.
     pub outcomes: &'static [&'static str],
-    /// Options whose values are secrets ([`Plugin::SECRETS`]).
-    pub secrets: &'static [&'static str],
     /// Default options, rendered as TOML, secrets redacted.
     pub defaults: fn() -> String,
     build: fn(&ConfigSource, &str) -> Result<BuiltService, Vec<ConfigError>>,
@@ -106,7 +104,6 @@ impl Registry {
                 description: P::DESCRIPTION,
                 options: P::OPTIONS,
                 outcomes: P::OUTCOMES,
-                secrets: P::SECRETS,
                 defaults: || render_all::<P>(&P::Options::default()).1,
                 build: build::<P>,
             },
