@@ -13,6 +13,7 @@
 //! - [`conn`] and [`service`]: the two traits a plugin author meets.
 //! - [`plugin`]: how a plugin names itself and declares typed options.
 //! - [`config`]: the figment-based config model and its error reporting.
+//! - [`exit_status`]: the exit statuses of the `wharf` command.
 //! - [`buffer`]: read buffers sized for what the client does (small while it is idle).
 //! - [`command`]: line framing for command-style protocols (exec, file-get).
 //! - [`children`]: the process-wide registry of child process groups, killed on every exit.
@@ -27,6 +28,7 @@ pub mod children;
 pub mod command;
 pub mod config;
 pub mod conn;
+pub mod exit_status;
 pub mod gate;
 pub mod metered;
 pub mod net;
