@@ -268,3 +268,46 @@ fn kubernetes_manifests_agree_with_the_container_config_and_the_image() {
     configured.sort();
     assert_eq!(exposed_by_image, configured);
 }
+
+/// configs/system.toml is the /etc/wharf/wharf.toml template the systemd unit reads: valid,
+/// listening where the default (and so the socket unit) does, and with a file-get root the unit
+/// makes readable, as an absolute path (the unit's working directory is an empty state dir).
+#[test]
+fn system_template_is_valid_and_its_data_paths_fit_the_systemd_unit() {
+    let text = read("configs/system.toml");
+    let template: toml::Value = toml::from_str(&text).unwrap();
+    let default: toml::Value = toml::from_str(&read("configs/default.toml")).unwrap();
+    for (name, service) in default["services"].as_table().unwrap() {
+        assert_eq!(
+            template["services"][name]["listen"], service["listen"],
+            "services.{name}.listen differs from configs/default.toml"
+        );
+    }
+    assert_eq!(template["metrics"], default["metrics"]);
+    let root = template["services"]["files"]["options"]["root"]
+        .as_str()
+        .unwrap();
+    let readable: Vec<String> = read("configs/systemd/wharf.service")
+        .lines()
+        .filter_map(|l| l.strip_prefix("ReadOnlyPaths=-"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        root.starts_with('/') && readable.iter().any(|p| root.starts_with(p.as_str())),
+        "file-get root {root} must be absolute and under the unit's ReadOnlyPaths {readable:?}"
+    );
+    // The root does not exist on this machine: point it at the repository's files.
+    let out = Command::new(WHARF)
+        .args(["check", "--config", &format!("{ROOT}/configs/system.toml")])
+        .env(
+            "WHARF_SERVICES__FILES__OPTIONS__ROOT",
+            format!("{ROOT}/files"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
