@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `plugins`, `bench`, `client`.
+//! The command line: `serve`, `check`, `config`, `plugins`, `bench`, `client`.
 //!
 //! Every failure a user can cause (bad config, busy port, refused io_uring) ends here as one
 //! line per problem on stderr and a non-zero exit: 2 for configuration errors, 1 for runtime
@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use wharf_core::config::{BackendChoice, ConfigError};
+use wharf_core::config::{BackendChoice, ConfigError, SECRET_PLACEHOLDER};
 
 use crate::client;
 use crate::plan::{self, Overrides};
@@ -42,6 +42,15 @@ enum Command {
     },
     /// Validate the config without binding anything, and print the resolved services.
     Check {
+        /// Config file (TOML); without it, the embedded configs/default.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config like `check`, then print it in full as wharf would run it: the file
+    /// (or the embedded default), WHARF_* overrides and every default, plugin options included,
+    /// secrets replaced. The output is a config file `serve --config` accepts once any secret
+    /// is filled back in.
+    Config {
         /// Config file (TOML); without it, the embedded configs/default.toml.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -177,6 +186,20 @@ pub fn main(registry: Registry) -> i32 {
                 Err(errors) => report_config_errors(&errors),
             }
         }
+        Command::Config { config } => {
+            match plan::load(
+                config.as_deref(),
+                std::env::vars_os(),
+                &Overrides::default(),
+                &registry,
+            ) {
+                Ok(plan) => {
+                    print!("{}", effective_config(&plan));
+                    0
+                }
+                Err(errors) => report_config_errors(&errors),
+            }
+        }
         Command::Plugins => {
             print_plugins(&registry);
             0
@@ -259,11 +282,64 @@ fn print_plan(plan: &plan::Plan) {
             "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}, max_blocking = {}",
             svc.name, c.plugin, c.listen, c.max_connections, c.max_blocking
         );
-        for line in svc.built.shown_options.lines() {
+        let options = toml::to_string(&svc.built.shown_options).unwrap_or_default();
+        for line in options.lines() {
             println!("    {line}");
         }
     }
     println!("ok: {} service(s) valid", plan.services.len());
+}
+
+/// The configuration `plan` runs, as TOML `serve --config` accepts: every key with its
+/// effective value, secrets replaced by [`SECRET_PLACEHOLDER`], and a header saying where the
+/// values came from.
+fn effective_config(plan: &plan::Plan) -> String {
+    let mut header = vec![
+        "# The effective configuration, as printed by `wharf config`.".to_string(),
+        format!("# Base: {}", plan.origin),
+    ];
+    let overrides: Vec<&str> = plan.source.env_overrides().collect();
+    header.push(if overrides.is_empty() {
+        "# Environment: no WHARF_* overrides".to_string()
+    } else {
+        format!("# Environment: overridden by {}", overrides.join(", "))
+    });
+    header.push("# Every key the base does not set shows its built-in default.".into());
+    header.push(format!(
+        "# Secrets show as \"{SECRET_PLACEHOLDER}\", which wharf refuses: fill them in before use."
+    ));
+    let mut doc = toml::Table::new();
+    let mut put = |key: &str, value: Result<toml::Table, toml::ser::Error>| match value {
+        Ok(table) => {
+            doc.insert(key.to_string(), toml::Value::Table(table));
+        }
+        Err(e) => header.push(format!("# {key} cannot be shown: {e}")),
+    };
+    put("server", toml::Table::try_from(&plan.config.server));
+    if let Some(metrics) = &plan.config.metrics {
+        put("metrics", toml::Table::try_from(metrics));
+    }
+    let mut services = toml::Table::new();
+    for svc in &plan.services {
+        match toml::Table::try_from(&svc.config) {
+            Ok(mut table) => {
+                let options = svc.built.shown_options.clone();
+                table.insert("options".into(), toml::Value::Table(options));
+                services.insert(svc.name.clone(), toml::Value::Table(table));
+            }
+            Err(e) => header.push(format!("# services.{} cannot be shown: {e}", svc.name)),
+        }
+    }
+    for name in plan.config.services.keys() {
+        if !services.contains_key(name) {
+            header.push(format!(
+                "# services.{name} is left out (see the warning above)"
+            ));
+        }
+    }
+    doc.insert("services".into(), toml::Value::Table(services));
+    let body = toml::to_string(&doc).unwrap_or_else(|e| format!("# cannot be shown: {e}\n"));
+    format!("{}\n\n{body}", header.join("\n"))
 }
 
 fn print_plugins(registry: &Registry) {
@@ -272,12 +348,8 @@ fn print_plugins(registry: &Registry) {
         let defaults = (p.defaults)();
         for opt in p.options {
             let default = defaults
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(opt.name)
-                        .and_then(|r| r.trim_start().strip_prefix('='))
-                })
-                .map(|d| format!(" (default {})", d.trim()))
+                .get(opt.name)
+                .map(|d| format!(" (default {d})"))
                 .unwrap_or_default();
             println!(
                 "    {} = {}{default}\n        {}",

@@ -3,6 +3,10 @@
 //! They speak exactly the wire protocol the tutorial's Python clients speak (command, size,
 //! acknowledgement, result), with `\n`-terminated commands so the server never has to wait for
 //! a pause. Plain blocking sockets: a client has one conversation at a time.
+//!
+//! Each client checks that the answers have its protocol's shape (docs/protocols.md) and says
+//! so when they do not ([`WrongService`]): pointed at the wrong port, `client list` would
+//! otherwise print an exec refusal as a listing, and `client get` an echo as a refusal.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -100,9 +104,10 @@ impl CommandClient {
                 self.stream.read_exact(&mut out)?;
                 Ok(out)
             }
+            // Every exec answer, refusals included, is a size and a result.
             Reply::Other(text) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("unexpected reply: {text}"),
+                WrongService::new("an exec", text.as_bytes()).to_string(),
             )),
         }
     }
@@ -111,6 +116,67 @@ impl CommandClient {
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
+}
+
+/// An answer that is not the shape of the protocol a client speaks: the address is another
+/// kind of service (or not wharf at all).
+struct WrongService {
+    /// The service kind the client expected, with its article ("a file-get").
+    expected: &'static str,
+    /// The start of what the server answered, escaped and shortened.
+    answer: String,
+}
+
+impl WrongService {
+    fn new(expected: &'static str, answer: &[u8]) -> Self {
+        const SHOWN: usize = 60;
+        let text = String::from_utf8_lossy(answer);
+        let text = text.trim_end();
+        let mut answer: String = text
+            .chars()
+            .take(SHOWN)
+            .flat_map(char::escape_debug)
+            .collect();
+        if text.chars().count() > SHOWN {
+            answer.push_str("...");
+        }
+        WrongService { expected, answer }
+    }
+}
+
+impl std::fmt::Display for WrongService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this does not look like {} service: it answered `{}`; check the address",
+            self.expected, self.answer
+        )
+    }
+}
+
+/// A file-get refusal (`ERR <reason>`) as a message, or, for any other text, that this is no
+/// file-get service.
+fn file_get_refusal(text: &str) -> String {
+    if text.starts_with("ERR ") {
+        format!("server refused: {}", text.trim_end())
+    } else {
+        WrongService::new("a file-get", text.as_bytes()).to_string()
+    }
+}
+
+/// Whether `text` has the shape of a file-get listing: `<size>\t<name>` or `-\t<dir>/` lines,
+/// and possibly a last `[more entries not shown]`.
+fn is_listing(text: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return false;
+    };
+    text.lines().all(|line| match line.split_once('\t') {
+        Some(("-", name)) => name.ends_with('/'),
+        Some((size, name)) => {
+            !name.is_empty() && !size.is_empty() && size.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => line == "[more entries not shown]",
+    })
 }
 
 /// `wharf client exec`: runs `command` (or each line of stdin), prints results, returns the
@@ -222,10 +288,13 @@ pub fn list(addr: &str, dir: Option<&str>) -> i32 {
             {
                 return fail(&format!("listing interrupted: {e}"));
             }
+            if !is_listing(&text) {
+                return fail(&WrongService::new("a file-get", &text).to_string());
+            }
             let _ = io::stdout().write_all(&text);
             0
         }
-        Ok(Reply::Other(text)) => fail(&format!("server refused: {}", text.trim_end())),
+        Ok(Reply::Other(text)) => fail(&file_get_refusal(&text)),
         Err(e) => fail(&e.to_string()),
     }
 }
@@ -263,6 +332,14 @@ fn download(
     let part = PathBuf::from(format!("{}.part", out.display()));
     let mut md5 = Md5::new();
     let mut offset = 0u64;
+    if !resume && part.exists() {
+        // It may hold most of a large download: never thrown away silently.
+        return Err(format!(
+            "{} exists, left by an earlier download that did not finish: run again with \
+             --resume to continue it, or delete it to start over",
+            part.display()
+        ));
+    }
     if resume && part.exists() {
         let mut existing =
             std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
@@ -278,7 +355,7 @@ fn download(
     };
     let size = match client.send(&command).map_err(|e| e.to_string())? {
         Reply::Size(size) => size,
-        Reply::Other(text) => return Err(format!("server refused: {}", text.trim_end())),
+        Reply::Other(text) => return Err(file_get_refusal(&text)),
     };
     let file = OpenOptions::new()
         .create(true)
@@ -317,6 +394,8 @@ fn download(
     });
     let mut received = 0u64;
     let mut lost: Option<String> = None;
+    // The first bytes, to quote if no digest follows (another kind of service answered).
+    let mut head: Vec<u8> = Vec::new();
     while received < size {
         // Buffers keep their full length between uses: no zero-filling per chunk.
         let mut buf = recycled
@@ -331,6 +410,7 @@ fn download(
             Ok(n) => {
                 received += n as u64;
                 bar.inc(n as u64);
+                head.extend_from_slice(&buf[..n.min(HEAD.saturating_sub(head.len()))]);
                 if chunks.send((buf, n)).is_err() {
                     break; // the sink failed: its error is reported below
                 }
@@ -372,6 +452,20 @@ fn download(
     bar.finish_and_clear();
     let trailer =
         read_trailer(&mut client).map_err(|e| format!("no digest after the data: {e}"))?;
+    let is_digest = trailer.len() == 32 && trailer.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_digest && !trailer.starts_with("ERR") {
+        // An exec service answers `get x` with a sized result and nothing after it.
+        drop(file);
+        if offset == 0 {
+            let _ = std::fs::remove_file(&part);
+        }
+        let mut answer = head;
+        answer.extend_from_slice(trailer.as_bytes());
+        return Err(format!(
+            "{} (a size, then no MD5 after the data)",
+            WrongService::new("a file-get", &answer)
+        ));
+    }
     let ours: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if trailer != ours {
         drop(file);
@@ -400,10 +494,21 @@ fn download(
     ))
 }
 
-/// The 32-digit MD5 after the data, or `ERR file changed`.
+/// Bytes of a download kept to quote when no digest follows them.
+const HEAD: usize = 128;
+
+/// How long the digest may take to follow the data before this client half-closes: a file-get
+/// server sends it at once, still answers after a half-close, and closes; a server of another
+/// kind (exec) waits for the next command, and closes on the half-close with nothing sent.
+const TRAILER_WAIT: Duration = Duration::from_secs(2);
+
+/// The 32-digit MD5 after the data, or `ERR file changed`; anything else (an empty string when
+/// nothing came) is not file-get.
 fn read_trailer(client: &mut CommandClient) -> io::Result<String> {
     let mut trailer = Vec::with_capacity(32);
     let mut byte = [0u8; 32];
+    client.stream().set_read_timeout(Some(TRAILER_WAIT))?;
+    let mut half_closed = false;
     while trailer.len() < 32 {
         if trailer.starts_with(b"ERR") {
             // An error of unknown length: the server then waits for a command; say goodbye
@@ -417,7 +522,21 @@ fn read_trailer(client: &mut CommandClient) -> io::Result<String> {
         } else {
             32 - trailer.len()
         };
-        let n = client.stream().read(&mut byte[..want])?;
+        let n = match client.stream().read(&mut byte[..want]) {
+            Err(e)
+                if !half_closed
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                client.stream().shutdown(std::net::Shutdown::Write)?;
+                client.stream().set_read_timeout(Some(TIMEOUT))?;
+                half_closed = true;
+                continue;
+            }
+            other => other?,
+        };
         if n == 0 {
             break;
         }

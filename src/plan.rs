@@ -93,20 +93,11 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
         if svc.listen.port() != 0 {
             let key = format!("services.{name}.listen");
             if let Some(other) = addresses.insert(svc.listen, key.clone()) {
-                errors.push(
-                    source.error_at(&key, format!("{} is already used by {other}", svc.listen)),
-                );
+                errors.push(source.value_error_at(&key, format!("already used by {other}")));
             }
         }
         let Some(plugin) = registry.get(&svc.plugin) else {
-            errors.push(source.error_at(
-                &format!("services.{name}.plugin"),
-                format!(
-                    "unknown plugin `{}`; valid choices: {}",
-                    svc.plugin,
-                    registry.names().join(", ")
-                ),
-            ));
+            errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;
         };
         match plugin.build(&source, name) {
@@ -127,6 +118,18 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
         }
     }
 
+    // A service whose framework keys are wrong still has its plugin and options checked, so
+    // that one run reports every error.
+    for (name, plugin) in source.plugins_by_service() {
+        if config.services.contains_key(&name) {
+            continue;
+        }
+        match registry.get(&plugin) {
+            Some(entry) => errors.extend(entry.build(&source, &name).err().unwrap_or_default()),
+            None => errors.push(unknown_plugin(&source, registry, &name, &plugin)),
+        }
+    }
+
     if errors.is_empty() {
         Ok(Plan {
             origin: source.origin().to_string(),
@@ -137,6 +140,21 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
     } else {
         Err(errors)
     }
+}
+
+fn unknown_plugin(
+    source: &ConfigSource,
+    registry: &Registry,
+    service: &str,
+    plugin: &str,
+) -> ConfigError {
+    source.value_error_at(
+        &format!("services.{service}.plugin"),
+        format!(
+            "unknown plugin `{plugin}`; valid choices: {}",
+            registry.names().join(", ")
+        ),
+    )
 }
 
 /// The embedded default's file-get service serves `files`, relative to the working directory:
@@ -241,16 +259,19 @@ mod tests {
         assert!(all.iter().all(|e| e.starts_with(&file)), "{all:#?}");
         let has = |needle: &str| all.iter().any(|e| e.contains(needle));
         assert!(
-            has("services.a.plugin: unknown plugin `ech`; valid choices: echo"),
-            "{all:#?}"
-        );
-        assert!(has("services.b.options.transfrom: unknown key"), "{all:#?}");
-        assert!(
-            has("services.c.options.transform: unknown value `lower`; valid choices: none, upper"),
+            has("services.a.plugin = \"ech\": unknown plugin `ech`; valid choices: echo"),
             "{all:#?}"
         );
         assert!(
-            has("services.c.listen: 127.0.0.1:7002 is already used by services.b.listen"),
+            has("services.b.options.transfrom = \"upper\": unknown key"),
+            "{all:#?}"
+        );
+        assert!(
+            has("services.c.options.transform = \"lower\": unknown value `lower`; valid choices: none, upper"),
+            "{all:#?}"
+        );
+        assert!(
+            has("services.c.listen = \"127.0.0.1:7002\": already used by services.b.listen"),
             "{all:#?}"
         );
     }

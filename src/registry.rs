@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use wharf_backend_epoll::Epoll;
 use wharf_backend_uring::IoUring;
-use wharf_core::config::{ConfigError, ConfigSource};
+use wharf_core::config::{ConfigError, ConfigSource, SECRET_PLACEHOLDER};
 use wharf_core::service::DynService;
 use wharf_core::worker::ConnOf;
 use wharf_core::{OptionDoc, Plugin};
@@ -37,8 +37,9 @@ pub struct PluginEntry {
     pub options: &'static [OptionDoc],
     /// Request outcomes (`wharf_requests_total{outcome}`), empty for plugins without requests.
     pub outcomes: &'static [&'static str],
-    /// Default options, rendered as TOML, secrets redacted.
-    pub defaults: fn() -> String,
+    /// The default options (`Options::default()`) as a TOML table, secrets replaced by
+    /// [`SECRET_PLACEHOLDER`]: what `wharf plugins` shows as each option's default.
+    pub defaults: fn() -> toml::Table,
     build: fn(&ConfigSource, &str) -> Result<BuiltService, Vec<ConfigError>>,
 }
 
@@ -51,8 +52,9 @@ pub struct BuiltService {
     /// Every resolved option as TOML, secrets included: what a reload compares to tell whether
     /// the service changed. Never print or log it: [`BuiltService::shown_options`] is for that.
     pub options: String,
-    /// The resolved options as TOML with each secret's value replaced, for `wharf check`.
-    pub shown_options: String,
+    /// The resolved options with each secret's value replaced by [`SECRET_PLACEHOLDER`], for
+    /// `wharf check` and `wharf config`.
+    pub shown_options: toml::Table,
     /// The plugin's request outcomes, registered as metric series at startup.
     pub outcomes: &'static [&'static str],
     /// The same instance once more, for [`BuiltService::inherit_from`] across a reload.
@@ -104,7 +106,7 @@ impl Registry {
                 description: P::DESCRIPTION,
                 options: P::OPTIONS,
                 outcomes: P::OUTCOMES,
-                defaults: || render_all::<P>(&P::Options::default()).1,
+                defaults: || shown::<P>(&P::Options::default()).0,
                 build: build::<P>,
             },
         );
@@ -144,18 +146,27 @@ fn build<P: Plugin>(
 ) -> Result<BuiltService, Vec<ConfigError>> {
     let key = format!("services.{service}.options");
     let options: P::Options = source.extract(&key, P::SECRETS)?;
-    let (rendered, shown, secrets) = render_all::<P>(&options);
+    let rendered =
+        toml::to_string(&options).unwrap_or_else(|e| format!("# cannot render options: {e}"));
+    let (shown, secrets) = shown::<P>(&options);
     let instance = P::build(options).map_err(|e| {
-        let key = match &e.option {
-            Some(option) => format!("{key}.{option}"),
-            None => key.clone(),
+        let (key, secret) = match &e.option {
+            Some(option) => (
+                format!("{key}.{option}"),
+                P::SECRETS.contains(&option.as_str()),
+            ),
+            None => (key.clone(), false),
         };
         // A plugin's message should not quote a secret; make sure of it.
         let message = secrets
             .iter()
             .filter(|s| !s.is_empty())
-            .fold(e.message, |m, s| m.replace(s.as_str(), REDACTED));
-        vec![source.error_at(&key, message)]
+            .fold(e.message, |m, s| m.replace(s.as_str(), SECRET_PLACEHOLDER));
+        vec![if secret {
+            source.secret_error_at(&key, message)
+        } else {
+            source.value_error_at(&key, message)
+        }]
     })?;
     let instance = Arc::new(instance);
     Ok(BuiltService {
@@ -169,24 +180,11 @@ fn build<P: Plugin>(
     })
 }
 
-/// What a secret's value is shown as.
-const REDACTED: &str = "<redacted>";
-
-/// `options` rendered as TOML, in full and with every secret ([`Plugin::SECRETS`]) replaced by
-/// [`REDACTED`], and the secrets' values (as text) found on the way.
-fn render_all<P: Plugin>(options: &P::Options) -> (String, String, Vec<String>) {
-    let full = to_toml(options);
-    if P::SECRETS.is_empty() {
-        return (full.clone(), full, Vec::new());
-    }
-    let mut table = match toml::Table::try_from(options) {
-        Ok(table) => table,
-        Err(e) => {
-            // Nothing is shown, so nothing can leak.
-            let line = format!("# cannot render options: {e}");
-            return (full, line, Vec::new());
-        }
-    };
+/// `options` as a TOML table with every secret ([`Plugin::SECRETS`]) replaced by
+/// [`SECRET_PLACEHOLDER`], and the secrets' values (as text) found on the way. Options that do
+/// not serialize as a table show as an empty one: nothing is shown, so nothing can leak.
+fn shown<P: Plugin>(options: &P::Options) -> (toml::Table, Vec<String>) {
+    let mut table = toml::Table::try_from(options).unwrap_or_default();
     let mut secrets = Vec::new();
     for path in P::SECRETS {
         let mut parts = path.split('.').peekable();
@@ -198,7 +196,7 @@ fn render_all<P: Plugin>(options: &P::Options) -> (String, String, Vec<String>) 
                         toml::Value::String(s) => s.clone(),
                         other => other.to_string(),
                     });
-                    *value = toml::Value::String(REDACTED.into());
+                    *value = toml::Value::String(SECRET_PLACEHOLDER.into());
                 }
                 break;
             }
@@ -208,12 +206,5 @@ fn render_all<P: Plugin>(options: &P::Options) -> (String, String, Vec<String>) 
             }
         }
     }
-    (full, to_toml(&table), secrets)
-}
-
-fn to_toml<T: serde::Serialize>(value: &T) -> String {
-    toml::to_string(value)
-        .unwrap_or_else(|e| format!("# cannot render options: {e}"))
-        .trim_end()
-        .to_string()
+    (table, secrets)
 }

@@ -573,6 +573,7 @@ impl<B: Backend> Running<B> {
                 Err(vec![ConfigError {
                     origin: "reload".into(),
                     key: String::new(),
+                    value: None,
                     message: format!("loading the config panicked: {e}"),
                 }])
             });

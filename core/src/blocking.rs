@@ -237,11 +237,12 @@ mod tests {
         let source = |text: &str| {
             ConfigSource::from_parts(text, "test", [], figment::value::Dict::new()).unwrap()
         };
-        let config = source(&service("")).config();
-        assert_eq!(config.unwrap().services["f"].max_blocking, 8);
+        let (config, errors) = source(&service("")).resolve();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.services["f"].max_blocking, 8);
         for bad in [0, MAX_BLOCKING + 1] {
             let text = service(&format!("max_blocking = {bad}\n"));
-            let errors = source(&text).config().unwrap_err();
+            let (_, errors) = source(&text).resolve();
             assert_eq!(errors[0].key, "services.f.max_blocking", "{errors:?}");
         }
     }

@@ -136,6 +136,10 @@ pub struct ConfigError {
     pub origin: String,
     /// Dotted key path, e.g. `services.echo.options.transform`.
     pub key: String,
+    /// The offending value as written (TOML, shortened), or `(value hidden)` for a secret;
+    /// `None` when there is no single value to show (a table, a missing key, an environment
+    /// override, whose value may be a secret).
+    pub value: Option<String>,
     /// What is wrong, with the valid choices where there is a fixed set.
     pub message: String,
 }
@@ -145,15 +149,18 @@ impl fmt::Display for ConfigError {
     /// config cannot forge log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let origin = Escaped(&self.origin);
-        if self.key.is_empty() {
-            write!(f, "{origin}: {}", Escaped(&self.message))
-        } else {
-            write!(
-                f,
-                "{origin}: {}: {}",
-                Escaped(&self.key),
-                Escaped(&self.message)
-            )
+        let message = Escaped(&self.message);
+        match (self.key.as_str(), &self.value) {
+            ("", _) => write!(f, "{origin}: {message}"),
+            (key, None) => write!(f, "{origin}: {}: {message}", Escaped(key)),
+            (key, Some(value)) => {
+                write!(
+                    f,
+                    "{origin}: {} = {}: {message}",
+                    Escaped(key),
+                    Escaped(value)
+                )
+            }
         }
     }
 }
@@ -203,6 +210,11 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// unbounded depth overflows the stack.
 pub const MAX_DEPTH: usize = 32;
 
+/// What `wharf config` and `wharf check` print in place of a secret's value. A config holding
+/// it is refused (see [`ConfigSource::extract`]), so a pasted dump never runs with it as, say,
+/// its token.
+pub const SECRET_PLACEHOLDER: &str = "<redacted>";
+
 /// How errors name the embedded default config (`wharf serve` without `--config`).
 pub const EMBEDDED_ORIGIN: &str = "embedded configs/default.toml";
 
@@ -233,6 +245,7 @@ impl ConfigSource {
                     vec![ConfigError {
                         origin: origin.clone(),
                         key: String::new(),
+                        value: None,
                         message,
                     }]
                 })?;
@@ -251,10 +264,11 @@ impl ConfigSource {
         overrides: Dict,
     ) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let base = parse_toml(text).unwrap_or_else(|message| {
+        let base = parse_toml(text).unwrap_or_else(|(key, message)| {
             errors.push(ConfigError {
                 origin: origin.to_string(),
-                key: String::new(),
+                key,
+                value: None,
                 message,
             });
             Dict::new()
@@ -287,18 +301,9 @@ impl ConfigSource {
         self.env.iter().map(|(_, name)| name.as_str())
     }
 
-    /// Resolves and checks every framework-level section, reporting all errors at once.
-    pub fn config(&self) -> Result<Config, Vec<ConfigError>> {
-        let (config, errors) = self.resolve();
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(errors)
-        }
-    }
-
-    /// Like [`ConfigSource::config`], but returns whatever did parse alongside the errors, so
-    /// callers can go on checking (plugins, options) and report everything in one run.
+    /// Resolves and checks every framework-level section; returns whatever did parse alongside
+    /// every error found, so callers can go on checking (plugins, options) and report
+    /// everything in one run.
     pub fn resolve(&self) -> (Config, Vec<ConfigError>) {
         let mut errors = Vec::new();
         for key in self
@@ -352,6 +357,21 @@ impl ConfigSource {
         (config, errors)
     }
 
+    /// Each service's `plugin`, by service name, where it is a string: also for services whose
+    /// other keys are wrong, so that their plugin options are checked in the same run.
+    pub fn plugins_by_service(&self) -> BTreeMap<String, String> {
+        let Some(Value::Dict(_, services)) = self.merged.get("services") else {
+            return BTreeMap::new();
+        };
+        services
+            .iter()
+            .filter_map(|(name, service)| {
+                let plugin = service.as_dict()?.get("plugin")?.as_str()?;
+                Some((name.clone(), plugin.to_string()))
+            })
+            .collect()
+    }
+
     /// Range checks serde cannot express.
     fn check_bounds(
         &self,
@@ -361,23 +381,23 @@ impl ConfigSource {
         const DAY: Duration = Duration::from_secs(24 * 3600);
         let mut errors = Vec::new();
         if server.workers > MAX_WORKERS {
-            errors.push(self.error_at("server.workers", format!("at most {MAX_WORKERS}")));
+            errors.push(self.value_error_at("server.workers", format!("at most {MAX_WORKERS}")));
         }
         if server.shutdown_grace > DAY {
-            errors.push(self.error_at("server.shutdown_grace", "at most 24h".into()));
+            errors.push(self.value_error_at("server.shutdown_grace", "at most 24h".into()));
         }
         for (name, svc) in services {
             if svc.max_connections == 0 {
                 let key = format!("services.{name}.max_connections");
-                errors.push(self.error_at(&key, "must be at least 1".into()));
+                errors.push(self.value_error_at(&key, "must be at least 1".into()));
             }
             if !(1..=MAX_BLOCKING).contains(&svc.max_blocking) {
                 let key = format!("services.{name}.max_blocking");
-                errors.push(self.error_at(&key, format!("must be 1..={MAX_BLOCKING}")));
+                errors.push(self.value_error_at(&key, format!("must be 1..={MAX_BLOCKING}")));
             }
             if svc.idle_timeout > DAY {
                 let key = format!("services.{name}.idle_timeout");
-                errors.push(self.error_at(&key, "at most 24h (\"0s\" turns it off)".into()));
+                errors.push(self.value_error_at(&key, "at most 24h (\"0s\" turns it off)".into()));
             }
         }
         errors
@@ -386,7 +406,7 @@ impl ConfigSource {
     /// Extracts `key` (a dotted path) as `T`; an absent key deserializes from an empty table, so
     /// a struct with defaults needs no section at all and a required field is reported by name.
     /// Errors about the keys in `secrets` (relative to `key`, e.g. `token`) never quote the
-    /// value.
+    /// value, and a secret set to [`SECRET_PLACEHOLDER`] is an error.
     pub fn extract<T: DeserializeOwned>(
         &self,
         key: &str,
@@ -394,7 +414,28 @@ impl ConfigSource {
     ) -> Result<T, Vec<ConfigError>> {
         let empty = Value::from(Dict::new());
         let value = lookup(&self.merged, key).unwrap_or(&empty);
-        self.deserialize_at(key, value, secrets)
+        let placeholders: Vec<ConfigError> = secrets
+            .iter()
+            .map(|secret| format!("{key}.{secret}"))
+            .filter(|path| {
+                lookup(&self.merged, path).and_then(Value::as_str) == Some(SECRET_PLACEHOLDER)
+            })
+            .map(|path| {
+                let message = format!(
+                    "`{SECRET_PLACEHOLDER}` stands for a secret `wharf config` does not print; \
+                     write the real value here"
+                );
+                self.secret_error_at(&path, message)
+            })
+            .collect();
+        match self.deserialize_at(key, value, secrets) {
+            Ok(_) if !placeholders.is_empty() => Err(placeholders),
+            Ok(parsed) => Ok(parsed),
+            Err(mut errors) => {
+                errors.extend(placeholders);
+                Err(errors)
+            }
+        }
     }
 
     /// Builds an error located at `key`, attributed to whichever source set that key.
@@ -402,8 +443,41 @@ impl ConfigSource {
         ConfigError {
             origin: self.origin_of(key),
             key: key.to_string(),
+            value: None,
             message,
         }
+    }
+
+    /// Like [`ConfigSource::error_at`] for an invalid value: the error quotes it.
+    pub fn value_error_at(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            value: lookup(&self.merged, key).and_then(|v| self.quote(key, v)),
+            ..self.error_at(key, message)
+        }
+    }
+
+    /// Like [`ConfigSource::value_error_at`] for a key that holds a secret: the error says
+    /// `(value hidden)` instead of quoting it.
+    pub fn secret_error_at(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            value: lookup(&self.merged, key).map(|_| HIDDEN.to_string()),
+            ..self.error_at(key, message)
+        }
+    }
+
+    /// `value` (found at `key`) as the user wrote it, inline TOML cut to a readable length; no
+    /// quote for a table (its keys have their own errors) or for a value an environment
+    /// variable set (it may be a secret the plugin did not declare).
+    fn quote(&self, key: &str, value: &Value) -> Option<String> {
+        const MAX_QUOTE: usize = 80;
+        if matches!(value, Value::Dict(..)) || self.env.iter().any(|(path, _)| within(path, key)) {
+            return None;
+        }
+        let text = toml::Value::try_from(value).ok()?.to_string();
+        Some(match text.char_indices().nth(MAX_QUOTE) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text,
+        })
     }
 
     fn section<T: DeserializeOwned>(&self, key: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
@@ -413,43 +487,85 @@ impl ConfigSource {
             .ok()
     }
 
-    /// Deserializes `value`, found at `key`, reporting errors under `key`.
+    /// Deserializes `value`, found at `key`, reporting errors under `key`: every error, not
+    /// just the first. serde stops at the first bad key, so after each error the key at fault is
+    /// taken out (its default applies, or it becomes a missing key, which is not reported again)
+    /// and the value deserialized once more; each round removes a key, so it ends.
     fn deserialize_at<T: DeserializeOwned>(
         &self,
         key: &str,
         value: &Value,
         secrets: &[&str],
     ) -> Result<T, Vec<ConfigError>> {
-        value
-            .deserialize()
-            .map_err(|e| self.errors(e, key, secrets))
+        let mut error = match value.deserialize() {
+            Ok(parsed) => return Ok(parsed),
+            Err(e) => e,
+        };
+        let mut errors = Vec::new();
+        let mut rest = value.clone();
+        let mut removed: Vec<Vec<String>> = Vec::new();
+        loop {
+            let mut progress = false;
+            for e in error {
+                let caused_by_us = match &e.kind {
+                    figment::error::Kind::MissingField(field) => {
+                        let mut path = e.path.clone();
+                        path.push(field.to_string());
+                        removed.contains(&path)
+                    }
+                    _ => false,
+                };
+                if !caused_by_us {
+                    errors.push(self.error_from(&e, key, value, secrets));
+                }
+                if let Some(path) = remove_at(&mut rest, &e.path) {
+                    removed.push(path);
+                    progress = true;
+                }
+            }
+            if !progress {
+                return Err(errors);
+            }
+            error = match rest.deserialize::<T>() {
+                Ok(_) => return Err(errors),
+                Err(e) => e,
+            };
+        }
     }
 
-    /// Converts figment's errors, whose paths are relative to `prefix`.
-    fn errors(&self, error: figment::Error, prefix: &str, secrets: &[&str]) -> Vec<ConfigError> {
-        error
-            .into_iter()
-            .map(|e| {
-                let key = std::iter::once(prefix)
-                    .filter(|p| !p.is_empty())
-                    .chain(e.path.iter().map(String::as_str))
-                    .collect::<Vec<_>>()
-                    .join(".");
-                let secret = secrets
-                    .iter()
-                    .any(|s| within(&format!("{prefix}.{s}"), &key));
-                let message = if secret {
-                    describe_secret_kind(&e.kind)
-                } else {
-                    describe_kind(&e.kind)
-                };
-                ConfigError {
-                    origin: self.origin_of(&key),
-                    key,
-                    message,
-                }
-            })
-            .collect()
+    /// Converts one figment error, whose path is relative to `prefix` (where `value` is).
+    fn error_from(
+        &self,
+        e: &figment::Error,
+        prefix: &str,
+        value: &Value,
+        secrets: &[&str],
+    ) -> ConfigError {
+        let key = std::iter::once(prefix)
+            .filter(|p| !p.is_empty())
+            .chain(e.path.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(".");
+        let secret = secrets
+            .iter()
+            .any(|s| within(&format!("{prefix}.{s}"), &key));
+        let relative = e.path.join(".");
+        let found = if relative.is_empty() {
+            Some(value)
+        } else {
+            value.as_dict().and_then(|d| lookup(d, &relative))
+        };
+        let quoted = match (&e.kind, found) {
+            (figment::error::Kind::MissingField(_), _) | (_, None) => None,
+            (_, Some(_)) if secret => Some(HIDDEN.to_string()),
+            (_, Some(found)) => self.quote(&key, found),
+        };
+        ConfigError {
+            origin: self.origin_of(&key),
+            key,
+            value: quoted,
+            message: describe_kind(&e.kind, secret),
+        }
     }
 
     /// The source that set `key`: the environment variable that set it or a value containing
@@ -474,6 +590,26 @@ impl ConfigSource {
     }
 }
 
+/// How an error shows the value of a secret key.
+const HIDDEN: &str = "(value hidden)";
+
+/// Removes the deepest key of `path` that `value` has as a table key (an error inside an array
+/// removes the whole array); returns the path removed, `None` when nothing could be (an error
+/// about `value` as a whole).
+fn remove_at(value: &mut Value, path: &[String]) -> Option<Vec<String>> {
+    let (first, rest) = path.split_first()?;
+    let Value::Dict(_, dict) = value else {
+        return None;
+    };
+    let inner = dict.get_mut(first)?;
+    if let Some(mut deeper) = remove_at(inner, rest) {
+        deeper.insert(0, first.clone());
+        return Some(deeper);
+    }
+    dict.remove(first);
+    Some(vec![first.clone()])
+}
+
 /// Whether dotted key `inner` is `outer` or lies inside it.
 fn within(outer: &str, inner: &str) -> bool {
     inner
@@ -481,13 +617,14 @@ fn within(outer: &str, inner: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
-/// The value at a dotted key.
+/// The value at a dotted key; a number segment indexes an array (`allow_from.1`).
 fn lookup<'a>(dict: &'a Dict, key: &str) -> Option<&'a Value> {
     let mut parts = key.split('.');
     let mut value = dict.get(parts.next()?)?;
     for part in parts {
         match value {
             Value::Dict(_, d) => value = d.get(part)?,
+            Value::Array(_, items) => value = items.get(part.parse::<usize>().ok()?)?,
             _ => return None,
         }
     }
@@ -526,19 +663,21 @@ fn read_config_file(path: &Path) -> Result<String, String> {
 }
 
 /// Parses config text: no byte-order mark, nesting at most [`MAX_DEPTH`], TOML syntax errors
-/// as one line without the source excerpt (which could show a secret).
-fn parse_toml(text: &str) -> Result<Dict, String> {
+/// as one line without the source excerpt (which could show a secret). An error is the key it
+/// is at, when one can be told (empty otherwise), and the message.
+fn parse_toml(text: &str) -> Result<Dict, (String, String)> {
     if text.starts_with('\u{feff}') {
-        return Err(
-            "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 \
-                    without one"
+        return Err((
+            String::new(),
+            "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without one"
                 .into(),
-        );
+        ));
     }
     let depth = toml_depth(text);
     if depth > MAX_DEPTH {
-        return Err(format!(
-            "tables and arrays nested {depth} levels deep; at most {MAX_DEPTH}"
+        return Err((
+            String::new(),
+            format!("tables and arrays nested {depth} levels deep; at most {MAX_DEPTH}"),
         ));
     }
     toml::from_str(text).map_err(|e: toml::de::Error| {
@@ -548,17 +687,66 @@ fn parse_toml(text: &str) -> Result<Dict, String> {
                 let before = &text[..span.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("TOML syntax error at line {line}, column {column}: {message}")
+                (
+                    key_at_line(text, line),
+                    format!("TOML syntax error at line {line}, column {column}: {message}"),
+                )
             }
-            None => format!("TOML syntax error: {message}"),
+            None => (String::new(), format!("TOML syntax error: {message}")),
         }
     })
 }
 
-/// figment's wording, with the valid choices spelled plainly.
-fn describe_kind(kind: &figment::error::Kind) -> String {
+/// The key a line of config text is about, read without parsing (the text may not parse): the
+/// last `[table]` header above it joined with the line's own `key =`, or the header itself.
+/// Empty when neither is plain (quoted keys, a line inside a multi-line value): a guess never
+/// names a wrong key.
+fn key_at_line(text: &str, line: usize) -> String {
+    let plain = |key: &str| {
+        let key = key.trim();
+        (!key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
+        .then(|| key.split('.').map(str::trim).collect::<Vec<_>>().join("."))
+    };
+    let mut table = Some(String::new());
+    let mut lines = text.lines().take(line).peekable();
+    while let Some(current) = lines.next() {
+        let trimmed = current.trim();
+        let header = trimmed
+            .strip_prefix('[')
+            .and_then(|h| h.split(']').next())
+            .map(|h| h.trim_start_matches('['));
+        let last = lines.peek().is_none();
+        if let Some(header) = header {
+            table = plain(header);
+            if last {
+                return table.unwrap_or_default();
+            }
+        } else if last {
+            let Some(table) = table else {
+                return String::new();
+            };
+            let own = trimmed.split_once('=').and_then(|(k, _)| plain(k));
+            return match own {
+                Some(own) if table.is_empty() => own,
+                Some(own) => format!("{table}.{own}"),
+                None => table,
+            };
+        }
+    }
+    String::new()
+}
+
+/// What is wrong, in a user's terms: "a non-negative integer", not `usize`; the valid choices
+/// spelled plainly. For a `secret` key, nothing derived from the value.
+fn describe_kind(kind: &figment::error::Kind, secret: bool) -> String {
     use figment::error::Kind;
     match kind {
+        Kind::UnknownVariant(_, expected) if secret => {
+            format!("unknown value; valid choices: {}", expected.join(", "))
+        }
         Kind::UnknownVariant(found, expected) => {
             format!(
                 "unknown value `{found}`; valid choices: {}",
@@ -569,7 +757,57 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
             format!("unknown key `{found}`; valid keys: {}", expected.join(", "))
         }
         Kind::MissingField(name) => format!("missing required key `{name}`"),
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            let expected = in_user_terms(expected);
+            if matches!(kind, Kind::InvalidType(..)) {
+                format!("expected {expected}, found {}", kind_of(actual))
+            } else {
+                format!("expected {expected}")
+            }
+        }
+        Kind::Message(_) if secret => "invalid value".into(),
+        Kind::Message(message) => match message.as_str() {
+            "invalid socket address syntax" => {
+                "expected an IP address with port, like \"127.0.0.1:7000\"".into()
+            }
+            "invalid IP address syntax" => "expected an IP address, like \"127.0.0.1\"".into(),
+            other => other.to_string(),
+        },
         other => other.to_string(),
+    }
+}
+
+/// serde's name for an expected type, as a user would say it.
+fn in_user_terms(expected: &str) -> String {
+    match expected {
+        "usize" | "u8" | "u16" | "u32" | "u64" | "u128" => "a non-negative integer",
+        "isize" | "i8" | "i16" | "i32" | "i64" | "i128" => "an integer",
+        "f32" | "f64" => "a number",
+        "a boolean" | "bool" => "true or false",
+        "a string" | "a borrowed string" | "a character" | "char" => "a string",
+        "a sequence" => "an array",
+        "a map" => "a table",
+        "path string" => "a path (a string)",
+        "a duration" => "a duration like \"30s\" or \"1m 30s\"",
+        "socket address" => "an IP address with port, like \"127.0.0.1:7000\"",
+        "IP address" => "an IP address, like \"127.0.0.1\"",
+        other if other.starts_with("struct ") => "a table",
+        other => return other.to_string(),
+    }
+    .to_string()
+}
+
+/// What kind of value was found, without the value itself.
+fn kind_of(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "true or false",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number with a fraction",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        _ => "another kind of value",
     }
 }
 
@@ -600,6 +838,7 @@ fn parse_env(
         let error = |key: &str, message: String| ConfigError {
             origin: format!("environment variable {name}"),
             key: key.to_string(),
+            value: None,
             message,
         };
         let path = match env_key_path(&name[ENV_PREFIX.len()..]) {
@@ -867,27 +1106,6 @@ fn skip_string(bytes: &[u8], start: usize) -> usize {
     bytes.len()
 }
 
-/// [`describe_kind`] for a secret key: what is wrong, never the value.
-fn describe_secret_kind(kind: &figment::error::Kind) -> String {
-    use figment::error::{Actual, Kind};
-    match kind {
-        Kind::InvalidType(actual, expected) => {
-            let found = match actual {
-                Actual::Bool(_) => "a boolean",
-                Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
-                Actual::Float(_) => "a float",
-                Actual::Char(_) | Actual::Str(_) => "a string",
-                Actual::Seq => "an array",
-                Actual::Map => "a table",
-                _ => "another type",
-            };
-            format!("invalid type: found {found}, expected {expected}")
-        }
-        Kind::MissingField(_) | Kind::UnknownField(..) => describe_kind(kind),
-        _ => "invalid value (not shown: the key is secret)".into(),
-    }
-}
-
 /// Service names become metric label values and `__`-separated environment keys, so they stay
 /// simple: lowercase ASCII letters, digits, `-` and `_`.
 fn check_service_name(name: &str) -> Result<(), String> {
@@ -913,6 +1131,16 @@ mod tests {
         ConfigSource::from_parts(toml, "test.toml", [], Dict::new()).unwrap()
     }
 
+    /// [`ConfigSource::resolve`] as a `Result`: the config when there is no error.
+    fn resolved(src: &ConfigSource) -> Result<Config, Vec<ConfigError>> {
+        let (config, errors) = src.resolve();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
     #[test]
     fn full_config_resolves_with_defaults() {
         let src = load(
@@ -930,7 +1158,7 @@ mod tests {
             transform = "upper"
             "#,
         );
-        let cfg = src.config().unwrap();
+        let cfg = resolved(&src).unwrap();
         assert_eq!(cfg.server.backend, BackendChoice::Epoll);
         assert_eq!(cfg.server.shutdown_grace, Duration::from_secs(30));
         let echo = &cfg.services["echo"];
@@ -955,7 +1183,7 @@ mod tests {
             [bogus]
             "#,
         );
-        let errors = src.config().unwrap_err();
+        let errors = resolved(&src).unwrap_err();
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         let all = text.join("\n");
         assert!(all.contains("server.backend"), "{all}");
@@ -970,23 +1198,60 @@ mod tests {
     }
 
     #[test]
+    fn every_bad_key_of_a_service_is_reported_with_its_value_in_user_terms() {
+        let src = load(
+            "[services.e]\nplugin = 'echo'\nlisten = 'nowhere'\nmax_connections = 'lots'\n\
+             idle_timeout = 'soon'\nallow_from = ['10.0.0.0/8', 'bogus']\nmax_blocking = -1\n",
+        );
+        let errors: Vec<String> = resolved(&src)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "test.toml: services.e.allow_from.1 = \"bogus\": `bogus` is not an IP address or \
+                 CIDR network",
+                "test.toml: services.e.idle_timeout = \"soon\": expected a duration like \"30s\" \
+                 or \"1m 30s\"",
+                "test.toml: services.e.listen = \"nowhere\": expected an IP address with port, \
+                 like \"127.0.0.1:7000\"",
+                "test.toml: services.e.max_blocking = -1: expected a non-negative integer",
+                "test.toml: services.e.max_connections = \"lots\": expected a non-negative \
+                 integer, found a string",
+            ]
+        );
+        // A missing required key is reported once; one the checker took out is not reported.
+        let errors =
+            resolved(&load("[services.e]\nplugin = 'echo'\nmax_blocking = 'x'\n")).unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["services.e.max_blocking", "services.e"],
+            "{errors:?}"
+        );
+        assert!(errors[1].message.contains("missing required key `listen`"));
+    }
+
+    #[test]
     fn bad_service_names_and_empty_configs_are_errors() {
-        let errors = load("[services.Echo]\nplugin='echo'\nlisten='127.0.0.1:1'\n")
-            .config()
-            .unwrap_err();
+        let errors = resolved(&load(
+            "[services.Echo]\nplugin='echo'\nlisten='127.0.0.1:1'\n",
+        ))
+        .unwrap_err();
         assert!(
             errors[0].to_string().contains("services.Echo"),
             "{errors:?}"
         );
-        let errors = load("").config().unwrap_err();
+        let errors = resolved(&load("")).unwrap_err();
         assert!(errors[0].message.contains("no service"), "{errors:?}");
-        let errors = load("[services]\n").config().unwrap_err();
+        let errors = resolved(&load("[services]\n")).unwrap_err();
         assert!(errors[0].message.contains("no service"), "{errors:?}");
-        let errors = load(
+        let errors = resolved(&load(
             "[server]\nworkers = 5000\n[services.e]\nplugin='echo'\nlisten='127.0.0.1:1'\n\
              max_connections = 0\nidle_timeout = '400days'\n",
-        )
-        .config()
+        ))
         .unwrap_err();
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
@@ -1029,7 +1294,7 @@ mod tests {
         }
         let first_error = |var: &str, value: &str| {
             let src = with_env(ECHO, &[(var, value)]).unwrap();
-            src.config().unwrap_err()[0].to_string()
+            resolved(&src).unwrap_err()[0].to_string()
         };
         // A well-formed override that names no real key is an error naming the variable.
         let error = first_error("WHARF_SERVICES__E__ALLOW_FRM", "[]");
@@ -1047,11 +1312,11 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(src.config().unwrap().services["e"].allow_from.len(), 1);
+        assert_eq!(resolved(&src).unwrap().services["e"].allow_from.len(), 1);
         assert_eq!(
             first_error("WHARF_SERVICES__E__LISTEN", "nowhere"),
             "environment variable WHARF_SERVICES__E__LISTEN: services.e.listen: \
-             invalid socket address syntax"
+             expected an IP address with port, like \"127.0.0.1:7000\""
         );
         // A service created by the environment alone: its errors name the variable.
         let error = first_error("WHARF_SERVICES__NEW__LISTEN", "127.0.0.1:2");
@@ -1154,7 +1419,7 @@ mod tests {
             .unwrap();
         let text = errors[0].to_string();
         assert!(
-            text.starts_with("test.toml: TOML syntax error at line 2"),
+            text.starts_with("test.toml: services.e.token: TOML syntax error at line 2"),
             "{text}"
         );
         assert!(!text.contains("s3cret") && !text.contains('\n'), "{text}");
@@ -1177,10 +1442,11 @@ mod tests {
         let all = errors("token = 's3cret'\nother = []\n");
         assert!(!all.contains("s3cret"), "{all}");
         assert!(all.contains("services.e.options.token"), "{all}");
-        assert!(all.contains("found a string, expected a sequence"), "{all}");
-        // other keys keep the value in their message
+        assert!(all.contains("expected an array, found a string"), "{all}");
+        assert!(all.contains("(value hidden)"), "{all}");
+        // other keys quote their value
         let all = errors("token = []\nother = 'visible'\n");
-        assert!(all.contains("found string \\\"visible\\\""), "{all}");
+        assert!(all.contains("\\\"visible\\\""), "{all}");
     }
 
     #[test]

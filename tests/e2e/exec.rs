@@ -19,7 +19,8 @@ fn exec_config(dir: &TempDir, token: Option<&str>) -> String {
          echo = {{ argv = [\"echo\"], allow_args = true }}\n\
          false = {{ argv = [\"false\"] }}\n\
          sleep = {{ argv = [\"sleep\"], allow_args = true }}\n\
-         uname = {{ argv = [\"uname\"], allow_args = true }}\n",
+         uname = {{ argv = [\"uname\"], allow_args = true }}\n\
+         ls = {{ argv = [\"ls\"], allow_args = true }}\n",
         dir.0.display()
     )
 }
@@ -57,7 +58,7 @@ fn tutorial_python_client_runs_commands_unmodified() {
         let dir = TempDir::new();
         let server = Server::start(&exec_config(&dir, None), backend);
         let addr = server.addr("exec");
-        let out = python_client(
+        let Some(out) = python_client(
             TUTORIAL_EXEC_CLIENT,
             addr,
             &[
@@ -68,7 +69,9 @@ fn tutorial_python_client_runs_commands_unmodified() {
                 "echo a; touch X",
                 "echo $(touch Y) `touch Z` | tee W",
             ],
-        );
+        ) else {
+            return;
+        };
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines,
@@ -142,6 +145,18 @@ fn wharf_client_exec_exit_statuses_and_auth() {
             2.0,
         );
     }
+}
+
+#[test]
+fn program_errors_name_the_program_as_configured_not_its_resolved_path() {
+    let dir = TempDir::new();
+    let server = Server::start(&exec_config(&dir, None), "epoll");
+    let addr = server.addr("exec").to_string();
+    let (code, out, _) = wharf_client(&[&addr, "--", "ls", "/nonexistent-wharf-path"]);
+    assert_eq!(code, 2, "{out}");
+    // `ls` found in env.PATH runs as /usr/bin/ls (or /bin/ls); its message names it `ls`.
+    assert!(out.starts_with("ls: "), "{out}");
+    assert!(!out.contains("/bin/ls"), "{out}");
 }
 
 /// Processes whose command line contains `marker`.

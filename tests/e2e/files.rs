@@ -47,7 +47,7 @@ for name in sys.argv[3:]:
 client.close()
 "#;
 
-fn tutorial_get(addr: std::net::SocketAddr, names: &[&str]) -> String {
+fn tutorial_get(addr: std::net::SocketAddr, names: &[&str]) -> Option<String> {
     python_client(TUTORIAL_GET_CLIENT, addr, names)
 }
 
@@ -61,10 +61,12 @@ fn tutorial_python_client_downloads_and_verifies_cold_and_cached() {
         let server = Server::start(&files_config(&dir.0), backend);
         let addr = server.addr("files");
         // First pass hashes while sending; the second is served from the digest cache.
-        let out = tutorial_get(
+        let Some(out) = tutorial_get(
             addr,
             &["small.txt", "big.bin", "empty", "big.bin", "small.txt"],
-        );
+        ) else {
+            return;
+        };
         assert_eq!(
             out,
             "small.txt 6 match\nbig.bin 3000000 match\nempty 0 match\nbig.bin 3000000 match\nsmall.txt 6 match\n"
@@ -213,8 +215,9 @@ fn a_client_leaving_mid_file_leaks_nothing() {
             std::thread::sleep(Duration::from_millis(50));
         }
         // Still serving.
-        let out = tutorial_get(addr, &["big.bin"]);
-        assert_eq!(out, "big.bin 40000000 match\n");
+        if let Some(out) = tutorial_get(addr, &["big.bin"]) {
+            assert_eq!(out, "big.bin 40000000 match\n");
+        }
     }
 }
 
@@ -227,6 +230,8 @@ fn a_5_gib_sparse_file_downloads_and_verifies() {
         .set_len(size)
         .unwrap();
     let server = Server::start(&files_config(&dir.0), "epoll");
-    let out = tutorial_get(server.addr("files"), &["sparse.img"]);
+    let Some(out) = tutorial_get(server.addr("files"), &["sparse.img"]) else {
+        return;
+    };
     assert_eq!(out, format!("sparse.img {size} match\n"));
 }

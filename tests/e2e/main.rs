@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod clients;
 mod deploy;
 mod echo;
 mod exec;

@@ -250,7 +250,7 @@ fn a_reload_keeps_clients_and_listeners_and_applies_changes_on_both_backends() {
         let log = server.log();
         assert!(
             log.contains(&format!(
-                "{path}: services.bad.plugin: unknown plugin `ech`"
+                "{path}: services.bad.plugin = \"ech\": unknown plugin `ech`"
             )),
             "{log}"
         );

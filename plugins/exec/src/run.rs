@@ -14,7 +14,7 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,6 +95,11 @@ pub fn cancel_pair() -> io::Result<(Canceller, CancelSignal)> {
 /// Runs `job` to completion (blocking).
 pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
     let mut cmd = Command::new(&job.program);
+    // argv[0], which programs put in their error messages, is the program's name as a shell
+    // would pass it (`ls: cannot access ...`), not the absolute path it was found at.
+    if let Some(name) = job.program.file_name() {
+        cmd.arg0(name);
+    }
     cmd.args(&job.args)
         .env_clear()
         .envs(job.env.iter().map(|(k, v)| (k, v)))

@@ -1,0 +1,112 @@
+//! `wharf client` pointed at the wrong kind of service says so and exits 1, instead of printing
+//! another protocol's answer as its own; and `client get` never discards a partial download.
+
+use std::process::Command;
+
+use crate::harness::*;
+
+/// `wharf client <args>`, run in `cwd`: (exit code, stdout, stderr).
+fn client(cwd: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(WHARF)
+        .arg("client")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every built-in plugin on one server; exec allows `date`, `get` and `list` are not allowed.
+fn start(root: &std::path::Path) -> Server {
+    let exec = format!(
+        "[services.exec.options]\ncwd = \"{}\"\n\
+         [services.exec.options.commands]\ndate = {{ argv = [\"date\"] }}\n",
+        root.display()
+    );
+    Server::start(&all_plugins_config(root, &exec), "epoll")
+}
+
+#[test]
+fn each_client_notices_another_kind_of_service() {
+    let files = TempDir::new();
+    std::fs::write(files.0.join("hello.txt"), b"hello\n").unwrap();
+    let work = TempDir::new();
+    let server = start(&files.0);
+    let [echo, exec, file_get] = ["echo", "exec", "files"].map(|s| server.addr(s).to_string());
+    let wrong = |kind: &str, answer: &str| {
+        format!("wharf: error: this does not look like {kind} service: it answered `{answer}`")
+    };
+
+    // The right service still works, and its refusals are refusals.
+    let (code, out, err) = client(&work.0, &["list", &file_get]);
+    assert_eq!((code, out.as_str()), (0, "6\thello.txt\n"), "{err}");
+    let (code, _, err) = client(&work.0, &["get", &file_get, "nope.txt"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("server refused: ERR no such file"), "{err}");
+
+    // file-get clients at exec (a sized result, but not a listing / no digest) and echo.
+    let (code, out, err) = client(&work.0, &["list", &exec]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(
+        err.contains(&wrong("a file-get", "command not allowed: list")),
+        "{err}"
+    );
+    let (code, _, err) = client(&work.0, &["list", &echo]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&wrong("a file-get", "LIST")), "{err}");
+    let (code, _, err) = client(&work.0, &["get", &exec, "hello.txt"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&wrong("a file-get", "command not allowed: get")),
+        "{err}"
+    );
+    let (code, _, err) = client(&work.0, &["get", &echo, "hello.txt"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&wrong("a file-get", "GET HELLO.TXT")), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&work.0).unwrap().count(),
+        0,
+        "a wrong service's answer was saved"
+    );
+
+    // The exec client at file-get and echo.
+    let (code, out, err) = client(&work.0, &["exec", &file_get, "--", "date"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    let refusal = "this does not look like an exec service: it answered `ERR bad request";
+    assert!(err.contains(refusal), "{err}");
+    let (code, _, err) = client(&work.0, &["exec", &echo, "--", "date"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&wrong("an exec", "DATE")), "{err}");
+}
+
+#[test]
+fn get_keeps_an_existing_part_file_unless_told_to_resume() {
+    let files = TempDir::new();
+    let data = payload(100_000, 3);
+    std::fs::write(files.0.join("data.bin"), &data).unwrap();
+    let work = TempDir::new();
+    let server = start(&files.0);
+    let addr = server.addr("files").to_string();
+    let part = work.0.join("data.bin.part");
+    std::fs::write(&part, &data[..1000]).unwrap();
+
+    // Without --resume: refused, the partial download untouched, the way on named.
+    let (code, _, err) = client(&work.0, &["get", &addr, "data.bin"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("data.bin.part exists") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&part).unwrap(), &data[..1000]);
+    assert!(!work.0.join("data.bin").exists());
+
+    // With it: continued and verified.
+    let (code, _, err) = client(&work.0, &["get", &addr, "data.bin", "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(work.0.join("data.bin")).unwrap(), data);
+    assert!(!part.exists());
+}
