@@ -51,7 +51,7 @@ enum Command {
     /// Load-test a service, or compare the backends on one (`wharf bench swap`).
     Bench {
         #[command(subcommand)]
-        command: crate::bench::BenchCommand,
+        command: wharf_bench::BenchCommand,
     },
     /// Talk to a running service.
     Client {
@@ -181,7 +181,7 @@ pub fn main(registry: Registry) -> i32 {
             print_plugins(&registry);
             0
         }
-        Command::Bench { command } => crate::bench::main(command),
+        Command::Bench { command } => wharf_bench::run(command),
         Command::Client { command } => match command {
             ClientCommand::Exec {
                 addr,
