@@ -51,7 +51,7 @@ pub struct SwapArgs {
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Where results.json, summary.txt, chart.svg, the configs and the server logs go (default:
-    /// bench-results/swap-<plugin>-<time>).
+    /// bench-results/swap-PLUGIN-TIME).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Do not pin the servers and the client to separate CPUs.
