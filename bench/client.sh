@@ -14,7 +14,7 @@ shift 2 2>/dev/null || true
 conns=("$@")
 [ ${#conns[@]} -gt 0 ] || conns=(64 512)
 
-cargo build --release -q -p wharf -p wharf-bench
+cargo build --release -q -p wharf -p wharf-bench-peers
 bin=target/release
 port=17010
 taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" &

@@ -17,7 +17,7 @@ shift 2 2>/dev/null || true
 conns=("$@")
 [ ${#conns[@]} -gt 0 ] || conns=(1 64 512)
 
-cargo build --release -q -p wharf -p wharf-bench
+cargo build --release -q -p wharf -p wharf-bench-peers
 bin=target/release
 mkdir -p bench-results
 out="bench-results/echo-$(date +%Y%m%d-%H%M%S).jsonl"

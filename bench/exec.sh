@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-cargo build --release -q -p wharf -p wharf-bench
+cargo build --release -q -p wharf -p wharf-bench-peers
 cfg=$(mktemp)
 trap 'rm -f "$cfg"; kill $(jobs -p) 2>/dev/null || true' EXIT
 for busy in 1 0.1; do

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 old_bin=${1:?usage: fileget-ab.sh OLD_WHARF NEW_WHARF [ROUNDS]}
 new_bin=${2:?usage: fileget-ab.sh OLD_WHARF NEW_WHARF [ROUNDS]}
 rounds=${3:-5}
-cargo build --release --quiet -p wharf-bench --bin fileget-bench
+cargo build --release --quiet -p wharf-bench-peers --bin fileget-bench
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/root"

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 rounds=${1:-3}
-cargo build --release -q -p wharf -p wharf-bench
+cargo build --release -q -p wharf -p wharf-bench-peers
 work=$(mktemp -d)
 sink=/mnt/wharf-bench-sink
 mkdir -p "$sink"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 rounds=${1:-5}
 duration=${2:-5}
-cargo build --release -q -p wharf -p wharf-bench
+cargo build --release -q -p wharf -p wharf-bench-peers
 bin=target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

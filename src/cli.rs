@@ -60,7 +60,7 @@ enum Command {
     /// Load-test a service, or compare the backends on one (`wharf bench swap`).
     Bench {
         #[command(subcommand)]
-        command: crate::bench::BenchCommand,
+        command: wharf_bench::BenchCommand,
     },
     /// Talk to a running service.
     Client {
@@ -204,7 +204,7 @@ pub fn main(registry: Registry) -> i32 {
             print_plugins(&registry);
             0
         }
-        Command::Bench { command } => crate::bench::main(command),
+        Command::Bench { command } => wharf_bench::run(command),
         Command::Client { command } => match command {
             ClientCommand::Exec {
                 addr,

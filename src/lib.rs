@@ -5,7 +5,6 @@
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
 
 pub mod activation;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod metrics_http;

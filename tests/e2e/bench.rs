@@ -39,14 +39,49 @@ fn bench_for(duration: &str, args: &[&str]) -> (serde_json::Value, Output) {
     (report, out)
 }
 
+/// [`bench`] against `server`, with the CPU seconds the server used while the command ran, read
+/// from /proc here (independently of the report): the report's window lies inside it.
+fn bench_on(server: &Server, args: &[&str]) -> (serde_json::Value, Output, f64) {
+    bench_on_for(server, "0.5", args)
+}
+
+/// [`bench_on`] measuring for `duration` seconds.
+fn bench_on_for(
+    server: &Server,
+    duration: &str,
+    args: &[&str],
+) -> (serde_json::Value, Output, f64) {
+    let before = cpu_seconds(server.pid());
+    let (report, out) = bench_for(duration, args);
+    (report, out, cpu_seconds(server.pid()) - before)
+}
+
+/// utime + stime + cutime + cstime of a process, in seconds (stat(5) fields 14 to 17).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    fields.iter().sum::<u64>() as f64 / hz
+}
+
 fn num(report: &serde_json::Value, key: &str) -> f64 {
     report[key]
         .as_f64()
         .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
 
-/// The figures of a clean run are consistent with each other and with the server.
-fn assert_sane(report: &serde_json::Value, server: &Server, out: &Output) {
+/// The figures of a clean run are consistent with each other and with the server, which used
+/// `server_cpu` seconds of CPU while the command ran.
+fn assert_sane(report: &serde_json::Value, server: &Server, out: &Output, server_cpu: f64) {
     assert!(out.status.success(), "{report}");
     let requests = num(report, "requests");
     assert!(requests > 0.0, "{report}");
@@ -62,7 +97,20 @@ fn assert_sane(report: &serde_json::Value, server: &Server, out: &Output) {
         pids.iter().any(|p| p.as_i64() == Some(server.pid() as i64)),
         "{report}"
     );
-    assert!(num(&report["server"], "cores") >= 0.0);
+    // It worked during the window, and no more than /proc saw it work during the whole command
+    // (one clock tick of slack at each end).
+    let window_cpu = num(&report["server"], "cores") * num(report, "duration_s");
+    assert!(window_cpu > 0.0, "the server was busy: {report}");
+    assert!(
+        window_cpu <= server_cpu + 0.02,
+        "{window_cpu} s measured in the window, {server_cpu} s in the whole run: {report}"
+    );
+    // CPU per request is that time over the requests answered.
+    let per_request = num(&report["server"], "us_per_request");
+    assert!(
+        (per_request * requests - window_cpu * 1e6).abs() <= 1e-6 * window_cpu * 1e6 + 1.0,
+        "{per_request} µs per request x {requests} requests != {window_cpu} s: {report}"
+    );
 }
 
 #[test]
@@ -73,8 +121,11 @@ fn bench_reports_sane_figures_for_every_protocol_on_both_backends() {
         let server = Server::start(&config(&dir.0), backend);
         let addr = |s: &str| server.addr(s).to_string();
 
-        let (report, out) = bench(&["echo", &addr("echo"), "-c", "8", "--size", "100"]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on(
+            &server,
+            &["echo", &addr("echo"), "-c", "8", "--size", "100"],
+        );
+        assert_sane(&report, &server, &out, cpu);
         // Every byte sent came back (uppercased: the parser accepts that, and checks it).
         let requests = num(&report, "requests");
         assert!(
@@ -82,23 +133,32 @@ fn bench_reports_sane_figures_for_every_protocol_on_both_backends() {
             "{report}"
         );
 
-        let (report, out) = bench(&["http", &addr("web"), "-c", "4", "--pipeline", "4"]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on(
+            &server,
+            &["http", &addr("web"), "-c", "4", "--pipeline", "4"],
+        );
+        assert_sane(&report, &server, &out, cpu);
         assert_eq!(report["pipeline"], 4);
 
-        let (report, out) = bench(&["exec", &addr("exec"), "-c", "2", "--command", "true"]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on(
+            &server,
+            &["exec", &addr("exec"), "-c", "2", "--command", "true"],
+        );
+        assert_sane(&report, &server, &out, cpu);
 
-        let (report, out) = bench(&[
-            "get",
-            &addr("files"),
-            "-c",
-            "2",
-            "--path",
-            "a.txt",
-            "--verify",
-        ]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on(
+            &server,
+            &[
+                "get",
+                &addr("files"),
+                "-c",
+                "2",
+                "--path",
+                "a.txt",
+                "--verify",
+            ],
+        );
+        assert_sane(&report, &server, &out, cpu);
         // Bytes count when they arrive inside the measured window, requests when they end
         // in it: a request per connection (2) can straddle the window's start.
         let whole = (num(&report, "requests") - 2.0) * 10_032.0;
@@ -111,22 +171,29 @@ fn bench_reports_sane_figures_for_every_protocol_on_both_backends() {
 
         // Batches far larger than the socket buffers: sending and reading overlap, or the
         // echo server (which stops reading while its answer is not read) would deadlock.
-        let (report, out) = bench(&[
-            "echo",
-            &addr("echo"),
-            "-c",
-            "2",
-            "--size",
-            "1000000",
-            "--pipeline",
-            "4",
-        ]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on(
+            &server,
+            &[
+                "echo",
+                &addr("echo"),
+                "-c",
+                "2",
+                "--size",
+                "1000000",
+                "--pipeline",
+                "4",
+            ],
+        );
+        assert_sane(&report, &server, &out, cpu);
 
         // Open loop: the rate asked for is the rate sent (within the run's granularity). Over
         // 2 s, so that a stall of this busy machine costs a few percent, not the band.
-        let (report, out) = bench_for("2", &["echo", &addr("echo"), "-c", "4", "--rate", "2000"]);
-        assert_sane(&report, &server, &out);
+        let (report, out, cpu) = bench_on_for(
+            &server,
+            "2",
+            &["echo", &addr("echo"), "-c", "4", "--rate", "2000"],
+        );
+        assert_sane(&report, &server, &out, cpu);
         assert_eq!(report["mode"], "open");
         let rps = num(&report, "requests_per_sec");
         assert!(
@@ -316,7 +383,9 @@ fn usage_errors_exit_2_with_a_message() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
-        assert!(!out.status.success(), "{args:?}");
+        // `bench swap` reports every failure, usage included, with status 1.
+        let status = if args[0] == "swap" { 1 } else { 2 };
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {stderr}");
     }
 }
 
@@ -377,9 +446,38 @@ fn swap_runs_every_point_interleaved_and_writes_results_and_chart() {
             assert_eq!(num(point, "ratio_to_first"), 1.0);
         }
     }
-    let svg = std::fs::read_to_string(dir.0.join("throughput.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && names.iter().all(|n| svg.contains(n)));
-    // The servers were stopped.
+    // The chart: a panel per metric, each with every backend.
+    let svg = std::fs::read_to_string(dir.0.join("chart.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| Some(t.split_once('>')?.1.split_once('<')?.0.trim()))
+        .collect();
+    for text in [
+        "requests per second",
+        "server CPU per request",
+        "p99 latency",
+    ] {
+        assert!(texts.contains(&text), "{text} missing: {texts:?}");
+    }
+    for name in &names {
+        let legends = texts.iter().filter(|t| *t == name).count();
+        assert_eq!(legends, 3, "{name}: {texts:?}");
+    }
+    // The servers were stopped (and reaped), and did not panic.
+    let pids: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("started "))
+        .filter_map(|l| l.rsplit_once(", pid ")?.1.split([',', ' ']).next())
+        .collect();
+    assert_eq!(pids.len(), names.len(), "{stderr}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "server {pid} still runs"
+        );
+    }
     for name in &names {
         let log = std::fs::read_to_string(dir.0.join(format!("server-{name}.log"))).unwrap();
         assert!(!log.contains("panicked"), "{log}");

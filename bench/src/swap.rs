@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
+use wharf_core::exit_status;
 
 use super::load;
 use super::procstat;
@@ -49,8 +50,8 @@ pub struct SwapArgs {
     /// Runs per backend and connection count.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Where results.json, throughput.svg, the configs and the server logs go (default:
-    /// bench-results/swap-<plugin>-<time>).
+    /// Where results.json, summary.txt, chart.svg, the configs and the server logs go (default:
+    /// bench-results/swap-PLUGIN-TIME).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Do not pin the servers and the client to separate CPUs.
@@ -60,6 +61,8 @@ pub struct SwapArgs {
     work: WorkloadArgs,
 }
 
+/// The backends `wharf serve --backend` takes. Kept to this type, its `as_str` and
+/// `SwapArgs::backends`, so that the one list of backends in `wharf-core` can replace it.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum SwapBackend {
     #[serde(rename = "epoll")]
@@ -96,7 +99,11 @@ struct Point {
     min_requests_per_sec: f64,
     max_requests_per_sec: f64,
     median_p99_us: f64,
+    min_p99_us: f64,
+    max_p99_us: f64,
     median_server_us_per_request: Option<f64>,
+    min_server_us_per_request: Option<f64>,
+    max_server_us_per_request: Option<f64>,
     median_server_cores: Option<f64>,
     median_client_cores: f64,
     errors: u64,
@@ -194,10 +201,19 @@ fn run(args: SwapArgs) -> Result<(), String> {
     });
     work.threads = Some(threads);
 
+    // The servers run this very program (`wharf`), so both backends run the same code.
+    let wharf = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut servers = Vec::new();
     let mut config_text = String::new();
     for &backend in &args.backends {
-        let server = Server::start(&args, backend, &out, &server_cpus, file_path.as_deref())?;
+        let launch = Launch {
+            wharf: &wharf,
+            args: &args,
+            out: &out,
+            cpus: &server_cpus,
+            files: file_path.as_deref(),
+        };
+        let server = Server::start(&launch, backend)?;
         config_text = server.config.clone();
         eprintln!(
             "started {} ({} worker{}) on {}, pid {}{}",
@@ -269,34 +285,84 @@ fn run(args: SwapArgs) -> Result<(), String> {
     let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
     write(&out.join("results.json"), json.as_bytes())?;
     write(&out.join("summary.txt"), table.as_bytes())?;
-    let series: Vec<chart::Series> = args
-        .backends
-        .iter()
-        .map(|b| chart::Series {
-            name: b.as_str().to_string(),
-            points: summary
-                .iter()
-                .filter(|p| p.backend == b.as_str())
-                .map(|p| (p.connections, p.median_requests_per_sec))
-                .collect(),
-        })
-        .collect();
     let title = format!(
-        "wharf {} · {} worker{} · median of {}",
+        "wharf {} · {} · {} worker{} · median and range of {}",
         args.plugin.as_str(),
+        match work.rate {
+            Some(r) => format!("open loop at {} req/s", grouped(r)),
+            None => "closed loop".into(),
+        },
         args.workers,
         if args.workers == 1 { "" } else { "s" },
         args.repeat
     );
-    chart::throughput(&out.join("throughput.svg"), &title, &series)?;
+    chart::draw(
+        &out.join(CHART_FILE),
+        &title,
+        &chart_panels(&results.backends, &summary),
+    )?;
     println!(
-        "\nwrote {}/results.json, summary.txt and throughput.svg",
+        "\nwrote {}/results.json, summary.txt and {CHART_FILE}",
         out.display()
     );
     if runs.iter().all(|r| r.report.ok_per_sec == 0.0) {
         return Err("no run got a single successful answer (errors are in results.json)".into());
     }
     Ok(())
+}
+
+/// The chart `bench swap` writes next to results.json.
+const CHART_FILE: &str = "chart.svg";
+
+/// The chart's panels: req/s, server CPU per request and p99, each with its spread over the
+/// runs, one series per backend.
+fn chart_panels(backends: &[&str], summary: &[Point]) -> Vec<chart::Panel> {
+    type Pick = fn(&Point) -> Option<(f64, f64, f64)>;
+    let metrics: [(&str, chart::Unit, Pick); 3] = [
+        ("requests per second", chart::Unit::PerSecond, |p| {
+            Some((
+                p.median_requests_per_sec,
+                p.min_requests_per_sec,
+                p.max_requests_per_sec,
+            ))
+        }),
+        ("server CPU per request", chart::Unit::Microseconds, |p| {
+            Some((
+                p.median_server_us_per_request?,
+                p.min_server_us_per_request?,
+                p.max_server_us_per_request?,
+            ))
+        }),
+        ("p99 latency", chart::Unit::Microseconds, |p| {
+            Some((p.median_p99_us, p.min_p99_us, p.max_p99_us))
+        }),
+    ];
+    metrics
+        .into_iter()
+        .map(|(metric, unit, pick)| chart::Panel {
+            metric: metric.into(),
+            unit,
+            series: backends
+                .iter()
+                .map(|&b| chart::Series {
+                    name: b.to_string(),
+                    points: summary
+                        .iter()
+                        .filter(|p| p.backend == b)
+                        .filter_map(|p| {
+                            let (median, min, max) = pick(p)?;
+                            Some(chart::Figure {
+                                connections: p.connections,
+                                median,
+                                min,
+                                max,
+                            })
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn validate(args: &SwapArgs) -> Result<(), String> {
@@ -441,6 +507,19 @@ fn find_program(word: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("--command: {word} is not found in PATH"))
 }
 
+/// What every server of a swap is started with.
+struct Launch<'a> {
+    /// The `wharf` program.
+    wharf: &'a Path,
+    args: &'a SwapArgs,
+    /// Where configs and logs go.
+    out: &'a Path,
+    /// CPUs to pin the server to (none: not pinned).
+    cpus: &'a [usize],
+    /// The file-get root, for a get swap.
+    files: Option<&'a Path>,
+}
+
 /// A `wharf serve` started for one backend; stopped (SIGTERM, then SIGKILL) when dropped.
 struct Server {
     backend: SwapBackend,
@@ -453,18 +532,12 @@ struct Server {
 impl Server {
     /// Starts a server on a free port and waits until it listens there. The port is chosen
     /// by the kernel, then released for the server to bind, so another process can take it
-    /// in between: wharf then exits saying so (its exclusive bind probe), and another port is
-    /// tried.
-    fn start(
-        args: &SwapArgs,
-        backend: SwapBackend,
-        out: &Path,
-        cpus: &[usize],
-        files: Option<&Path>,
-    ) -> Result<Server, String> {
+    /// in between: wharf then exits with [`exit_status::ADDRESS_IN_USE`] (its exclusive bind
+    /// probe), and another port is tried.
+    fn start(launch: &Launch<'_>, backend: SwapBackend) -> Result<Server, String> {
         let mut attempt = 1;
         loop {
-            let mut server = Self::spawn(args, backend, out, cpus, files)?;
+            let mut server = Self::spawn(launch, backend)?;
             match server.wait_listening() {
                 Ok(()) => return Ok(server),
                 Err(e) if attempt < PORT_ATTEMPTS && server.lost_its_port() => {
@@ -477,14 +550,14 @@ impl Server {
     }
 
     /// Starts `wharf serve` on a port the kernel just handed out and released.
-    fn spawn(
-        args: &SwapArgs,
-        backend: SwapBackend,
-        out: &Path,
-        cpus: &[usize],
-        files: Option<&Path>,
-    ) -> Result<Server, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    fn spawn(launch: &Launch<'_>, backend: SwapBackend) -> Result<Server, String> {
+        let Launch {
+            wharf,
+            args,
+            out,
+            cpus,
+            files,
+        } = *launch;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("cannot pick a port: {e}"))?
@@ -495,7 +568,7 @@ impl Server {
         let log = out.join(format!("server-{}.log", backend.as_str()));
         let log_file =
             std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(wharf);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -552,11 +625,10 @@ impl Server {
         }
     }
 
-    /// Whether the server exited because its port was taken before it could bind it.
+    /// Whether the server exited because its port was taken before it could bind it: `wharf
+    /// serve` says so with its exit status.
     fn lost_its_port(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-            && std::fs::read_to_string(&self.log)
-                .is_ok_and(|log| log.contains(crate::serve::ADDRESS_IN_USE_HINT))
+        matches!(self.child.try_wait(), Ok(Some(status)) if status.code() == Some(exit_status::ADDRESS_IN_USE))
     }
 
     /// An error (with the end of the server's log) when the server has exited.
@@ -622,6 +694,14 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
+fn min(v: &[f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::min)
+}
+
+fn max(v: &[f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::max)
+}
+
 fn summarize(args: &SwapArgs, runs: &[Run]) -> Vec<Point> {
     let mut points = Vec::new();
     for &connections in &args.connections {
@@ -636,21 +716,24 @@ fn summarize(args: &SwapArgs, runs: &[Run]) -> Vec<Point> {
             let rps: Vec<f64> = reports.iter().map(|r| r.ok_per_sec).collect();
             let med = median(rps.clone()).unwrap_or(0.0);
             let first = *first_rps.get_or_insert(med);
+            let p99: Vec<f64> = reports.iter().map(|r| r.latency_us.p99).collect();
+            let cpu: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| r.server.as_ref()?.us_per_request)
+                .collect();
             points.push(Point {
                 backend: backend.as_str(),
                 connections,
                 runs: reports.len(),
                 median_requests_per_sec: med,
-                min_requests_per_sec: rps.iter().copied().fold(f64::INFINITY, f64::min),
-                max_requests_per_sec: rps.iter().copied().fold(0.0, f64::max),
-                median_p99_us: median(reports.iter().map(|r| r.latency_us.p99).collect())
-                    .unwrap_or(0.0),
-                median_server_us_per_request: median(
-                    reports
-                        .iter()
-                        .filter_map(|r| r.server.as_ref()?.us_per_request)
-                        .collect(),
-                ),
+                min_requests_per_sec: min(&rps).unwrap_or(0.0),
+                max_requests_per_sec: max(&rps).unwrap_or(0.0),
+                median_p99_us: median(p99.clone()).unwrap_or(0.0),
+                min_p99_us: min(&p99).unwrap_or(0.0),
+                max_p99_us: max(&p99).unwrap_or(0.0),
+                median_server_us_per_request: median(cpu.clone()),
+                min_server_us_per_request: min(&cpu),
+                max_server_us_per_request: max(&cpu),
                 median_server_cores: median(
                     reports
                         .iter()
@@ -665,6 +748,21 @@ fn summarize(args: &SwapArgs, runs: &[Run]) -> Vec<Point> {
         }
     }
     points
+}
+
+/// The table's spread column: half the range of req/s over the runs, as a share of the median.
+/// One run has no spread to show (it is unknown, not zero).
+fn spread(p: &Point) -> String {
+    if p.runs < 2 {
+        format!("n={}", p.runs)
+    } else if p.median_requests_per_sec > 0.0 {
+        format!(
+            "±{:.1}%",
+            50.0 * (p.max_requests_per_sec - p.min_requests_per_sec) / p.median_requests_per_sec
+        )
+    } else {
+        "-".into()
+    }
 }
 
 fn table(
@@ -731,15 +829,7 @@ fn table(
         format!("vs {first}")
     );
     for p in points {
-        let spread = if p.median_requests_per_sec > 0.0 {
-            format!(
-                "±{:.1}%",
-                50.0 * (p.max_requests_per_sec - p.min_requests_per_sec)
-                    / p.median_requests_per_sec
-            )
-        } else {
-            "-".into()
-        };
+        let spread = spread(p);
         let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.2}"));
         let _ = writeln!(
             out,
@@ -758,8 +848,8 @@ fn table(
     }
     let _ = writeln!(
         out,
-        "\nreq/s (answers without error) and p99: medians over the runs; spread: half the min-max range; CPU/req: server CPU \
-         time per request;\nserver, client: CPU cores busy (a client near its {} core(s) may be what \
+        "\nreq/s (answers without error) and p99: medians over the runs; spread: half the min-max range \
+         (n=1: a single run); CPU/req: server CPU time per request;\nserver, client: CPU cores busy (a client near its {} core(s) may be what \
          limits a point).",
         client_cpus.len().max(1)
     );
@@ -769,6 +859,160 @@ fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        swap: SwapArgs,
+    }
+
+    fn swap_args(args: &[&str]) -> SwapArgs {
+        Cli::parse_from(std::iter::once("swap").chain(args.iter().copied())).swap
+    }
+
+    fn point(backend: &'static str, runs: usize, rps: &[f64]) -> Point {
+        Point {
+            backend,
+            connections: 64,
+            runs,
+            median_requests_per_sec: median(rps.to_vec()).unwrap(),
+            min_requests_per_sec: min(rps).unwrap(),
+            max_requests_per_sec: max(rps).unwrap(),
+            median_p99_us: 100.0,
+            min_p99_us: 90.0,
+            max_p99_us: 110.0,
+            median_server_us_per_request: Some(5.0),
+            min_server_us_per_request: Some(4.0),
+            max_server_us_per_request: Some(6.0),
+            median_server_cores: Some(1.0),
+            median_client_cores: 1.0,
+            errors: 0,
+            ratio_to_first: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_single_run_shows_no_spread() {
+        let args = swap_args(&["echo", "--repeat", "1"]);
+        let table = table(
+            &args,
+            &args.work,
+            &[point("epoll", 1, &[1000.0]), point("io_uring", 1, &[900.0])],
+            &[],
+            &[],
+        );
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("epoll") || l.starts_with("io_uring"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{table}");
+        for row in rows {
+            assert!(!row.contains('±'), "{row}");
+            assert!(row.split_whitespace().any(|w| w == "n=1"), "{row}");
+        }
+        // Several runs: half their range, as a share of the median.
+        let row = table_row(&args, point("epoll", 3, &[900.0, 1000.0, 1100.0]));
+        assert!(row.contains("±10.0%"), "{row}");
+    }
+
+    fn table_row(args: &SwapArgs, p: Point) -> String {
+        table(args, &args.work, &[p], &[], &[])
+            .lines()
+            .find(|l| l.starts_with("epoll"))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn the_chart_has_the_three_metrics_with_their_ranges() {
+        let summary = [
+            point("epoll", 3, &[900.0, 1000.0, 1100.0]),
+            point("io_uring", 3, &[800.0, 850.0, 990.0]),
+        ];
+        let panels = chart_panels(&["epoll", "io_uring"], &summary);
+        let metrics: Vec<&str> = panels.iter().map(|p| p.metric.as_str()).collect();
+        assert_eq!(
+            metrics,
+            [
+                "requests per second",
+                "server CPU per request",
+                "p99 latency"
+            ]
+        );
+        let figure = |panel: usize, series: usize| panels[panel].series[series].points[0];
+        assert_eq!(
+            figure(0, 1),
+            chart::Figure {
+                connections: 64,
+                median: 850.0,
+                min: 800.0,
+                max: 990.0
+            }
+        );
+        assert_eq!(
+            (figure(1, 0).median, figure(1, 0).min, figure(1, 0).max),
+            (5.0, 4.0, 6.0)
+        );
+        assert_eq!(
+            (figure(2, 0).median, figure(2, 0).min, figure(2, 0).max),
+            (100.0, 90.0, 110.0)
+        );
+    }
+
+    /// A stand-in for `wharf serve` that records each start in `<dir>/starts` and exits with
+    /// `status`.
+    fn fake_wharf(dir: &Path, status: i32) -> PathBuf {
+        let path = dir.join(format!("fake-wharf-{status}"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho start >> \"$(dirname \"$0\")/starts\"\nexit {status}\n"),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+        path
+    }
+
+    /// How many times a server was started before `Server::start` gave up.
+    fn starts_until_given_up(status: i32) -> (usize, String) {
+        let dir =
+            std::env::temp_dir().join(format!("wharf-swap-port-{}-{status}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wharf = fake_wharf(&dir, status);
+        let args = swap_args(&["echo"]);
+        let launch = Launch {
+            wharf: &wharf,
+            args: &args,
+            out: &dir,
+            cpus: &[],
+            files: None,
+        };
+        let error = match Server::start(&launch, SwapBackend::Epoll) {
+            Ok(_) => panic!("a server that exits cannot be listening"),
+            Err(e) => e,
+        };
+        let starts = std::fs::read_to_string(dir.join("starts"))
+            .unwrap()
+            .lines()
+            .count();
+        let _ = std::fs::remove_dir_all(&dir);
+        (starts, error)
+    }
+
+    #[test]
+    fn a_server_whose_port_was_taken_is_started_again_on_another_port() {
+        // `wharf serve` exits with ADDRESS_IN_USE when its port was taken: another port is
+        // tried, up to PORT_ATTEMPTS times.
+        let (starts, error) = starts_until_given_up(exit_status::ADDRESS_IN_USE);
+        assert_eq!(starts, PORT_ATTEMPTS, "{error}");
+        assert!(error.contains("exited"), "{error}");
+        // Any other failure is reported at once.
+        let (starts, error) = starts_until_given_up(exit_status::FAILURE);
+        assert_eq!(starts, 1, "{error}");
+        assert!(error.contains("exit status: 1"), "{error}");
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

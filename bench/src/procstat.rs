@@ -1,5 +1,6 @@
 //! What the benchmark learns from the operating system: which local processes serve an
-//! address, how much CPU time they (and this client) used, and which CPUs threads run on.
+//! address, how much CPU time and memory they (and this client) used, and which CPUs threads
+//! run on. The one place that reads `/proc`: `wharf bench` and the peers in `bench/peers` use it.
 //!
 //! CPU time per request is the steadier measure of a server's efficiency on a small, shared
 //! machine: it does not depend on how fast the client is. It is read from `/proc/<pid>/stat`
@@ -49,6 +50,16 @@ pub fn process_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64(
         ticks as f64 / clock_ticks_per_second(),
     ))
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in `/proc/<pid>/status`); `None` when it has
+/// exited or is not visible.
+pub fn resident_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -231,6 +242,8 @@ mod tests {
         assert!(pids.contains(&child.id()), "{pids:?}");
         assert!(process_cpu(child.id()).is_none(), "the child has exited");
         assert!(process_cpu(std::process::id()).is_some());
+        assert!(resident_kib(child.id()).is_none(), "the child has exited");
+        assert!(resident_kib(std::process::id()).is_some_and(|kib| kib > 0));
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(listening_pids(other.local_addr().unwrap()).is_empty());
     }

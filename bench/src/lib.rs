@@ -1,17 +1,23 @@
 //! `wharf bench`: a load generator that speaks the four protocols, and `wharf bench swap`,
 //! which runs the same load against the same service under each backend to compare them.
 //!
+//! A library so that the `wharf` command (`src/cli.rs`) can offer it as a subcommand: the CLI
+//! parses a [`BenchCommand`] and calls [`run`]. It must be called from the `wharf` binary
+//! itself, because `bench swap` starts its servers as `<this program> serve`.
+//!
 //! - [`protocol`]: one request and the parser of its answer, per protocol (no sockets).
 //! - [`load`]: the engine (client threads, closed and open loop, the measurement window).
 //! - [`pacer`]: microsecond-precise send times for the open loop.
 //! - [`report`]: figures of one run, as text and JSON.
 //! - [`swap`]: starts `wharf serve` under each backend and interleaves the runs.
 //! - [`chart`]: the SVG chart of a swap.
-//! - [`procstat`]: CPU time, CPU pinning and "which process listens there" from /proc.
+//! - [`procstat`]: CPU time, memory, CPU pinning and "which process listens there" from
+//!   /proc; also used by the peers.
 //!
-//! The peers the figures are compared with (a minimal tokio echo server, nginx) and the older
-//! per-plugin scripts live in `bench/` at the top of the repository; BENCHMARKS.md has every
-//! command and result.
+//! What the figures are compared with lives next door: `bench/peers/` (crate
+//! `wharf-bench-peers`) holds the minimal tokio echo server and the hand-written load
+//! generators, and `bench/*.sh` the scripts that run them; BENCHMARKS.md has every command and
+//! result.
 
 pub mod chart;
 pub mod load;
@@ -192,7 +198,7 @@ impl WorkloadArgs {
 
 /// Runs `wharf bench ...`; returns the exit code: 0 when at least one request was answered
 /// without error, 1 when none was (or the run could not start), 2 for usage errors.
-pub fn main(command: BenchCommand) -> i32 {
+pub fn run(command: BenchCommand) -> i32 {
     let (protocol, args) = match command {
         BenchCommand::Echo(a) => (Protocol::Echo, a),
         BenchCommand::Http(a) => (Protocol::Http, a),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wharf_bench::procstat;
 
 #[derive(Parser)]
 struct Args {
@@ -31,16 +32,9 @@ struct Args {
     label: String,
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; after the comm they are at 11 and 12.
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // USER_HZ is 100 on every Linux configuration we run on.
-    ticks / 100.0
+/// CPU seconds the server has used so far; `None` once it has exited (no figure is reported).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    procstat::process_cpu(pid).map(|t| t.as_secs_f64())
 }
 
 fn main() {
@@ -91,10 +85,10 @@ fn main() {
         .collect();
     if let Some(pid) = args.server_pid {
         std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-        *cpu_before.lock().unwrap() = Some(cpu_seconds(pid));
+        *cpu_before.lock().unwrap() = cpu_seconds(pid);
         std::thread::sleep(measure_to.saturating_duration_since(Instant::now()));
     }
-    let cpu_after = args.server_pid.map(cpu_seconds);
+    let cpu_after = args.server_pid.and_then(cpu_seconds);
     let mut hist = Histogram::<u64>::new(3).unwrap();
     let mut errors = 0;
     for t in threads {

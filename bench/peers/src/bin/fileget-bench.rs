@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use md5::{Digest, Md5};
+use wharf_bench::procstat;
 
 fn download(addr: &str, path: &str) -> u64 {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -32,15 +33,6 @@ fn download(addr: &str, path: &str) -> u64 {
     size
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -54,7 +46,7 @@ fn main() {
                 std::thread::spawn(move || {
                     let mut peak = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        peak = peak.max(rss_kib(pid));
+                        peak = peak.max(procstat::resident_kib(pid).unwrap_or(0));
                         std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                     peak

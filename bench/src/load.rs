@@ -1,6 +1,6 @@
 //! The load engine: connections spread over client threads, each thread a current-thread tokio
 //! runtime, each connection a task that sends a request (or `--pipeline` requests back to
-//! back) and reads the answers through the protocol's [`Exchange`].
+//! back) and reads the answers through the protocol's [`Exchange`](super::protocol::Exchange).
 //!
 //! Closed loop by default: a connection sends its next request when the previous answer is in.
 //! With a target rate it is open loop, the way wrk2 does it: every request has an *intended*
