@@ -5,6 +5,7 @@
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
 
 pub mod activation;
+pub mod backends;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -13,6 +14,6 @@ pub mod notify;
 pub mod plan;
 pub mod registry;
 pub mod reload;
-pub mod serve;
+pub mod server;
 
 pub use registry::Registry;

@@ -556,7 +556,7 @@ impl Server {
     fn lost_its_port(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
             && std::fs::read_to_string(&self.log)
-                .is_ok_and(|log| log.contains(crate::serve::ADDRESS_IN_USE_HINT))
+                .is_ok_and(|log| log.contains(crate::server::ADDRESS_IN_USE_HINT))
     }
 
     /// An error (with the end of the server's log) when the server has exited.
