@@ -1,8 +1,9 @@
 //! The command line: `serve`, `check`, `plugins`, `bench`, `client`.
 //!
 //! Every failure a user can cause (bad config, busy port, refused io_uring) ends here as one
-//! line per problem on stderr and a non-zero exit: 2 for configuration errors, 1 for runtime
-//! ones. No panics, no backtraces.
+//! line per problem on stderr and a non-zero exit ([`wharf_core::exit_status`]): 2 for
+//! configuration errors, 3 when `serve` finds a listen address taken, 1 for other runtime
+//! failures. No panics, no backtraces.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -1,7 +1,10 @@
 //! The Prometheus scrape endpoint, `GET /metrics` on `[metrics] listen`, and the health
 //! endpoints next to it: `/healthz` (the process is alive and serving this endpoint) and
-//! `/readyz` (every service is listening and the server is not draining), for Kubernetes
-//! probes and load balancers.
+//! `/readyz` (every service is listening, every worker is alive and the server is not
+//! draining; otherwise 503 with the reason in the body), for Kubernetes probes and load
+//! balancers. The families of a scrape are sorted by name, so every scrape lists them in the
+//! same order. The process-level series (build info, reloads) are defined in
+//! [`crate::server::process_metrics`], the services' in `wharf_core`.
 //!
 //! metrics-exporter-prometheus renders the exposition text; this module is the small HTTP/1.1
 //! responder in front of it, so the endpoint runs on our own runtime, binds before anything
