@@ -7,6 +7,9 @@
 //! the one bound to its `listen` address (one `wharf.socket` unit listing every address names all
 //! its sockets `wharf.socket`), instead of binding; likewise `metrics` for the metrics endpoint.
 //! The variables are removed once read so that no child inherits them.
+//!
+//! The bind phase of `wharf serve` ([`crate::server`]'s `bootstrap`) takes sockets from here
+//! before binding anything itself.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

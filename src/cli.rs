@@ -1,19 +1,22 @@
 //! The command line: `serve`, `check`, `config`, `plugins`, `bench`, `client`.
 //!
 //! Every failure a user can cause (bad config, busy port, refused io_uring) ends here as one
-//! line per problem on stderr and a non-zero exit: 2 for configuration errors, 1 for runtime
-//! ones. No panics, no backtraces.
+//! line per problem on stderr and a non-zero exit ([`wharf_core::exit_status`]): 2 for
+//! configuration errors, 3 when `serve` finds a listen address taken, 1 for other runtime
+//! failures. No panics, no backtraces.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use wharf_core::config::{BackendChoice, ConfigError, SECRET_PLACEHOLDER};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+use wharf_core::config::{BackendChoice, BackendKind, ConfigError, SECRET_PLACEHOLDER};
+use wharf_core::exit_status;
 
 use crate::client;
 use crate::plan::{self, Overrides};
 use crate::registry::Registry;
-use crate::serve;
+use crate::server;
 
 /// wharf: a plugin-based TCP protocol server with epoll and io_uring backends.
 #[derive(Parser)]
@@ -31,8 +34,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Override server.backend.
-        #[arg(long, value_enum)]
-        backend: Option<BackendArg>,
+        #[arg(long, value_parser = backend_arg())]
+        backend: Option<BackendChoice>,
         /// Override server.workers (0 = one per CPU).
         #[arg(long)]
         workers: Option<usize>,
@@ -105,22 +108,17 @@ enum ClientCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum BackendArg {
-    Auto,
-    Epoll,
-    #[value(name = "io_uring", alias = "io-uring", alias = "uring")]
-    IoUring,
+/// `--backend`: `auto` or a backend's name (or alias), as [`BackendChoice`] parses them, all
+/// listed in `--help`.
+fn backend_arg() -> impl TypedValueParser<Value = BackendChoice> {
+    let auto = PossibleValue::new(BackendChoice::Auto.as_str());
+    let kinds = BackendKind::ALL.into_iter().map(backend_value);
+    PossibleValuesParser::new(std::iter::once(auto).chain(kinds))
+        .try_map(|name| name.parse::<BackendChoice>())
 }
 
-impl From<BackendArg> for BackendChoice {
-    fn from(b: BackendArg) -> Self {
-        match b {
-            BackendArg::Auto => BackendChoice::Auto,
-            BackendArg::Epoll => BackendChoice::Epoll,
-            BackendArg::IoUring => BackendChoice::IoUring,
-        }
-    }
+fn backend_value(kind: BackendKind) -> PossibleValue {
+    PossibleValue::new(kind.as_str()).aliases(kind.aliases().iter().copied())
 }
 
 /// Parses arguments and runs the command; returns the process exit code.
@@ -134,11 +132,8 @@ pub fn main(registry: Registry) -> i32 {
             workers,
             watch_config,
         } => {
-            let overrides = Overrides {
-                backend: backend.map(Into::into),
-                workers,
-            };
-            serve::catch_early_sighup();
+            let overrides = Overrides { backend, workers };
+            server::catch_early_sighup();
             // What --watch-config compares against: the file as it was before this load.
             let watch = config
                 .clone()
@@ -153,7 +148,7 @@ pub fn main(registry: Registry) -> i32 {
                 Ok(plan) => plan,
                 Err(errors) => return report_config_errors(&errors),
             };
-            let reload = serve::ReloadSource {
+            let reload = server::ReloadSource {
                 watch,
                 load: std::sync::Arc::new(move || {
                     plan::load(
@@ -164,11 +159,11 @@ pub fn main(registry: Registry) -> i32 {
                     )
                 }),
             };
-            match serve::run(plan, reload) {
-                Ok(()) => 0,
-                Err(serve::ServeError(msg)) => {
-                    eprintln!("wharf: error: {msg}");
-                    1
+            match server::run(plan, reload) {
+                Ok(()) => exit_status::OK,
+                Err(e) => {
+                    eprintln!("wharf: error: {e}");
+                    e.exit_status()
                 }
             }
         }

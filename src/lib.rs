@@ -1,10 +1,18 @@
 //! The `wharf` binary as a library: CLI, plugin registry, config planning and `serve`.
 //!
+//! - [`server`]: `wharf serve`'s lifecycle in phases (bind, start workers, serve, reload on
+//!   SIGHUP, drain); [`server`]'s `reload` module is what happens on SIGHUP.
+//! - [`backends`]: the only place that maps a backend name to its implementation crate.
+//! - [`registry`]: plugin names to constructors; [`plan`]: config to built services;
+//!   [`reload`]: what a new config changes (pure decisions); [`metrics_http`]: `/metrics`,
+//!   `/healthz`, `/readyz`; [`activation`], [`notify`]: systemd.
+//!
 //! It is a library so that a third-party binary can reuse all of it and add its own plugins
 //! with one `register` line (see [`registry`]). The framework itself lives in `wharf-core`,
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
 
 pub mod activation;
+pub mod backends;
 pub mod cli;
 pub mod client;
 pub mod metrics_http;
@@ -12,6 +20,6 @@ pub mod notify;
 pub mod plan;
 pub mod registry;
 pub mod reload;
-pub mod serve;
+pub mod server;
 
 pub use registry::Registry;

@@ -1,7 +1,10 @@
 //! The Prometheus scrape endpoint, `GET /metrics` on `[metrics] listen`, and the health
 //! endpoints next to it: `/healthz` (the process is alive and serving this endpoint) and
-//! `/readyz` (every service is listening and the server is not draining), for Kubernetes
-//! probes and load balancers.
+//! `/readyz` (every service is listening, every worker is alive and the server is not
+//! draining; otherwise 503 with the reason in the body), for Kubernetes probes and load
+//! balancers. The families of a scrape are sorted by name, so every scrape lists them in the
+//! same order. The process-level series (build info, reloads) are defined in
+//! [`crate::server::process_metrics`], the services' in `wharf_core`.
 //!
 //! metrics-exporter-prometheus renders the exposition text; this module is the small HTTP/1.1
 //! responder in front of it, so the endpoint runs on our own runtime, binds before anything
@@ -89,21 +92,49 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
 
 /// Whether the server is ready for traffic, as `/readyz` reports it.
 #[derive(Clone, Default)]
-pub struct Readiness(std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct Readiness(Arc<Mutex<ReadyState>>);
+
+#[derive(Default)]
+enum ReadyState {
+    #[default]
+    Starting,
+    Ready,
+    Draining,
+    /// Something the server cannot recover from (a worker died); stays until the process ends.
+    Failed(String),
+}
 
 impl Readiness {
     /// Every service is listening.
     pub fn set_ready(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
+        self.set(ReadyState::Ready);
     }
 
     /// Draining: stop sending new traffic here.
     pub fn set_draining(&self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
+        self.set(ReadyState::Draining);
     }
 
-    fn is_ready(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+    /// Not serving everything any more, for `reason` (shown in `/readyz`'s body).
+    pub fn set_failed(&self, reason: String) {
+        self.set(ReadyState::Failed(reason));
+    }
+
+    /// A failure is never overwritten: a failed server stays not ready.
+    fn set(&self, next: ReadyState) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*state, ReadyState::Failed(_)) {
+            *state = next;
+        }
+    }
+
+    /// `Ok` when ready, else why not.
+    fn check(&self) -> Result<(), String> {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            ReadyState::Ready => Ok(()),
+            ReadyState::Starting | ReadyState::Draining => Err("starting or draining".into()),
+            ReadyState::Failed(reason) => Err(reason.clone()),
+        }
     }
 }
 
@@ -316,7 +347,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ticket: Ticket, end
         Answer::Fixed(response) => (response, ANSWER_TIMEOUT),
         Answer::Scrape(permit, head_only) => {
             endpoint.process.collect();
-            let body = endpoint.handle.render();
+            let body = by_family_name(&endpoint.handle.render());
             let response = response("200 OK", METRICS_TYPE, &body, head_only);
             let write = write_answer(&mut stream, &response);
             match tokio::time::timeout(SCRAPE_TIMEOUT, write).await {
@@ -388,11 +419,10 @@ fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
     }
     match path {
         "/healthz" => fixed("200 OK", "ok\n"),
-        "/readyz" if endpoint.readiness.is_ready() => fixed("200 OK", "ready\n"),
-        "/readyz" => fixed(
-            "503 Service Unavailable",
-            "not ready: starting or draining\n",
-        ),
+        "/readyz" => match endpoint.readiness.check() {
+            Ok(()) => fixed("200 OK", "ready\n"),
+            Err(why) => fixed("503 Service Unavailable", &format!("not ready: {why}\n")),
+        },
         "/metrics" => {
             let allowed = {
                 let allow_from = endpoint.allow_from.borrow();
@@ -420,6 +450,34 @@ fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
     }
 }
 
+/// The exposition text with its metric families sorted by name, so every scrape lists them in
+/// the same order (the recorder renders them in hash-map order). A family's block (HELP, TYPE,
+/// then its series, histogram buckets in order) stays as rendered; blocks end in a blank line.
+fn by_family_name(text: &str) -> String {
+    let family = |block: &str| {
+        let first = block.lines().next().unwrap_or_default();
+        match first.strip_prefix("# ") {
+            // `# HELP name ...` or `# TYPE name ...`
+            Some(comment) => comment.split_whitespace().nth(1).unwrap_or_default(),
+            None => first.split(['{', ' ']).next().unwrap_or_default(),
+        }
+        .to_string()
+    };
+    let mut blocks: Vec<(String, &str)> = text
+        .split("\n\n")
+        .map(|b| b.trim_matches('\n'))
+        .filter(|b| !b.is_empty())
+        .map(|b| (family(b), b))
+        .collect();
+    blocks.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut sorted = String::with_capacity(text.len());
+    for (_, block) in blocks {
+        sorted.push_str(block);
+        sorted.push_str("\n\n");
+    }
+    sorted
+}
+
 fn response(status: &str, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
     let mut response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
@@ -444,6 +502,34 @@ mod tests {
 
     fn v4(last: u8) -> PeerKey {
         PeerKey::of(std::net::IpAddr::from([127, 0, 0, last]))
+    }
+
+    #[test]
+    fn families_are_sorted_by_name_with_their_lines_kept_together() {
+        let text = "# HELP b_total B.\n# TYPE b_total counter\nb_total{x=\"1\"} 1\nb_total{x=\"2\"} 2\n\n\
+                    # TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 0\na_seconds_bucket{le=\"+Inf\"} 0\n\n\
+                    c 3\n\n";
+        assert_eq!(
+            by_family_name(text),
+            "# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 0\na_seconds_bucket{le=\"+Inf\"} 0\n\n\
+             # HELP b_total B.\n# TYPE b_total counter\nb_total{x=\"1\"} 1\nb_total{x=\"2\"} 2\n\n\
+             c 3\n\n"
+        );
+    }
+
+    #[test]
+    fn readyz_gives_the_reason_and_a_failure_stays() {
+        let readiness = Readiness::default();
+        assert_eq!(readiness.check(), Err("starting or draining".into()));
+        readiness.set_ready();
+        assert_eq!(readiness.check(), Ok(()));
+        readiness.set_failed("worker 1 ended: it panicked: boom".into());
+        readiness.set_draining();
+        readiness.set_ready();
+        assert_eq!(
+            readiness.check(),
+            Err("worker 1 ended: it panicked: boom".into())
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! service is listening, `RELOADING=1` and `READY=1` around a config reload, `STOPPING=1` when
 //! the drain starts. With it, systemd does not consider wharf started (nor send it a reload)
 //! before it can take one. Without `NOTIFY_SOCKET` in the environment, nothing is sent.
+//!
+//! The lifecycle phases in [`crate::server`] send these: `READY=1` when serving starts,
+//! `RELOADING=1` in the reload phase, `STOPPING=1` in the drain.
 
 use std::os::unix::net::UnixDatagram;
 

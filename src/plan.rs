@@ -279,11 +279,12 @@ mod tests {
     #[test]
     fn cli_overrides_win() {
         let o = Overrides {
-            backend: Some(BackendChoice::Epoll),
+            backend: Some(wharf_core::config::BackendKind::Epoll.into()),
             workers: Some(3),
         };
         let plan = load(None, [], &o, &Registry::with_builtins()).unwrap();
-        assert_eq!(plan.config.server.backend, BackendChoice::Epoll);
+        let epoll = BackendChoice::Kind(wharf_core::config::BackendKind::Epoll);
+        assert_eq!(plan.config.server.backend, epoll);
         assert_eq!(plan.config.server.workers, 3);
     }
 }

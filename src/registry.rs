@@ -14,12 +14,10 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use wharf_backend_epoll::Epoll;
-use wharf_backend_uring::IoUring;
 use wharf_core::config::{ConfigError, ConfigSource, SECRET_PLACEHOLDER};
-use wharf_core::service::DynService;
-use wharf_core::worker::ConnOf;
 use wharf_core::{OptionDoc, Plugin};
+
+use crate::backends::ServiceInstances;
 
 /// The plugins a binary knows, by name.
 #[derive(Default)]
@@ -45,10 +43,8 @@ pub struct PluginEntry {
 
 /// A configured service instance, ready to be served by either backend.
 pub struct BuiltService {
-    /// The instance as the epoll backend calls it.
-    pub epoll: Arc<dyn DynService<ConnOf<Epoll>>>,
-    /// The same instance as the io_uring backend calls it.
-    pub io_uring: Arc<dyn DynService<ConnOf<IoUring>>>,
+    /// The instance as each backend calls it.
+    pub instances: ServiceInstances,
     /// Every resolved option as TOML, secrets included: what a reload compares to tell whether
     /// the service changed. Never print or log it: [`BuiltService::shown_options`] is for that.
     pub options: String,
@@ -170,8 +166,7 @@ fn build<P: Plugin>(
     })?;
     let instance = Arc::new(instance);
     Ok(BuiltService {
-        epoll: instance.clone(),
-        io_uring: instance.clone(),
+        instances: ServiceInstances::of(&instance),
         instance,
         inherit: inherit::<P>,
         options: rendered,

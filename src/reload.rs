@@ -14,7 +14,8 @@
 //!   ConfigMap volume through a symlink, and editors write in place or by rename), and reports
 //!   a change once it has stayed the same for one poll, so a half-written file is not loaded.
 //!
-//! `serve` applies the outcome (see `serve::Running::apply`).
+//! [`crate::server::reload`] applies the outcome: that is where "what happens on SIGHUP" is
+//! told from start to end.
 
 use std::io;
 use std::net::SocketAddr;
@@ -163,6 +164,21 @@ pub fn restart_only(running: &Config, new: &Config) -> Vec<String> {
             show(listen(running)),
             show(listen(new))
         ));
+    }
+    changed
+}
+
+/// Settings outside the services that a reload applies and that differ between `running` and
+/// `new`, by key (for the reload's log line).
+pub fn reloaded_settings(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if running.server.shutdown_grace != new.server.shutdown_grace {
+        changed.push("server.shutdown_grace");
+    }
+    if let (Some(a), Some(b)) = (&running.metrics, &new.metrics) {
+        if a.allow_from != b.allow_from {
+            changed.push("metrics.allow_from");
+        }
     }
     changed
 }

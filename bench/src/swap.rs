@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Serialize;
+use wharf_core::config::BackendKind;
 use wharf_core::exit_status;
 
 use super::load;
@@ -36,8 +37,9 @@ pub struct SwapArgs {
     /// The service to compare the backends on.
     plugin: Protocol,
     /// Backends, in order; ratios are to the first.
-    #[arg(long, value_delimiter = ',', default_value = "epoll,io_uring")]
-    backends: Vec<SwapBackend>,
+    #[arg(long, value_delimiter = ',', default_value = "epoll,io_uring",
+          value_parser = |name: &str| name.parse::<BackendKind>())]
+    backends: Vec<BackendKind>,
     /// Connection counts to measure at.
     #[arg(long, short = 'c', value_delimiter = ',', default_value = "1,64,512")]
     connections: Vec<usize>,
@@ -59,26 +61,6 @@ pub struct SwapArgs {
     no_pin: bool,
     #[command(flatten)]
     work: WorkloadArgs,
-}
-
-/// The backends `wharf serve --backend` takes. Kept to this type, its `as_str` and
-/// `SwapArgs::backends`, so that the one list of backends in `wharf-core` can replace it.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-pub enum SwapBackend {
-    #[serde(rename = "epoll")]
-    Epoll,
-    #[value(name = "io_uring", alias = "io-uring", alias = "uring")]
-    #[serde(rename = "io_uring")]
-    IoUring,
-}
-
-impl SwapBackend {
-    fn as_str(self) -> &'static str {
-        match self {
-            SwapBackend::Epoll => "epoll",
-            SwapBackend::IoUring => "io_uring",
-        }
-    }
 }
 
 /// One run of the matrix.
@@ -522,7 +504,7 @@ struct Launch<'a> {
 
 /// A `wharf serve` started for one backend; stopped (SIGTERM, then SIGKILL) when dropped.
 struct Server {
-    backend: SwapBackend,
+    backend: BackendKind,
     addr: SocketAddr,
     child: Child,
     log: PathBuf,
@@ -534,7 +516,7 @@ impl Server {
     /// by the kernel, then released for the server to bind, so another process can take it
     /// in between: wharf then exits with [`exit_status::ADDRESS_IN_USE`] (its exclusive bind
     /// probe), and another port is tried.
-    fn start(launch: &Launch<'_>, backend: SwapBackend) -> Result<Server, String> {
+    fn start(launch: &Launch<'_>, backend: BackendKind) -> Result<Server, String> {
         let mut attempt = 1;
         loop {
             let mut server = Self::spawn(launch, backend)?;
@@ -550,7 +532,7 @@ impl Server {
     }
 
     /// Starts `wharf serve` on a port the kernel just handed out and released.
-    fn spawn(launch: &Launch<'_>, backend: SwapBackend) -> Result<Server, String> {
+    fn spawn(launch: &Launch<'_>, backend: BackendKind) -> Result<Server, String> {
         let Launch {
             wharf,
             args,
@@ -989,7 +971,7 @@ mod tests {
             cpus: &[],
             files: None,
         };
-        let error = match Server::start(&launch, SwapBackend::Epoll) {
+        let error = match Server::start(&launch, BackendKind::Epoll) {
             Ok(_) => panic!("a server that exits cannot be listening"),
             Err(e) => e,
         };

@@ -53,27 +53,130 @@ impl Default for ServerConfig {
     }
 }
 
-/// `server.backend`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendChoice {
-    /// io_uring when the kernel allows a ring, else epoll.
-    #[default]
-    Auto,
+/// An IO backend the workers can run: the one list of backends (the binary's `backends`
+/// module maps each to its implementation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
     /// tokio (epoll readiness).
     Epoll,
     /// tokio-uring (completion-based io_uring).
     IoUring,
 }
 
+impl BackendKind {
+    /// Every backend, in the order they are listed to users.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Epoll, BackendKind::IoUring];
+
+    /// The spelling used in configs, on the command line and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Epoll => "epoll",
+            BackendKind::IoUring => "io_uring",
+        }
+    }
+
+    /// Other spellings accepted for this backend.
+    pub const fn aliases(self) -> &'static [&'static str] {
+        match self {
+            BackendKind::Epoll => &[],
+            BackendKind::IoUring => &["io-uring", "uring"],
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = UnknownBackend;
+
+    fn from_str(s: &str) -> Result<Self, UnknownBackend> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s || k.aliases().contains(&s))
+            .ok_or_else(|| UnknownBackend(s.to_string()))
+    }
+}
+
+/// A backend name that is none of [`BackendChoice::NAMES`] (nor an alias).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownBackend(pub String);
+
+impl fmt::Display for UnknownBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown backend `{}`; valid choices: {}",
+            self.0,
+            BackendChoice::NAMES.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownBackend {}
+
+/// `server.backend`: a backend, or `auto` (io_uring when the kernel allows a ring, else epoll).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows a ring, else epoll.
+    #[default]
+    Auto,
+    /// This backend, or a startup error if it cannot run.
+    Kind(BackendKind),
+}
+
 impl BackendChoice {
+    /// Every value's spelling: `auto`, then each backend's.
+    pub const NAMES: [&'static str; BackendKind::ALL.len() + 1] = {
+        let mut names = ["auto"; BackendKind::ALL.len() + 1];
+        let mut i = 0;
+        while i < BackendKind::ALL.len() {
+            names[i + 1] = BackendKind::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
     /// The spelling used in configs and on the command line.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             BackendChoice::Auto => "auto",
-            BackendChoice::Epoll => "epoll",
-            BackendChoice::IoUring => "io_uring",
+            BackendChoice::Kind(kind) => kind.as_str(),
         }
+    }
+}
+
+impl From<BackendKind> for BackendChoice {
+    fn from(kind: BackendKind) -> Self {
+        BackendChoice::Kind(kind)
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = UnknownBackend;
+
+    fn from_str(s: &str) -> Result<Self, UnknownBackend> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            other => other.parse().map(BackendChoice::Kind),
+        }
+    }
+}
+
+impl Serialize for BackendChoice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse()
+            .map_err(|_| serde::de::Error::unknown_variant(&name, &BackendChoice::NAMES))
     }
 }
 
@@ -1127,6 +1230,22 @@ fn check_service_name(name: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn backend_names_and_aliases_parse_and_print_back() {
+        assert_eq!(BackendChoice::NAMES, ["auto", "epoll", "io_uring"]);
+        for name in BackendChoice::NAMES {
+            assert_eq!(name.parse::<BackendChoice>().unwrap().as_str(), name);
+        }
+        for alias in ["io-uring", "uring"] {
+            assert_eq!(alias.parse(), Ok(BackendKind::IoUring));
+        }
+        let err = "kqueue".parse::<BackendChoice>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown backend `kqueue`; valid choices: auto, epoll, io_uring"
+        );
+    }
+
     fn load(toml: &str) -> ConfigSource {
         ConfigSource::from_parts(toml, "test.toml", [], Dict::new()).unwrap()
     }
@@ -1159,7 +1278,7 @@ mod tests {
             "#,
         );
         let cfg = resolved(&src).unwrap();
-        assert_eq!(cfg.server.backend, BackendChoice::Epoll);
+        assert_eq!(cfg.server.backend, BackendChoice::Kind(BackendKind::Epoll));
         assert_eq!(cfg.server.shutdown_grace, Duration::from_secs(30));
         let echo = &cfg.services["echo"];
         assert_eq!(echo.idle_timeout, Duration::from_secs(90));

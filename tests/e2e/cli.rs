@@ -292,7 +292,7 @@ fn address_in_use_is_a_one_line_error() {
         let err = Server::start_with(&config, &["--backend", backend], &[])
             .err()
             .unwrap();
-        assert!(err.contains("exited early (exit status: 1)"), "{err}");
+        assert!(err.contains("exited early (exit status: 3)"), "{err}");
         assert!(
             err.contains(&format!("services.echo.listen: cannot listen on {addr}")),
             "{err}"

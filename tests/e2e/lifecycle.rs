@@ -292,3 +292,45 @@ fn an_activated_socket_outlives_wharf_on_both_backends() {
             .expect("the shared socket stopped listening");
     }
 }
+
+/// A taken listen address, a service's or the metrics endpoint's, ends `wharf serve` with exit
+/// status 3 (`wharf_core::exit_status::ADDRESS_IN_USE`, what `wharf bench swap` retries on)
+/// and the same one-line error as before.
+#[test]
+fn a_taken_address_exits_with_status_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cases = [
+        (
+            format!("[services.echo]\nplugin = \"echo\"\nlisten = \"{addr}\"\n"),
+            "services.echo.listen",
+        ),
+        (
+            format!(
+                "[metrics]\nlisten = \"{addr}\"\n\
+                 [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n"
+            ),
+            "metrics.listen",
+        ),
+    ];
+    for (config, key) in cases {
+        let err = Server::start_with(&config, &["--backend", "epoll"], &[])
+            .err()
+            .unwrap();
+        assert!(err.contains("exited early (exit status: 3)"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{key}: cannot listen on {addr}: Address already in use (os error 98) \
+                 (another process is listening there)"
+            )),
+            "{err}"
+        );
+    }
+    // Anything else that keeps it from listening is still status 1.
+    let config = "[services.echo]\nplugin = \"echo\"\nlisten = \"192.0.2.1:7\"\n";
+    let err = Server::start_with(config, &["--backend", "epoll"], &[])
+        .err()
+        .unwrap();
+    assert!(err.contains("exited early (exit status: 1)"), "{err}");
+    assert!(err.contains("no local interface has that address"), "{err}");
+}

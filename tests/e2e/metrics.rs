@@ -397,3 +397,31 @@ fn one_peer_gets_at_most_eight_connections_and_probes_still_pass() {
     assert_eq!(http_get(metrics, "/metrics").0, 200);
     drop(held);
 }
+
+/// The metric families (`# TYPE` lines) come in the same order on every scrape, even when
+/// traffic in between creates new series.
+#[test]
+fn every_scrape_lists_the_families_in_the_same_order() {
+    let dir = TempDir::new();
+    let server = Server::start(&config(&dir.0, ""), "epoll");
+    let families = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut first = families(&server.scrape());
+    for round in 0..5 {
+        echo_bytes(server.addr("echo"), 1000 + round);
+        let now = families(&server.scrape());
+        // Traffic may add a family (a first histogram sample); the ones seen before stay in order.
+        let kept: Vec<&String> = now.iter().filter(|f| first.contains(f)).collect();
+        assert_eq!(kept, first.iter().collect::<Vec<_>>(), "round {round}");
+        let mut sorted = now.clone();
+        sorted.sort();
+        assert_eq!(now, sorted, "round {round}");
+        first = now;
+    }
+    assert!(first.len() > 10, "{first:?}");
+}

@@ -710,3 +710,40 @@ fn a_stop_signal_during_a_reload_abandons_it_and_drains() {
     }
     panic!("the SIGTERM never arrived during the reload in {outcomes:?}");
 }
+
+/// The reload line names only what changed (no empty `changed= added= removed=`), and says
+/// "no changes" when nothing did.
+#[test]
+fn the_reload_line_names_only_what_changed() {
+    let base = format!(
+        "{}{}",
+        header("5s"),
+        echo_service("a", "127.0.0.1:0", "none", "")
+    );
+    let mut server = Server::start(&base, "epoll");
+
+    let same = server.expect_reload("configuration reloaded");
+    assert!(same.contains("no changes"), "{same}");
+    // (`unchanged=N` is said when there are unchanged services.)
+    for empty in ["changed=", "added=", "removed=", "settings="] {
+        assert!(!same.replace("unchanged=", "").contains(empty), "{same}");
+    }
+
+    server.rewrite_config(&format!(
+        "{base}{}",
+        echo_service("x", "127.0.0.1:0", "upper", "")
+    ));
+    let added = server.expect_reload("added=x");
+    assert!(added.contains("unchanged=1"), "{added}");
+    for absent in ["changed=", "removed=", "no changes"] {
+        assert!(!added.replace("unchanged=", "").contains(absent), "{added}");
+    }
+
+    server.rewrite_config(&base.replace("\"5s\"", "\"7s\""));
+    let removed = server.expect_reload("removed=x");
+    assert!(
+        removed.contains("settings=server.shutdown_grace"),
+        "{removed}"
+    );
+    assert!(!removed.contains("added="), "{removed}");
+}

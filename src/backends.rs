@@ -1,0 +1,170 @@
+//! The compiled-in IO backends: the one place that maps a [`BackendKind`] (the list in
+//! `wharf_core::config`) to its implementation crate.
+//!
+//! Everything else in the binary is generic over [`CompiledBackend`] or names a backend by its
+//! [`BackendKind`]. This module
+//!
+//! - resolves `server.backend` (probing the kernel for `auto`) in [`resolve`];
+//! - runs a generic job on the chosen backend's concrete type in [`dispatch`];
+//! - keeps a plugin instance as each backend calls it ([`ServiceInstances`]), since a plugin's
+//!   `serve` is generic over the connection type and is instantiated once per backend.
+//!
+//! Adding a backend: a variant in `BackendKind`, a line in the `compiled_backends!` call
+//! below, and a [`CompiledBackend`] impl (its probe).
+
+use std::sync::Arc;
+
+use tracing::info;
+use wharf_core::backend::Backend;
+use wharf_core::config::{BackendChoice, BackendKind};
+use wharf_core::service::DynService;
+use wharf_core::worker::ConnOf;
+use wharf_core::Plugin;
+
+/// A backend compiled into this binary.
+pub trait CompiledBackend: Backend {
+    /// Which backend this is.
+    const KIND: BackendKind;
+
+    /// Whether this backend can run here; the reason when not (worded to follow "but").
+    fn probe() -> Result<(), String>;
+
+    /// `instances`' plugin instance as this backend calls it.
+    fn instance(instances: &ServiceInstances) -> Arc<dyn DynService<ConnOf<Self>>>;
+}
+
+/// A generic job to run on one backend's concrete type (see [`dispatch`]).
+pub trait OnBackend {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on backend `B`.
+    fn run<B: CompiledBackend>(self) -> Self::Output;
+}
+
+macro_rules! compiled_backends {
+    ($($kind:ident => $backend:ty, $field:ident;)*) => {
+        /// One plugin instance, as each compiled-in backend calls it.
+        pub struct ServiceInstances {
+            $($field: Arc<dyn DynService<ConnOf<$backend>>>,)*
+        }
+
+        impl ServiceInstances {
+            /// The same `instance` for every backend.
+            pub fn of<P: Plugin>(instance: &Arc<P>) -> Self {
+                ServiceInstances {
+                    $($field: Arc::clone(instance) as Arc<dyn DynService<ConnOf<$backend>>>,)*
+                }
+            }
+        }
+
+        /// Runs `job` on the backend `kind` names.
+        pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> J::Output {
+            match kind {
+                $(BackendKind::$kind => job.run::<$backend>(),)*
+            }
+        }
+
+        $(
+            impl CompiledBackend for $backend {
+                const KIND: BackendKind = BackendKind::$kind;
+
+                fn probe() -> Result<(), String> {
+                    probe::$field()
+                }
+
+                fn instance(instances: &ServiceInstances) -> Arc<dyn DynService<ConnOf<Self>>> {
+                    Arc::clone(&instances.$field)
+                }
+            }
+        )*
+    };
+}
+
+compiled_backends! {
+    Epoll => wharf_backend_epoll::Epoll, epoll;
+    IoUring => wharf_backend_uring::IoUring, io_uring;
+}
+
+/// Whether each backend can run on this kernel, by its field name above.
+mod probe {
+    /// epoll is always there.
+    pub fn epoll() -> Result<(), String> {
+        Ok(())
+    }
+
+    /// io_uring may be disabled by sysctl or refused by seccomp (Docker's default profile).
+    pub fn io_uring() -> Result<(), String> {
+        wharf_backend_uring::probe()
+    }
+}
+
+/// Whether backend `kind` can run here.
+fn probe_kind(kind: BackendKind) -> Result<(), String> {
+    struct Probe;
+    impl OnBackend for Probe {
+        type Output = Result<(), String>;
+        fn run<B: CompiledBackend>(self) -> Result<(), String> {
+            B::probe()
+        }
+    }
+    dispatch(kind, Probe)
+}
+
+/// Which backend the workers will run: the one configured, if it can run here (else an error
+/// saying why), or for `auto` the first of io_uring and epoll that can, logged with the reason.
+pub fn resolve(choice: BackendChoice) -> Result<BackendKind, String> {
+    match choice {
+        BackendChoice::Kind(kind) => probe_kind(kind).map(|()| kind).map_err(|why| {
+            format!(
+                "server.backend = \"{kind}\" but {why}; use backend = \"{}\" or \"auto\"",
+                fallback(kind)
+            )
+        }),
+        BackendChoice::Auto => match probe_kind(BackendKind::IoUring) {
+            Ok(()) => {
+                info!("backend auto: using io_uring (the kernel allows io_uring rings)");
+                Ok(BackendKind::IoUring)
+            }
+            Err(why) => {
+                info!("backend auto: using epoll because {why}");
+                Ok(BackendKind::Epoll)
+            }
+        },
+    }
+}
+
+/// The backend to suggest when `kind` cannot run.
+fn fallback(kind: BackendKind) -> BackendKind {
+    match kind {
+        BackendKind::IoUring => BackendKind::Epoll,
+        BackendKind::Epoll => BackendKind::IoUring,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_the_backend_of_that_name() {
+        struct Name;
+        impl OnBackend for Name {
+            type Output = (BackendKind, &'static str);
+            fn run<B: CompiledBackend>(self) -> Self::Output {
+                (B::KIND, B::NAME)
+            }
+        }
+        for kind in BackendKind::ALL {
+            assert_eq!(dispatch(kind, Name), (kind, kind.as_str()));
+        }
+    }
+
+    #[test]
+    fn epoll_always_resolves() {
+        assert_eq!(
+            resolve(BackendChoice::Kind(BackendKind::Epoll)),
+            Ok(BackendKind::Epoll)
+        );
+        assert!(resolve(BackendChoice::Auto).is_ok());
+    }
+}

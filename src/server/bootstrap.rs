@@ -1,0 +1,146 @@
+//! Phase 1 of `wharf serve`: take every listening socket, before any worker starts.
+//!
+//! Each service's address is bound once per worker (`SO_REUSEPORT`), or taken from the sockets
+//! systemd passed (socket activation, [`crate::activation`]); then the metrics listener. Doing
+//! it all on the main thread first makes a busy port a one-line error (exit status
+//! [`ADDRESS_IN_USE`](wharf_core::exit_status::ADDRESS_IN_USE)) with nothing half-running.
+//! A reload binds its new addresses with [`bind_service`] too ([`super::reload`]). The workers
+//! are started next, in [`super::workers`].
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use wharf_core::net::bind_reuseport_group;
+
+use super::ServeError;
+use crate::activation::Activated;
+use crate::plan::{Plan, PlannedService};
+
+/// One service's listening socket, one descriptor per worker.
+pub(super) struct BoundService {
+    /// The address it actually has (port 0 resolved, or the activated socket's).
+    pub addr: SocketAddr,
+    /// One descriptor per worker.
+    pub group: Vec<TcpListener>,
+    /// It came from systemd, which keeps its own copy open.
+    pub activated: bool,
+}
+
+/// Every socket `wharf serve` starts with.
+pub(super) struct Bound {
+    /// In the order of the plan's services.
+    pub services: Vec<BoundService>,
+    /// The metrics endpoint's, if `[metrics]` is configured.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Binds (or takes from systemd) every service's socket and the metrics listener.
+pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError> {
+    let mut activated = Activated::from_env().map_err(ServeError::failure)?;
+    let mut services = Vec::with_capacity(plan.services.len());
+    for svc in &plan.services {
+        let bound = match activated.take(&svc.name, Some(svc.config.listen)) {
+            Some(socket) => share_activated(socket, workers).map_err(|e| {
+                ServeError::failure(format!("socket activation: {}: {e}", svc.name))
+            })?,
+            None => bind_service(plan, svc, workers)?,
+        };
+        services.push(bound);
+    }
+    let metrics_addr = plan.config.metrics.as_ref().map(|m| m.listen);
+    let metrics = match (metrics_addr, activated.take("metrics", metrics_addr)) {
+        (Some(_), Some(socket)) => {
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| ServeError::failure(format!("socket activation: metrics: {e}")))?;
+            Some(socket)
+        }
+        (Some(addr), None) => {
+            Some(bind_metrics(addr).map_err(|e| bind_error(plan, "metrics.listen", addr, &e))?)
+        }
+        (None, Some(_)) => {
+            return Err(ServeError::failure(
+                "socket activation passed a `metrics` socket but the config has no [metrics] \
+                 section",
+            ))
+        }
+        (None, None) => None,
+    };
+    let unused = activated.leftover();
+    if !unused.is_empty() {
+        return Err(ServeError::failure(format!(
+            "socket activation passed sockets {} that match no service by name or listen \
+             address (services: {})",
+            unused.join(", "),
+            plan.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(Bound { services, metrics })
+}
+
+/// One socket systemd passed, shared by every worker (each accepts on its own descriptor).
+fn share_activated(socket: TcpListener, workers: usize) -> io::Result<BoundService> {
+    let group = (0..workers)
+        .map(|_| socket.try_clone())
+        .collect::<io::Result<Vec<_>>>()?;
+    group.iter().try_for_each(|s| s.set_nonblocking(true))?;
+    Ok(BoundService {
+        addr: socket.local_addr()?,
+        group,
+        activated: true,
+    })
+}
+
+/// Binds `svc`'s address for every worker; errors name the config key.
+pub(super) fn bind_service(
+    plan: &Plan,
+    svc: &PlannedService,
+    workers: usize,
+) -> Result<BoundService, ServeError> {
+    bind_reuseport_group(svc.config.listen, workers)
+        .and_then(|group| {
+            Ok(BoundService {
+                addr: group[0].local_addr()?,
+                group,
+                activated: false,
+            })
+        })
+        .map_err(|e| {
+            let key = format!("services.{}.listen", svc.name);
+            bind_error(plan, &key, svc.config.listen, &e)
+        })
+}
+
+fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// What a bind error says when the address is taken.
+const ADDRESS_IN_USE_HINT: &str = "(another process is listening there)";
+
+/// A bind error located at its config key, with a hint; an address in use gets its own exit
+/// status.
+fn bind_error(plan: &Plan, key: &str, addr: SocketAddr, e: &io::Error) -> ServeError {
+    let in_use = format!(" {ADDRESS_IN_USE_HINT}");
+    let hint = match e.kind() {
+        io::ErrorKind::AddrInUse => in_use.as_str(),
+        io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    };
+    let located = plan
+        .source
+        .error_at(key, format!("cannot listen on {addr}: {e}{hint}"))
+        .to_string();
+    if e.kind() == io::ErrorKind::AddrInUse {
+        ServeError::address_in_use(located)
+    } else {
+        ServeError::failure(located)
+    }
+}
