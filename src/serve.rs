@@ -25,7 +25,8 @@ use wharf_backend_epoll::Epoll;
 use wharf_backend_uring::IoUring;
 use wharf_core::backend::Backend;
 use wharf_core::config::{BackendChoice, Config, ConfigError};
-use wharf_core::gate::{self, ServiceGate, ServiceLabels};
+use wharf_core::gate::ServiceGate;
+use wharf_core::metrics::{self as core_metrics, ServiceLabels};
 use wharf_core::net::{bind_reuseport_group, Cidr};
 use wharf_core::service::DynService;
 use wharf_core::shutdown::{self, Shutdown};
@@ -247,14 +248,14 @@ fn launch<B: Backend>(
     let prometheus = match &metrics_socket {
         Some(_) => {
             let handle = metrics_http::install_recorder().map_err(ServeError)?;
-            gate::describe_metrics();
-            metrics::gauge!(gate::names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
+            core_metrics::describe();
+            metrics::gauge!(core_metrics::names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
                 .set(1.0);
             for result in ReloadResult::ALL {
-                metrics::counter!(gate::names::CONFIG_RELOADS, "result" => result.as_str())
+                metrics::counter!(core_metrics::names::CONFIG_RELOADS, "result" => result.as_str())
                     .increment(0);
             }
-            metrics::gauge!(gate::names::CONFIG_LAST_RELOAD_SUCCESSFUL).set(1.0);
+            metrics::gauge!(core_metrics::names::CONFIG_LAST_RELOAD_SUCCESSFUL).set(1.0);
             Some(handle)
         }
         None => None,
@@ -487,9 +488,14 @@ impl ReloadResult {
     }
 
     fn record(self) {
-        metrics::counter!(gate::names::CONFIG_RELOADS, "result" => self.as_str()).increment(1);
+        metrics::counter!(core_metrics::names::CONFIG_RELOADS, "result" => self.as_str())
+            .increment(1);
         let ok = matches!(self, Self::Success);
-        metrics::gauge!(gate::names::CONFIG_LAST_RELOAD_SUCCESSFUL).set(if ok { 1.0 } else { 0.0 });
+        metrics::gauge!(core_metrics::names::CONFIG_LAST_RELOAD_SUCCESSFUL).set(if ok {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 

@@ -5,6 +5,7 @@
 mod bench;
 mod cli;
 mod deploy;
+mod drain_example;
 mod echo;
 mod exec;
 mod faults;
