@@ -91,14 +91,102 @@ pub(crate) fn take_line(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     Some(line)
 }
 
-/// A connection with the input read from it and not consumed yet.
-struct Buffered<'cx, C> {
+/// A connection read in frames of format `F`, with the input received and not consumed yet.
+/// Use it through [`Lines`] and [`Frames`].
+pub struct Framed<'cx, C, F> {
     conn: C,
     cx: &'cx Context,
     buf: Vec<u8>,
+    /// The longest accepted frame, in bytes.
+    max_len: usize,
+    _format: std::marker::PhantomData<F>,
 }
 
-impl<C: Conn> Buffered<'_, C> {
+/// A frame format: its default maximum length.
+pub trait Format {
+    /// The maximum frame length unless [`Framed::max_len`] says otherwise.
+    const DEFAULT_MAX: usize;
+}
+
+/// `\n`-terminated lines: see [`Lines`].
+pub struct LineFormat;
+impl Format for LineFormat {
+    const DEFAULT_MAX: usize = DEFAULT_MAX_LINE;
+}
+
+/// Frames after a big-endian `u32` length: see [`Frames`].
+pub struct LengthPrefixed;
+impl Format for LengthPrefixed {
+    const DEFAULT_MAX: usize = DEFAULT_MAX_FRAME;
+}
+
+/// `\n`-terminated lines from a connection, at most a maximum length each.
+///
+/// A line ends at `\n`; the `\n` and one `\r` right before it are removed, so `\r\n` clients
+/// work unchanged. Lines are bytes (`Vec<u8>`), not necessarily UTF-8. A line longer than the
+/// maximum ([`DEFAULT_MAX_LINE`] unless [`Framed::max_len`] says otherwise) is a
+/// [`FrameTooLong`] error, found as soon as that many bytes have arrived without a `\n`. A
+/// connection that ends after part of a line is an `UnexpectedEof` error (the partial line is
+/// not returned).
+///
+/// ```
+/// # use std::io;
+/// # use wharf_core::{framing::Lines, Conn, Context};
+/// async fn serve<C: Conn>(conn: C, cx: &Context) -> io::Result<()> {
+///     let mut lines = Lines::new(conn, cx).max_len(1024);
+///     while let Some(mut line) = lines.next().await? {
+///         line.push(b'\n');
+///         let (res, _) = lines.conn().write_all(line).await;
+///         res?;
+///     }
+///     lines.conn().shutdown().await
+/// }
+/// ```
+pub type Lines<'cx, C> = Framed<'cx, C, LineFormat>;
+
+/// Frames prefixed with their length (a big-endian `u32`) from a connection, and
+/// [`Frames::send`] to answer in kind: tokio-util's `LengthDelimitedCodec` default layout.
+///
+/// A frame longer than the maximum ([`DEFAULT_MAX_FRAME`] unless [`Framed::max_len`] says
+/// otherwise) is a [`FrameTooLong`] error, found from its prefix before its bytes are read.
+pub type Frames<'cx, C> = Framed<'cx, C, LengthPrefixed>;
+
+impl<'cx, C: Conn, F: Format> Framed<'cx, C, F> {
+    /// Frames from `conn`, whose idle reads go through `cx`.
+    pub fn new(conn: C, cx: &'cx Context) -> Self {
+        Framed {
+            conn,
+            cx,
+            buf: Vec::new(),
+            max_len: F::DEFAULT_MAX,
+            _format: std::marker::PhantomData,
+        }
+    }
+
+    /// Sets the longest accepted frame (line), in bytes, without its terminator or prefix.
+    pub fn max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+
+    /// Exactly `n` bytes (a payload a frame announced), the buffered ones first.
+    /// Mid-request: a server stop does not end it. `UnexpectedEof` if the connection ends
+    /// first.
+    pub async fn read_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        self.fill_to(n, false).await?;
+        Ok(self.take(n))
+    }
+
+    /// The connection, to write answers.
+    pub fn conn(&mut self) -> &mut C {
+        &mut self.conn
+    }
+
+    /// The connection back, and the bytes received but not consumed yet.
+    pub fn into_parts(self) -> (C, Vec<u8>) {
+        (self.conn, self.buf)
+    }
+
     /// Reads more input, with room for at least `want` bytes (at least [`buffer::IDLE`]).
     /// Returns 0 at end of stream (or, between frames, when the server stops).
     async fn read_more(&mut self, want: usize, between_frames: bool) -> io::Result<usize> {
@@ -135,75 +223,25 @@ impl<C: Conn> Buffered<'_, C> {
         let rest = self.buf.split_off(n);
         std::mem::replace(&mut self.buf, rest)
     }
-
-    async fn read_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        self.fill_to(n, false).await?;
-        Ok(self.take(n))
-    }
 }
 
-/// `\n`-terminated lines from a connection, at most a maximum length each.
-///
-/// A line ends at `\n`; the `\n` and one `\r` right before it are removed, so `\r\n` clients
-/// work unchanged. Lines are bytes (`Vec<u8>`), not necessarily UTF-8. A line longer than the
-/// maximum ([`DEFAULT_MAX_LINE`] unless [`Lines::max_len`] says otherwise) is a
-/// [`FrameTooLong`] error, found as soon as that many bytes have arrived without a `\n`. A
-/// connection that ends after part of a line is an `UnexpectedEof` error (the partial line is
-/// not returned).
-///
-/// ```
-/// # use std::io;
-/// # use wharf_core::{framing::Lines, Conn, Context};
-/// async fn serve<C: Conn>(conn: C, cx: &Context) -> io::Result<()> {
-///     let mut lines = Lines::new(conn, cx).max_len(1024);
-///     while let Some(mut line) = lines.next().await? {
-///         line.push(b'\n');
-///         let (res, _) = lines.conn().write_all(line).await;
-///         res?;
-///     }
-///     lines.conn().shutdown().await
-/// }
-/// ```
-pub struct Lines<'cx, C> {
-    input: Buffered<'cx, C>,
-    max_len: usize,
-}
-
-impl<'cx, C: Conn> Lines<'cx, C> {
-    /// Lines from `conn`, whose idle reads go through `cx`.
-    pub fn new(conn: C, cx: &'cx Context) -> Self {
-        Lines {
-            input: Buffered {
-                conn,
-                cx,
-                buf: Vec::new(),
-            },
-            max_len: DEFAULT_MAX_LINE,
-        }
-    }
-
-    /// Sets the longest accepted line, in bytes, without its line ending.
-    pub fn max_len(mut self, max_len: usize) -> Self {
-        self.max_len = max_len;
-        self
-    }
-
+impl<C: Conn> Framed<'_, C, LineFormat> {
     /// The next line; `None` when the client closed between lines, or the server is stopping
     /// and no line had begun.
     pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
-            if let Some(line) = take_line(&mut self.input.buf) {
+            if let Some(line) = take_line(&mut self.buf) {
                 if line.len() > self.max_len {
                     return Err(FrameTooLong::error(self.max_len));
                 }
                 return Ok(Some(line));
             }
             // Room for the line and its `\r`, and no `\n` yet: too long already.
-            if self.input.buf.len() > self.max_len.saturating_add(1) {
+            if self.buf.len() > self.max_len.saturating_add(1) {
                 return Err(FrameTooLong::error(self.max_len));
             }
-            if self.input.read_more(0, true).await? == 0 {
-                return if self.input.buf.is_empty() {
+            if self.read_more(0, true).await? == 0 {
+                return if self.buf.is_empty() {
                     Ok(None)
                 } else {
                     Err(ended_mid_frame())
@@ -211,71 +249,27 @@ impl<'cx, C: Conn> Lines<'cx, C> {
             }
         }
     }
-
-    /// Exactly `n` bytes (a payload a line announced), the buffered ones first. Mid-request:
-    /// a server stop does not end it. `UnexpectedEof` if the connection ends first.
-    pub async fn read_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        self.input.read_exact(n).await
-    }
-
-    /// The connection, to write answers.
-    pub fn conn(&mut self) -> &mut C {
-        &mut self.input.conn
-    }
-
-    /// The connection back, and the bytes received but not consumed yet.
-    pub fn into_parts(self) -> (C, Vec<u8>) {
-        (self.input.conn, self.input.buf)
-    }
-}
-
-/// Frames prefixed with their length (a big-endian `u32`) from a connection, and
-/// [`Frames::send`] to answer in kind: tokio-util's `LengthDelimitedCodec` default layout.
-///
-/// A frame longer than the maximum ([`DEFAULT_MAX_FRAME`] unless [`Frames::max_len`] says
-/// otherwise) is a [`FrameTooLong`] error, found from its prefix before its bytes are read.
-pub struct Frames<'cx, C> {
-    input: Buffered<'cx, C>,
-    max_len: usize,
 }
 
 /// Bytes of the length prefix.
 const PREFIX: usize = 4;
 
-impl<'cx, C: Conn> Frames<'cx, C> {
-    /// Frames from `conn`, whose idle reads go through `cx`.
-    pub fn new(conn: C, cx: &'cx Context) -> Self {
-        Frames {
-            input: Buffered {
-                conn,
-                cx,
-                buf: Vec::new(),
-            },
-            max_len: DEFAULT_MAX_FRAME,
-        }
-    }
-
-    /// Sets the longest accepted frame, in bytes, without its prefix.
-    pub fn max_len(mut self, max_len: usize) -> Self {
-        self.max_len = max_len;
-        self
-    }
-
+impl<C: Conn> Framed<'_, C, LengthPrefixed> {
     /// The next frame's bytes; `None` when the client closed between frames, or the server is
     /// stopping and no frame had begun.
     pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
-        if !self.input.fill_to(PREFIX, true).await? {
+        if !self.fill_to(PREFIX, true).await? {
             return Ok(None);
         }
         let mut prefix = [0u8; PREFIX];
-        prefix.copy_from_slice(&self.input.buf[..PREFIX]);
+        prefix.copy_from_slice(&self.buf[..PREFIX]);
         let len = u32::from_be_bytes(prefix) as usize;
         if len > self.max_len {
             return Err(FrameTooLong::error(self.max_len));
         }
-        self.input.fill_to(PREFIX + len, false).await?;
-        self.input.buf.drain(..PREFIX);
-        Ok(Some(self.input.take(len)))
+        self.fill_to(PREFIX + len, false).await?;
+        self.buf.drain(..PREFIX);
+        Ok(Some(self.take(len)))
     }
 
     /// Sends `payload` as one frame (prefix and bytes in one write).
@@ -285,23 +279,8 @@ impl<'cx, C: Conn> Frames<'cx, C> {
         let mut out = Vec::with_capacity(PREFIX + payload.len());
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(payload);
-        let (res, _) = self.input.conn.write_all(out).await;
+        let (res, _) = self.conn.write_all(out).await;
         res
-    }
-
-    /// Exactly `n` bytes, the buffered ones first; see [`Lines::read_exact`].
-    pub async fn read_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        self.input.read_exact(n).await
-    }
-
-    /// The connection, to write answers.
-    pub fn conn(&mut self) -> &mut C {
-        &mut self.input.conn
-    }
-
-    /// The connection back, and the bytes received but not consumed yet.
-    pub fn into_parts(self) -> (C, Vec<u8>) {
-        (self.input.conn, self.input.buf)
     }
 }
 
