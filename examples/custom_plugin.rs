@@ -11,7 +11,8 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::framing::{FrameTooLong, Lines};
+use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service};
 
 /// Options under `[services.<name>.options]`. `deny_unknown_fields` turns typos into errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -34,33 +35,24 @@ pub struct Reverse {
 
 #[wharf_core::async_trait(?Send)]
 impl Service for Reverse {
-    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
-        let mut pending = Vec::new();
-        let mut buf = Vec::with_capacity(4096);
+    async fn serve<C: Conn + 'static>(&self, conn: C, cx: &Context) -> io::Result<()> {
+        // `Lines` waits for the next line through the context, so a server stop ends an idle
+        // connection at once instead of holding the restart for the whole grace period.
+        let mut lines = Lines::new(conn, cx).max_len(self.max_line);
         loop {
-            buf.clear();
-            let (res, read) = conn.read(buf).await;
-            buf = read;
-            if res? == 0 {
-                return conn.shutdown().await;
-            }
-            pending.extend_from_slice(&buf);
-            let mut out = Vec::new();
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = pending.drain(..=end).collect();
-                line.pop();
-                line.reverse();
-                out.extend_from_slice(&line);
-                out.push(b'\n');
-            }
-            if pending.len() > self.max_line {
-                let (res, _) = conn.write_all(b"line too long\n".to_vec()).await;
-                return res;
-            }
-            if !out.is_empty() {
-                let (res, _) = conn.write_all(out).await;
-                res?;
-            }
+            let mut line = match lines.next().await {
+                Ok(Some(line)) => line,
+                Ok(None) => return lines.conn().shutdown().await,
+                Err(e) if FrameTooLong::is(&e) => {
+                    let (res, _) = lines.conn().write_all(b"line too long\n".to_vec()).await;
+                    return res;
+                }
+                Err(e) => return Err(e),
+            };
+            line.reverse();
+            line.push(b'\n');
+            let (res, _) = lines.conn().write_all(line).await;
+            res?;
         }
     }
 }

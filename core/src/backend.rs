@@ -4,12 +4,17 @@
 //! bound std socket, and the [`Conn`] its listener accepts. Everything else (admission, metering,
 //! idle timeouts, draining) is shared code in [`crate::worker`], so swapping backends changes the
 //! IO path and nothing else.
+//!
+//! [`sys`] holds the socket helpers the two built-in backends share (non-blocking `recv`,
+//! `poll`-based peer checks, `sendfile`): support for backend authors, not plugin API.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
 use crate::conn::Conn;
+
+pub mod sys;
 
 /// An IO backend (epoll via tokio, io_uring via tokio-uring, ...).
 pub trait Backend: 'static {

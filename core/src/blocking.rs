@@ -3,8 +3,8 @@
 //! tokio's blocking pool is shared by everything on a worker and grows to 512 threads, so a
 //! plugin that runs one blocking job per client lets a crowd of clients take every thread (and
 //! the memory of each) from every other service. Plugins therefore run blocking work through
-//! [`Conn::blocking`](crate::Conn::blocking), which a served connection routes through its
-//! service's [`BlockingBudget`]: `services.<name>.max_blocking` threads of the service's own,
+//! [`Context::blocking`](crate::Context::blocking), which on a served connection goes through
+//! its service's [`BlockingBudget`]: `services.<name>.max_blocking` threads of the service's own,
 //! shared by all its workers and started on first use, taking jobs first come, first served. A
 //! job holds its thread exactly while it runs, also when the future that waits for it was
 //! dropped; a queued job whose waiter is gone is skipped. A permit semaphore in front of
@@ -20,10 +20,9 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::oneshot;
 
-use crate::gate::{names, ServiceLabels};
+use crate::metrics::{BlockingSeries, ServiceLabels};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -43,9 +42,7 @@ struct Pool {
     /// each submitted job takes 1, so a thread that goes from one job straight to a queued one
     /// is never counted as free.
     free: Arc<AtomicIsize>,
-    running: Gauge,
-    queued: Counter,
-    queue_time: Histogram,
+    series: BlockingSeries,
 }
 
 impl BlockingBudget {
@@ -60,19 +57,14 @@ impl BlockingBudget {
             };
         }
         let (tx, rx) = mpsc::channel();
-        let l = labels.with(&[]);
         let pool = Pool {
             size,
             queue: tx,
             jobs: Arc::new(Mutex::new(rx)),
             started: AtomicUsize::new(0),
             free: Arc::new(AtomicIsize::new(0)),
-            running: metrics::gauge!(names::BLOCKING_RUNNING, l.clone()),
-            queued: metrics::counter!(names::BLOCKING_QUEUED, l.clone()),
-            queue_time: metrics::histogram!(names::BLOCKING_QUEUE_DURATION, l),
+            series: BlockingSeries::register(labels),
         };
-        pool.queued.increment(0);
-        pool.running.increment(0.0);
         BlockingBudget {
             pool: Arc::new(pool),
         }
@@ -87,7 +79,7 @@ impl BlockingBudget {
         let pool = &self.pool;
         let asked = Instant::now();
         let (tx, rx) = oneshot::channel();
-        let (running, queue_time) = (pool.running.clone(), pool.queue_time.clone());
+        let (running, queue_time) = (pool.series.running.clone(), pool.series.queue_time.clone());
         let wrapped: Job = Box::new(move || {
             if tx.is_closed() {
                 return; // nobody waits for it any more
@@ -124,7 +116,7 @@ impl Pool {
                     return Err(e);
                 }
             } else {
-                self.queued.increment(1);
+                self.series.queued.increment(1);
             }
         }
         self.queue
@@ -156,6 +148,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::names;
+    use metrics::{Counter, Gauge, Histogram};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

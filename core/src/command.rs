@@ -9,11 +9,16 @@
 //!
 //! Bytes after a newline stay buffered for the next command. Clients should not send ahead
 //! across an acknowledgement step, though: the ack consumes whatever comes next.
+//!
+//! Lines are split, and reads between commands made drain-aware, by the same code as
+//! [`crate::framing::Lines`]; what this adds is the pause rule and the acknowledgement.
 
 use std::io;
 use std::time::Duration;
 
 use crate::conn::Conn;
+use crate::context::Context;
+use crate::framing::{read_into, take_line};
 
 /// Longest command accepted, in bytes (without its line ending).
 pub const MAX_COMMAND: usize = 4096;
@@ -57,17 +62,13 @@ impl CommandReader {
         }
     }
 
-    /// Reads the next command.
-    pub async fn next<C: Conn>(&mut self, conn: &mut C) -> io::Result<Frame> {
+    /// Reads the next command. While no byte of it has arrived, a server stop ends the wait
+    /// (see [`Context::read_idle`]): [`Frame::Closed`].
+    pub async fn next<C: Conn>(&mut self, conn: &mut C, cx: &Context) -> io::Result<Frame> {
         // Leftover unterminated bytes get the same "pause ends it" treatment as new ones.
         let mut fresh = !self.buf.is_empty();
         loop {
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
+            if let Some(line) = take_line(&mut self.buf) {
                 return Ok(decode(line));
             }
             if self.buf.len() > MAX_COMMAND {
@@ -84,7 +85,7 @@ impl CommandReader {
                 continue;
             }
             let between_commands = self.buf.is_empty();
-            match self.read(conn, between_commands).await? {
+            match self.read(conn, cx, between_commands).await? {
                 0 if self.buf.is_empty() => return Ok(Frame::Closed),
                 0 => {
                     // The client closed right after an unterminated command.
@@ -100,7 +101,7 @@ impl CommandReader {
     /// Returns `false` at end of stream: the client half-closed (or closed) instead, so it can
     /// send nothing more, though it may still be reading.
     pub async fn ack<C: Conn>(&mut self, conn: &mut C) -> io::Result<bool> {
-        if self.buf.is_empty() && self.read(conn, false).await? == 0 {
+        if self.buf.is_empty() && self.read_plain(conn).await? == 0 {
             return Ok(false);
         }
         let n = self.buf.len().min(MAX_ACK);
@@ -121,17 +122,27 @@ impl CommandReader {
 
     /// One read appended to the buffer, never past `MAX_COMMAND + 1` bytes in total.
     /// `between_commands`: nothing of a command has arrived yet, so a shutdown may end it.
-    async fn read<C: Conn>(&mut self, conn: &mut C, between_commands: bool) -> io::Result<usize> {
-        let room = (MAX_COMMAND + 1).saturating_sub(self.buf.len()).max(1);
-        self.buf.reserve_exact(room);
-        let buf = std::mem::take(&mut self.buf);
-        let (res, buf) = if between_commands {
-            conn.read_idle(buf).await
-        } else {
-            conn.read(buf).await
-        };
+    async fn read<C: Conn>(
+        &mut self,
+        conn: &mut C,
+        cx: &Context,
+        between_commands: bool,
+    ) -> io::Result<usize> {
+        self.reserve_read();
+        read_into(conn, cx, &mut self.buf, between_commands).await
+    }
+
+    /// [`CommandReader::read`] mid-exchange (an acknowledgement): a plain read.
+    async fn read_plain<C: Conn>(&mut self, conn: &mut C) -> io::Result<usize> {
+        self.reserve_read();
+        let (res, buf) = conn.read(std::mem::take(&mut self.buf)).await;
         self.buf = buf;
         res
+    }
+
+    fn reserve_read(&mut self) {
+        let room = (MAX_COMMAND + 1).saturating_sub(self.buf.len()).max(1);
+        self.buf.reserve_exact(room);
     }
 
     /// Pulls in bytes already queued, or arriving within the grace; `false` if none did.
@@ -190,22 +201,23 @@ mod tests {
     fn newline_terminated_commands_pipeline_and_strip_cr() {
         testing::block_on(async {
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             client.write_all(b"get a\r\nlist\nget b").await.unwrap();
             client.close_write();
             let mut r = CommandReader::default();
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("get a".into())
             );
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("list".into())
             );
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("get b".into())
             );
-            assert_eq!(r.next(&mut conn).await.unwrap(), Frame::Closed);
+            assert_eq!(r.next(&mut conn, &cx).await.unwrap(), Frame::Closed);
         });
     }
 
@@ -213,11 +225,12 @@ mod tests {
     fn an_unterminated_command_ends_when_the_client_pauses() {
         testing::block_on(async {
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             let mut r = CommandReader::new(Duration::from_millis(20));
             client.write_all(b"uptime").await.unwrap();
             let started = tokio::time::Instant::now();
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("uptime".into())
             );
             // Soon after the 20 ms pause (without it, next() would wait for more bytes).
@@ -236,6 +249,7 @@ mod tests {
     fn a_command_split_within_the_grace_is_one_command() {
         testing::block_on(async {
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             // A grace far beyond the 20 ms pause, even if this busy machine stalls.
             let mut r = CommandReader::new(Duration::from_secs(2));
             let send = async {
@@ -243,7 +257,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 client.write_all(b"ng-name.txt").await.unwrap();
             };
-            let (_, frame) = tokio::join!(send, r.next(&mut conn));
+            let (_, frame) = tokio::join!(send, r.next(&mut conn, &cx));
             assert_eq!(frame.unwrap(), Frame::Command("get long-name.txt".into()));
         });
     }
@@ -252,26 +266,28 @@ mod tests {
     fn overlong_and_invalid_commands() {
         testing::block_on(async {
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             let mut r = CommandReader::default();
             client
                 .write_all(&vec![b'a'; MAX_COMMAND + 10])
                 .await
                 .unwrap();
-            assert_eq!(r.next(&mut conn).await.unwrap(), Frame::TooLong);
+            assert_eq!(r.next(&mut conn, &cx).await.unwrap(), Frame::TooLong);
 
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             let mut r = CommandReader::default();
             client.write_all(b"\xff\xfe\nok\n").await.unwrap();
-            assert_eq!(r.next(&mut conn).await.unwrap(), Frame::NotUtf8);
+            assert_eq!(r.next(&mut conn, &cx).await.unwrap(), Frame::NotUtf8);
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("ok".into())
             );
             // Exactly MAX_COMMAND is fine.
             let line = format!("{}\n", "b".repeat(MAX_COMMAND));
             client.write_all(line.as_bytes()).await.unwrap();
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("b".repeat(MAX_COMMAND))
             );
         });
@@ -302,11 +318,12 @@ mod tests {
     fn a_half_closed_client_still_gets_its_result() {
         testing::block_on(async {
             let (mut conn, client) = testing::pipe();
+            let cx = conn.context();
             let mut r = CommandReader::default();
             client.write_all(b"cmd\n").await.unwrap();
             client.close_write();
             assert_eq!(
-                r.next(&mut conn).await.unwrap(),
+                r.next(&mut conn, &cx).await.unwrap(),
                 Frame::Command("cmd".into())
             );
             let sent = send_framed(&mut conn, &mut r, b"the result".to_vec())

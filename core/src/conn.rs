@@ -8,11 +8,14 @@
 //!
 //! The methods are native `async fn`s, statically dispatched: a plugin's `serve` is generic over
 //! the connection type, so no read or write allocates or goes through a vtable.
+//!
+//! A `Conn` is transport only: bytes in and out, and what the socket itself can tell. What the
+//! framework knows about the connection (the client's address, the drain signal, request
+//! metrics, the blocking pool) is the [`Context`](crate::Context) that `serve` receives next to
+//! it; reading in frames (lines, length-prefixed) is [`crate::framing`].
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
-use std::time::Duration;
 
 /// The result of an owned-buffer operation: the outcome, and the buffer handed back.
 ///
@@ -29,17 +32,6 @@ pub trait Conn {
     /// contents. Returns the number of bytes read; `0` means the peer closed its sending side.
     /// A buffer without spare capacity is an `InvalidInput` error, never a silent `0`.
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize>;
-
-    /// A [`Conn::read`] at a point where the protocol is between requests, so ending the
-    /// connection loses nothing: once the server is shutting down (SIGTERM/SIGINT) it returns
-    /// `Ok(0)` (end of stream) at once, so idle keep-alive and command connections let the
-    /// drain finish instead of holding it for the whole grace period. A config reload that
-    /// retires the connection's service generation does not end it: established sessions keep
-    /// working under the settings they started with until they end or idle out. Outside a
-    /// server, a plain read.
-    async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        self.read(buf).await
-    }
 
     /// Writes some of `buf[from..]` and returns how many bytes were written.
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize>;
@@ -110,53 +102,6 @@ pub trait Conn {
         Ok(sent)
     }
 
-    /// Runs `job` (blocking work: a file open, one bounded step of a computation) off the
-    /// worker and returns its result; an error means the job panicked, or that the peer had
-    /// already reset (then the job does not run: no thread is spent on a client that asked and
-    /// left; see [`peer_reset`]). Served connections run it on their service's `max_blocking`
-    /// threads (see [`crate::blocking`]), so keep jobs short: never wait for a client inside
-    /// one. This default, used outside a server (the [`crate::testing`] pipe), runs it on
-    /// tokio's blocking pool, unbounded.
-    async fn blocking<R: Send + 'static>(
-        &self,
-        job: impl FnOnce() -> R + Send + 'static,
-    ) -> io::Result<R> {
-        if self.peer_closed() {
-            return Err(peer_reset());
-        }
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| io::Error::other(format!("blocking job failed: {e}")))
-    }
-
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.
     async fn shutdown(&mut self) -> io::Result<()>;
-
-    /// The client's address.
-    fn peer_addr(&self) -> SocketAddr;
-
-    /// Counts one finished request in `wharf_requests_total{outcome}` and
-    /// `wharf_request_duration_seconds`. `outcome` is one of the plugin's
-    /// [`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES); other values are ignored. The handles were
-    /// registered once per service, so this costs a short scan and two atomic updates.
-    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
-        let _ = (outcome, elapsed);
-    }
-}
-
-/// The error [`Conn::blocking`] returns, without running its job, when the peer already reset
-/// the connection: what the next write would meet.
-pub fn peer_reset() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionReset,
-        "the client reset the connection",
-    )
-}
-
-/// The error every implementation returns for a read into a full buffer.
-pub fn no_spare_capacity() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "read into a buffer with no spare capacity",
-    )
 }

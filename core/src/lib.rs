@@ -2,24 +2,31 @@
 //!
 //! The layout follows the data path of one connection:
 //!
-//! - [`net`]: listening sockets (one `SO_REUSEPORT` socket per worker) and CIDR rules.
+//! - [`net`]: listening sockets (one `SO_REUSEPORT` socket per worker), CIDR rules, and which
+//!   client a peer address counts as.
 //! - [`backend`]: what an IO mechanism (epoll, io_uring) must provide: a worker runtime, a
-//!   [`backend::Listener`] and a [`Conn`].
+//!   [`backend::Listener`] and a [`Conn`]; [`backend::sys`] holds the socket helpers backend
+//!   implementations share (not plugin API).
 //! - [`worker`]: the accept loop and the worker body every backend runs: admission, metering,
 //!   spawning, graceful drain.
-//! - [`gate`]: per-service admission (`allow_from`, `max_connections`) and metric handles.
+//! - [`gate`]: per-service admission (`allow_from`, `max_connections`).
+//! - [`metrics`]: every framework metric: names, HELP text, labels, per-service handles.
 //! - [`blocking`]: each service's own threads for blocking jobs (`max_blocking`).
 //! - [`metered`]: the [`Conn`] wrapper that counts bytes and enforces `idle_timeout`.
-//! - [`conn`] and [`service`]: the two traits a plugin author meets.
+//! - [`service`], [`conn`] and [`context`]: what a plugin author meets: `serve(conn, cx)`,
+//!   the transport, and what the framework knows and offers about the connection (peer, drain
+//!   signal, request metrics, blocking jobs).
+//! - [`framing`]: lines, length-prefixed frames and exact reads over a [`Conn`], drain-aware.
 //! - [`plugin`]: how a plugin names itself and declares typed options.
 //! - [`config`]: the figment-based config model and its error reporting.
 //! - [`exit_status`]: the exit statuses of the `wharf` command.
 //! - [`buffer`]: read buffers sized for what the client does (small while it is idle).
-//! - [`command`]: line framing for command-style protocols (exec, file-get).
+//! - [`command`]: the command framing of exec and file-get (lines, or a pause, end a command).
 //! - [`children`]: the process-wide registry of child process groups, killed on every exit.
 //! - [`shutdown`]: drain signals with deadlines (process stop, a reload retiring a service
 //!   generation) and the per-worker connection tracker used to drain.
-//! - [`testing`]: an in-memory [`Conn`] so plugins are unit-tested without sockets.
+//! - [`testing`]: an in-memory [`Conn`] and a detached [`Context`], so plugins are unit-tested
+//!   without sockets.
 
 pub mod backend;
 pub mod blocking;
@@ -28,9 +35,12 @@ pub mod children;
 pub mod command;
 pub mod config;
 pub mod conn;
+pub mod context;
 pub mod exit_status;
+pub mod framing;
 pub mod gate;
 pub mod metered;
+pub mod metrics;
 pub mod net;
 pub mod plugin;
 pub mod service;
@@ -40,5 +50,6 @@ pub mod worker;
 
 pub use async_trait::async_trait;
 pub use conn::{BufResult, Conn};
+pub use context::Context;
 pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use service::{DynService, Service};

@@ -1,7 +1,8 @@
-//! The connection wrapper every plugin actually talks to.
+//! The transport wrapper every plugin actually talks to.
 //!
 //! [`Metered`] sits between a backend's connection and the plugin, so byte counting and the
-//! idle timeout are one mechanism for every plugin and backend. Bytes are counted as each
+//! idle timeout are one mechanism for every plugin and backend. It is transport only: the
+//! drain signal and request metrics are the connection's [`Context`](crate::Context). Bytes are counted as each
 //! operation completes (a long transfer shows up in `rate()` while it runs), with handles
 //! registered once per service.
 //!
@@ -12,16 +13,15 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
 use crate::conn::{BufResult, Conn};
-use crate::gate::Ticket;
-use crate::shutdown::Shutdown;
+use crate::metrics::ServiceMetrics;
 
 /// Largest piece of a file sent (and counted) at once.
 const SEND_FILE_WINDOW: u64 = 1024 * 1024;
@@ -29,10 +29,9 @@ const SEND_FILE_WINDOW: u64 = 1024 * 1024;
 /// A connection counted into its service's metrics and bounded by its idle timeout.
 pub struct Metered<C> {
     inner: C,
-    ticket: Ticket,
+    /// The service generation's handles; only the byte counters are used here.
+    metrics: Arc<ServiceMetrics>,
     idle: Option<IdleTimer>,
-    /// The stop signal, for [`Conn::read_idle`].
-    shutdown: Shutdown,
 }
 
 struct IdleTimer {
@@ -63,79 +62,31 @@ impl IdleTimer {
 }
 
 impl<C: Conn> Metered<C> {
-    pub(crate) fn new(
-        inner: C,
-        ticket: Ticket,
-        idle_timeout: Option<Duration>,
-        shutdown: Shutdown,
-    ) -> Self {
+    /// Wraps `inner`, counting its bytes into `metrics` and failing an operation that makes
+    /// no progress for `idle_timeout` (if any) with `TimedOut`.
+    pub fn new(inner: C, metrics: Arc<ServiceMetrics>, idle_timeout: Option<Duration>) -> Self {
         let idle = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
         });
         Metered {
             inner,
-            ticket,
+            metrics,
             idle,
-            shutdown,
-        }
-    }
-}
-
-/// A counted, idle-bounded read; a free function over the fields it needs, so
-/// [`Conn::read_idle`] can race it against the (separately borrowed) stop signal.
-async fn counted_read<C: Conn>(
-    inner: &mut C,
-    idle: &mut Option<IdleTimer>,
-    ticket: &Ticket,
-    buf: Vec<u8>,
-) -> BufResult<usize> {
-    let (res, buf) = match idle {
-        Some(idle) => idle.bound(inner.read(buf)).await,
-        None => inner.read(buf).await,
-    };
-    if let Ok(n) = res {
-        ticket.gate().metrics.received.increment(n as u64);
-    }
-    (res, buf)
-}
-
-impl<C: Conn> Metered<C> {
-    /// A read between requests once the process is stopping (no read of ours is pending): a request
-    /// the client already sent is still served; a silent connection ends now, like a client
-    /// that closed.
-    fn drain_read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
-        if buf.capacity() == buf.len() {
-            buf.reserve(crate::buffer::IDLE);
-        }
-        match self.try_read(&mut buf) {
-            Ok(Some(n)) => (Ok(n), buf),
-            Ok(None) => (Ok(0), buf),
-            Err(e) => (Err(e), buf),
         }
     }
 }
 
 impl<C: Conn> Conn for Metered<C> {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf).await
-    }
-
-    async fn read_idle(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        // Only a shutdown (a drain with a deadline) ends idle connections: a reload retiring
-        // this generation leaves its established sessions working until they end or idle out.
-        if self.shutdown.is_stopping() {
-            return self.drain_read(buf);
+        let (res, buf) = match &mut self.idle {
+            Some(idle) => idle.bound(self.inner.read(buf)).await,
+            None => self.inner.read(buf).await,
+        };
+        if let Ok(n) = res {
+            self.metrics.received.increment(n as u64);
         }
-        let read = counted_read(&mut self.inner, &mut self.idle, &self.ticket, buf);
-        tokio::select! {
-            biased;
-            done = read => done,
-            // Stopping while nothing has arrived: end the connection like a client that
-            // closed. No second read here: on io_uring the dropped read may still be armed in
-            // the kernel and would take whatever arrives next.
-            _ = self.shutdown.stopping() => (Ok(0), Vec::new()),
-        }
+        (res, buf)
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
@@ -144,7 +95,7 @@ impl<C: Conn> Conn for Metered<C> {
             None => self.inner.write(buf, from).await,
         };
         if let Ok(n) = res {
-            self.ticket.gate().metrics.sent.increment(n as u64);
+            self.metrics.sent.increment(n as u64);
         }
         (res, buf)
     }
@@ -166,7 +117,7 @@ impl<C: Conn> Conn for Metered<C> {
                 None => self.inner.send_file(file, offset + sent, window).await,
             };
             let n = res?;
-            self.ticket.gate().metrics.sent.increment(n);
+            self.metrics.sent.increment(n);
             sent += n;
             if n < window {
                 break;
@@ -178,7 +129,7 @@ impl<C: Conn> Conn for Metered<C> {
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
         let res = self.inner.try_read(buf);
         if let Ok(Some(n)) = res {
-            self.ticket.gate().metrics.received.increment(n as u64);
+            self.metrics.received.increment(n as u64);
         }
         res
     }
@@ -191,25 +142,7 @@ impl<C: Conn> Conn for Metered<C> {
         self.inner.peer_finished_sending()
     }
 
-    async fn blocking<R: Send + 'static>(
-        &self,
-        job: impl FnOnce() -> R + Send + 'static,
-    ) -> io::Result<R> {
-        if self.peer_closed() {
-            return Err(crate::conn::peer_reset());
-        }
-        self.ticket.gate().blocking().run(job).await
-    }
-
     async fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown().await
-    }
-
-    fn peer_addr(&self) -> SocketAddr {
-        self.inner.peer_addr()
-    }
-
-    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
-        self.ticket.gate().record_request(outcome, elapsed);
     }
 }

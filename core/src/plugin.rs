@@ -19,7 +19,7 @@ pub trait Plugin: Service + Sized {
     /// Documentation of each option, for `wharf plugins` (defaults come from `Options::default`).
     const OPTIONS: &'static [OptionDoc];
     /// The `outcome` label values of `wharf_requests_total`, for plugins that have requests
-    /// (see [`Conn::record_request`](crate::Conn::record_request)). Registered at startup so
+    /// (see [`Context::record_request`](crate::Context::record_request)). Registered at startup so
     /// every series exists from the first scrape. Empty: no request metrics.
     const OUTCOMES: &'static [&'static str] = &[];
     /// Options whose values are secrets (keys under `options`, dotted for nested ones, e.g.

@@ -8,7 +8,7 @@
 //! connections, idle sessions included, keep working under its settings until they end on
 //! their own (or by their idle timeout). A shutdown sets one, `grace` from now: connections
 //! finish what they are doing, those idle between requests end at once
-//! ([`Shutdown::stopping`], used by [`Conn::read_idle`](crate::Conn::read_idle)), and whatever
+//! ([`Shutdown::stopping`], used by [`Context::read_idle`](crate::Context::read_idle)), and whatever
 //! is still open at the deadline is closed; a deadline can only be brought forward, never
 //! pushed back.
 

@@ -1,16 +1,47 @@
 //! Test support: drive a plugin through an in-memory connection, no sockets needed.
 //!
+//! [`pipe`] returns the server side ([`MemConn`], a real [`Conn`]) and the [`Client`] side;
+//! [`spawn`] serves the server side with a detached [`Context`] on a local task, and the client
+//! then plays its part: write, read, close, stop the server ([`Client::stop_server`]), and check
+//! what the service recorded ([`Client::recorded_requests`]).
+//!
 //! ```
-//! use wharf_core::testing;
+//! use std::io;
+//! use wharf_core::{testing, Conn, Context, Service};
+//!
+//! /// Answers `hi` to whatever arrives first, then ends.
+//! struct Greeter;
+//!
+//! #[wharf_core::async_trait(?Send)]
+//! impl Service for Greeter {
+//!     async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
+//!         let (res, _) = cx.read_idle(&mut conn, Vec::with_capacity(64)).await;
+//!         if res? > 0 {
+//!             let (res, _) = conn.write_all(b"hi\n".to_vec()).await;
+//!             res?;
+//!             cx.record_request("ok", std::time::Duration::ZERO);
+//!         }
+//!         conn.shutdown().await
+//!     }
+//! }
+//!
 //! testing::block_on(async {
 //!     let (conn, client) = testing::pipe();
-//!     // tokio::task::spawn_local(async move { my_service.serve(conn).await });
-//!     # drop(conn);
+//!     let server = testing::spawn(Greeter, conn);
+//!     client.write_all(b"hello").await.unwrap();
+//!     assert_eq!(client.read_to_end().await, b"hi\n");
+//!     server.await.unwrap().unwrap();
+//!     assert_eq!(client.recorded_requests(), ["ok"]);
+//!
+//!     // A server stopping (SIGTERM) while the client is idle ends the connection at once.
+//!     let (conn, client) = testing::pipe();
+//!     let server = testing::spawn(Greeter, conn);
+//!     client.stop_server();
 //!     assert_eq!(client.read_to_end().await, b"");
+//!     server.await.unwrap().unwrap();
 //! });
 //! ```
 //!
-//! [`pipe`] returns the server side ([`MemConn`], a real [`Conn`]) and the [`Client`] side.
 //! Each direction holds at most `capacity` bytes, so backpressure is observable: a service that
 //! stops reading while its output is not consumed leaves the client's writes pending.
 
@@ -21,9 +52,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
 
-use crate::conn::{no_spare_capacity, BufResult, Conn};
+use crate::backend::sys::no_spare_capacity;
+use crate::conn::{BufResult, Conn};
+use crate::context::{Context, Detached};
 use crate::service::Service;
 
 pub use tokio::task::{yield_now, JoinHandle};
@@ -41,9 +73,13 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     tokio::task::LocalSet::new().block_on(&rt, fut)
 }
 
-/// Serves `conn` with `service` on a local task (call inside [`block_on`]).
+/// Serves `conn` with `service` on a local task, with the pipe's detached context
+/// ([`MemConn::context`]); call inside [`block_on`].
 pub fn spawn<S: Service>(service: S, conn: MemConn) -> JoinHandle<io::Result<()>> {
-    tokio::task::spawn_local(async move { service.serve(conn).await })
+    tokio::task::spawn_local(async move {
+        let cx = conn.context();
+        service.serve(conn, &cx).await
+    })
 }
 
 /// A connected pair with [`DEFAULT_CAPACITY`] per direction.
@@ -57,23 +93,22 @@ pub fn pipe_with_capacity(capacity: usize) -> (MemConn, Client) {
     let shared = Rc::new(RefCell::new(Shared {
         to_server: Direction::new(capacity),
         to_client: Direction::new(capacity),
-        requests: Vec::new(),
         writes: 0,
     }));
+    let detached = Detached::new();
     (
         MemConn {
             shared: Rc::clone(&shared),
             peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            detached: detached.clone(),
         },
-        Client { shared },
+        Client { shared, detached },
     )
 }
 
 struct Shared {
     to_server: Direction,
     to_client: Direction,
-    /// Outcomes the service passed to `record_request`, in order.
-    requests: Vec<&'static str>,
     /// Write operations the service completed.
     writes: usize,
 }
@@ -159,13 +194,22 @@ impl Direction {
 pub struct MemConn {
     shared: Rc<RefCell<Shared>>,
     peer: SocketAddr,
+    /// Shared with the [`Client`], which stops it and reads its records.
+    detached: Detached,
 }
 
 impl MemConn {
-    /// Pretends the client connects from `peer`.
+    /// Pretends the client connects from `peer` (what the context's
+    /// [`Context::peer_addr`] says).
     pub fn with_peer(mut self, peer: SocketAddr) -> Self {
         self.peer = peer;
         self
+    }
+
+    /// A detached context for this connection: its peer, stopped by
+    /// [`Client::stop_server`], recording into [`Client::recorded_requests`].
+    pub fn context(&self) -> Context {
+        self.detached.context(self.peer)
     }
 }
 
@@ -229,14 +273,6 @@ impl Conn for MemConn {
         self.shared.borrow_mut().to_client.close_writer();
         Ok(())
     }
-
-    fn peer_addr(&self) -> SocketAddr {
-        self.peer
-    }
-
-    fn record_request(&self, outcome: &'static str, _elapsed: Duration) {
-        self.shared.borrow_mut().requests.push(outcome);
-    }
 }
 
 impl Drop for MemConn {
@@ -250,6 +286,7 @@ impl Drop for MemConn {
 /// The client side of an in-memory pipe: what a test script uses to talk to the service.
 pub struct Client {
     shared: Rc<RefCell<Shared>>,
+    detached: Detached,
 }
 
 impl Client {
@@ -321,9 +358,15 @@ impl Client {
         self.shared.borrow_mut().to_server.close_writer();
     }
 
-    /// The outcomes the service recorded with `Conn::record_request`, in order.
+    /// The outcomes the service recorded with [`Context::record_request`], in order.
     pub fn recorded_requests(&self) -> Vec<&'static str> {
-        self.shared.borrow().requests.clone()
+        self.detached.recorded_requests()
+    }
+
+    /// Stops the server as SIGTERM would: the service's context reports
+    /// [`Context::is_stopping`], and its idle reads end at once.
+    pub fn stop_server(&self) {
+        self.detached.stop();
     }
 
     /// How many write operations the service has completed (e.g. to check that pipelined

@@ -3,7 +3,7 @@
 //! One worker runs one accept loop per listener *slot* on its own `SO_REUSEPORT` socket (a slot
 //! is one service's listening address; the main thread numbers them). An accepted connection is
 //! admitted by the slot's current [`Handler`] (a service generation's gate and instance), wrapped
-//! in [`Metered`], and served on a local task.
+//! in [`Metered`], given its [`Context`], and served on a local task.
 //!
 //! A config reload reaches the worker as a [`Control`] message: start a slot (a new address),
 //! swap a slot's handler (changed settings, same socket: nothing is closed or re-bound) or stop
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Listener};
+use crate::context::Context;
 use crate::gate::ServiceGate;
 use crate::metered::Metered;
 use crate::service::DynService;
@@ -268,7 +269,7 @@ async fn accept_loop<L: Listener>(
                 serve(&current, conn, peer, &tracker);
             }
             Err(e) => {
-                let service = current.gate.labels().service.as_str();
+                let service = current.gate.service();
                 if let Some(pause) = backoff.on_error(&e, service) {
                     tokio::select! {
                         _ = shutdown.wait() => break,
@@ -291,13 +292,16 @@ fn serve<C: crate::conn::Conn + 'static>(
     let gate = &handler.gate;
     match gate.admit(peer.ip()) {
         Ok(ticket) => {
-            let conn = ticket.wrap(conn);
+            let conn = Metered::new(conn, Arc::clone(gate.metrics()), gate.idle_timeout());
             let mut drain = gate.retirement();
             let service = Arc::clone(&handler.service);
             let tracked = tracker.track();
             tokio::task::spawn_local(async move {
+                // Built inside the task: it lives in the task's one allocation, and holds the
+                // ticket (the connection counts as open) until the task ends.
+                let cx = Context::served(peer, ticket);
                 tokio::select! {
-                    served = service.serve_dyn(conn) => {
+                    served = service.serve_dyn(conn, &cx) => {
                         if let Err(e) = served {
                             log_conn_error(&peer, &e);
                         }
@@ -308,11 +312,13 @@ fn serve<C: crate::conn::Conn + 'static>(
                         debug!(%peer, "closed: still open at the end of the drain");
                     }
                 }
+                // Closed (its ticket released) before the worker may count it gone.
+                drop(cx);
                 drop(tracked);
             });
         }
         Err(reason) => {
-            debug!(service = %gate.labels().service, %peer, reason = reason.as_str(), "connection rejected");
+            debug!(service = gate.service(), %peer, reason = reason.as_str(), "connection rejected");
             drop(conn);
         }
     }

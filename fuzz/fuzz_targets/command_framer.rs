@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let chunk = usize::from(chunk % 64) + 1;
     testing::block_on(async {
         let (mut conn, client) = testing::pipe_with_capacity(256);
+        let cx = conn.context();
         let writer = tokio::task::spawn_local({
             let input = input.to_vec();
             async move {
@@ -36,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         let mut reader = CommandReader::new(Duration::ZERO);
         let mut frames = 0;
         loop {
-            match reader.next(&mut conn).await {
+            match reader.next(&mut conn, &cx).await {
                 Ok(Frame::Closed) | Err(_) => break,
                 Ok(Frame::TooLong) => break, // the services close the connection here
                 Ok(Frame::Command(line)) => {

@@ -124,7 +124,7 @@ fn launch<B: CompiledBackend>(plan: Plan, reload: ReloadSource) -> Result<(), Se
     let prometheus = match &bound.metrics {
         Some(_) => {
             let handle = metrics_http::install_recorder().map_err(ServeError::failure)?;
-            wharf_core::gate::describe_metrics();
+            wharf_core::metrics::describe();
             process_metrics::register();
             Some(handle)
         }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::info;
 use wharf_core::config::Config;
-use wharf_core::gate::{ServiceGate, ServiceLabels};
+use wharf_core::gate::ServiceGate;
+use wharf_core::metrics::ServiceLabels;
 use wharf_core::net::Cidr;
 use wharf_core::worker::{ControlSender, HandlerOf, SlotId, WorkerService};
 

@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod clients;
 mod deploy;
+mod drain_example;
 mod echo;
 mod exec;
 mod faults;

@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wharf_core::backend::sys::{self, no_spare_capacity};
 use wharf_core::backend::{Backend, Listener};
-use wharf_core::conn::{no_spare_capacity, BufResult, Conn};
+use wharf_core::conn::{BufResult, Conn};
 
 /// The tokio/epoll backend.
 pub struct Epoll;
@@ -44,14 +45,13 @@ impl Listener for TcpListener {
     async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
         let (stream, peer) = self.0.accept().await?;
         stream.set_nodelay(true)?;
-        Ok((TcpConn { stream, peer }, peer))
+        Ok((TcpConn { stream }, peer))
     }
 }
 
 /// An accepted connection.
 pub struct TcpConn {
     stream: tokio::net::TcpStream,
-    peer: SocketAddr,
 }
 
 impl Drop for TcpConn {
@@ -90,11 +90,11 @@ impl Conn for TcpConn {
     }
 
     fn peer_closed(&self) -> bool {
-        wharf_core::net::peer_closed(self.stream.as_raw_fd())
+        sys::peer_closed(self.stream.as_raw_fd())
     }
 
     fn peer_finished_sending(&self) -> bool {
-        wharf_core::net::peer_finished_sending(self.stream.as_raw_fd())
+        sys::peer_finished_sending(self.stream.as_raw_fd())
     }
 
     /// `sendfile(2)` driven by socket readiness, on the worker: no thread per transfer, and
@@ -108,7 +108,7 @@ impl Conn for TcpConn {
         while sent < len {
             self.stream.writable().await?;
             let once = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                wharf_core::net::sendfile_once(fd, file, &mut off, len - sent)
+                sys::sendfile_once(fd, file, &mut off, len - sent)
             });
             match once {
                 Ok(0) => break, // the file is shorter than promised
@@ -123,9 +123,5 @@ impl Conn for TcpConn {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         AsyncWriteExt::shutdown(&mut self.stream).await
-    }
-
-    fn peer_addr(&self) -> SocketAddr {
-        self.peer
     }
 }

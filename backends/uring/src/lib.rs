@@ -14,8 +14,9 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use tokio_uring::buf::BoundedBuf;
+use wharf_core::backend::sys::{self, no_spare_capacity};
 use wharf_core::backend::{Backend, Listener};
-use wharf_core::conn::{no_spare_capacity, BufResult, Conn};
+use wharf_core::conn::{BufResult, Conn};
 
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 1024;
@@ -135,14 +136,13 @@ impl Listener for TcpListener {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
         let stream = tokio_uring::net::TcpStream::from_std(stream);
-        Ok((TcpConn { stream, peer }, peer))
+        Ok((TcpConn { stream }, peer))
     }
 }
 
 /// An accepted connection.
 pub struct TcpConn {
     stream: tokio_uring::net::TcpStream,
-    peer: SocketAddr,
 }
 
 impl Drop for TcpConn {
@@ -171,15 +171,15 @@ impl Conn for TcpConn {
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-        wharf_core::net::recv_now(self.stream.as_raw_fd(), buf)
+        sys::recv_now(self.stream.as_raw_fd(), buf)
     }
 
     fn peer_closed(&self) -> bool {
-        wharf_core::net::peer_closed(self.stream.as_raw_fd())
+        sys::peer_closed(self.stream.as_raw_fd())
     }
 
     fn peer_finished_sending(&self) -> bool {
-        wharf_core::net::peer_finished_sending(self.stream.as_raw_fd())
+        sys::peer_finished_sending(self.stream.as_raw_fd())
     }
 
     /// `sendfile(2)` on the worker, waiting for socket writability through tokio's reactor
@@ -189,14 +189,10 @@ impl Conn for TcpConn {
     async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
         // SAFETY: the stream's descriptor is open while `self` is borrowed.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        wharf_core::net::sendfile_on_reactor(fd, file, offset, len).await
+        sys::sendfile_on_reactor(fd, file, offset, len).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
         self.stream.shutdown(std::net::Shutdown::Write)
-    }
-
-    fn peer_addr(&self) -> SocketAddr {
-        self.peer
     }
 }

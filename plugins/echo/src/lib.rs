@@ -8,7 +8,7 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{buffer, Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{buffer, Conn, Context, OptionDoc, Plugin, PluginError, Service};
 
 /// `[services.<name>.options]` of an echo service.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -44,7 +44,7 @@ impl Echo {
 
 #[wharf_core::async_trait(?Send)]
 impl Service for Echo {
-    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
+    async fn serve<C: Conn + 'static>(&self, mut conn: C, _cx: &Context) -> io::Result<()> {
         // Small while the client is quiet, large while it streams (see wharf_core::buffer).
         let mut buf = Vec::with_capacity(buffer::IDLE);
         loop {

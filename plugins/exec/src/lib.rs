@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use wharf_core::command::{send_framed, CommandReader, Frame};
-use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service};
 
 use policy::{Entry, Refusal};
 use run::{Ending, Job, Outcome};
@@ -228,31 +228,31 @@ mod outcome {
 
 #[wharf_core::async_trait(?Send)]
 impl Service for Exec {
-    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
+    async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
         let mut reader = CommandReader::default();
         let mut authenticated = self.token.is_none();
         loop {
-            let line = match reader.next(&mut conn).await? {
+            let line = match reader.next(&mut conn, cx).await? {
                 Frame::Closed => return Ok(()),
                 Frame::Command(line) => line,
                 Frame::TooLong => {
                     reader.discard_buffered();
                     let text = refusals::TOO_LONG.as_bytes().to_vec();
                     send_framed(&mut conn, &mut reader, text).await?;
-                    conn.record_request(outcome::REFUSED, Duration::ZERO);
+                    cx.record_request(outcome::REFUSED, Duration::ZERO);
                     return conn.shutdown().await;
                 }
                 Frame::NotUtf8 if !authenticated => {
                     // Not an `auth` line either: same answer as any other first command.
                     let text = refusals::AUTH_REQUIRED.as_bytes().to_vec();
                     send_framed(&mut conn, &mut reader, text).await?;
-                    conn.record_request(outcome::AUTH_FAILED, Duration::ZERO);
+                    cx.record_request(outcome::AUTH_FAILED, Duration::ZERO);
                     return conn.shutdown().await;
                 }
                 Frame::NotUtf8 => {
                     let text = refusals::NOT_UTF8.as_bytes().to_vec();
                     let more = send_framed(&mut conn, &mut reader, text).await?;
-                    conn.record_request(outcome::REFUSED, Duration::ZERO);
+                    cx.record_request(outcome::REFUSED, Duration::ZERO);
                     if !more {
                         return conn.shutdown().await;
                     }
@@ -261,10 +261,10 @@ impl Service for Exec {
             };
             let started = Instant::now();
             if !authenticated {
-                let (text, accepted) = self.authenticate(&line, conn.peer_addr());
+                let (text, accepted) = self.authenticate(&line, cx.peer_addr());
                 let more = send_framed(&mut conn, &mut reader, text.as_bytes().to_vec()).await?;
                 if !accepted {
-                    conn.record_request(outcome::AUTH_FAILED, started.elapsed());
+                    cx.record_request(outcome::AUTH_FAILED, started.elapsed());
                     return conn.shutdown().await;
                 }
                 if !more {
@@ -280,7 +280,7 @@ impl Service for Exec {
             let sent = send_framed(&mut conn, &mut reader, result).await;
             // The result is sent (or cannot be): its memory goes back to the service's budget.
             drop(reservation);
-            conn.record_request(label, started.elapsed());
+            cx.record_request(label, started.elapsed());
             if !sent? {
                 // Half-closed: it got its result and can send no further command.
                 return conn.shutdown().await;

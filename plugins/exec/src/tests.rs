@@ -291,10 +291,7 @@ fn max_concurrent_queues_then_refuses() {
             quick.timeout = Some(Duration::from_millis(100));
             o.commands.insert("quick".into(), quick);
         }));
-        let serve = |conn| {
-            let svc = Arc::clone(&svc);
-            tokio::task::spawn_local(async move { svc.serve(conn).await })
-        };
+        let serve = |conn| testing::spawn(Arc::clone(&svc), conn);
         let (a_conn, a) = testing::pipe();
         let (b_conn, b) = testing::pipe();
         let (c_conn, c) = testing::pipe();

@@ -17,7 +17,7 @@
 //!   the next download of that version continues (two concurrent cold downloads of one file
 //!   may both hash it).
 //! - Blocking work (opening, listing, reading and hashing) runs through
-//!   [`Conn::blocking`], within the service's `max_blocking` budget, in short jobs: a client
+//!   [`Context::blocking`](wharf_core::Context::blocking), within the service's `max_blocking` budget, in short jobs: a client
 //!   that does not read never holds a thread or a budget slot.
 //! - A download whose digest is cached goes out with `Conn::send_file` (zero-copy `sendfile`
 //!   on the worker, waiting for the socket through the reactor on both backends). A cold
@@ -40,7 +40,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use wharf_core::command::{send_framed, CommandReader, Frame};
-use wharf_core::{Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service};
 
 use digest::{hex, DigestCache, FileKey, Progress};
 use resolve::{fstat, Denied, ListCap, Root, Want};
@@ -142,30 +142,30 @@ enum Done {
 
 #[wharf_core::async_trait(?Send)]
 impl Service for FileGet {
-    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
+    async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
         let mut reader = CommandReader::default();
         loop {
-            let line = match reader.next(&mut conn).await? {
+            let line = match reader.next(&mut conn, cx).await? {
                 Frame::Closed => return Ok(()),
                 Frame::Command(line) => line,
                 Frame::TooLong => {
                     reply_err(&mut conn, "command too long").await?;
-                    conn.record_request(outcome::REFUSED, std::time::Duration::ZERO);
+                    cx.record_request(outcome::REFUSED, std::time::Duration::ZERO);
                     return conn.shutdown().await;
                 }
                 Frame::NotUtf8 => {
                     reply_err(&mut conn, "bad request: not UTF-8").await?;
-                    conn.record_request(outcome::REFUSED, std::time::Duration::ZERO);
+                    cx.record_request(outcome::REFUSED, std::time::Duration::ZERO);
                     continue;
                 }
             };
             let started = Instant::now();
             let words: Vec<&str> = line.split_ascii_whitespace().collect();
             let done = match words.as_slice() {
-                ["get", path] => self.get(&mut conn, &mut reader, path, "0").await?,
-                ["get", path, offset] => self.get(&mut conn, &mut reader, path, offset).await?,
-                ["list"] => self.list(&mut conn, &mut reader, "").await?,
-                ["list", dir] => self.list(&mut conn, &mut reader, dir).await?,
+                ["get", path] => self.get(&mut conn, cx, &mut reader, path, "0").await?,
+                ["get", path, offset] => self.get(&mut conn, cx, &mut reader, path, offset).await?,
+                ["list"] => self.list(&mut conn, cx, &mut reader, "").await?,
+                ["list", dir] => self.list(&mut conn, cx, &mut reader, dir).await?,
                 _ => {
                     reply_err(
                         &mut conn,
@@ -176,7 +176,7 @@ impl Service for FileGet {
                 }
             };
             match done {
-                Done::Answered(label) => conn.record_request(label, started.elapsed()),
+                Done::Answered(label) => cx.record_request(label, started.elapsed()),
                 Done::Close => return Ok(()),
             }
         }
@@ -189,22 +189,25 @@ impl FileGet {
     async fn open<C: Conn>(
         &self,
         conn: &C,
+        cx: &Context,
         path: &str,
         want: Want,
     ) -> io::Result<Result<File, Denied>> {
         let root = Arc::clone(&self.root);
         let path = path.to_string();
-        conn.blocking(move || root.open_beneath(&path, want)).await
+        cx.blocking(conn, move || root.open_beneath(&path, want))
+            .await
     }
 
     async fn get<C: Conn>(
         &self,
         conn: &mut C,
+        cx: &Context,
         reader: &mut CommandReader,
         path: &str,
         offset: &str,
     ) -> io::Result<Done> {
-        let file = match self.open(conn, path, Want::File).await? {
+        let file = match self.open(conn, cx, path, Want::File).await? {
             Ok(file) => Arc::new(file),
             Err(denied) => return refuse(conn, &denied).await,
         };
@@ -236,7 +239,7 @@ impl FileGet {
                 }
                 Some(digest).filter(|_| unchanged(&file, &key))
             }
-            None => match self.send_hashing(conn, &file, key, offset).await? {
+            None => match self.send_hashing(conn, cx, &file, key, offset).await? {
                 Hashed::Complete(digest) => Some(digest),
                 Hashed::Changed => None,
                 Hashed::Short => return Ok(Done::Close),
@@ -254,10 +257,11 @@ impl FileGet {
     async fn list<C: Conn>(
         &self,
         conn: &mut C,
+        cx: &Context,
         reader: &mut CommandReader,
         dir: &str,
     ) -> io::Result<Done> {
-        let handle = match self.open(conn, dir, Want::Directory).await? {
+        let handle = match self.open(conn, cx, dir, Want::Directory).await? {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
@@ -266,7 +270,9 @@ impl FileGet {
             entries: MAX_LISTED,
             bytes: MAX_LISTING_BYTES - MORE_ENTRIES.len(),
         };
-        let (entries, more) = conn.blocking(move || resolve::list(&handle, cap)).await??;
+        let (entries, more) = cx
+            .blocking(conn, move || resolve::list(&handle, cap))
+            .await??;
         let mut text = String::with_capacity(MAX_LISTING_BYTES);
         for entry in &entries {
             text.push_str(&entry.line());
@@ -322,13 +328,14 @@ impl FileGet {
     async fn send_hashing<C: Conn>(
         &self,
         conn: &mut C,
+        cx: &Context,
         file: &Arc<File>,
         key: FileKey,
         offset: u64,
     ) -> io::Result<Hashed> {
         let mut progress = self.cache.progress(&key);
         let start = progress.hashed;
-        let res = hash_and_send(conn, file, &key, offset, &mut progress).await;
+        let res = hash_and_send(conn, cx, file, &key, offset, &mut progress).await;
         self.hashed_bytes
             .fetch_add(progress.hashed.saturating_sub(start), Ordering::Relaxed);
         // A file modified within the last seconds may change again within the same timestamp
@@ -364,6 +371,7 @@ impl FileGet {
 /// hash reaches it.
 async fn hash_and_send<C: Conn>(
     conn: &mut C,
+    cx: &Context,
     file: &Arc<File>,
     key: &FileKey,
     offset: u64,
@@ -405,7 +413,7 @@ async fn hash_and_send<C: Conn>(
             });
             (res, step)
         };
-        let (res, step): (io::Result<usize>, Progress) = conn.blocking(job).await?;
+        let (res, step): (io::Result<usize>, Progress) = cx.blocking(conn, job).await?;
         *progress = step;
         if res? == 0 {
             return Ok(Hashed::Short);

@@ -99,8 +99,7 @@ async fn get(client: &Client, command: &str) -> Got {
 
 /// Serves one connection with a service the test keeps a handle on (to look at its cache).
 fn serve_shared(svc: &Arc<FileGet>, conn: testing::MemConn) -> testing::JoinHandle<io::Result<()>> {
-    let svc = Arc::clone(svc);
-    tokio::task::spawn_local(async move { svc.serve(conn).await })
+    testing::spawn(Arc::clone(svc), conn)
 }
 
 fn md5_hex(data: &[u8]) -> String {

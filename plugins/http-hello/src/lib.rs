@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use wharf_core::{buffer, Conn, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{buffer, Conn, Context, OptionDoc, Plugin, PluginError, Service};
 
 use body::Discard;
 use request::{Body, Status};
@@ -234,7 +234,7 @@ impl HttpHello {
 
 #[wharf_core::async_trait(?Send)]
 impl Service for HttpHello {
-    async fn serve<C: Conn + 'static>(&self, mut conn: C) -> io::Result<()> {
+    async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
         // Small while the client is quiet, large while it streams (see wharf_core::buffer).
         let mut input: Vec<u8> = Vec::with_capacity(buffer::IDLE);
         let mut out: Vec<u8> = Vec::with_capacity(OUT_IDLE);
@@ -249,7 +249,7 @@ impl Service for HttpHello {
             let room = input.capacity() - input.len();
             let (res, buf) = match session.head_started {
                 // Between requests a shutdown may close the connection (keep-alive drain).
-                None if between_requests => conn.read_idle(input).await,
+                None if between_requests => cx.read_idle(&mut conn, input).await,
                 None => conn.read(input).await,
                 Some(started) => {
                     let read = conn.read(input);
@@ -259,7 +259,7 @@ impl Service for HttpHello {
                             let mut out = Vec::new();
                             with_date(|date| push_error(&mut out, date, Status::RequestTimeout));
                             let (res, _) = conn.write_all(out).await;
-                            conn.record_request(CLIENT_ERROR, self.header_timeout);
+                            cx.record_request(CLIENT_ERROR, self.header_timeout);
                             res?;
                             conn.shutdown().await?;
                             return linger(&mut conn).await;
@@ -286,10 +286,10 @@ impl Service for HttpHello {
                 }
                 let elapsed = arrived.elapsed();
                 for _ in 0..batch.ok {
-                    conn.record_request(OK, elapsed);
+                    cx.record_request(OK, elapsed);
                 }
                 if let Some(status) = batch.error {
-                    conn.record_request(outcome(status), elapsed);
+                    cx.record_request(outcome(status), elapsed);
                 }
                 if batch.close {
                     conn.shutdown().await?;

@@ -421,12 +421,6 @@ impl Conn for Watched {
     async fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown().await
     }
-    fn peer_addr(&self) -> std::net::SocketAddr {
-        self.inner.peer_addr()
-    }
-    fn record_request(&self, outcome: &'static str, elapsed: Duration) {
-        self.inner.record_request(outcome, elapsed)
-    }
 }
 
 /// Issue 14: 16 KiB of pipelined requests used to be answered into one ~80 KiB buffer (~700 KiB
@@ -442,11 +436,12 @@ fn pipelined_output_is_bounded_per_write_and_shrinks_when_idle() {
             let response_len = svc.responses.max_len() - "Connection: keep-alive\r\n".len();
             let (conn, client) = testing::pipe();
             let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+            let cx = conn.context();
             let watched = Watched {
                 inner: conn,
                 seen: seen.clone(),
             };
-            let server = tokio::task::spawn_local(async move { svc.serve(watched).await });
+            let server = tokio::task::spawn_local(async move { svc.serve(watched, &cx).await });
             let requests = b"GET / HTTP/1.1\r\nHost:a\r\n\r\n".repeat(615);
             let (_, out) = tokio::join!(
                 client.write_all(&requests),

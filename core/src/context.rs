@@ -1,0 +1,277 @@
+//! The per-connection context: what the framework knows about one connection, and what it
+//! offers the plugin serving it.
+//!
+//! [`Service::serve`](crate::Service::serve) receives the connection twice over: the
+//! transport ([`Conn`]: bytes in and out) and this [`Context`]: who the client is, the drain
+//! signal, request metrics and the service's blocking threads. The split follows pingora's
+//! `process_new(stream, &ShutdownWatch)`: a transport can be wrapped or replaced (TLS later)
+//! without the facts about the connection moving with it.
+//!
+//! Room to grow, without changing `serve`: the client's TLS identity once TLS exists, the
+//! address a PROXY-protocol header names (which [`Context::peer_addr`] will then return), and
+//! the fields an access log line wants.
+//!
+//! A context is built once per connection by the worker ([`crate::worker`]), inside the
+//! connection's task: no allocation of its own. Outside a server (unit tests, tools), a
+//! [`Detached`] context stands in ([`Context::detached`], or the pipes of [`crate::testing`]).
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::conn::{BufResult, Conn};
+use crate::gate::Ticket;
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+
+/// What the framework knows about one connection and offers to the plugin serving it.
+pub struct Context {
+    peer: SocketAddr,
+    scope: Scope,
+    /// The drain signal of the connection's service generation. Behind a `RefCell` so the
+    /// `&self` methods can wait on it without a receiver of their own per wait.
+    drain: RefCell<Shutdown>,
+}
+
+enum Scope {
+    /// Admitted by a service gate: its metrics, blocking threads and drain signal. The ticket
+    /// keeps the connection counted as open until the context drops.
+    Served(Ticket),
+    /// Outside a server.
+    Detached(Detached),
+}
+
+impl Context {
+    /// The context of a connection admitted with `ticket`, from `peer`.
+    pub(crate) fn served(peer: SocketAddr, ticket: Ticket) -> Context {
+        let drain = RefCell::new(ticket.gate().retirement());
+        Context {
+            peer,
+            scope: Scope::Served(ticket),
+            drain,
+        }
+    }
+
+    /// A context outside any server, for a client at `peer`: never stopping, requests
+    /// recorded nowhere, blocking jobs on tokio's blocking pool. To stop it or read what was
+    /// recorded, make it from a [`Detached`] instead.
+    pub fn detached(peer: SocketAddr) -> Context {
+        Detached::new().context(peer)
+    }
+
+    /// The client's address: the one the framework decided is the client's (today the TCP
+    /// peer; once PROXY protocol exists, the address its header names).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The service's config name (`"detached"` outside a server).
+    pub fn service(&self) -> &str {
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().service(),
+            Scope::Detached(_) => "detached",
+        }
+    }
+
+    /// Counts one finished request in `wharf_requests_total{outcome}` and
+    /// `wharf_request_duration_seconds`. `outcome` is one of the plugin's
+    /// [`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES); other values are ignored. The handles
+    /// were registered once per service, so this costs a short scan and two atomic updates.
+    pub fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().metrics().record_request(outcome, elapsed),
+            Scope::Detached(d) => d.0.requests.borrow_mut().push(outcome),
+        }
+    }
+
+    /// Whether the server is stopping (SIGTERM/SIGINT): finish what is under way and end the
+    /// connection at the next point between requests. A config reload that retires the
+    /// service's generation is not a stop: established sessions keep working under the
+    /// settings they started with until they end or idle out.
+    pub fn is_stopping(&self) -> bool {
+        match self.drain.try_borrow() {
+            Ok(drain) => drain.is_stopping(),
+            Err(_) => self.subscribe().is_stopping(),
+        }
+    }
+
+    /// Completes once the server is stopping (see [`Context::is_stopping`]).
+    #[allow(
+        clippy::await_holding_refcell_ref,
+        reason = "a second waiter finds it borrowed and waits on a receiver of its own"
+    )]
+    pub async fn stopping(&self) {
+        match self.drain.try_borrow_mut() {
+            Ok(mut drain) => drain.stopping().await,
+            Err(_) => self.subscribe().stopping().await,
+        }
+    }
+
+    /// A [`Conn::read`] at a point where the protocol is between requests, so ending the
+    /// connection loses nothing: once the server is stopping it returns `Ok(0)` (end of
+    /// stream) at once, so idle keep-alive and command connections let the drain finish
+    /// instead of holding it for the whole `shutdown_grace`. A request the client had already
+    /// sent when the stop came is still read. Mid-request, use a plain [`Conn::read`].
+    ///
+    /// The framing helpers ([`crate::framing`]) call it whenever no partial frame is
+    /// buffered, so a plugin written with them drains at once without calling it itself.
+    pub async fn read_idle<C: Conn>(&self, conn: &mut C, buf: Vec<u8>) -> BufResult<usize> {
+        if self.is_stopping() {
+            return drain_read(conn, buf);
+        }
+        tokio::select! {
+            biased;
+            done = conn.read(buf) => done,
+            // Stopping while nothing has arrived: end the connection like a client that
+            // closed. No second read here: on io_uring the dropped read may still be armed in
+            // the kernel and would take whatever arrives next.
+            _ = self.stopping() => (Ok(0), Vec::new()),
+        }
+    }
+
+    /// Runs `job` (blocking work: a file open, one bounded step of a computation) off the
+    /// worker and returns its result. On a served connection it runs on the service's own
+    /// `max_blocking` threads (see [`crate::blocking`]); outside a server, on tokio's blocking
+    /// pool. Keep jobs short: never wait for a client inside one.
+    ///
+    /// If `conn`'s peer has already reset the connection, the job does not run (no thread is
+    /// spent on a client that asked and left) and the error is [`peer_reset`]. Other errors
+    /// mean the job panicked or no thread could be started.
+    pub async fn blocking<C: Conn, R: Send + 'static>(
+        &self,
+        conn: &C,
+        job: impl FnOnce() -> R + Send + 'static,
+    ) -> io::Result<R> {
+        if conn.peer_closed() {
+            return Err(peer_reset());
+        }
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().blocking().run(job).await,
+            Scope::Detached(_) => tokio::task::spawn_blocking(job)
+                .await
+                .map_err(|e| io::Error::other(format!("blocking job failed: {e}"))),
+        }
+    }
+
+    /// A fresh receiver of the drain signal, for a wait that finds the shared one in use.
+    fn subscribe(&self) -> Shutdown {
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().retirement(),
+            Scope::Detached(d) => d.0.stop.subscribe(),
+        }
+    }
+}
+
+/// A read between requests once the server is stopping (no read of ours is pending): a
+/// request the client already sent is still served; a silent connection ends now, like a
+/// client that closed.
+fn drain_read<C: Conn>(conn: &mut C, mut buf: Vec<u8>) -> BufResult<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(crate::buffer::IDLE);
+    }
+    match conn.try_read(&mut buf) {
+        Ok(Some(n)) => (Ok(n), buf),
+        Ok(None) => (Ok(0), buf),
+        Err(e) => (Err(e), buf),
+    }
+}
+
+/// The error [`Context::blocking`] returns, without running its job, when the peer already
+/// reset the connection: what the next write would meet.
+pub fn peer_reset() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "the client reset the connection",
+    )
+}
+
+/// The framework's side of contexts outside a server: what a test uses to stop them and to
+/// read the requests they recorded. Clones share one state.
+#[derive(Clone)]
+pub struct Detached(Rc<DetachedState>);
+
+struct DetachedState {
+    stop: ShutdownTrigger,
+    requests: RefCell<Vec<&'static str>>,
+}
+
+impl Default for Detached {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Detached {
+    /// A new state: not stopping, nothing recorded.
+    pub fn new() -> Detached {
+        Detached(Rc::new(DetachedState {
+            stop: shutdown::channel().0,
+            requests: RefCell::new(Vec::new()),
+        }))
+    }
+
+    /// A context for a client at `peer` that reports here.
+    pub fn context(&self, peer: SocketAddr) -> Context {
+        Context {
+            peer,
+            drain: RefCell::new(self.0.stop.subscribe()),
+            scope: Scope::Detached(self.clone()),
+        }
+    }
+
+    /// Stops like SIGTERM stops a server: [`Context::is_stopping`] turns true, and idle reads
+    /// ([`Context::read_idle`]) end at once.
+    pub fn stop(&self) {
+        // No task waits for the deadline outside a server; it only marks "stopping".
+        self.0.stop.trigger(Duration::from_secs(3600));
+    }
+
+    /// The outcomes passed to [`Context::record_request`], in order.
+    pub fn recorded_requests(&self) -> Vec<&'static str> {
+        self.0.requests.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn an_idle_read_ends_at_once_on_stop_but_a_sent_request_is_still_read() {
+        testing::block_on(async {
+            let detached = Detached::new();
+            let cx = detached.context(SocketAddr::from(([127, 0, 0, 1], 1)));
+            let (mut conn, client) = testing::pipe();
+            let read = cx.read_idle(&mut conn, Vec::with_capacity(16));
+            let stop = async {
+                testing::yield_now().await;
+                detached.stop();
+            };
+            let ((res, _), ()) = tokio::join!(read, stop);
+            assert_eq!(
+                res.unwrap(),
+                0,
+                "an idle read ends like a client that closed"
+            );
+            assert!(cx.is_stopping());
+
+            client.write_all(b"late").await.unwrap();
+            let (res, buf) = cx.read_idle(&mut conn, Vec::with_capacity(16)).await;
+            assert_eq!((res.unwrap(), &buf[..]), (4, &b"late"[..]));
+        });
+    }
+
+    #[test]
+    fn blocking_jobs_run_unless_the_peer_reset() {
+        testing::block_on(async {
+            let cx = Context::detached(SocketAddr::from(([127, 0, 0, 1], 1)));
+            let (conn, client) = testing::pipe();
+            assert_eq!(cx.blocking(&conn, || 7).await.unwrap(), 7);
+            drop(client);
+            let err = cx.blocking(&conn, || 8).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        });
+    }
+}

@@ -1,0 +1,228 @@
+//! Every metric the framework records: names, HELP text, labels and the per-service handles.
+//!
+//! Series are registered once per service generation ([`ServiceMetrics::register`],
+//! [`BlockingSeries::register`]), so the data path updates handles and never hashes a metric
+//! key. Who records what: [`crate::gate`] counts admissions and open connections,
+//! [`crate::metered`] counts bytes, [`crate::context`] counts requests and
+//! [`crate::blocking`] counts blocking-pool jobs, all through the handles defined here.
+//! The names and labels are what dashboards and tests query: do not change them. Process-level
+//! series (build info, config reloads) belong to the binary: `src/server/process_metrics.rs`.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+/// Metric names, in one place so docs, tests and dashboards agree.
+pub mod names {
+    /// Counter: bytes read from client sockets.
+    pub const RECEIVED_BYTES: &str = "wharf_received_bytes_total";
+    /// Counter: bytes written to client sockets.
+    pub const SENT_BYTES: &str = "wharf_sent_bytes_total";
+    /// Counter: connections admitted.
+    pub const ACCEPTED: &str = "wharf_connections_accepted_total";
+    /// Counter, label `reason`: connections closed at accept.
+    pub const REJECTED: &str = "wharf_connections_rejected_total";
+    /// Gauge: connections open now.
+    pub const ACTIVE: &str = "wharf_connections_active";
+    /// Histogram: connection lifetimes.
+    pub const CONNECTION_DURATION: &str = "wharf_connection_duration_seconds";
+    /// Counter, label `outcome`: finished requests (plugins with requests only).
+    pub const REQUESTS: &str = "wharf_requests_total";
+    /// Histogram: request latency (plugins with requests only).
+    pub const REQUEST_DURATION: &str = "wharf_request_duration_seconds";
+    /// Gauge: blocking-pool jobs of a service running now (at most `max_blocking`).
+    pub const BLOCKING_RUNNING: &str = "wharf_blocking_jobs_running";
+    /// Counter: blocking-pool jobs that found the service's budget full and waited in line.
+    pub const BLOCKING_QUEUED: &str = "wharf_blocking_jobs_queued_total";
+    /// Histogram: time a blocking-pool job waited for a permit of its service's budget.
+    pub const BLOCKING_QUEUE_DURATION: &str = "wharf_blocking_queue_duration_seconds";
+}
+
+/// Registers HELP text and units for the framework's metrics. Call once after installing a
+/// recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        names::RECEIVED_BYTES,
+        Unit::Bytes,
+        "Bytes read from client sockets."
+    );
+    describe_counter!(
+        names::SENT_BYTES,
+        Unit::Bytes,
+        "Bytes written to client sockets."
+    );
+    describe_counter!(names::ACCEPTED, "Connections admitted to a service.");
+    describe_counter!(names::REJECTED, "Connections closed at accept, by reason.");
+    describe_gauge!(names::ACTIVE, "Connections currently open.");
+    describe_histogram!(
+        names::CONNECTION_DURATION,
+        Unit::Seconds,
+        "How long connections stayed open."
+    );
+    describe_counter!(names::REQUESTS, "Finished requests, by outcome.");
+    describe_gauge!(
+        names::BLOCKING_RUNNING,
+        "Blocking-pool jobs (file opens, hashing, listings) of the service running now; at most \
+         services.<name>.max_blocking."
+    );
+    describe_counter!(
+        names::BLOCKING_QUEUED,
+        "Blocking-pool jobs that found the service's max_blocking budget full and waited."
+    );
+    describe_histogram!(
+        names::BLOCKING_QUEUE_DURATION,
+        Unit::Seconds,
+        "Time blocking-pool jobs waited for a slot of the service's max_blocking budget."
+    );
+    describe_histogram!(
+        names::REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from a request's arrival to its answer."
+    );
+}
+
+/// The labels every series of a service carries.
+#[derive(Debug, Clone)]
+pub struct ServiceLabels {
+    /// The service's config name.
+    pub service: String,
+    /// The plugin it runs.
+    pub plugin: String,
+    /// The backend in use (`epoll` or `io_uring`).
+    pub backend: String,
+}
+
+impl ServiceLabels {
+    /// Labels as `metrics` wants them, plus any extra pairs.
+    pub fn with(&self, extra: &[(&str, &'static str)]) -> Vec<metrics::Label> {
+        let mut labels = vec![
+            metrics::Label::new("service", self.service.clone()),
+            metrics::Label::new("plugin", self.plugin.clone()),
+            metrics::Label::new("backend", self.backend.clone()),
+        ];
+        labels.extend(
+            extra
+                .iter()
+                .map(|(k, v)| metrics::Label::new(k.to_string(), *v)),
+        );
+        labels
+    }
+}
+
+/// The `reason` label values of `wharf_connections_rejected_total`.
+pub mod rejected {
+    /// The peer is outside `allow_from`.
+    pub const NOT_ALLOWED: &str = "allow_from";
+    /// The service already has `max_connections` open.
+    pub const TOO_MANY: &str = "max_connections";
+}
+
+/// Handles for one service generation's connection, byte and request series.
+pub struct ServiceMetrics {
+    /// `wharf_received_bytes_total`.
+    pub received: Counter,
+    /// `wharf_sent_bytes_total`.
+    pub sent: Counter,
+    /// `wharf_connections_accepted_total`.
+    pub accepted: Counter,
+    /// `wharf_connections_rejected_total{reason="allow_from"}`.
+    pub rejected_not_allowed: Counter,
+    /// `wharf_connections_rejected_total{reason="max_connections"}`.
+    pub rejected_too_many: Counter,
+    /// `wharf_connections_active`.
+    pub active: Gauge,
+    /// `wharf_connection_duration_seconds`.
+    pub duration: Histogram,
+    /// `wharf_requests_total` per declared outcome.
+    requests: Vec<(&'static str, Counter)>,
+    /// Only for plugins that declare outcomes: no empty histograms for echo.
+    request_duration: Option<Histogram>,
+}
+
+impl ServiceMetrics {
+    /// Registers the series of a service whose plugin declares `outcomes`
+    /// ([`crate::Plugin::OUTCOMES`]), and touches each so a scrape shows zeros, not nothing.
+    pub fn register(labels: &ServiceLabels, outcomes: &'static [&'static str]) -> Self {
+        let l = |extra: &[(&str, &'static str)]| labels.with(extra);
+        let requests: Vec<(&'static str, Counter)> = outcomes
+            .iter()
+            .map(|&o| (o, metrics::counter!(names::REQUESTS, l(&[("outcome", o)]))))
+            .collect();
+        let m = ServiceMetrics {
+            received: metrics::counter!(names::RECEIVED_BYTES, l(&[])),
+            sent: metrics::counter!(names::SENT_BYTES, l(&[])),
+            accepted: metrics::counter!(names::ACCEPTED, l(&[])),
+            rejected_not_allowed: metrics::counter!(
+                names::REJECTED,
+                l(&[("reason", rejected::NOT_ALLOWED)])
+            ),
+            rejected_too_many: metrics::counter!(
+                names::REJECTED,
+                l(&[("reason", rejected::TOO_MANY)])
+            ),
+            active: metrics::gauge!(names::ACTIVE, l(&[])),
+            duration: metrics::histogram!(names::CONNECTION_DURATION, l(&[])),
+            request_duration: (!outcomes.is_empty())
+                .then(|| metrics::histogram!(names::REQUEST_DURATION, l(&[]))),
+            requests,
+        };
+        for c in [
+            &m.received,
+            &m.sent,
+            &m.accepted,
+            &m.rejected_not_allowed,
+            &m.rejected_too_many,
+        ] {
+            c.increment(0);
+        }
+        for (_, c) in &m.requests {
+            c.increment(0);
+        }
+        // Not `set(0)`: a new generation shares the series with the one it replaces, whose
+        // connections are still counted in it.
+        m.active.increment(0.0);
+        m
+    }
+
+    /// Counts one finished request under `outcome` (one of the declared outcomes; others are
+    /// ignored) and its latency.
+    pub fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        // Same static string: pointer comparison first, content as the fallback.
+        let found = self
+            .requests
+            .iter()
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome);
+        if let Some((_, counter)) = found {
+            counter.increment(1);
+            if let Some(h) = &self.request_duration {
+                h.record(elapsed.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// Handles for one service's blocking-pool series.
+pub struct BlockingSeries {
+    /// `wharf_blocking_jobs_running`.
+    pub running: Gauge,
+    /// `wharf_blocking_jobs_queued_total`.
+    pub queued: Counter,
+    /// `wharf_blocking_queue_duration_seconds`.
+    pub queue_time: Histogram,
+}
+
+impl BlockingSeries {
+    /// Registers (and zeroes) the blocking-pool series of the service labelled `labels`.
+    pub fn register(labels: &ServiceLabels) -> Self {
+        let l = labels.with(&[]);
+        let series = BlockingSeries {
+            running: metrics::gauge!(names::BLOCKING_RUNNING, l.clone()),
+            queued: metrics::counter!(names::BLOCKING_QUEUED, l.clone()),
+            queue_time: metrics::histogram!(names::BLOCKING_QUEUE_DURATION, l),
+        };
+        series.queued.increment(0);
+        series.running.increment(0.0);
+        series
+    }
+}
