@@ -8,6 +8,9 @@
 #
 # Prints medians per server and connection count, the ratios the issues ask for, and the
 # server's CPU time per round trip. Raw JSON lines go to bench-results/.
+#
+# WHARF_BEFORE=/path/to/an/older/wharf adds that binary (epoll) to every round, as
+# `wharf-before`, for a before/after comparison in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -41,6 +44,7 @@ start_server() {
     tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
     wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
+    wharf-before) WHARF_LOG=warn taskset -c 0 "$WHARF_BEFORE" serve --config "$cfg" --backend epoll & ;;
   esac
   server_pid=$!
   wait_for_port "$port" || exit 1
@@ -49,7 +53,9 @@ start_server() {
 ulimit -n 65536 2>/dev/null || true
 for round in $(seq "$rounds"); do
   for c in "${conns[@]}"; do
-    for server in tokio-baseline wharf-epoll wharf-io_uring; do
+    servers=(tokio-baseline wharf-epoll wharf-io_uring)
+    [ -z "${WHARF_BEFORE:-}" ] || servers+=(wharf-before)
+    for server in "${servers[@]}"; do
       start_server "$server"
       taskset -c 1 "$bin/echo-load" "127.0.0.1:$port" --connections "$c" --size 128 \
         --duration "$duration" --server-pid "$server_pid" --label "$server" | tee -a "$out"
@@ -71,7 +77,9 @@ def med(label, c, key):
 conns = sorted({r["connections"] for r in rows})
 print(f"\n{'server':16} {'conns':>5} {'median rt/s':>12} {'p99 us':>8} {'srv cpu us/rt':>13} {'errors':>6}")
 for c in conns:
-    for label in ["tokio-baseline", "wharf-epoll", "wharf-io_uring"]:
+    for label in ["tokio-baseline", "wharf-epoll", "wharf-io_uring", "wharf-before"]:
+        if (label, c) not in by:
+            continue
         errs = sum(r["errors"] for r in by.get((label, c), []))
         print(f"{label:16} {c:5} {med(label,c,'rps'):12.0f} {med(label,c,'p99_us'):8.1f} {med(label,c,'server_cpu_us_per_rt'):13.3f} {errs:6}")
 print()
@@ -79,5 +87,8 @@ for c in conns:
     e, b, u = med("wharf-epoll", c, "rps"), med("tokio-baseline", c, "rps"), med("wharf-io_uring", c, "rps")
     ec, bc, uc = (med(l, c, "server_cpu_us_per_rt") for l in ["wharf-epoll", "tokio-baseline", "wharf-io_uring"])
     print(f"conns {c:4}: epoll/baseline {e/b:.3f} (cpu/rt {bc/ec:.3f} as efficient)   io_uring/epoll {u/e:.3f} (cpu/rt {ec/uc:.3f} as efficient)")
+    if ("wharf-before", c) in by:
+        w, wc = med("wharf-before", c, "rps"), med("wharf-before", c, "server_cpu_us_per_rt")
+        print(f"            epoll now/before {e/w:.3f} (cpu/rt {wc/ec:.3f} as efficient)")
 PY
 echo "raw: $out"

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --example custom_plugin -- serve --config configs/examples/reverse.toml
-//! printf 'hello\nwharf\n' | nc -q1 127.0.0.1 7070      # olleh / frahw
+//! cargo run --example custom_plugin -- client echo 127.0.0.1:7070 hello wharf   # frahw olleh
 //! ```
 
 use std::io;

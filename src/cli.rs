@@ -74,6 +74,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClientCommand {
+    /// Send text to an echo service and print what comes back: the words given, or stdin.
+    Echo {
+        /// Service address, e.g. 127.0.0.1:6969.
+        addr: String,
+        /// Words to send, joined by spaces, with a newline (default: stdin, as it is).
+        text: Vec<String>,
+    },
     /// Run a command on an exec service: the one given after `--`, or each line of stdin.
     /// Exit status: the command's, 124 on timeout, 126 when refused, 1 on errors.
     Exec {
@@ -201,6 +208,7 @@ pub fn main(registry: Registry) -> i32 {
         }
         Command::Bench { command } => wharf_bench::run(command),
         Command::Client { command } => match command {
+            ClientCommand::Echo { addr, text } => client::echo(&addr, &text),
             ClientCommand::Exec {
                 addr,
                 token,

@@ -1,4 +1,5 @@
-//! `wharf client ...`: command-line clients for the command-style protocols.
+//! `wharf client ...`: command-line clients for the built-in protocols: echo, and the
+//! command-style protocols of exec and file-get.
 //!
 //! They speak exactly the wire protocol the tutorial's Python clients speak (command, size,
 //! acknowledgement, result), with `\n`-terminated commands so the server never has to wait for
@@ -571,6 +572,35 @@ impl Write for Md5Writer<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// `wharf client echo ADDR [TEXT...]`: sends the words (joined by spaces, plus a newline) or
+/// stdin, half-closes, and prints everything the service sends back until it closes. Sending
+/// runs on its own thread, so a long stdin never waits for the answer to be read (the way
+/// `nc` works, minus its flags that differ between variants).
+pub fn echo(addr: &str, text: &[String]) -> i32 {
+    let words = (!text.is_empty()).then(|| format!("{}\n", text.join(" ")).into_bytes());
+    let result = (|| -> io::Result<()> {
+        let client = CommandClient::connect(addr)?;
+        let mut sending = client.stream.try_clone()?;
+        let sender = std::thread::spawn(move || -> io::Result<()> {
+            match words {
+                Some(words) => sending.write_all(&words)?,
+                None => {
+                    io::copy(&mut io::stdin().lock(), &mut sending)?;
+                }
+            }
+            sending.shutdown(std::net::Shutdown::Write)
+        });
+        io::copy(&mut &client.stream, &mut io::stdout().lock())?;
+        sender
+            .join()
+            .map_err(|_| io::Error::other("the sending thread panicked"))?
+    })();
+    match result {
+        Ok(()) => 0,
+        Err(e) => fail(&format!("{addr}: {e}")),
     }
 }
 

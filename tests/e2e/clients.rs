@@ -110,3 +110,38 @@ fn get_keeps_an_existing_part_file_unless_told_to_resume() {
     assert_eq!(std::fs::read(work.0.join("data.bin")).unwrap(), data);
     assert!(!part.exists());
 }
+
+/// `wharf client echo` is the README's way to try the echo service (no `nc`, whose flags differ
+/// between variants): the words as one line, or stdin streamed whole, larger than the socket
+/// buffers so sending and receiving must overlap.
+#[test]
+fn client_echo_sends_words_or_stdin_and_prints_the_answer() {
+    let files = TempDir::new();
+    let server = start(&files.0);
+    let echo = server.addr("echo").to_string();
+    let (code, out, err) = client(&files.0, &["echo", &echo, "hello", "wharf"]);
+    assert_eq!((code, out.as_str()), (0, "HELLO WHARF\n"), "{err}");
+
+    let input: Vec<u8> = (0..8 * 1024 * 1024).map(|i| b"abcdefgh\n"[i % 9]).collect();
+    let mut child = Command::new(WHARF)
+        .args(["client", "echo", &echo])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feed = {
+        let input = input.clone();
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input))
+    };
+    let out = child.wait_with_output().unwrap();
+    feed.join().unwrap().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), input.len());
+    assert_eq!(out.stdout, input.to_ascii_uppercase());
+
+    // Nothing listening: a clear error, exit 1.
+    let (code, _, err) = client(&files.0, &["echo", "127.0.0.1:1", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("wharf: error: 127.0.0.1:1: "), "{err}");
+}
