@@ -9,7 +9,7 @@
 # Prints medians per server and connection count, the ratios the issues ask for, and the
 # server's CPU time per round trip. Raw JSON lines go to bench-results/.
 #
-# WHARF_BEFORE=/path/to/an/older/wharf adds that binary (epoll) to every round, as
+# OLD_WHARF=/path/to/an/older/wharf adds that binary (epoll) to every round, as
 # `wharf-before`, for a before/after comparison in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ start_server() {
     tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
     wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
-    wharf-before) WHARF_LOG=warn taskset -c 0 "$WHARF_BEFORE" serve --config "$cfg" --backend epoll & ;;
+    wharf-before) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend epoll & ;;
   esac
   server_pid=$!
   wait_for_port "$port" || exit 1
@@ -54,7 +54,7 @@ ulimit -n 65536 2>/dev/null || true
 for round in $(seq "$rounds"); do
   for c in "${conns[@]}"; do
     servers=(tokio-baseline wharf-epoll wharf-io_uring)
-    [ -z "${WHARF_BEFORE:-}" ] || servers+=(wharf-before)
+    [ -z "${OLD_WHARF:-}" ] || servers+=(wharf-before)
     for server in "${servers[@]}"; do
       start_server "$server"
       taskset -c 1 "$bin/echo-load" "127.0.0.1:$port" --connections "$c" --size 128 \

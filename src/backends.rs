@@ -9,8 +9,11 @@
 //! - keeps a plugin instance as each backend calls it ([`ServiceInstances`]), since a plugin's
 //!   `serve` is generic over the connection type and is instantiated once per backend.
 //!
-//! Adding a backend: a variant in `BackendKind`, a line in the `compiled_backends!` call
-//! below, and a [`CompiledBackend`] impl (its probe).
+//! Adding a backend: a variant in `BackendKind` with its entry in `BackendKind::ALL`, its
+//! name and aliases (`as_str`, `aliases`, in `core/src/config.rs`: configs, `--backend` and
+//! `bench swap --backends` take them from there); a line in the `compiled_backends!` call
+//! below; a [`CompiledBackend`] impl (its probe); and its place in [`resolve`]'s `auto` order
+//! and in `fallback` (the backend suggested when it cannot run).
 
 use std::sync::Arc;
 

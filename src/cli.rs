@@ -174,34 +174,10 @@ pub fn main(registry: Registry) -> i32 {
                 }
             }
         }
-        Command::Check { config } => {
-            match plan::load(
-                config.as_deref(),
-                std::env::vars_os(),
-                &Overrides::default(),
-                &registry,
-            ) {
-                Ok(plan) => {
-                    print_plan(&plan);
-                    0
-                }
-                Err(errors) => report_config_errors(&errors),
-            }
-        }
-        Command::Config { config } => {
-            match plan::load(
-                config.as_deref(),
-                std::env::vars_os(),
-                &Overrides::default(),
-                &registry,
-            ) {
-                Ok(plan) => {
-                    print!("{}", effective_config(&plan));
-                    0
-                }
-                Err(errors) => report_config_errors(&errors),
-            }
-        }
+        Command::Check { config } => with_plan(config.as_deref(), &registry, print_plan),
+        Command::Config { config } => with_plan(config.as_deref(), &registry, |plan| {
+            print!("{}", effective_config(plan))
+        }),
         Command::Plugins => {
             print_plugins(&registry);
             0
@@ -225,6 +201,22 @@ pub fn main(registry: Registry) -> i32 {
     }
 }
 
+/// Loads and validates the config as `serve` would (file or embedded default, `WHARF_*`
+/// environment, no flags) and shows the plan with `show`; every error otherwise (exit 2).
+fn with_plan(
+    config: Option<&std::path::Path>,
+    registry: &Registry,
+    show: impl FnOnce(&plan::Plan),
+) -> i32 {
+    match plan::load(config, std::env::vars_os(), &Overrides::default(), registry) {
+        Ok(plan) => {
+            show(&plan);
+            exit_status::OK
+        }
+        Err(errors) => report_config_errors(&errors),
+    }
+}
+
 fn report_config_errors(errors: &[ConfigError]) -> i32 {
     for e in errors {
         eprintln!("wharf: config error: {e}");
@@ -234,7 +226,7 @@ fn report_config_errors(errors: &[ConfigError]) -> i32 {
         errors.len(),
         if errors.len() == 1 { "" } else { "s" }
     );
-    2
+    exit_status::CONFIG_ERROR
 }
 
 fn print_plan(plan: &plan::Plan) {

@@ -6,7 +6,7 @@
 //! a pause. Plain blocking sockets: a client has one conversation at a time.
 //!
 //! Each client checks that the answers have its protocol's shape (docs/protocols.md) and says
-//! so when they do not ([`WrongService`]): pointed at the wrong port, `client list` would
+//! so when they do not (`WrongService`): pointed at the wrong port, `client list` would
 //! otherwise print an exec refusal as a listing, and `client get` an echo as a refusal.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};

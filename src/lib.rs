@@ -10,6 +10,10 @@
 //! It is a library so that a third-party binary can reuse all of it and add its own plugins
 //! with one `register` line (see [`registry`]). The framework itself lives in `wharf-core`,
 //! the IO backends in `backends/`, and each protocol in its own crate under `plugins/`.
+//!
+//! The module docs are written for contributors and link to private items (the lifecycle
+//! phases of [`server`]); `cargo doc --document-private-items` renders those links.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod activation;
 pub mod backends;

@@ -130,18 +130,10 @@ impl Report {
     /// The report as a person reads it.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let loop_kind = match self.target_rate {
-            Some(rate) => format!("open loop at {} req/s", grouped(rate)),
-            None => "closed loop".to_string(),
-        };
-        let pipeline = if self.pipeline > 1 {
-            format!(", pipeline {}", self.pipeline)
-        } else {
-            String::new()
-        };
+        let pacing = pacing(self.target_rate, self.pipeline);
         let _ = writeln!(
             out,
-            "wharf bench {} {}: {} connection{}, {} thread{}, {loop_kind}{pipeline}, {} after {} warm-up",
+            "wharf bench {} {}: {} connection{}, {} thread{}, {pacing}, {} after {} warm-up",
             self.protocol,
             self.addr,
             self.connections,
@@ -271,6 +263,19 @@ pub fn micros(us: f64) -> String {
 
 fn seconds(s: f64) -> String {
     humantime::format_duration(Duration::from_millis((s * 1000.0).round() as u64)).to_string()
+}
+
+/// How a load is paced, as the reports say it: "closed loop" or "open loop at N req/s", plus
+/// ", pipeline K" when requests are pipelined.
+pub fn pacing(target_rate: Option<f64>, pipeline: usize) -> String {
+    let mut out = match target_rate {
+        Some(rate) => format!("open loop at {} req/s", grouped(rate)),
+        None => "closed loop".to_string(),
+    };
+    if pipeline > 1 {
+        let _ = write!(out, ", pipeline {pipeline}");
+    }
+    out
 }
 
 #[cfg(test)]

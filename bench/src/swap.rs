@@ -37,7 +37,7 @@ pub struct SwapArgs {
     /// The service to compare the backends on.
     plugin: Protocol,
     /// Backends, in order; ratios are to the first.
-    #[arg(long, value_delimiter = ',', default_value = "epoll,io_uring",
+    #[arg(long, value_delimiter = ',', default_values_t = BackendKind::ALL,
           value_parser = |name: &str| name.parse::<BackendKind>())]
     backends: Vec<BackendKind>,
     /// Connection counts to measure at.
@@ -768,15 +768,7 @@ fn table(
             grouped(work.size.unwrap_or(DEFAULT_FILE_SIZE) as f64)
         ),
     };
-    let pacing = match work.rate {
-        Some(r) => format!("open loop at {} req/s", grouped(r)),
-        None => "closed loop".into(),
-    };
-    let pipeline = if work.pipeline > 1 {
-        format!(", pipeline {}", work.pipeline)
-    } else {
-        String::new()
-    };
+    let pacing = super::report::pacing(work.rate, work.pipeline);
     let pinning = if server_cpus.is_empty() {
         "not pinned".to_string()
     } else {
@@ -788,7 +780,7 @@ fn table(
     };
     let _ = writeln!(
         out,
-        "\nwharf bench swap {}: {what}, {pacing}{pipeline}, {} worker{}, {} x {} s per point, interleaved; {pinning}\n",
+        "\nwharf bench swap {}: {what}, {pacing}, {} worker{}, {} x {} s per point, interleaved; {pinning}\n",
         args.plugin.as_str(),
         args.workers,
         if args.workers == 1 { "" } else { "s" },

@@ -136,7 +136,7 @@ impl Context {
     /// pool. Keep jobs short: never wait for a client inside one.
     ///
     /// If `conn`'s peer has already reset the connection, the job does not run (no thread is
-    /// spent on a client that asked and left) and the error is [`peer_reset`]. Other errors
+    /// spent on a client that asked and left) and the error is a `ConnectionReset`. Other errors
     /// mean the job panicked or no thread could be started.
     pub async fn blocking<C: Conn, R: Send + 'static>(
         &self,
@@ -179,7 +179,7 @@ fn drain_read<C: Conn>(conn: &mut C, mut buf: Vec<u8>) -> BufResult<usize> {
 
 /// The error [`Context::blocking`] returns, without running its job, when the peer already
 /// reset the connection: what the next write would meet.
-pub fn peer_reset() -> io::Error {
+pub(crate) fn peer_reset() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionReset,
         "the client reset the connection",

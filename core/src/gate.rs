@@ -167,7 +167,7 @@ pub struct Ticket {
 
 impl Ticket {
     /// The gate that admitted the connection.
-    pub fn gate(&self) -> &ServiceGate {
+    pub(crate) fn gate(&self) -> &ServiceGate {
         &self.gate
     }
 }

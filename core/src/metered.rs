@@ -64,7 +64,11 @@ impl IdleTimer {
 impl<C: Conn> Metered<C> {
     /// Wraps `inner`, counting its bytes into `metrics` and failing an operation that makes
     /// no progress for `idle_timeout` (if any) with `TimedOut`.
-    pub fn new(inner: C, metrics: Arc<ServiceMetrics>, idle_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(
+        inner: C,
+        metrics: Arc<ServiceMetrics>,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         let idle = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),

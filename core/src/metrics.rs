@@ -121,11 +121,11 @@ pub mod rejected {
 /// Handles for one service generation's connection, byte and request series.
 pub struct ServiceMetrics {
     /// `wharf_received_bytes_total`.
-    pub received: Counter,
+    pub(crate) received: Counter,
     /// `wharf_sent_bytes_total`.
-    pub sent: Counter,
+    pub(crate) sent: Counter,
     /// `wharf_connections_accepted_total`.
-    pub accepted: Counter,
+    pub(crate) accepted: Counter,
     /// `wharf_connections_rejected_total{reason="allow_from"}`.
     pub rejected_not_allowed: Counter,
     /// `wharf_connections_rejected_total{reason="max_connections"}`.
@@ -187,7 +187,7 @@ impl ServiceMetrics {
 
     /// Counts one finished request under `outcome` (one of the declared outcomes; others are
     /// ignored) and its latency.
-    pub fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+    pub(crate) fn record_request(&self, outcome: &'static str, elapsed: Duration) {
         // Same static string: pointer comparison first, content as the fallback.
         let found = self
             .requests

@@ -30,8 +30,12 @@ pub trait Plugin: Service + Sized {
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;
 
-    /// Builds the service from validated options; called once per service, before any socket
-    /// is bound. Checks that need the outside world (a directory exists...) belong here.
+    /// Builds the service from validated options. Called each time the config is loaded, for
+    /// every service: by `wharf check` and `wharf config`, at `wharf serve` before any socket
+    /// is bound, and on every reload (an error rejects the whole reload; for a service whose
+    /// settings did not change, the new instance is dropped and the running one goes on).
+    /// Checks that need the outside world (a directory exists...) belong here; side effects a
+    /// second instance would trip over (binding, background tasks) do not.
     fn build(options: Self::Options) -> Result<Self, PluginError>;
 
     /// Called when a config reload replaces a running generation of this service with this

@@ -126,7 +126,7 @@ impl Shutdown {
 
 /// Counts a worker's open connections so shutdown can wait for them.
 #[derive(Clone, Default)]
-pub struct ConnTracker(Rc<TrackerInner>);
+pub(crate) struct ConnTracker(Rc<TrackerInner>);
 
 #[derive(Default)]
 struct TrackerInner {
@@ -137,7 +137,7 @@ struct TrackerInner {
 }
 
 /// Held by a connection's task; dropping it marks the connection closed.
-pub struct Tracked(Rc<TrackerInner>);
+pub(crate) struct Tracked(Rc<TrackerInner>);
 
 impl ConnTracker {
     /// Counts one more open connection until the returned guard drops.

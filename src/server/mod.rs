@@ -20,7 +20,7 @@
 mod bootstrap;
 mod drain;
 pub mod process_metrics;
-mod reload;
+pub(crate) mod reload;
 mod running;
 mod serving;
 mod signals;

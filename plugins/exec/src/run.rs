@@ -27,7 +27,7 @@ pub const KILL_GRACE: Duration = Duration::from_secs(1);
 pub struct Job {
     /// Absolute path of the program.
     pub program: PathBuf,
-    /// Arguments after argv[0].
+    /// Arguments after `argv[0]`.
     pub args: Vec<String>,
     /// The complete environment (nothing is inherited).
     pub env: Vec<(String, String)>,
