@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::conn::Conn;
 use crate::context::Context;
-use crate::framing::{read_into, take_line};
+use crate::framing::{line_before_newline, read_into};
 
 /// Longest command accepted, in bytes (without its line ending).
 pub const MAX_COMMAND: usize = 4096;
@@ -85,7 +85,7 @@ impl CommandReader {
                 continue;
             }
             let between_commands = self.buf.is_empty();
-            match self.read(conn, cx, between_commands).await? {
+            match self.read(conn, between_commands.then_some(cx)).await? {
                 0 if self.buf.is_empty() => return Ok(Frame::Closed),
                 0 => {
                     // The client closed right after an unterminated command.
@@ -101,7 +101,7 @@ impl CommandReader {
     /// Returns `false` at end of stream: the client half-closed (or closed) instead, so it can
     /// send nothing more, though it may still be reading.
     pub async fn ack<C: Conn>(&mut self, conn: &mut C) -> io::Result<bool> {
-        if self.buf.is_empty() && self.read_plain(conn).await? == 0 {
+        if self.buf.is_empty() && self.read(conn, None).await? == 0 {
             return Ok(false);
         }
         let n = self.buf.len().min(MAX_ACK);
@@ -121,28 +121,12 @@ impl CommandReader {
     }
 
     /// One read appended to the buffer, never past `MAX_COMMAND + 1` bytes in total.
-    /// `between_commands`: nothing of a command has arrived yet, so a shutdown may end it.
-    async fn read<C: Conn>(
-        &mut self,
-        conn: &mut C,
-        cx: &Context,
-        between_commands: bool,
-    ) -> io::Result<usize> {
-        self.reserve_read();
-        read_into(conn, cx, &mut self.buf, between_commands).await
-    }
-
-    /// [`CommandReader::read`] mid-exchange (an acknowledgement): a plain read.
-    async fn read_plain<C: Conn>(&mut self, conn: &mut C) -> io::Result<usize> {
-        self.reserve_read();
-        let (res, buf) = conn.read(std::mem::take(&mut self.buf)).await;
-        self.buf = buf;
-        res
-    }
-
-    fn reserve_read(&mut self) {
+    /// `idle`: the context when nothing of a command has arrived yet, so a shutdown may end
+    /// the wait; `None` mid-exchange (an acknowledgement): a plain read.
+    async fn read<C: Conn>(&mut self, conn: &mut C, idle: Option<&Context>) -> io::Result<usize> {
         let room = (MAX_COMMAND + 1).saturating_sub(self.buf.len()).max(1);
         self.buf.reserve_exact(room);
+        read_into(conn, idle, &mut self.buf).await
     }
 
     /// Pulls in bytes already queued, or arriving within the grace; `false` if none did.
@@ -162,6 +146,15 @@ impl CommandReader {
         }
         Ok(false)
     }
+}
+
+/// Takes the first `\n`-terminated line out of `buf` (commands are short: the rest moves to
+/// the front), without its line ending; `None` if `buf` holds no `\n`.
+fn take_line(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let newline = buf.iter().position(|&b| b == b'\n')?;
+    let line = line_before_newline(&buf[..newline]).to_vec();
+    buf.drain(..=newline);
+    Some(line)
 }
 
 fn decode(line: Vec<u8>) -> Frame {

@@ -60,62 +60,77 @@ fn ended_mid_frame() -> io::Error {
     )
 }
 
-/// One read appended to `buf` (which must have spare capacity). `between_frames`: nothing of
-/// a frame has arrived, so the read is [`Context::read_idle`] and a stop ends it. Shared by
-/// every reader here and by [`crate::command`].
+/// One read appended to `buf` (which must have spare capacity). `idle`: the context, when
+/// nothing of a frame has arrived, so the read is its [`Context::read_idle`] and a stop ends
+/// it; `None` for a plain read mid-frame. Shared by every reader here and by
+/// [`crate::command`].
 pub(crate) async fn read_into<C: Conn>(
     conn: &mut C,
-    cx: &Context,
+    idle: Option<&Context>,
     buf: &mut Vec<u8>,
-    between_frames: bool,
 ) -> io::Result<usize> {
     let taken = std::mem::take(buf);
-    let (res, back) = if between_frames {
-        cx.read_idle(conn, taken).await
-    } else {
-        conn.read(taken).await
+    let (res, back) = match idle {
+        Some(cx) => cx.read_idle(conn, taken).await,
+        None => conn.read(taken).await,
     };
     *buf = back;
     res
 }
 
-/// Takes the first `\n`-terminated line out of `buf`, without its `\n` and without one `\r`
-/// right before it; `None` if `buf` holds no `\n`. The one line splitter of wharf-core.
-pub(crate) fn take_line(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    let end = buf.iter().position(|&b| b == b'\n')?;
-    let mut line: Vec<u8> = buf.drain(..=end).collect();
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Some(line)
+/// The line in `bytes`, which end right before its `\n`: without one `\r` at the end. The
+/// one line-ending rule of wharf-core.
+pub(crate) fn line_before_newline(bytes: &[u8]) -> &[u8] {
+    bytes.strip_suffix(b"\r").unwrap_or(bytes)
 }
 
 /// A connection read in frames of format `F`, with the input received and not consumed yet.
 /// Use it through [`Lines`] and [`Frames`].
+///
+/// Costs: one allocation per frame (the returned `Vec`, of exactly its length); consumed
+/// bytes are skipped, not moved, and the unconsumed rest (part of one frame) is moved to the
+/// front only before a read. Memory follows what arrived, not what was announced: a read gets
+/// room for at most [`buffer::ACTIVE`] more bytes, and between frames an emptied buffer drops
+/// back to [`buffer::IDLE`] by [`buffer::size_for_next_read`]'s rule.
 pub struct Framed<'cx, C, F> {
     conn: C,
     cx: &'cx Context,
+    /// Received bytes; `buf[start..]` are the ones not consumed yet.
     buf: Vec<u8>,
+    start: usize,
+    /// For lines: how many unconsumed bytes are known to hold no `\n` (so each byte is
+    /// searched once, like tokio-util's `LinesCodec::next_index`).
+    scanned: usize,
+    /// The last read: bytes it returned and room it had (none yet: `None`).
+    last_read: Option<(usize, usize)>,
     /// The longest accepted frame, in bytes.
     max_len: usize,
     _format: std::marker::PhantomData<F>,
 }
 
-/// A frame format: its default maximum length.
-pub trait Format {
+mod sealed {
+    /// Keeps [`super::Format`] implemented by this module's formats only: reading a format
+    /// (`next`) is defined for each of them here.
+    pub trait Sealed {}
+}
+
+/// A frame format: its default maximum length. Sealed: the formats are [`LineFormat`] and
+/// [`LengthPrefixed`].
+pub trait Format: sealed::Sealed {
     /// The maximum frame length unless [`Framed::max_len`] says otherwise.
     const DEFAULT_MAX: usize;
 }
 
 /// `\n`-terminated lines: see [`Lines`].
 pub struct LineFormat;
+impl sealed::Sealed for LineFormat {}
 impl Format for LineFormat {
     const DEFAULT_MAX: usize = DEFAULT_MAX_LINE;
 }
 
 /// Frames after a big-endian `u32` length: see [`Frames`].
 pub struct LengthPrefixed;
+impl sealed::Sealed for LengthPrefixed {}
 impl Format for LengthPrefixed {
     const DEFAULT_MAX: usize = DEFAULT_MAX_FRAME;
 }
@@ -149,6 +164,8 @@ pub type Lines<'cx, C> = Framed<'cx, C, LineFormat>;
 ///
 /// A frame longer than the maximum ([`DEFAULT_MAX_FRAME`] unless [`Framed::max_len`] says
 /// otherwise) is a [`FrameTooLong`] error, found from its prefix before its bytes are read.
+/// A prefix within the maximum reserves nothing by itself: the buffer grows as the frame's
+/// bytes arrive.
 pub type Frames<'cx, C> = Framed<'cx, C, LengthPrefixed>;
 
 impl<'cx, C: Conn, F: Format> Framed<'cx, C, F> {
@@ -158,6 +175,9 @@ impl<'cx, C: Conn, F: Format> Framed<'cx, C, F> {
             conn,
             cx,
             buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            last_read: None,
             max_len: F::DEFAULT_MAX,
             _format: std::marker::PhantomData,
         }
@@ -183,29 +203,70 @@ impl<'cx, C: Conn, F: Format> Framed<'cx, C, F> {
     }
 
     /// The connection back, and the bytes received but not consumed yet.
-    pub fn into_parts(self) -> (C, Vec<u8>) {
+    pub fn into_parts(mut self) -> (C, Vec<u8>) {
+        self.compact();
         (self.conn, self.buf)
     }
 
-    /// Reads more input, with room for at least `want` bytes (at least [`buffer::IDLE`]).
+    /// The bytes received and not consumed yet.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Marks the first `n` pending bytes consumed.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        self.scanned = 0;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// The first `n` pending bytes (there are at least `n`), consumed.
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let frame = self.pending()[..n].to_vec();
+        self.consume(n);
+        frame
+    }
+
+    /// Moves the pending bytes to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    /// Reads more input; `want`: how many more bytes the current frame is known to need (0 if
+    /// unknown). The read gets room for `want` bytes, but at least [`buffer::IDLE`] and at
+    /// most [`buffer::ACTIVE`], so an announced length costs memory only as its bytes come.
     /// Returns 0 at end of stream (or, between frames, when the server stops).
     async fn read_more(&mut self, want: usize, between_frames: bool) -> io::Result<usize> {
-        let want = want.max(buffer::IDLE);
+        self.compact();
+        if let Some((last, room)) = self.last_read {
+            // Shrinks an emptied buffer after a short read; grows one a read filled.
+            buffer::size_for_next_read(&mut self.buf, last, room);
+        }
+        let want = want.clamp(buffer::IDLE, buffer::ACTIVE);
         if self.buf.capacity() - self.buf.len() < want {
             self.buf.reserve(want);
         }
-        let between = between_frames && self.buf.is_empty();
-        read_into(&mut self.conn, self.cx, &mut self.buf, between).await
+        let room = self.buf.capacity() - self.buf.len();
+        let idle = (between_frames && self.buf.is_empty()).then_some(self.cx);
+        let n = read_into(&mut self.conn, idle, &mut self.buf).await?;
+        self.last_read = Some((n, room));
+        Ok(n)
     }
 
-    /// Reads until `n` bytes are buffered. `Ok(false)` if the stream ended (or the server
+    /// Reads until `n` bytes are pending. `Ok(false)` if the stream ended (or the server
     /// stopped) before any byte came, when `between_frames`; an end after some bytes, or any
     /// end when not between frames, is an `UnexpectedEof` error.
     async fn fill_to(&mut self, n: usize, between_frames: bool) -> io::Result<bool> {
-        while self.buf.len() < n {
-            let missing = n - self.buf.len();
+        while self.pending().len() < n {
+            let missing = n - self.pending().len();
             if self.read_more(missing, between_frames).await? == 0 {
-                return if between_frames && self.buf.is_empty() {
+                return if between_frames && self.pending().is_empty() {
                     Ok(false)
                 } else {
                     Err(ended_mid_frame())
@@ -214,15 +275,6 @@ impl<'cx, C: Conn, F: Format> Framed<'cx, C, F> {
         }
         Ok(true)
     }
-
-    /// The first `n` buffered bytes (there are at least `n`).
-    fn take(&mut self, n: usize) -> Vec<u8> {
-        if n == self.buf.len() {
-            return std::mem::take(&mut self.buf);
-        }
-        let rest = self.buf.split_off(n);
-        std::mem::replace(&mut self.buf, rest)
-    }
 }
 
 impl<C: Conn> Framed<'_, C, LineFormat> {
@@ -230,18 +282,26 @@ impl<C: Conn> Framed<'_, C, LineFormat> {
     /// and no line had begun.
     pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
-            if let Some(line) = take_line(&mut self.buf) {
-                if line.len() > self.max_len {
+            let pending = self.pending();
+            if let Some(at) = pending[self.scanned..].iter().position(|&b| b == b'\n') {
+                let newline = self.scanned + at;
+                let len = line_before_newline(&pending[..newline]).len();
+                if len > self.max_len {
+                    self.consume(newline + 1);
                     return Err(FrameTooLong::error(self.max_len));
                 }
+                let line = pending[..len].to_vec();
+                self.consume(newline + 1);
                 return Ok(Some(line));
             }
+            let searched = pending.len();
+            self.scanned = searched;
             // Room for the line and its `\r`, and no `\n` yet: too long already.
-            if self.buf.len() > self.max_len.saturating_add(1) {
+            if searched > self.max_len.saturating_add(1) {
                 return Err(FrameTooLong::error(self.max_len));
             }
             if self.read_more(0, true).await? == 0 {
-                return if self.buf.is_empty() {
+                return if self.pending().is_empty() {
                     Ok(None)
                 } else {
                     Err(ended_mid_frame())
@@ -262,13 +322,13 @@ impl<C: Conn> Framed<'_, C, LengthPrefixed> {
             return Ok(None);
         }
         let mut prefix = [0u8; PREFIX];
-        prefix.copy_from_slice(&self.buf[..PREFIX]);
+        prefix.copy_from_slice(&self.pending()[..PREFIX]);
         let len = u32::from_be_bytes(prefix) as usize;
         if len > self.max_len {
             return Err(FrameTooLong::error(self.max_len));
         }
         self.fill_to(PREFIX + len, false).await?;
-        self.buf.drain(..PREFIX);
+        self.consume(PREFIX);
         Ok(Some(self.take(len)))
     }
 
@@ -282,20 +342,6 @@ impl<C: Conn> Framed<'_, C, LengthPrefixed> {
         let (res, _) = self.conn.write_all(out).await;
         res
     }
-}
-
-/// Reads exactly `n` bytes from `conn` with plain reads (mid-request: a server stop does not
-/// end it). `UnexpectedEof` if the connection ends first.
-pub async fn read_exact<C: Conn>(conn: &mut C, n: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(n);
-    while buf.len() < n {
-        let (res, back) = conn.read(buf).await;
-        buf = back;
-        if res? == 0 {
-            return Err(ended_mid_frame());
-        }
-    }
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -412,13 +458,6 @@ mod tests {
                 lines.read_exact(1).await.unwrap_err().kind(),
                 io::ErrorKind::UnexpectedEof
             );
-
-            let (mut conn, client) = testing::pipe();
-            client.write_all(b"abcdef").await.unwrap();
-            assert_eq!(read_exact(&mut conn, 6).await.unwrap(), b"abcdef");
-            client.close_write();
-            let err = read_exact(&mut conn, 1).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         });
     }
 
@@ -465,6 +504,54 @@ mod tests {
             client.close_write();
             let err = frames.next().await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        });
+    }
+
+    #[test]
+    fn an_announced_length_reserves_memory_only_as_its_bytes_arrive() {
+        testing::block_on(async {
+            let (conn, client, cx) = pair();
+            let mut frames = Frames::new(conn, &cx);
+            // A prefix announcing 8 MiB (within the default maximum), then 10 bytes, then
+            // the client goes away: the reader must not have reserved the 8 MiB.
+            client
+                .write_all(&(DEFAULT_MAX_FRAME as u32).to_be_bytes())
+                .await
+                .unwrap();
+            client.write_all(b"0123456789").await.unwrap();
+            client.close_write();
+            let err = frames.next().await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+            let (_, buf) = frames.into_parts();
+            assert!(
+                buf.capacity() <= 2 * buffer::ACTIVE,
+                "{} bytes reserved for 14 received",
+                buf.capacity()
+            );
+        });
+    }
+
+    #[test]
+    fn the_buffer_drops_back_to_idle_size_between_frames() {
+        testing::block_on(async {
+            let (conn, client, cx) = pair();
+            let mut lines = Lines::new(conn, &cx).max_len(64 * 1024);
+            let mut long = vec![b'x'; 3 * buffer::ACTIVE];
+            long.push(b'\n');
+            client.write_all(&long).await.unwrap();
+            assert_eq!(
+                lines.next().await.unwrap().unwrap().len(),
+                3 * buffer::ACTIVE
+            );
+            client.write_all(b"short\n").await.unwrap();
+            assert_eq!(lines.next().await.unwrap().unwrap(), b"short");
+            client.write_all(b"quiet\n").await.unwrap();
+            assert_eq!(lines.next().await.unwrap().unwrap(), b"quiet");
+            // After a short read emptied it (the client no longer streams), the buffer waited
+            // for "quiet" at its idle size (buffer::size_for_next_read's rule).
+            let (_, buf) = lines.into_parts();
+            assert!(buf.is_empty());
+            assert_eq!(buf.capacity(), buffer::IDLE);
         });
     }
 }
