@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Before/after on the same run: two wharf binaries serve the same config (1 worker, epoll,
 # pinned to CPU 0) and `wharf bench` (CPU 1) loads each in turn, interleaved per round, for
-# http-hello, file-get and exec. For a change to the framework's connection path: "no
-# throughput lost elsewhere". Echo has its own, finer script (bench/echo.sh, WHARF_BEFORE).
+# http-hello, file-get and exec, the binary that goes first alternating per round (ABBA: on this
+# shared VM the first and second run of a pair differ by up to 25% either way). For a change to
+# the framework's connection path: "no throughput lost elsewhere". Echo has its own, finer
+# script (bench/echo.sh with OLD_WHARF).
 #
 #   bash bench/ab.sh OLD_WHARF NEW_WHARF [ROUNDS] [DURATION_S]
 #
@@ -40,7 +42,10 @@ TOML
 
 ulimit -n 65536 2>/dev/null || true
 for round in $(seq "$rounds"); do
-  for which in old new; do
+  # ABBA: the binary that runs first alternates, so warm-up and drift favour neither.
+  order=(old new)
+  [ $((round % 2)) -eq 1 ] || order=(new old)
+  for which in "${order[@]}"; do
     bin=${!which}
     WHARF_LOG=warn taskset -c 0 "$bin" serve --config "$cfg" --backend epoll &
     pid=$!
