@@ -5,21 +5,6 @@ use std::process::Command;
 
 use crate::harness::*;
 
-/// `wharf client <args>`, run in `cwd`: (exit code, stdout, stderr).
-fn client(cwd: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(WHARF)
-        .arg("client")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Every built-in plugin on one server; exec allows `date`, `get` and `list` are not allowed.
 fn start(root: &std::path::Path) -> Server {
     let exec = format!(
@@ -42,29 +27,29 @@ fn each_client_notices_another_kind_of_service() {
     };
 
     // The right service still works, and its refusals are refusals.
-    let (code, out, err) = client(&work.0, &["list", &file_get]);
+    let (code, out, err) = wharf_client(&work.0, &["list", &file_get]);
     assert_eq!((code, out.as_str()), (0, "6\thello.txt\n"), "{err}");
-    let (code, _, err) = client(&work.0, &["get", &file_get, "nope.txt"]);
+    let (code, _, err) = wharf_client(&work.0, &["get", &file_get, "nope.txt"]);
     assert_eq!(code, 1);
     assert!(err.contains("server refused: ERR no such file"), "{err}");
 
     // file-get clients at exec (a sized result, but not a listing / no digest) and echo.
-    let (code, out, err) = client(&work.0, &["list", &exec]);
+    let (code, out, err) = wharf_client(&work.0, &["list", &exec]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert!(
         err.contains(&wrong("a file-get", "command not allowed: list")),
         "{err}"
     );
-    let (code, _, err) = client(&work.0, &["list", &echo]);
+    let (code, _, err) = wharf_client(&work.0, &["list", &echo]);
     assert_eq!(code, 1);
     assert!(err.contains(&wrong("a file-get", "LIST")), "{err}");
-    let (code, _, err) = client(&work.0, &["get", &exec, "hello.txt"]);
+    let (code, _, err) = wharf_client(&work.0, &["get", &exec, "hello.txt"]);
     assert_eq!(code, 1);
     assert!(
         err.contains(&wrong("a file-get", "command not allowed: get")),
         "{err}"
     );
-    let (code, _, err) = client(&work.0, &["get", &echo, "hello.txt"]);
+    let (code, _, err) = wharf_client(&work.0, &["get", &echo, "hello.txt"]);
     assert_eq!(code, 1);
     assert!(err.contains(&wrong("a file-get", "GET HELLO.TXT")), "{err}");
     assert_eq!(
@@ -74,11 +59,11 @@ fn each_client_notices_another_kind_of_service() {
     );
 
     // The exec client at file-get and echo.
-    let (code, out, err) = client(&work.0, &["exec", &file_get, "--", "date"]);
+    let (code, out, err) = wharf_client(&work.0, &["exec", &file_get, "--", "date"]);
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     let refusal = "this does not look like an exec service: it answered `ERR bad request";
     assert!(err.contains(refusal), "{err}");
-    let (code, _, err) = client(&work.0, &["exec", &echo, "--", "date"]);
+    let (code, _, err) = wharf_client(&work.0, &["exec", &echo, "--", "date"]);
     assert_eq!(code, 1);
     assert!(err.contains(&wrong("an exec", "DATE")), "{err}");
 }
@@ -95,7 +80,7 @@ fn get_keeps_an_existing_part_file_unless_told_to_resume() {
     std::fs::write(&part, &data[..1000]).unwrap();
 
     // Without --resume: refused, the partial download untouched, the way on named.
-    let (code, _, err) = client(&work.0, &["get", &addr, "data.bin"]);
+    let (code, _, err) = wharf_client(&work.0, &["get", &addr, "data.bin"]);
     assert_eq!(code, 1);
     assert!(
         err.contains("data.bin.part exists") && err.contains("--resume"),
@@ -105,7 +90,7 @@ fn get_keeps_an_existing_part_file_unless_told_to_resume() {
     assert!(!work.0.join("data.bin").exists());
 
     // With it: continued and verified.
-    let (code, _, err) = client(&work.0, &["get", &addr, "data.bin", "--resume"]);
+    let (code, _, err) = wharf_client(&work.0, &["get", &addr, "data.bin", "--resume"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(work.0.join("data.bin")).unwrap(), data);
     assert!(!part.exists());
@@ -119,7 +104,7 @@ fn client_echo_sends_words_or_stdin_and_prints_the_answer() {
     let files = TempDir::new();
     let server = start(&files.0);
     let echo = server.addr("echo").to_string();
-    let (code, out, err) = client(&files.0, &["echo", &echo, "hello", "wharf"]);
+    let (code, out, err) = wharf_client(&files.0, &["echo", &echo, "hello", "wharf"]);
     assert_eq!((code, out.as_str()), (0, "HELLO WHARF\n"), "{err}");
 
     let input: Vec<u8> = (0..8 * 1024 * 1024).map(|i| b"abcdefgh\n"[i % 9]).collect();
@@ -141,7 +126,7 @@ fn client_echo_sends_words_or_stdin_and_prints_the_answer() {
     assert_eq!(out.stdout, input.to_ascii_uppercase());
 
     // Nothing listening: a clear error, exit 1.
-    let (code, _, err) = client(&files.0, &["echo", "127.0.0.1:1", "x"]);
+    let (code, _, err) = wharf_client(&files.0, &["echo", "127.0.0.1:1", "x"]);
     assert_eq!(code, 1);
     assert!(err.starts_with("wharf: error: 127.0.0.1:1: "), "{err}");
 }

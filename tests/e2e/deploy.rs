@@ -25,6 +25,24 @@ fn default_listen_addresses() -> Vec<String> {
     addrs
 }
 
+/// `wharf check` passes on the shipped config at `path`, its file-get root pointed at the
+/// repository's `files/` (the root a deployment config names does not exist here).
+fn check_with_the_repository_files(path: &str) {
+    let out = Command::new(WHARF)
+        .args(["check", "--config", &format!("{ROOT}/{path}")])
+        .env(
+            "WHARF_SERVICES__FILES__OPTIONS__ROOT",
+            format!("{ROOT}/files"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn systemd_socket_unit_listens_where_the_default_config_does() {
     let mut listens: Vec<String> = read("configs/systemd/wharf.socket")
@@ -113,24 +131,8 @@ fn kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Va
 
 #[test]
 fn container_config_is_valid_and_binds_all_interfaces() {
-    let out = Command::new(WHARF)
-        .args([
-            "check",
-            "--config",
-            &format!("{ROOT}/configs/container.toml"),
-        ])
-        // The image's file root does not exist here: point it at the repository's.
-        .env(
-            "WHARF_SERVICES__FILES__OPTIONS__ROOT",
-            format!("{ROOT}/files"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The image's file root does not exist here.
+    check_with_the_repository_files("configs/container.toml");
     let text = read("configs/container.toml");
     assert!(
         !text.contains("127.0.0.1"),
@@ -296,18 +298,6 @@ fn system_template_is_valid_and_its_data_paths_fit_the_systemd_unit() {
         root.starts_with('/') && readable.iter().any(|p| root.starts_with(p.as_str())),
         "file-get root {root} must be absolute and under the unit's ReadOnlyPaths {readable:?}"
     );
-    // The root does not exist on this machine: point it at the repository's files.
-    let out = Command::new(WHARF)
-        .args(["check", "--config", &format!("{ROOT}/configs/system.toml")])
-        .env(
-            "WHARF_SERVICES__FILES__OPTIONS__ROOT",
-            format!("{ROOT}/files"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The root does not exist on this machine.
+    check_with_the_repository_files("configs/system.toml");
 }

@@ -1,6 +1,7 @@
 //! exec through real sockets on both backends: the tutorial-style Python client, our own
 //! `wharf client exec`, auth, refusals, and a client that vanishes mid-command.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -100,36 +101,36 @@ fn tutorial_python_client_runs_commands_unmodified() {
     }
 }
 
-fn wharf_client(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(WHARF)
-        .arg("client")
-        .arg("exec")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn wharf_client_exec_exit_statuses_and_auth() {
     for backend in backends() {
         let dir = TempDir::new();
         let server = Server::start(&exec_config(&dir, Some("s3cret")), backend);
         let addr = server.addr("exec").to_string();
-        let ok = wharf_client(&[&addr, "--token", "s3cret", "--", "echo", "hi", "there"]);
+        let ok = wharf_client(
+            Path::new("."),
+            &[
+                "exec", &addr, "--token", "s3cret", "--", "echo", "hi", "there",
+            ],
+        );
         assert_eq!(ok, (0, "hi there\n".into(), String::new()));
-        let (code, out, _) = wharf_client(&[&addr, "--token", "s3cret", "--", "false"]);
+        let (code, out, _) = wharf_client(
+            Path::new("."),
+            &["exec", &addr, "--token", "s3cret", "--", "false"],
+        );
         assert_eq!((code, out.as_str()), (1, "[exit status 1]\n"));
-        let (code, out, _) = wharf_client(&[&addr, "--token", "s3cret", "--", "rm", "x"]);
+        let (code, out, _) = wharf_client(
+            Path::new("."),
+            &["exec", &addr, "--token", "s3cret", "--", "rm", "x"],
+        );
         assert_eq!((code, out.as_str()), (126, "command not allowed: rm\n"));
-        let (code, _, err) = wharf_client(&[&addr, "--token", "wrong", "--", "echo", "hi"]);
+        let (code, _, err) = wharf_client(
+            Path::new("."),
+            &["exec", &addr, "--token", "wrong", "--", "echo", "hi"],
+        );
         assert_eq!(code, 1);
         assert!(err.contains("authentication refused: auth failed"), "{err}");
-        let (code, out, _) = wharf_client(&[&addr, "--", "echo", "hi"]);
+        let (code, out, _) = wharf_client(Path::new("."), &["exec", &addr, "--", "echo", "hi"]);
         assert_eq!((code, out.as_str()), (126, "auth required\n"));
 
         // Interactive mode: one command per stdin line.
@@ -152,7 +153,10 @@ fn program_errors_name_the_program_as_configured_not_its_resolved_path() {
     let dir = TempDir::new();
     let server = Server::start(&exec_config(&dir, None), "epoll");
     let addr = server.addr("exec").to_string();
-    let (code, out, _) = wharf_client(&[&addr, "--", "ls", "/nonexistent-wharf-path"]);
+    let (code, out, _) = wharf_client(
+        Path::new("."),
+        &["exec", &addr, "--", "ls", "/nonexistent-wharf-path"],
+    );
     assert_eq!(code, 2, "{out}");
     // `ls` found in env.PATH runs as /usr/bin/ls (or /bin/ls); its message names it `ls`.
     assert!(out.starts_with("ls: "), "{out}");

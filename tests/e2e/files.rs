@@ -88,19 +88,6 @@ fn tutorial_python_client_downloads_and_verifies_cold_and_cached() {
     }
 }
 
-fn wharf_get(args: &[&str], cwd: &std::path::Path) -> (i32, String) {
-    let out = Command::new(WHARF)
-        .arg("client")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn wharf_client_get_resumes_verifies_and_reports_errors() {
     for backend in backends() {
@@ -112,7 +99,7 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
         let server = Server::start(&files_config(&root.0), backend);
         let addr = server.addr("files").to_string();
 
-        let (code, err) = wharf_get(&["get", &addr, "sub/data.bin"], &work.0);
+        let (code, _, err) = wharf_client(&work.0, &["get", &addr, "sub/data.bin"]);
         assert_eq!(code, 0, "{err}");
         assert!(std::fs::read(work.0.join("data.bin")).unwrap() == data);
         assert!(!work.0.join("data.bin.part").exists());
@@ -120,7 +107,8 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
         // Resume from the middle and from the very end of a partial file.
         for cut in [1_000_000usize, data.len()] {
             std::fs::write(work.0.join("resumed.bin.part"), &data[..cut]).unwrap();
-            let (code, err) = wharf_get(
+            let (code, _, err) = wharf_client(
+                &work.0,
                 &[
                     "get",
                     &addr,
@@ -129,7 +117,6 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
                     "resumed.bin",
                     "--resume",
                 ],
-                &work.0,
             );
             assert_eq!(code, 0, "{err}");
             assert!(
@@ -139,21 +126,21 @@ fn wharf_client_get_resumes_verifies_and_reports_errors() {
         }
         // A corrupted partial file is caught by the whole-file MD5 and removed.
         std::fs::write(work.0.join("bad.bin.part"), vec![0u8; 1000]).unwrap();
-        let (code, err) = wharf_get(
-            &["get", &addr, "sub/data.bin", "-o", "bad.bin", "--resume"],
+        let (code, _, err) = wharf_client(
             &work.0,
+            &["get", &addr, "sub/data.bin", "-o", "bad.bin", "--resume"],
         );
         assert_eq!(code, 1);
         assert!(err.contains("MD5 mismatch"), "{err}");
         assert!(!work.0.join("bad.bin").exists() && !work.0.join("bad.bin.part").exists());
 
-        let (code, err) = wharf_get(&["get", &addr, "../etc/passwd"], &work.0);
+        let (code, _, err) = wharf_client(&work.0, &["get", &addr, "../etc/passwd"]);
         assert_eq!(code, 1);
         assert!(
             err.contains("server refused: ERR path outside root"),
             "{err}"
         );
-        let (code, err) = wharf_get(&["get", &addr, "nope.txt"], &work.0);
+        let (code, _, err) = wharf_client(&work.0, &["get", &addr, "nope.txt"]);
         assert_eq!(
             (code, err.trim()),
             (1, "wharf: error: server refused: ERR no such file")

@@ -69,6 +69,21 @@ pub fn echo_roundtrip(addr: std::net::SocketAddr, data: &[u8], seed: u64) -> Vec
     read.join().unwrap()
 }
 
+/// `wharf client <args>`, run in `cwd` (where `get` saves files): (exit code, stdout, stderr).
+pub fn wharf_client(cwd: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(WHARF)
+        .arg("client")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs a Python client script (`python3 -c script HOST PORT args...`) against `addr`;
 /// returns its stdout, failing the test with its stderr if it fails. `None` when python3 is
 /// missing: the caller skips its Python check (and under CI=true the test has already failed,
