@@ -7,15 +7,16 @@
 //! `process_new(stream, &ShutdownWatch)`: a transport can be wrapped or replaced (TLS later)
 //! without the facts about the connection moving with it.
 //!
-//! Room to grow, without changing `serve`: the client's TLS identity once TLS exists, the
-//! address a PROXY-protocol header names (which [`Context::peer_addr`] will then return), and
-//! the fields an access log line wants.
+//! The client's identity ([`Context::identity`]) is what a verified TLS client certificate
+//! names; plugins authorize with it. Room to grow, without changing `serve`: the address a
+//! PROXY-protocol header names (which [`Context::peer_addr`] will then return), and the fields
+//! an access log line wants.
 //!
 //! A context is built once per connection by the worker ([`crate::worker`]), inside the
 //! connection's task: no allocation of its own. Outside a server (unit tests, tools), a
 //! [`Detached`] context stands in ([`Context::detached`], or the pipes of [`crate::testing`]).
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -32,6 +33,9 @@ pub struct Context {
     /// The drain signal of the connection's service generation. Behind a `RefCell` so the
     /// `&self` methods can wait on it without a receiver of their own per wait.
     drain: RefCell<Shutdown>,
+    /// The authenticated client identity, set once (by the TLS layer after a verified
+    /// handshake, or by a test).
+    identity: OnceCell<Box<str>>,
 }
 
 enum Scope {
@@ -50,6 +54,7 @@ impl Context {
             peer,
             scope: Scope::Served(ticket),
             drain,
+            identity: OnceCell::new(),
         }
     }
 
@@ -64,6 +69,21 @@ impl Context {
     /// peer; once PROXY protocol exists, the address its header names).
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The client's authenticated identity: the name its verified TLS client certificate
+    /// carries (see the TLS section of the README for the rule), or `None` when the client
+    /// presented no certificate or the service has no TLS. Never a name the client merely
+    /// claimed.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.get().map(|id| &**id)
+    }
+
+    /// Records the client's authenticated identity. The first call wins: an identity, once
+    /// established for a connection, cannot be replaced by anything later on it. For the
+    /// framework's TLS layer and for tests ([`crate::testing::MemConn::with_identity`]).
+    pub fn set_identity(&self, identity: impl Into<Box<str>>) {
+        let _ = self.identity.set(identity.into());
     }
 
     /// The service's config name (`"detached"` outside a server).
@@ -217,6 +237,7 @@ impl Detached {
             peer,
             drain: RefCell::new(self.0.stop.subscribe()),
             scope: Scope::Detached(self.clone()),
+            identity: OnceCell::new(),
         }
     }
 

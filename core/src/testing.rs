@@ -100,6 +100,7 @@ pub fn pipe_with_capacity(capacity: usize) -> (MemConn, Client) {
         MemConn {
             shared: Rc::clone(&shared),
             peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            identity: None,
             detached: detached.clone(),
         },
         Client { shared, detached },
@@ -194,6 +195,8 @@ impl Direction {
 pub struct MemConn {
     shared: Rc<RefCell<Shared>>,
     peer: SocketAddr,
+    /// What the context says [`Context::identity`] is.
+    identity: Option<Box<str>>,
     /// Shared with the [`Client`], which stops it and reads its records.
     detached: Detached,
 }
@@ -206,10 +209,21 @@ impl MemConn {
         self
     }
 
-    /// A detached context for this connection: its peer, stopped by
+    /// Pretends the client authenticated as `identity` (what the context's
+    /// [`Context::identity`] says), as a verified TLS client certificate would.
+    pub fn with_identity(mut self, identity: &str) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// A detached context for this connection: its peer and identity, stopped by
     /// [`Client::stop_server`], recording into [`Client::recorded_requests`].
     pub fn context(&self) -> Context {
-        self.detached.context(self.peer)
+        let cx = self.detached.context(self.peer);
+        if let Some(identity) = &self.identity {
+            cx.set_identity(identity.clone());
+        }
+        cx
     }
 }
 
