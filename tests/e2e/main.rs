@@ -21,4 +21,5 @@ mod lifecycle;
 mod limits;
 mod load;
 mod metrics;
+mod pki;
 mod reload;
