@@ -143,11 +143,17 @@ mod tests {
         let pki = Pki::new(&dir.0, "main");
         let other = Pki::new(&dir.0, "other");
         let server = pki.server("server");
-        let client = pki.client("ops", Names::Dns("ops"));
         assert!(verify(pki.ca_file(), &server.cert, "sslserver")
             .status
             .success());
-        assert!(verify(pki.ca_file(), &client.cert, "any").status.success());
+        for (stem, names) in [
+            ("dns", Names::Dns("ops")),
+            ("uri", Names::Uri("spiffe://example.org/ops")),
+            ("cn", Names::CommonName("ops")),
+        ] {
+            let client = pki.client(stem, names);
+            assert!(verify(pki.ca_file(), &client.cert, "any").status.success());
+        }
         let expired = pki.expired_server("expired");
         let out = verify(pki.ca_file(), &expired.cert, "sslserver");
         assert!(!out.status.success());
