@@ -212,9 +212,71 @@ pub struct ServiceConfig {
     /// Client networks allowed to connect; empty allows everyone who can reach `listen`.
     #[serde(default)]
     pub allow_from: Vec<Cidr>,
+    /// Client identities (names from verified TLS client certificates) allowed to use the
+    /// service; empty allows every client the TLS settings accept. Needs `tls.client_ca`.
+    #[serde(default)]
+    pub allow_identities: Vec<String>,
+    /// `[services.<name>.tls]`: TLS on this service's connections; absent means plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Plugin options, checked by the plugin's own typed struct (see [`ConfigSource::extract`]).
     #[serde(default, skip_serializing)]
     pub options: Dict,
+}
+
+/// `[services.<name>.tls]`: the files and policy of a service's TLS. The files are read and
+/// checked before anything binds and again on every reload.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key of the leaf certificate, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub key: std::path::PathBuf,
+    /// CA certificates (PEM) that sign client certificates; set, clients are asked for one.
+    #[serde(default)]
+    pub client_ca: Option<std::path::PathBuf>,
+    /// Whether a client certificate is required (the default with `client_ca`) or optional.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// The oldest TLS version accepted.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in preference order; absent means the plugin's default
+    /// (http-hello: `["http/1.1"]`, others none).
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// A handshake not finished within this long (from accept) is abandoned.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// `tls.client_auth`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A client without a valid certificate from `client_ca` fails the handshake.
+    #[default]
+    Required,
+    /// A client may present no certificate (its identity is then absent); one it presents
+    /// must still verify.
+    Optional,
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_max_connections() -> usize {
