@@ -46,6 +46,7 @@ pub mod plugin;
 pub mod service;
 pub mod shutdown;
 pub mod testing;
+pub mod tls;
 pub mod worker;
 
 pub use async_trait::async_trait;
