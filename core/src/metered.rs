@@ -15,7 +15,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -37,16 +37,34 @@ pub struct Metered<C> {
 struct IdleTimer {
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// The waker the sleep last registered: while it is still this task's and the sleep has
+    /// not fired, a pending operation need not poll the sleep again.
+    registered: Option<Waker>,
 }
 
 impl IdleTimer {
-    /// Runs `op`, failing with `TimedOut` if it makes no progress for `timeout`.
-    async fn bound<T>(&mut self, op: impl Future<Output = BufResult<T>>) -> BufResult<T> {
-        let deadline = Instant::now() + self.timeout;
-        let mut op = std::pin::pin!(op);
+    /// Runs `op`, failing it with `TimedOut` once it has been pending for the timeout.
+    async fn bound<T>(
+        &mut self,
+        mut op: Pin<&mut impl Future<Output = BufResult<T>>>,
+    ) -> BufResult<T> {
+        // Read the clock only for an operation that has to wait (most writes never do).
+        let mut deadline = None;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = op.as_mut().poll(cx) {
                 return Poll::Ready(out);
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+            // The sleep is re-armed lazily: it fires at some earlier operation's deadline, and
+            // only then is the current operation's deadline checked and the sleep moved to it.
+            // Until it fires, it will wake this task anyway, so most pending operations skip
+            // polling it (a waker registration each time).
+            let registered = self
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            if registered && !self.sleep.is_elapsed() {
+                return Poll::Pending;
             }
             while self.sleep.as_mut().poll(cx).is_ready() {
                 if Instant::now() >= deadline {
@@ -54,6 +72,9 @@ impl IdleTimer {
                     return Poll::Ready((Err(err), Vec::new()));
                 }
                 self.sleep.as_mut().reset(deadline);
+            }
+            if !registered {
+                self.registered = Some(cx.waker().clone());
             }
             Poll::Pending
         })
@@ -72,6 +93,7 @@ impl<C: Conn> Metered<C> {
         let idle = idle_timeout.map(|timeout| IdleTimer {
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            registered: None,
         });
         Metered {
             inner,
@@ -84,7 +106,7 @@ impl<C: Conn> Metered<C> {
 impl<C: Conn> Conn for Metered<C> {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         let (res, buf) = match &mut self.idle {
-            Some(idle) => idle.bound(self.inner.read(buf)).await,
+            Some(idle) => idle.bound(std::pin::pin!(self.inner.read(buf))).await,
             None => self.inner.read(buf).await,
         };
         if let Ok(n) = res {
@@ -95,7 +117,10 @@ impl<C: Conn> Conn for Metered<C> {
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
         let (res, buf) = match &mut self.idle {
-            Some(idle) => idle.bound(self.inner.write(buf, from)).await,
+            Some(idle) => {
+                idle.bound(std::pin::pin!(self.inner.write(buf, from)))
+                    .await
+            }
             None => self.inner.write(buf, from).await,
         };
         if let Ok(n) = res {
@@ -116,7 +141,7 @@ impl<C: Conn> Conn for Metered<C> {
                         let res = self.inner.send_file(file, offset + sent, window).await;
                         (res, Vec::new())
                     };
-                    idle.bound(op).await.0
+                    idle.bound(std::pin::pin!(op)).await.0
                 }
                 None => self.inner.send_file(file, offset + sent, window).await,
             };
@@ -148,5 +173,101 @@ impl<C: Conn> Conn for Metered<C> {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ServiceLabels;
+    use crate::testing::{self, Client, MemConn};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn metered(conn: MemConn) -> Metered<MemConn> {
+        let labels = ServiceLabels {
+            service: "t".into(),
+            plugin: "echo".into(),
+            backend: "test".into(),
+        };
+        Metered::new(
+            conn,
+            Arc::new(ServiceMetrics::register(&labels, &[])),
+            Some(TIMEOUT),
+        )
+    }
+
+    /// Runs `test` on a local runtime whose clock only moves when everything is waiting.
+    fn paused(test: impl AsyncFnOnce(Metered<MemConn>, Client)) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let (conn, client) = testing::pipe();
+            test(metered(conn), client).await;
+        });
+    }
+
+    async fn read(conn: &mut Metered<MemConn>) -> io::Result<usize> {
+        conn.read(Vec::with_capacity(64)).await.0
+    }
+
+    #[test]
+    fn a_read_waiting_longer_than_the_timeout_fails() {
+        paused(async |mut conn, _client| {
+            let started = Instant::now();
+            let err = read(&mut conn).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+            let waited = started.elapsed();
+            assert!(
+                waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
+                "{waited:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn progress_before_each_deadline_keeps_the_connection() {
+        paused(async |mut conn, client| {
+            let talk = async {
+                for _ in 0..4 {
+                    tokio::time::sleep(TIMEOUT * 6 / 10).await;
+                    client.write_all(b"x").await.unwrap();
+                }
+            };
+            let serve = async {
+                for _ in 0..4 {
+                    assert_eq!(read(&mut conn).await.unwrap(), 1);
+                }
+            };
+            tokio::join!(talk, serve);
+        });
+    }
+
+    /// The deadline runs from the start of the operation that waits, not from the last one: a
+    /// connection with no operation in flight (the plugin was busy) is not idle.
+    #[test]
+    fn time_without_an_operation_in_flight_does_not_count() {
+        paused(async |mut conn, client| {
+            tokio::time::sleep(TIMEOUT * 3).await;
+            let talk = async {
+                tokio::time::sleep(TIMEOUT / 2).await;
+                client.write_all(b"late").await.unwrap();
+            };
+            let (res, ()) = tokio::join!(read(&mut conn), talk);
+            assert_eq!(res.unwrap(), 4);
+
+            tokio::time::sleep(TIMEOUT * 2).await;
+            let started = Instant::now();
+            let err = read(&mut conn).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+            let waited = started.elapsed();
+            assert!(
+                waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
+                "{waited:?}"
+            );
+        });
     }
 }

@@ -156,6 +156,11 @@ impl ConnTracker {
         self.0.cut.get()
     }
 
+    /// Records `n` connections being closed by a drain deadline.
+    pub fn record_cut(&self, n: usize) {
+        self.0.cut.set(self.0.cut.get() + n);
+    }
+
     /// Waits until no connection is open, or until `shutdown`'s deadline (plus a moment for the
     /// connections' own deadline handling to run). Returns whether all finished.
     pub async fn drain(&self, mut shutdown: Shutdown) -> bool {
@@ -176,13 +181,6 @@ impl ConnTracker {
             _ = all_closed => true,
             _ = deadline => self.0.open.get() == 0,
         }
-    }
-}
-
-impl Tracked {
-    /// Records that this connection is being closed by a drain deadline.
-    pub fn cut(&self) {
-        self.0.cut.set(self.0.cut.get() + 1);
     }
 }
 

@@ -13,13 +13,16 @@
 //! On shutdown the accept loops end at once (their sockets close), then the worker waits for its
 //! connections up to the drain deadline.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Listener};
@@ -237,6 +240,7 @@ async fn accept_loop<L: Listener>(
     let Some(mut current) = handler.borrow().clone() else {
         return;
     };
+    let mut admitted = Admitted::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -246,6 +250,7 @@ async fn accept_loop<L: Listener>(
                 match (changed, next) {
                     (Ok(()), Some(next)) => {
                         current = next;
+                        admitted = Admitted::default();
                         continue;
                     }
                     // Stopped by a reload: serve the connections the kernel already completed
@@ -254,7 +259,7 @@ async fn accept_loop<L: Listener>(
                         while let Ok(Ok((conn, peer))) =
                             tokio::time::timeout(Duration::ZERO, listener.accept()).await
                         {
-                            serve(&current, conn, peer, &tracker);
+                            serve(&current, &admitted, conn, peer, &tracker);
                         }
                         break;
                     }
@@ -266,7 +271,7 @@ async fn accept_loop<L: Listener>(
             Ok((conn, peer)) => {
                 backoff.reset();
                 // The handler in effect when the connection was accepted serves it to the end.
-                serve(&current, conn, peer, &tracker);
+                serve(&current, &admitted, conn, peer, &tracker);
             }
             Err(e) => {
                 let service = current.gate.service();
@@ -282,9 +287,10 @@ async fn accept_loop<L: Listener>(
 }
 
 /// Admits an accepted connection through `handler`'s gate and serves it on a local task until
-/// it ends or its generation's drain deadline closes it.
+/// it ends or its generation's drain deadline closes it (through `admitted`).
 fn serve<C: crate::conn::Conn + 'static>(
     handler: &Handler<C>,
+    admitted: &Admitted,
     conn: C,
     peer: SocketAddr,
     tracker: &ConnTracker,
@@ -293,33 +299,123 @@ fn serve<C: crate::conn::Conn + 'static>(
     match gate.admit(peer.ip()) {
         Ok(ticket) => {
             let conn = Metered::new(conn, Arc::clone(gate.metrics()), gate.idle_timeout());
-            let mut drain = gate.retirement();
             let service = Arc::clone(&handler.service);
             let tracked = tracker.track();
-            tokio::task::spawn_local(async move {
+            let registration = admitted.register(gate, tracker);
+            let task = tokio::task::spawn_local(async move {
+                // Declared first so it is dropped last, after the context: the entry leaves
+                // the generation's set once the connection is closed.
+                let _registration = registration;
                 // Built inside the task: it lives in the task's one allocation, and holds the
                 // ticket (the connection counts as open) until the task ends.
                 let cx = Context::served(peer, ticket);
-                tokio::select! {
-                    served = service.serve_dyn(conn, &cx) => {
-                        if let Err(e) = served {
-                            log_conn_error(&peer, &e);
-                        }
-                    }
-                    // Dropping the protocol's future closes the connection.
-                    _ = drain.deadline() => {
-                        tracked.cut();
-                        debug!(%peer, "closed: still open at the end of the drain");
-                    }
+                if let Err(e) = service.serve_dyn(conn, &cx).await {
+                    log_conn_error(&peer, &e);
                 }
                 // Closed (its ticket released) before the worker may count it gone.
                 drop(cx);
                 drop(tracked);
             });
+            // The task has not run yet (same thread): it is in the set before it can end.
+            admitted.insert(task.abort_handle());
         }
         Err(reason) => {
             debug!(service = gate.service(), %peer, reason = reason.as_str(), "connection rejected");
             drop(conn);
+        }
+    }
+}
+
+/// The connections one accept loop admitted under one handler (a service generation) that are
+/// still open, so that the generation's drain deadline closes them all from one watcher task.
+/// (Each connection watching the deadline itself would cost every wakeup of every connection a
+/// poll of the drain signal.)
+#[derive(Clone, Default)]
+struct Admitted(Rc<RefCell<AdmittedInner>>);
+
+#[derive(Default)]
+struct AdmittedInner {
+    /// Open connections' tasks, by registration number.
+    tasks: HashMap<u64, AbortHandle>,
+    next: u64,
+    /// Whether a watcher task waits for this generation's deadline.
+    watched: bool,
+    /// Notified when `tasks` becomes empty, so a retired generation's watcher can end.
+    emptied: Rc<Notify>,
+}
+
+/// A connection's place in its generation's set; dropping it (when the task ends, or is
+/// aborted) takes the connection out.
+struct Registration {
+    admitted: Admitted,
+    id: u64,
+}
+
+impl Admitted {
+    /// Reserves a place for a connection about to be spawned, and makes sure a watcher closes
+    /// this generation's connections at its drain deadline.
+    fn register(&self, gate: &ServiceGate, tracker: &ConnTracker) -> Registration {
+        let mut inner = self.0.borrow_mut();
+        if !inner.watched {
+            inner.watched = true;
+            tokio::task::spawn_local(self.clone().watch(gate.retirement(), tracker.clone()));
+        }
+        let id = inner.next;
+        inner.next += 1;
+        Registration {
+            admitted: self.clone(),
+            id,
+        }
+    }
+
+    /// Records the task of the connection registered last.
+    fn insert(&self, task: AbortHandle) {
+        let mut inner = self.0.borrow_mut();
+        let id = inner.next - 1;
+        inner.tasks.insert(id, task);
+    }
+
+    /// Waits for the generation's drain deadline and closes (aborts) its connections still
+    /// open then; ends early once the generation is retired and has no connection left.
+    async fn watch(self, mut drain: Shutdown, tracker: ConnTracker) {
+        let mut retired = drain.clone();
+        let emptied = Rc::clone(&self.0.borrow().emptied);
+        let finished = async {
+            retired.wait().await;
+            loop {
+                let notified = emptied.notified();
+                if self.0.borrow().tasks.is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::select! {
+            _ = drain.deadline() => {
+                let cut: Vec<AbortHandle> =
+                    self.0.borrow_mut().tasks.drain().map(|(_, task)| task).collect();
+                if !cut.is_empty() {
+                    debug!(closed = cut.len(), "closed connections still open at the end of the drain");
+                    tracker.record_cut(cut.len());
+                }
+                // Aborted tasks drop their futures (closing the connections) at the next tick.
+                for task in cut {
+                    task.abort();
+                }
+            }
+            _ = finished => {}
+        }
+        // A connection admitted after this (the handler had not been swapped yet) starts a
+        // new watcher.
+        self.0.borrow_mut().watched = false;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut inner = self.admitted.0.borrow_mut();
+        if inner.tasks.remove(&self.id).is_some() && inner.tasks.is_empty() {
+            inner.emptied.notify_waiters();
         }
     }
 }

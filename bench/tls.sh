@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# TLS: wharf against nginx (Debian's nginx-light, OpenSSL), both with 1 worker, the same ECDSA
+# P-256 certificate, TLS 1.3 only, interleaved rounds. Server pinned to CPU 0, load to CPU 1.
+#   - keepalive: http-hello over TLS, wrk -t1 -c64 (one handshake per connection, then requests);
+#   - handshake: wrk -t1 -c64 with `Connection: close`: every request on a new connection with a
+#     full handshake (wrk keeps no TLS session between connections), so req/s = handshakes/s;
+#   - file-get: a 1 GiB file in the page cache, `wharf client get --tls` (which verifies the
+#     MD5 as it receives) vs curl from nginx https, both writing to tmpfs.
+#
+#   bash bench/tls.sh [ROUNDS] [DURATION_S]        (defaults: 3 rounds of 10 s)
+#
+# Needs: wrk, nginx-light, openssl, curl; root for the tmpfs mount.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+rounds=${1:-3}
+duration=${2:-10}
+for tool in wrk nginx openssl curl; do
+  command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+
+cargo build --release -q --bin wharf
+bin=target/release
+mkdir -p bench-results
+out="bench-results/tls-$(date +%Y%m%d-%H%M%S).jsonl"
+port=18443
+files_port=18444
+work=$(mktemp -d)
+sink=/mnt/wharf-bench-sink
+mkdir -p "$sink"
+mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
+trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$work/key.pem" -out "$work/cert.pem" -subj /CN=localhost \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+mkdir -p "$work/root"
+head -c 1G /dev/urandom >"$work/root/big.bin"
+cat "$work/root/big.bin" >/dev/null
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+error_log $work/error.log warn;
+pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  default_type text/plain;
+  client_body_temp_path $work;
+  ssl_certificate $work/cert.pem;
+  ssl_certificate_key $work/key.pem;
+  ssl_protocols TLSv1.3;
+  ssl_session_cache off;
+  ssl_session_tickets off;
+  sendfile on;
+  server {
+    listen 127.0.0.1:$port ssl reuseport;
+    location / { return 200 "Hello, World"; }
+  }
+  server {
+    listen 127.0.0.1:$files_port ssl reuseport;
+    root $work/root;
+  }
+}
+NGINX
+cat >"$work/wharf.toml" <<TOML
+[server]
+workers = 1
+[metrics]
+listen = "127.0.0.1:0"
+[services.http]
+plugin = "http-hello"
+listen = "127.0.0.1:$port"
+[services.http.tls]
+cert = "$work/cert.pem"
+key = "$work/key.pem"
+min_version = "1.3"
+[services.files]
+plugin = "file-get"
+listen = "127.0.0.1:$files_port"
+[services.files.options]
+root = "$work/root"
+[services.files.tls]
+cert = "$work/cert.pem"
+key = "$work/key.pem"
+min_version = "1.3"
+TOML
+
+start_server() {
+  case $1 in
+    nginx) taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" -g 'daemon off;' & ;;
+    wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$work/wharf.toml" --backend epoll & ;;
+    wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$work/wharf.toml" --backend io_uring & ;;
+  esac
+  server_pid=$!
+  wait_for_port "$port" || exit 1
+  wait_for_port "$files_port" || exit 1
+}
+
+cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+server_cpu() {
+  local total=0 p
+  for p in $server_pids; do total=$(echo "$total + $(cpu_seconds "$p")" | bc); done
+  echo "$total"
+}
+
+servers=(nginx wharf-epoll wharf-io_uring)
+for round in $(seq "$rounds"); do
+  for server in "${servers[@]}"; do
+    start_server "$server"
+    # nginx's work happens in its forked worker: count the server's children too.
+    server_pids="$server_pid $(pgrep -P "$server_pid" | tr "\n" " " || true)"
+    for mode in keepalive handshake; do
+      header=()
+      [ "$mode" = handshake ] && header=(-H "Connection: close")
+      before=$(server_cpu)
+      result=$(taskset -c 1 wrk -t1 -c64 -d"${duration}s" --latency "${header[@]}" "https://127.0.0.1:$port/")
+      after=$(server_cpu)
+      python3 - "$server" "$mode" "$before" "$after" "$result" >>"$out" <<'PY'
+import json, re, sys
+server, mode, before, after, text = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+def lat(label):
+    m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m: return None
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+total = int(re.search(r"(\d+) requests in", text).group(1))
+errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print(json.dumps({"server": server, "mode": mode, "rps": rps, "p50_us": lat("50"), "p99_us": lat("99"),
+                  "errors": errors + (int(non2xx.group(1)) if non2xx else 0),
+                  "server_cpu_us_per_req": (after - before) * 1e6 / total if total else None}))
+PY
+      tail -1 "$out"
+    done
+    # file-get: 1 GiB, cached, to tmpfs.
+    before=$(server_cpu)
+    t0=$(date +%s.%N)
+    if [ "$server" = nginx ]; then
+      taskset -c 1 curl -s --cacert "$work/cert.pem" -o "$sink/out" "https://localhost:$files_port/big.bin"
+    else
+      taskset -c 1 "$bin/wharf" client get "127.0.0.1:$files_port" big.bin -o "$sink/out" \
+        --tls --ca "$work/cert.pem" >/dev/null
+    fi
+    t1=$(date +%s.%N)
+    after=$(server_cpu)
+    cmp -s "$sink/out" "$work/root/big.bin" || { echo "$server: file-get output differs" >&2; exit 1; }
+    rm -f "$sink/out"
+    python3 -c "import json; print(json.dumps({'server': '$server', 'mode': 'file-get', 'mbps': 1073741824 / ($t1 - $t0) / 1e6, 'server_cpu_s_per_gib': $after - $before}))" >>"$out"
+    tail -1 "$out"
+    stop_server "$server_pid"
+  done
+  echo "round $round done" >&2
+done
+
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+servers = ["nginx", "wharf-epoll", "wharf-io_uring"]
+def med(s, m, k):
+    v = [r[k] for r in rows if r["server"] == s and r["mode"] == m and r.get(k) is not None]
+    return statistics.median(v) if v else float("nan")
+print(f"\n{'mode':10} {'server':15} {'median req/s':>13} {'p50 us':>8} {'p99 us':>8} {'srv cpu us/req':>14} {'errors':>6}")
+for m in ["keepalive", "handshake"]:
+    for s in servers:
+        e = sum(r["errors"] for r in rows if r["server"] == s and r["mode"] == m)
+        print(f"{m:10} {s:15} {med(s,m,'rps'):13.0f} {med(s,m,'p50_us'):8.0f} {med(s,m,'p99_us'):8.0f} {med(s,m,'server_cpu_us_per_req'):14.2f} {e:6}")
+for s in servers:
+    print(f"{'file-get':10} {s:15} {med(s,'file-get','mbps'):10.0f} MB/s  server CPU {med(s,'file-get','server_cpu_s_per_gib'):.2f} s/GiB")
+print()
+for m in ["keepalive", "handshake"]:
+    n = med("nginx", m, "rps")
+    print(f"{m:10}: epoll/nginx {med('wharf-epoll', m, 'rps')/n:.2f}x  io_uring/nginx {med('wharf-io_uring', m, 'rps')/n:.2f}x")
+n = med("nginx", "file-get", "mbps")
+print(f"file-get  : epoll/nginx {med('wharf-epoll','file-get','mbps')/n:.2f}x  io_uring/nginx {med('wharf-io_uring','file-get','mbps')/n:.2f}x")
+PY
+echo "raw: $out"
