@@ -28,8 +28,13 @@ fn default_listen_addresses() -> Vec<String> {
 /// `wharf check` passes on the shipped config at `path`, its file-get root pointed at the
 /// repository's `files/` (the root a deployment config names does not exist here).
 fn check_with_the_repository_files(path: &str) {
+    check_config_with_the_repository_files(&format!("{ROOT}/{path}"));
+}
+
+/// [`check_with_the_repository_files`] for a config file anywhere.
+fn check_config_with_the_repository_files(path: &str) {
     let out = Command::new(WHARF)
-        .args(["check", "--config", &format!("{ROOT}/{path}")])
+        .args(["check", "--config", path])
         .env(
             "WHARF_SERVICES__FILES__OPTIONS__ROOT",
             format!("{ROOT}/files"),
@@ -300,4 +305,63 @@ fn system_template_is_valid_and_its_data_paths_fit_the_systemd_unit() {
     );
     // The root does not exist on this machine.
     check_with_the_repository_files("configs/system.toml");
+}
+
+/// configs/container-tls.toml, what deploy/kubernetes-tls runs: the container config's
+/// services on the same ports, valid with real certificate files where it looks for them, and
+/// carried verbatim by the overlay's ConfigMap, whose Secrets are mounted exactly there.
+#[test]
+fn tls_container_config_is_valid_and_the_kubernetes_overlay_mounts_its_files() {
+    let text = read("configs/container-tls.toml");
+    assert_eq!(
+        listen_ports(&text),
+        listen_ports(&read("configs/container.toml"))
+    );
+
+    // Every file the config names, as the overlay mounts them.
+    let mounted: std::collections::BTreeSet<String> = {
+        let patch: serde_yaml::Value =
+            serde_yaml::from_str(&read("deploy/kubernetes-tls/deployment.yaml")).unwrap();
+        let volume = &patch["spec"]["template"]["spec"]["volumes"][0];
+        assert_eq!(
+            volume["name"], "config",
+            "the base's config volume, at /etc/wharf"
+        );
+        volume["projected"]["sources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|source| source["secret"]["items"].as_sequence())
+            .flatten()
+            .map(|item| format!("/etc/wharf/{}", item["path"].as_str().unwrap()))
+            .collect()
+    };
+    let config: toml::Value = toml::from_str(&text).unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    for (name, service) in config["services"].as_table().unwrap() {
+        let tls = service
+            .get("tls")
+            .unwrap_or_else(|| panic!("{name} has no TLS"));
+        for key in ["cert", "key", "client_ca"] {
+            if let Some(path) = tls.get(key) {
+                named.insert(path.as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(named, mounted);
+
+    // Valid with real files there (a fresh CA; its certificate also signs clients).
+    let dir = TempDir::new();
+    let pki = crate::pki::Pki::new(&dir.0, "deploy");
+    let server = pki.server("server");
+    std::fs::copy(&server.cert, dir.0.join("tls.crt")).unwrap();
+    std::fs::copy(&server.key, dir.0.join("tls.key")).unwrap();
+    std::fs::copy(pki.ca_file(), dir.0.join("clients.pem")).unwrap();
+    let local = text.replace("/etc/wharf/tls/", &format!("{}/", dir.0.display()));
+    let config = dir.write("wharf.toml", &local);
+    check_config_with_the_repository_files(config.to_str().unwrap());
+
+    let overlay: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/kubernetes-tls/configmap.yaml")).unwrap();
+    assert_eq!(overlay["data"]["wharf.toml"].as_str(), Some(text.as_str()));
 }

@@ -14,8 +14,10 @@
 //! - **Results are bounded together** ([`budget`]): the output held by running commands and by
 //!   results waiting for their client's ack never exceeds `max_pending_output` per service.
 //! - **Clients are accountable**: optional `token` auth with failures logged and limited per
-//!   source ([`throttle`]), and a client that resets its connection has its command killed (a
-//!   half-closed one is still reading: it gets its result).
+//!   source ([`throttle`]); commands an entry's `identities` reserve for some clients (names
+//!   from verified TLS client certificates, [`policy`]); every command that runs logged with
+//!   the client's address and identity; and a client that resets its connection has its
+//!   command killed (a half-closed one is still reading: it gets its result).
 //! - **Workers never block**: spawning, reading output and waiting run on the blocking pool;
 //!   the connection task only watches the client and waits for the result.
 
@@ -173,6 +175,10 @@ pub struct CommandOptions {
     /// Overrides the service's `max_output`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output: Option<u64>,
+    /// Only clients with one of these identities (from verified TLS client certificates) may
+    /// run it; absent: any client of the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identities: Option<Vec<String>>,
 }
 
 /// An exec service.
@@ -273,10 +279,17 @@ impl Service for Exec {
                 authenticated = true;
                 continue;
             }
-            let Some((result, label, reservation)) = self.execute(&line, &conn).await? else {
+            let Some(executed) = self.execute(&line, &conn, cx).await? else {
                 // The client reset the connection while its command ran; it was killed.
                 return Ok(());
             };
+            log_command(cx, &line, &executed);
+            let Executed {
+                result,
+                outcome: label,
+                reservation,
+                ..
+            } = executed;
             let sent = send_framed(&mut conn, &mut reader, result).await;
             // The result is sent (or cannot be): its memory goes back to the service's budget.
             drop(reservation);
@@ -311,12 +324,23 @@ impl Exec {
         (refusals::AUTH_FAILED, false)
     }
 
-    /// Runs one command line: its result, outcome label and the share of the output budget
-    /// the result holds (until it is sent); `None` if the client reset the connection meanwhile.
-    async fn execute<C: Conn>(&self, line: &str, conn: &C) -> io::Result<Option<Executed>> {
-        let approved = match policy::check(&self.allowlist, line) {
+    /// Runs one command line for the client of `cx`; `None` if the client reset the
+    /// connection meanwhile.
+    async fn execute<C: Conn>(
+        &self,
+        line: &str,
+        conn: &C,
+        cx: &Context,
+    ) -> io::Result<Option<Executed>> {
+        let approved = match policy::check(&self.allowlist, line, cx.identity()) {
             Ok(approved) => approved,
-            Err(Refusal(text)) => return Ok(Some((text.into_bytes(), outcome::REFUSED, None))),
+            Err(Refusal { text, by_identity }) => {
+                let mut refused = Executed::answer(text.into_bytes(), outcome::REFUSED);
+                if by_identity {
+                    refused.audit = Audit::IdentityRefused;
+                }
+                return Ok(Some(refused));
+            }
         };
         let entry = &self.allowlist[approved.name];
         // Memory for its output, then a process slot, both within the command's timeout.
@@ -325,7 +349,7 @@ impl Exec {
         let Some(mut reservation) = self.limits().output.reserve(reserve, entry.timeout).await
         else {
             let text = refusals::BUSY_OUTPUT.as_bytes().to_vec();
-            return Ok(Some((text, outcome::BUSY, None)));
+            return Ok(Some(Executed::answer(text, outcome::BUSY)));
         };
         let Ok(Ok(slot)) = tokio::time::timeout_at(
             waiting_until,
@@ -333,11 +357,8 @@ impl Exec {
         )
         .await
         else {
-            return Ok(Some((
-                refusals::BUSY.as_bytes().to_vec(),
-                outcome::BUSY,
-                None,
-            )));
+            let text = refusals::BUSY.as_bytes().to_vec();
+            return Ok(Some(Executed::answer(text, outcome::BUSY)));
         };
         let mut args = entry.fixed_args.clone();
         args.extend(approved.extra_args.iter().map(|a| a.to_string()));
@@ -374,18 +395,89 @@ impl Exec {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 let text = format!("{}{}: {e}", refusals::CANNOT_RUN, approved.name);
-                return Ok(Some((text.into_bytes(), outcome::REFUSED, None)));
+                let mut failed = Executed::answer(text.into_bytes(), outcome::REFUSED);
+                failed.audit = Audit::Ran;
+                return Ok(Some(failed));
             }
             Err(join) => return Err(io::Error::other(format!("command runner failed: {join}"))),
         };
         let (text, label) = render(outcome, entry);
         reservation.shrink_to(text.capacity() as u64);
-        Ok(Some((text, label, Some(reservation))))
+        Ok(Some(Executed {
+            result: text,
+            outcome: label,
+            reservation: Some(reservation),
+            audit: Audit::Ran,
+        }))
     }
 }
 
-/// A command's result, its outcome label, and the budget share it holds until sent.
-type Executed = (Vec<u8>, &'static str, Option<budget::Reservation>);
+/// What became of one command line.
+struct Executed {
+    /// The result the client gets.
+    result: Vec<u8>,
+    /// Its `outcome` label.
+    outcome: &'static str,
+    /// The share of the output budget the result holds until it is sent.
+    reservation: Option<budget::Reservation>,
+    /// How it is logged.
+    audit: Audit,
+}
+
+impl Executed {
+    /// An answer before anything ran, holding no budget.
+    fn answer(result: Vec<u8>, outcome: &'static str) -> Self {
+        Executed {
+            result,
+            outcome,
+            reservation: None,
+            audit: Audit::TurnedAway,
+        }
+    }
+}
+
+/// What a command line's log line says, and at which level ([`log_command`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audit {
+    /// A program was started, or failed to start: info, with the whole line.
+    Ran,
+    /// The entry exists, but the client's identity may not run it: info, the first word.
+    IdentityRefused,
+    /// Refused or busy before anything ran: debug (any client can send these in bulk), the
+    /// first word only (a second `auth <token>` line lands here: its token is never logged).
+    TurnedAway,
+}
+
+/// Logs one command line with who sent it (see [`Audit`]). Commands that run are bounded by
+/// `max_concurrent`; the line is client input, so it is cut at 256 characters and escaped by
+/// `{:?}`.
+fn log_command(cx: &Context, line: &str, executed: &Executed) {
+    let command = match executed.audit {
+        Audit::Ran => line.trim(),
+        Audit::IdentityRefused | Audit::TurnedAway => {
+            line.split_ascii_whitespace().next().unwrap_or("")
+        }
+    };
+    let command = policy::printable(command, 256);
+    let identity = cx.identity().unwrap_or("-");
+    let (service, peer, outcome) = (cx.service(), cx.peer_addr(), executed.outcome);
+    match executed.audit {
+        Audit::Ran => {
+            tracing::info!(service, %peer, identity, ?command, outcome, "exec: command")
+        }
+        Audit::IdentityRefused => tracing::info!(
+            service,
+            %peer,
+            identity,
+            ?command,
+            outcome,
+            "exec: command refused: not allowed for this identity"
+        ),
+        Audit::TurnedAway => {
+            tracing::debug!(service, %peer, identity, ?command, outcome, "exec: command")
+        }
+    }
+}
 
 /// The result text and the outcome label of a finished command, sized to fit.
 fn render(o: Outcome, entry: &Entry) -> (Vec<u8>, &'static str) {
@@ -435,6 +527,21 @@ fn render(o: Outcome, entry: &Entry) -> (Vec<u8>, &'static str) {
     (text, label)
 }
 
+/// An entry's `identities`: at least one, each a name a client could have.
+fn check_identities(identities: &[String]) -> Result<(), &'static str> {
+    if identities.is_empty() {
+        return Err("must name at least one identity (without it, every client may run it)");
+    }
+    // What the TLS layer never gives as an identity (its rule: such names count as absent).
+    if identities
+        .iter()
+        .any(|id| id.is_empty() || id.chars().any(char::is_control))
+    {
+        return Err("an identity cannot be empty or hold control characters");
+    }
+    Ok(())
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -476,8 +583,10 @@ impl Plugin for Exec {
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc {
             name: "commands",
-            kind: "table: <word> = { argv = [...], allow_args = false, timeout?, max_output? }",
-            help: "the allowlist; the first word of a command line selects an entry",
+            kind: "table: <word> = { argv = [...], allow_args = false, timeout?, max_output?, \
+                   identities? }",
+            help: "the allowlist; the first word of a command line selects an entry; \
+                   `identities` (TLS client certificate names) restricts who may run it",
         },
         OptionDoc {
             name: "timeout",
@@ -599,6 +708,10 @@ impl Plugin for Exec {
                     "must be more than 0s",
                 ));
             }
+            if let Some(identities) = &spec.identities {
+                check_identities(identities)
+                    .map_err(|e| PluginError::option(format!("{key}.identities"), e))?;
+            }
             let max_output = spec.max_output.unwrap_or(o.max_output);
             let max_output = usize::try_from(max_output).unwrap_or(usize::MAX);
             if running_reservation(max_output) > o.max_pending_output {
@@ -623,6 +736,7 @@ impl Plugin for Exec {
                     allow_args: spec.allow_args,
                     timeout,
                     max_output,
+                    identities: spec.identities.clone(),
                 },
             );
         }

@@ -28,6 +28,15 @@ fn entry(argv: &[&str], allow_args: bool) -> CommandOptions {
         allow_args,
         timeout: None,
         max_output: None,
+        identities: None,
+    }
+}
+
+/// `entry` that only clients with one of `identities` may run.
+fn entry_for(argv: &[&str], identities: &[&str]) -> CommandOptions {
+    CommandOptions {
+        identities: Some(identities.iter().map(|id| id.to_string()).collect()),
+        ..entry(argv, false)
     }
 }
 
@@ -356,6 +365,155 @@ fn token_auth() {
 }
 
 #[test]
+fn identities_decide_who_may_run_a_command() {
+    let dir = Scratch::new("identities");
+    testing::block_on(async {
+        let make = |token: Option<&str>| {
+            service(&dir.0, |o| {
+                o.token = token.map(str::to_string);
+                o.commands.insert(
+                    "deploy".into(),
+                    entry_for(&["echo", "deploying"], &["ops", "ci"]),
+                );
+            })
+        };
+        let refused = format!("{}deploy", refusals::NOT_ALLOWED);
+        for (identity, answer) in [
+            (Some("ops"), "deploying\n"),
+            (Some("ci"), "deploying\n"),
+            (Some("dev"), refused.as_str()),
+            // Names compare exactly.
+            (Some("OPS"), refused.as_str()),
+            (None, refused.as_str()),
+        ] {
+            let (conn, client) = testing::pipe();
+            let conn = match identity {
+                Some(id) => conn.with_identity(id),
+                None => conn,
+            };
+            let server = testing::spawn(make(None), conn);
+            assert_eq!(
+                text(run_cmd(&client, b"deploy").await),
+                answer,
+                "{identity:?}"
+            );
+            // A refusal leaves the session usable, and unrestricted commands are for everyone.
+            assert_eq!(
+                text(run_cmd(&client, b"echo still here").await),
+                "still here\n"
+            );
+            client.close_write();
+            server.await.unwrap().unwrap();
+            let first = if answer == refused { "refused" } else { "ok" };
+            assert_eq!(client.recorded_requests(), [first, "ok"], "{identity:?}");
+        }
+        // The token still applies on top of the identity.
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(make(Some("s3cret")), conn.with_identity("ops"));
+        assert_eq!(
+            text(run_cmd(&client, b"deploy").await),
+            refusals::AUTH_REQUIRED
+        );
+        server.await.unwrap().unwrap();
+        let (conn, client) = testing::pipe();
+        let server = testing::spawn(make(Some("s3cret")), conn.with_identity("ops"));
+        assert_eq!(text(run_cmd(&client, b"auth s3cret").await), "ok");
+        assert_eq!(text(run_cmd(&client, b"deploy").await), "deploying\n");
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
+
+/// What `f` logs on this thread, every level, as text.
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = sink.0.lock().unwrap().clone();
+    String::from_utf8(text).unwrap()
+}
+
+#[test]
+fn commands_are_logged_with_the_clients_address_and_identity_and_tokens_never() {
+    let dir = Scratch::new("audit");
+    let logs = logs_of(|| {
+        testing::block_on(async {
+            let make = || {
+                service(&dir.0, |o| {
+                    o.token = Some("s3cret".into());
+                    o.commands
+                        .insert("deploy".into(), entry_for(&["echo", "deploying"], &["ops"]));
+                })
+            };
+            let (conn, client) = testing::pipe();
+            let conn = conn
+                .with_identity("ops")
+                .with_peer("192.0.2.7:4000".parse().unwrap());
+            let server = testing::spawn(make(), conn);
+            assert_eq!(text(run_cmd(&client, b"auth s3cret").await), "ok");
+            assert_eq!(
+                text(run_cmd(&client, b"echo audited  words").await),
+                "audited words\n"
+            );
+            // Not a command once authenticated: refused, and its token must not be logged.
+            run_cmd(&client, b"auth s3cret").await;
+            client.close_write();
+            server.await.unwrap().unwrap();
+
+            let (conn, client) = testing::pipe();
+            let server = testing::spawn(make(), conn.with_identity("dev"));
+            assert_eq!(text(run_cmd(&client, b"auth s3cret").await), "ok");
+            run_cmd(&client, b"deploy now").await;
+            client.close_write();
+            server.await.unwrap().unwrap();
+        })
+    });
+    let line_with = |needle: &str| {
+        logs.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?} in:\n{logs}"))
+    };
+    let ran = line_with("echo audited  words");
+    for field in [
+        "INFO",
+        "exec: command",
+        "192.0.2.7:4000",
+        "identity=\"ops\"",
+        "outcome=\"ok\"",
+    ] {
+        assert!(ran.contains(field), "{field:?} missing from {ran:?}");
+    }
+    let refused = line_with("not allowed for this identity");
+    for field in ["INFO", "identity=\"dev\"", "deploy", "outcome=\"refused\""] {
+        assert!(
+            refused.contains(field),
+            "{field:?} missing from {refused:?}"
+        );
+    }
+    assert!(
+        !refused.contains("now"),
+        "only the command word of a refusal: {refused:?}"
+    );
+    assert!(!logs.contains("s3cret"), "a token was logged:\n{logs}");
+}
+
+#[test]
 fn bad_options_are_reported_by_key() {
     let err = |tweak: fn(&mut ExecOptions)| {
         let mut o = ExecOptions::default();
@@ -385,4 +543,16 @@ fn bad_options_are_reported_by_key() {
         }),
         "commands.two words"
     );
+    // `identities` that no client could ever satisfy.
+    for identities in [&[][..], &[""], &["ops", ""], &["o\nps"]] {
+        let mut o = ExecOptions::default();
+        o.commands
+            .insert("x".into(), entry_for(&["true"], identities));
+        let e = Exec::build(o).err().unwrap();
+        assert_eq!(
+            e.option.as_deref(),
+            Some("commands.x.identities"),
+            "{identities:?}"
+        );
+    }
 }

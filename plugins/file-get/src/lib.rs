@@ -8,10 +8,16 @@
 //! `ERR <reason>` instead of a size, and the connection stays usable. Paths are split on
 //! whitespace: they cannot contain spaces.
 //!
+//! Which root: a client whose identity (from a verified TLS client certificate,
+//! [`Context::identity`]) has an entry in `roots` is served that directory and nothing else;
+//! every other client, one without an identity included, is served `root`, or, without
+//! `root`, refused every request (`ERR not allowed for this client`). The choice is made once
+//! per connection: an identity never changes on a connection.
+//!
 //! How it stays safe and fast:
 //!
-//! - [`resolve`]: every path is resolved by the kernel beneath the root directory handle;
-//!   only regular files are ever opened for reading.
+//! - [`resolve`]: every path is resolved by the kernel beneath the chosen root's directory
+//!   handle; only regular files are ever opened for reading.
 //! - [`digest`]: each file version's MD5 is computed about once and cached under a key that
 //!   any change invalidates; a hash stopped because its client left is kept as progress that
 //!   the next download of that version continues (two concurrent cold downloads of one file
@@ -29,6 +35,7 @@
 pub mod digest;
 pub mod resolve;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -70,9 +77,14 @@ pub const CHANGED: &str = "ERR file changed";
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileGetOptions {
-    /// The directory served (required; must exist at startup).
+    /// The directory served to clients without a root of their own in `roots` (must exist at
+    /// startup); required unless `roots` is set, and without it those clients are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
+    /// Per client identity (from verified TLS client certificates), the directory served to
+    /// that client instead of `root`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub roots: BTreeMap<String, PathBuf>,
     /// Most digests remembered.
     pub cache_entries: usize,
 }
@@ -81,6 +93,7 @@ impl Default for FileGetOptions {
     fn default() -> Self {
         FileGetOptions {
             root: None,
+            roots: BTreeMap::new(),
             cache_entries: 4096,
         }
     }
@@ -88,7 +101,10 @@ impl Default for FileGetOptions {
 
 /// A file-get service.
 pub struct FileGet {
-    root: Arc<Root>,
+    /// `root`: what clients without a root in `roots` are served; `None` refuses them.
+    root: Option<Arc<Root>>,
+    /// `roots`: each identity's own root.
+    roots: BTreeMap<String, Arc<Root>>,
     cache: Arc<DigestCache>,
     /// Whole-file digests computed so far (the cache's misses), for tests and diagnostics.
     hashed: AtomicU64,
@@ -106,14 +122,22 @@ mod outcome {
 }
 
 impl FileGet {
-    /// Serves `root` (an existing directory).
+    /// Serves `root` (an existing directory) to every client.
     pub fn new(root: &std::path::Path, cache_entries: usize) -> io::Result<Self> {
         Ok(FileGet {
-            root: Arc::new(Root::open(root)?),
+            root: Some(Arc::new(Root::open(root)?)),
+            roots: BTreeMap::new(),
             cache: Arc::new(DigestCache::new(cache_entries)),
             hashed: AtomicU64::new(0),
             hashed_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// The root a client with `identity` is served; `None`: it may read nothing.
+    fn root_for(&self, identity: Option<&str>) -> Option<&Arc<Root>> {
+        identity
+            .and_then(|id| self.roots.get(id))
+            .or(self.root.as_ref())
     }
 
     /// How many bytes this service has hashed, all downloads together.
@@ -144,6 +168,7 @@ enum Done {
 impl Service for FileGet {
     async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
         let mut reader = CommandReader::default();
+        let root = self.root_for(cx.identity());
         loop {
             let line = match reader.next(&mut conn, cx).await? {
                 Frame::Closed => return Ok(()),
@@ -162,10 +187,16 @@ impl Service for FileGet {
             let started = Instant::now();
             let words: Vec<&str> = line.split_ascii_whitespace().collect();
             let done = match words.as_slice() {
-                ["get", path] => self.get(&mut conn, cx, &mut reader, path, "0").await?,
-                ["get", path, offset] => self.get(&mut conn, cx, &mut reader, path, offset).await?,
-                ["list"] => self.list(&mut conn, cx, &mut reader, "").await?,
-                ["list", dir] => self.list(&mut conn, cx, &mut reader, dir).await?,
+                ["get", path] => {
+                    self.get(&mut conn, cx, &mut reader, root, path, "0")
+                        .await?
+                }
+                ["get", path, offset] => {
+                    self.get(&mut conn, cx, &mut reader, root, path, offset)
+                        .await?
+                }
+                ["list"] => self.list(&mut conn, cx, &mut reader, root, "").await?,
+                ["list", dir] => self.list(&mut conn, cx, &mut reader, root, dir).await?,
                 _ => {
                     reply_err(
                         &mut conn,
@@ -176,7 +207,19 @@ impl Service for FileGet {
                 }
             };
             match done {
-                Done::Answered(label) => cx.record_request(label, started.elapsed()),
+                Done::Answered(label) => {
+                    // At debug: requests are many and small (`WHARF_LOG=debug` shows them).
+                    // The line is client input, bounded by the framing, escaped by `{:?}`.
+                    tracing::debug!(
+                        service = cx.service(),
+                        peer = %cx.peer_addr(),
+                        identity = cx.identity().unwrap_or("-"),
+                        request = ?line,
+                        outcome = label,
+                        "file-get: request"
+                    );
+                    cx.record_request(label, started.elapsed());
+                }
                 Done::Close => return Ok(()),
             }
         }
@@ -184,16 +227,20 @@ impl Service for FileGet {
 }
 
 impl FileGet {
-    /// Resolves and opens a path in a blocking job: lookups can wait on a disk or a network
-    /// filesystem, and a worker must not.
+    /// Resolves and opens a path beneath the client's `root` (`None`: it may read nothing) in
+    /// a blocking job: lookups can wait on a disk or a network filesystem, and a worker must
+    /// not.
     async fn open<C: Conn>(
-        &self,
         conn: &C,
         cx: &Context,
+        root: Option<&Arc<Root>>,
         path: &str,
         want: Want,
     ) -> io::Result<Result<File, Denied>> {
-        let root = Arc::clone(&self.root);
+        let Some(root) = root else {
+            return Ok(Err(Denied::NotForClient));
+        };
+        let root = Arc::clone(root);
         let path = path.to_string();
         cx.blocking(conn, move || root.open_beneath(&path, want))
             .await
@@ -204,10 +251,11 @@ impl FileGet {
         conn: &mut C,
         cx: &Context,
         reader: &mut CommandReader,
+        root: Option<&Arc<Root>>,
         path: &str,
         offset: &str,
     ) -> io::Result<Done> {
-        let file = match self.open(conn, cx, path, Want::File).await? {
+        let file = match Self::open(conn, cx, root, path, Want::File).await? {
             Ok(file) => Arc::new(file),
             Err(denied) => return refuse(conn, &denied).await,
         };
@@ -259,9 +307,10 @@ impl FileGet {
         conn: &mut C,
         cx: &Context,
         reader: &mut CommandReader,
+        root: Option<&Arc<Root>>,
         dir: &str,
     ) -> io::Result<Done> {
-        let handle = match self.open(conn, cx, dir, Want::Directory).await? {
+        let handle = match Self::open(conn, cx, root, dir, Want::Directory).await? {
             Ok(handle) => handle,
             Err(denied) => return refuse(conn, &denied).await,
         };
@@ -441,8 +490,15 @@ impl Plugin for FileGet {
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc {
             name: "root",
-            kind: "path (required)",
-            help: "the directory served; nothing outside it is ever read",
+            kind: "path (required unless `roots` is set)",
+            help: "the directory served (to clients without a root in `roots`); nothing \
+                   outside it is ever read",
+        },
+        OptionDoc {
+            name: "roots",
+            kind: "table: <identity> = path",
+            help: "per TLS client identity, the directory served to that client instead of \
+                   `root`; without `root`, other clients are refused",
         },
         OptionDoc {
             name: "cache_entries",
@@ -460,22 +516,50 @@ impl Plugin for FileGet {
     type Options = FileGetOptions;
 
     fn build(o: FileGetOptions) -> Result<Self, PluginError> {
-        let Some(root) = o.root else {
+        if o.root.is_none() && o.roots.is_empty() {
             return Err(PluginError::option(
                 "root",
-                "is required: the directory to serve",
-            ));
-        };
-        if !root.is_dir() {
-            return Err(PluginError::option(
-                "root",
-                format!("`{}` is not an existing directory", root.display()),
+                "is required: the directory to serve (or `roots`, one per client identity)",
             ));
         }
-        FileGet::new(&root, o.cache_entries).map_err(|e| {
-            PluginError::option("root", format!("cannot open `{}`: {e}", root.display()))
+        let root = o
+            .root
+            .as_deref()
+            .map(|dir| open_root("root", dir))
+            .transpose()?;
+        let mut roots = BTreeMap::new();
+        for (identity, dir) in &o.roots {
+            let key = format!("roots.{identity}");
+            // What the TLS layer never gives as an identity (such names count as absent).
+            if identity.is_empty() || identity.chars().any(char::is_control) {
+                return Err(PluginError::option(
+                    key,
+                    "an identity cannot be empty or hold control characters",
+                ));
+            }
+            roots.insert(identity.clone(), open_root(&key, dir)?);
+        }
+        Ok(FileGet {
+            root,
+            roots,
+            cache: Arc::new(DigestCache::new(o.cache_entries)),
+            hashed: AtomicU64::new(0),
+            hashed_bytes: AtomicU64::new(0),
         })
     }
+}
+
+/// Opens the directory of option `key` as a root.
+fn open_root(key: &str, dir: &std::path::Path) -> Result<Arc<Root>, PluginError> {
+    if !dir.is_dir() {
+        return Err(PluginError::option(
+            key,
+            format!("`{}` is not an existing directory", dir.display()),
+        ));
+    }
+    Root::open(dir)
+        .map(Arc::new)
+        .map_err(|e| PluginError::option(key, format!("cannot open `{}`: {e}", dir.display())))
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub enum Denied {
     PermissionDenied,
     /// Anything else, with the OS error.
     Io(String),
+    /// The client may read nothing: no root for its identity and no `root` for all.
+    NotForClient,
 }
 
 impl Denied {
@@ -58,6 +60,7 @@ impl Denied {
             Denied::BadPath(why) => format!("bad path: {why}"),
             Denied::PermissionDenied => "permission denied".into(),
             Denied::Io(e) => format!("cannot open: {e}"),
+            Denied::NotForClient => "not allowed for this client".into(),
         }
     }
 

@@ -473,6 +473,134 @@ fn root_is_required_and_must_exist() {
     assert!(err.message.contains("not an existing directory"));
 }
 
+/// A `roots` entry's directory beside the tree's root: `ops.txt` in `<base>/ops`.
+fn ops_root(tree: &Tree) -> PathBuf {
+    let dir = tree.0.join("ops");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ops.txt"), b"for ops only\n").unwrap();
+    dir
+}
+
+/// A connection from a client with `identity` (`None`: no client certificate).
+fn pipe_as(identity: Option<&str>) -> (testing::MemConn, Client) {
+    let (conn, client) = testing::pipe();
+    match identity {
+        Some(id) => (conn.with_identity(id), client),
+        None => (conn, client),
+    }
+}
+
+#[test]
+fn an_identity_with_its_own_root_is_served_that_root_only() {
+    let tree = Tree::new("roots");
+    let svc = Arc::new(
+        FileGet::build(FileGetOptions {
+            root: Some(tree.root()),
+            roots: [("ops".to_string(), ops_root(&tree))].into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let file = |data: &[u8]| Got::File {
+        data: data.to_vec(),
+        trailer: md5_hex(data),
+    };
+    let missing = || Got::Err("ERR no such file".into());
+    testing::block_on(async {
+        let (conn, client) = pipe_as(Some("ops"));
+        let server = serve_shared(&svc, conn);
+        assert_eq!(get(&client, "get ops.txt").await, file(b"for ops only\n"));
+        // Not the shared root, and no way out of its own.
+        assert_eq!(get(&client, "get a.txt").await, missing());
+        assert_eq!(
+            get(&client, "get ../root/a.txt").await,
+            Got::Err("ERR path outside root".into())
+        );
+        client.close_write();
+        server.await.unwrap().unwrap();
+        // Other identities, and clients without one, get `root`.
+        for identity in [Some("dev"), Some("Ops"), None] {
+            let (conn, client) = pipe_as(identity);
+            let server = serve_shared(&svc, conn);
+            assert_eq!(get(&client, "get a.txt").await, file(b"hello file-get\n"));
+            assert_eq!(get(&client, "get ops.txt").await, missing(), "{identity:?}");
+            client.close_write();
+            server.await.unwrap().unwrap();
+        }
+    });
+}
+
+#[test]
+fn without_root_clients_lacking_a_root_of_their_own_are_refused() {
+    let tree = Tree::new("roots-only");
+    let svc = Arc::new(
+        FileGet::build(FileGetOptions {
+            roots: [("ops".to_string(), ops_root(&tree))].into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    testing::block_on(async {
+        for identity in [Some("dev"), None] {
+            let (conn, client) = pipe_as(identity);
+            let server = serve_shared(&svc, conn);
+            for request in ["get ops.txt", "get a.txt", "list"] {
+                assert_eq!(
+                    get(&client, request).await,
+                    Got::Err("ERR not allowed for this client".into()),
+                    "{identity:?} {request}"
+                );
+            }
+            // Refusals, and the connection stays usable like after any `ERR`.
+            assert_eq!(client.recorded_requests(), ["refused"; 3]);
+            client.close_write();
+            server.await.unwrap().unwrap();
+        }
+        let (conn, client) = pipe_as(Some("ops"));
+        let server = serve_shared(&svc, conn);
+        assert!(matches!(
+            get(&client, "get ops.txt").await,
+            Got::File { .. }
+        ));
+        client.close_write();
+        server.await.unwrap().unwrap();
+    });
+}
+
+#[test]
+fn roots_are_checked_by_key() {
+    let tree = Tree::new("roots-options");
+    let err = |roots: &[(&str, PathBuf)]| {
+        FileGet::build(FileGetOptions {
+            root: Some(tree.root()),
+            roots: roots
+                .iter()
+                .map(|(id, dir)| (id.to_string(), dir.clone()))
+                .collect(),
+            ..Default::default()
+        })
+        .err()
+        .unwrap()
+    };
+    let e = err(&[("ops", tree.0.join("missing"))]);
+    assert_eq!(e.option.as_deref(), Some("roots.ops"));
+    assert!(
+        e.message.contains("not an existing directory"),
+        "{}",
+        e.message
+    );
+    let e = err(&[("", tree.root())]);
+    assert_eq!(e.option.as_deref(), Some("roots."));
+    let e = err(&[("o\tps", tree.root())]);
+    assert_eq!(e.option.as_deref(), Some("roots.o\tps"));
+    // `roots` alone is enough: `root` is then optional.
+    let only_roots = FileGetOptions {
+        roots: [("ops".to_string(), tree.root())].into(),
+        ..Default::default()
+    };
+    assert!(FileGet::build(only_roots).is_ok());
+}
+
 #[test]
 fn resumes_that_leave_continue_one_hash_instead_of_starting_over() {
     let tree = Tree::new("resume-leave");
