@@ -194,7 +194,10 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(crate::status::run_sampler(Arc::clone(&status), handle.clone()));
+    tokio::spawn(crate::status::run_sampler(
+        Arc::clone(&status),
+        handle.clone(),
+    ));
     let endpoint = Arc::new(Endpoint {
         handle,
         allow_from,
@@ -480,34 +483,32 @@ fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
     if method != "GET" && method != "HEAD" {
         return fixed("405 Method Not Allowed", "only GET and HEAD\n");
     }
-    match path {
-        "/healthz" => fixed("200 OK", "ok\n"),
-        "/readyz" => match endpoint.readiness.check() {
-            Ok(()) => fixed("200 OK", "ready\n"),
-            Err(why) => fixed("503 Service Unavailable", &format!("not ready: {why}\n")),
-        },
-        "/metrics" | "/status" | "/" => {}
-        _ if path.starts_with("/assets/") => {}
-        _ => {
-            return fixed(
-                "404 Not Found",
-                "not found; try /, /status, /metrics, /healthz or /readyz\n",
-            )
-        }
-    }
+    // Health answers need no slot and answer everyone.
     let page = match path {
+        "/healthz" => return fixed("200 OK", "ok\n"),
+        "/readyz" => {
+            return match endpoint.readiness.check() {
+                Ok(()) => fixed("200 OK", "ready\n"),
+                Err(why) => fixed("503 Service Unavailable", &format!("not ready: {why}\n")),
+            }
+        }
         "/metrics" => Page::Metrics,
         "/status" => Page::StatusJson,
         "/" => Page::StatusHtml,
         _ => match status::page::asset(path) {
             Some(asset) => Page::Asset(asset),
-            None => return fixed("404 Not Found", "no such asset\n"),
+            None => {
+                return fixed(
+                    "404 Not Found",
+                    "not found; try /, /status, /metrics, /healthz or /readyz\n",
+                )
+            }
         },
     };
     let allowed = {
-                let allow_from = endpoint.allow_from.borrow();
-                allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
-            };
+        let allow_from = endpoint.allow_from.borrow();
+        allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
+    };
     if !allowed {
         count_rejected("allow_from");
         return fixed("403 Forbidden", "forbidden: not in metrics.allow_from\n");

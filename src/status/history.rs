@@ -140,9 +140,7 @@ impl History {
         for ((t0, t1), (p0, p1)) in steps.zip(pairs) {
             let dt = t1 - t0;
             let rate = |f: fn(&Point) -> u64| match (p0, p1) {
-                (Some(a), Some(b)) if dt > 0.0 && f(b) >= f(a) => {
-                    Some((f(b) - f(a)) as f64 / dt)
-                }
+                (Some(a), Some(b)) if dt > 0.0 && f(b) >= f(a) => Some((f(b) - f(a)) as f64 / dt),
                 _ => None,
             };
             r.received.push(rate(|p| p.received));
@@ -159,10 +157,7 @@ impl History {
     /// process is younger). `None` without requests in that window.
     pub fn latency_quantile(&self, service: &str, q: f64) -> Option<f64> {
         let now = &self.latest.get(service)?.latency;
-        let base = self
-            .services
-            .get(service)
-            .and_then(|h| h.latency.front());
+        let base = self.services.get(service).and_then(|h| h.latency.front());
         let window: Vec<(f64, u64)> = now
             .iter()
             .map(|&(le, n)| {
@@ -251,8 +246,14 @@ mod tests {
     fn latency_covers_the_window_since_the_oldest_snapshot() {
         let mut h = History::new(300);
         // Snapshot at sample 0: 10 fast requests. Later, 10 slow ones: the window is those.
-        h.push(0.0, counters(0, vec![(0.01, 10), (1.0, 10), (f64::INFINITY, 10)]));
-        h.push(1.0, counters(0, vec![(0.01, 10), (1.0, 20), (f64::INFINITY, 20)]));
+        h.push(
+            0.0,
+            counters(0, vec![(0.01, 10), (1.0, 10), (f64::INFINITY, 10)]),
+        );
+        h.push(
+            1.0,
+            counters(0, vec![(0.01, 10), (1.0, 20), (f64::INFINITY, 20)]),
+        );
         let p50 = h.latency_quantile("echo", 0.5).unwrap();
         assert!(p50 > 0.01 && p50 <= 1.0, "{p50}");
         assert_eq!(h.latency_quantile("nobody", 0.5), None);

@@ -97,16 +97,18 @@ fn uptime(seconds: f64) -> String {
     }
 }
 
-/// `allow_from=1, max_connections=0` as shown in the table.
+/// The non-zero counts, `allow_from 2, max_connections 1`; `0` when there are none.
 fn by_key(counts: &std::collections::BTreeMap<String, u64>) -> String {
-    if counts.is_empty() {
-        return "-".into();
-    }
-    counts
+    let said: Vec<String> = counts
         .iter()
+        .filter(|(_, v)| **v > 0)
         .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    if said.is_empty() {
+        "0".into()
+    } else {
+        said.join(", ")
+    }
 }
 
 /// What the server row says about the config.
@@ -150,7 +152,10 @@ fn drain_text(doc: &Document) -> String {
 fn columns(s: &Service) -> [(&'static str, &'static str, String); 10] {
     let (requests, p50, p99) = match &s.requests {
         Some(r) => (
-            format!("{} ({})", r.total, by_key(&r.by_outcome)),
+            match r.total {
+                0 => "0".to_string(),
+                total => format!("{total} ({})", by_key(&r.by_outcome)),
+            },
             secs(r.p50_seconds),
             secs(r.p99_seconds),
         ),
@@ -273,7 +278,10 @@ mod tests {
 
     #[test]
     fn text_is_escaped() {
-        assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
     }
 
     #[test]

@@ -31,8 +31,8 @@
     return d + "d " + h + "h " + m + "m";
   }
   function byKey(counts) {
-    var keys = Object.keys(counts || {}).sort();
-    if (keys.length === 0) return "-";
+    var keys = Object.keys(counts || {}).sort().filter(function (k) { return counts[k] > 0; });
+    if (keys.length === 0) return "0";
     return keys.map(function (k) { return k + " " + counts[k]; }).join(", ");
   }
   function configText(doc) {
@@ -57,7 +57,7 @@
       ["Rejected", "rejected", byKey(s.connections.rejected)],
       ["In", "in", byteRate(s.rates.received_bytes_per_second)],
       ["Out", "out", byteRate(s.rates.sent_bytes_per_second)],
-      ["Requests", "requests", r ? r.total + " (" + byKey(r.by_outcome) + ")" : "-"],
+      ["Requests", "requests", !r ? "-" : r.total === 0 ? "0" : r.total + " (" + byKey(r.by_outcome) + ")"],
       ["p50", "p50", r ? secs(r.p50_seconds) : "-"],
       ["p99", "p99", r ? secs(r.p99_seconds) : "-"]
     ];
@@ -107,7 +107,7 @@
       legend: { live: false },
       cursor: { show: false },
       scales: { x: { time: true } },
-      axes: [{}, { size: 70, values: function (u, ticks) { return ticks.map(byteRate); } }],
+      axes: [{}, { size: 86, values: function (u, ticks) { return ticks.map(byteRate); } }],
       series: [
         {},
         { label: "in", stroke: "#1f6fb2", width: 2, value: function (u, v) { return byteRate(v); } },
