@@ -39,7 +39,8 @@ pub struct History {
     services: BTreeMap<String, ServiceHistory>,
     /// The full counters of the newest sample.
     latest: BTreeMap<String, Counters>,
-    samples: u64,
+    /// Samples until the next latency snapshot.
+    until_snapshot: u64,
 }
 
 /// Per-second rates between consecutive samples, for one service, aligned with
@@ -61,7 +62,7 @@ impl History {
             times: VecDeque::new(),
             services: BTreeMap::new(),
             latest: BTreeMap::new(),
-            samples: 0,
+            until_snapshot: 0,
         }
     }
 
@@ -72,8 +73,12 @@ impl History {
             self.times.pop_front();
         }
         self.times.push_back(unix);
-        let snapshot = self.samples % LATENCY_SNAPSHOT_EVERY == 0;
-        self.samples += 1;
+        // Every LATENCY_SNAPSHOT_EVERY samples, from the first.
+        let snapshot = self.until_snapshot == 0;
+        self.until_snapshot = match self.until_snapshot {
+            0 => LATENCY_SNAPSHOT_EVERY - 1,
+            n => n - 1,
+        };
         let len = self.times.len();
         for (name, c) in &counters {
             let h = self.services.entry(name.clone()).or_insert_with(|| {

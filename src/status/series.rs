@@ -34,7 +34,12 @@ pub fn per_service(exposition: &str) -> BTreeMap<String, Counters> {
     let latency_bucket = format!("{}_bucket", names::REQUEST_DURATION);
     let mut out: BTreeMap<String, Counters> = BTreeMap::new();
     for line in exposition.lines() {
-        let Some((name, labels, value)) = parse_line(line) else {
+        let Some(Line {
+            name,
+            labels,
+            value,
+        }) = parse_line(line)
+        else {
             continue;
         };
         let Some(service) = label(&labels, "service") else {
@@ -85,9 +90,17 @@ fn add_bucket(buckets: &mut Vec<(f64, u64)>, le: f64, n: u64) {
     }
 }
 
+/// One sample line of the exposition.
+struct Line<'a> {
+    name: &'a str,
+    /// Label names and (unescaped) values.
+    labels: Vec<(&'a str, String)>,
+    value: f64,
+}
+
 /// `name{a="x",b="y"} value` (labels optional, a timestamp after the value allowed) as its
 /// parts; `None` for comments, blank lines and anything malformed.
-fn parse_line(line: &str) -> Option<(&str, Vec<(&str, String)>, f64)> {
+fn parse_line(line: &str) -> Option<Line<'_>> {
     if line.starts_with('#') || line.trim().is_empty() {
         return None;
     }
@@ -109,7 +122,11 @@ fn parse_line(line: &str) -> Option<(&str, Vec<(&str, String)>, f64)> {
         }
     }
     let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
+    Some(Line {
+        name,
+        labels,
+        value,
+    })
 }
 
 /// The text up to the closing quote, unescaped (`\"`, `\\`, `\n`), and what follows the quote.
@@ -178,7 +195,8 @@ mod tests {
             assert!(s.values().all(|c| c.sent == 0), "{line}");
         }
         assert_eq!(
-            parse_line("a{b=\"q\\\"x\\\\\"} 2 1700000000").map(|(_, l, v)| (l[0].1.clone(), v)),
+            parse_line("a{b=\"q\\\"x\\\\\"} 2 1700000000")
+                .map(|l| (l.labels[0].1.clone(), l.value)),
             Some(("q\"x\\".to_string(), 2.0))
         );
     }
