@@ -113,26 +113,46 @@ fn probe_kind(kind: BackendKind) -> Result<(), String> {
     dispatch(kind, Probe)
 }
 
+/// The backend [`resolve`] chose, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The backend the workers run.
+    pub kind: BackendKind,
+    /// Why this one: `configured`, or what `auto` found (as logged; the status page shows it).
+    pub why: String,
+}
+
 /// Which backend the workers will run: the one configured, if it can run here (else an error
 /// saying why), or for `auto` the first of io_uring and epoll that can, logged with the reason.
-pub fn resolve(choice: BackendChoice) -> Result<BackendKind, String> {
+pub fn resolve(choice: BackendChoice) -> Result<Resolved, String> {
     match choice {
-        BackendChoice::Kind(kind) => probe_kind(kind).map(|()| kind).map_err(|why| {
-            format!(
-                "server.backend = \"{kind}\" but {why}; use backend = \"{}\" or \"auto\"",
-                fallback(kind)
-            )
-        }),
-        BackendChoice::Auto => match probe_kind(BackendKind::IoUring) {
+        BackendChoice::Kind(kind) => probe_kind(kind)
+            .map(|()| Resolved {
+                kind,
+                why: "configured".into(),
+            })
+            .map_err(|why| {
+                format!(
+                    "server.backend = \"{kind}\" but {why}; use backend = \"{}\" or \"auto\"",
+                    fallback(kind)
+                )
+            }),
+        BackendChoice::Auto => Ok(match probe_kind(BackendKind::IoUring) {
             Ok(()) => {
                 info!("backend auto: using io_uring (the kernel allows io_uring rings)");
-                Ok(BackendKind::IoUring)
+                Resolved {
+                    kind: BackendKind::IoUring,
+                    why: "auto: the kernel allows io_uring rings".into(),
+                }
             }
             Err(why) => {
                 info!("backend auto: using epoll because {why}");
-                Ok(BackendKind::Epoll)
+                Resolved {
+                    kind: BackendKind::Epoll,
+                    why: format!("auto: fell back to epoll because {why}"),
+                }
             }
-        },
+        }),
     }
 }
 
@@ -165,7 +185,7 @@ mod tests {
     #[test]
     fn epoll_always_resolves() {
         assert_eq!(
-            resolve(BackendChoice::Kind(BackendKind::Epoll)),
+            resolve(BackendChoice::Kind(BackendKind::Epoll)).map(|r| r.kind),
             Ok(BackendKind::Epoll)
         );
         assert!(resolve(BackendChoice::Auto).is_ok());

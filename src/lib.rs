@@ -5,7 +5,8 @@
 //! - [`backends`]: the only place that maps a backend name to its implementation crate.
 //! - [`registry`]: plugin names to constructors; [`plan`]: config to built services;
 //!   [`reload`]: what a new config changes (pure decisions); [`metrics_http`]: `/metrics`,
-//!   `/healthz`, `/readyz`; [`activation`], [`notify`]: systemd.
+//!   `/healthz`, `/readyz`; [`status`]: the status page (`/`) and `/status` JSON it also
+//!   serves; [`activation`], [`notify`]: systemd.
 //!
 //! It is a library so that a third-party binary can reuse all of it and add its own plugins
 //! with one `register` line (see [`registry`]). The framework itself lives in `wharf-core`,
@@ -25,5 +26,6 @@ pub mod plan;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod status;
 
 pub use registry::Registry;

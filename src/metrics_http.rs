@@ -25,6 +25,9 @@
 //!   `allow_from`, checked before a slot is taken.
 //!
 //! What is turned away is counted in `wharf_metrics_endpoint_rejected_total{reason}`.
+//!
+//! The status page (`/`, its `/assets/`) and `/status` (JSON) are served here too, from
+//! [`crate::status`], under the same rules as `/metrics`: `allow_from`, a scrape slot each.
 
 use std::collections::HashMap;
 use std::io;
@@ -38,6 +41,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tracing::debug;
 use wharf_core::net::Cidr;
+
+use crate::status::{self, Status};
 
 /// Histogram buckets (seconds) for network latencies: 100 us to 5 min.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -128,6 +133,16 @@ impl Readiness {
         }
     }
 
+    /// `starting`, `ready`, `draining` or `failed`, with the reason of a failure.
+    pub fn state(&self) -> (&'static str, Option<String>) {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            ReadyState::Starting => ("starting", None),
+            ReadyState::Ready => ("ready", None),
+            ReadyState::Draining => ("draining", None),
+            ReadyState::Failed(reason) => ("failed", Some(reason.clone())),
+        }
+    }
+
     /// `Ok` when ready, else why not.
     fn check(&self) -> Result<(), String> {
         match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -147,17 +162,21 @@ struct Endpoint {
     /// The `process_*` series (open and maximum descriptors, resident memory, threads, CPU
     /// seconds), read from /proc at each scrape: how an operator sees the process-wide bounds.
     process: metrics_process::Collector,
+    /// What `/` and `/status` show.
+    status: Arc<Status>,
 }
 
-/// Serves scrapes and health checks until the task is dropped. Call inside a tokio runtime.
-/// Peers outside a non-empty `allow_from` get 403 for `/metrics`; the health endpoints reveal
-/// nothing and answer everyone (a kubelet probes from the node's address). `allow_from` is
-/// read when a request arrives, so a config reload changes it for the next scrape.
+/// Serves scrapes, the status page and health checks until the task is dropped, and samples
+/// the registry for the status ([`crate::status::run_sampler`]). Call inside a tokio runtime.
+/// Peers outside a non-empty `allow_from` get 403 for everything but the health endpoints,
+/// which reveal nothing and answer everyone (a kubelet probes from the node's address).
+/// `allow_from` is read when a request arrives, so a config reload changes it for the next.
 pub async fn serve(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
     allow_from: tokio::sync::watch::Receiver<Vec<Cidr>>,
     readiness: Readiness,
+    status: Arc<Status>,
 ) -> io::Result<()> {
     metrics::describe_counter!(
         REJECTED,
@@ -175,12 +194,17 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
+    tokio::spawn(crate::status::run_sampler(
+        Arc::clone(&status),
+        handle.clone(),
+    ));
     let endpoint = Arc::new(Endpoint {
         handle,
         allow_from,
         readiness,
         scrapes: Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_IN_FLIGHT)),
         process: metrics_process::Collector::default(),
+        status,
     });
     endpoint.process.describe();
     let tracker = Arc::new(Tracker::default());
@@ -345,10 +369,8 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ticket: Ticket, end
     };
     let (answer, limit) = match answer(&head, peer, endpoint) {
         Answer::Fixed(response) => (response, ANSWER_TIMEOUT),
-        Answer::Scrape(permit, head_only) => {
-            endpoint.process.collect();
-            let body = by_family_name(&endpoint.handle.render());
-            let response = response("200 OK", METRICS_TYPE, &body, head_only);
+        Answer::Slotted(permit, page, head_only) => {
+            let response = page.render(endpoint, head_only);
             let write = write_answer(&mut stream, &response);
             match tokio::time::timeout(SCRAPE_TIMEOUT, write).await {
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics scrape failed"),
@@ -396,11 +418,55 @@ const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 enum Answer {
     /// A small answer, written as is.
     Fixed(Vec<u8>),
-    /// A scrape holding a slot; `true` for `HEAD` (headers only).
-    Scrape(tokio::sync::OwnedSemaphorePermit, bool),
+    /// A page holding a scrape slot while it is rendered and written; `true` for `HEAD`
+    /// (headers only).
+    Slotted(tokio::sync::OwnedSemaphorePermit, Page, bool),
 }
 
-/// What `head` gets. Only an allowed `/metrics` request takes a scrape slot.
+/// What an allowed request beyond the health checks gets.
+enum Page {
+    /// `/metrics`: the exposition.
+    Metrics,
+    /// `/status`: the status document as JSON.
+    StatusJson,
+    /// `/`: the status page.
+    StatusHtml,
+    /// `/assets/...`: a file of the status page.
+    Asset(status::page::Asset),
+}
+
+impl Page {
+    /// The whole response, rendered now.
+    fn render(self, endpoint: &Endpoint, head_only: bool) -> Vec<u8> {
+        match self {
+            Page::Metrics => {
+                endpoint.process.collect();
+                let body = by_family_name(&endpoint.handle.render());
+                response("200 OK", METRICS_TYPE, &body, head_only)
+            }
+            Page::StatusJson => {
+                let body = endpoint.status.document().to_json();
+                let headers = "Cache-Control: no-store\r\n";
+                response_with("200 OK", JSON_TYPE, headers, &body, head_only)
+            }
+            Page::StatusHtml => {
+                let body = status::page::html(&endpoint.status.document());
+                let headers = format!(
+                    "Cache-Control: no-store\r\nContent-Security-Policy: {}\r\n\
+                     X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n",
+                    status::page::CONTENT_SECURITY_POLICY
+                );
+                response_with("200 OK", HTML_TYPE, &headers, &body, head_only)
+            }
+            Page::Asset(asset) => {
+                let headers = "Cache-Control: max-age=300\r\nX-Content-Type-Options: nosniff\r\n";
+                response_with("200 OK", asset.content_type, headers, asset.body, head_only)
+            }
+        }
+    }
+}
+
+/// What `head` gets. Only an allowed request for a page takes a scrape slot.
 fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
     let line = head.bytes.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
@@ -417,36 +483,45 @@ fn answer(head: &Head, peer: SocketAddr, endpoint: &Endpoint) -> Answer {
     if method != "GET" && method != "HEAD" {
         return fixed("405 Method Not Allowed", "only GET and HEAD\n");
     }
-    match path {
-        "/healthz" => fixed("200 OK", "ok\n"),
-        "/readyz" => match endpoint.readiness.check() {
-            Ok(()) => fixed("200 OK", "ready\n"),
-            Err(why) => fixed("503 Service Unavailable", &format!("not ready: {why}\n")),
-        },
-        "/metrics" => {
-            let allowed = {
-                let allow_from = endpoint.allow_from.borrow();
-                allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
-            };
-            if !allowed {
-                count_rejected("allow_from");
-                return fixed("403 Forbidden", "forbidden: not in metrics.allow_from\n");
-            }
-            match Arc::clone(&endpoint.scrapes).try_acquire_owned() {
-                Ok(permit) => Answer::Scrape(permit, head_only),
-                Err(_) => {
-                    count_rejected("busy");
-                    fixed(
-                        "503 Service Unavailable",
-                        "busy: too many scrapes in flight\n",
-                    )
-                }
+    // Health answers need no slot and answer everyone.
+    let page = match path {
+        "/healthz" => return fixed("200 OK", "ok\n"),
+        "/readyz" => {
+            return match endpoint.readiness.check() {
+                Ok(()) => fixed("200 OK", "ready\n"),
+                Err(why) => fixed("503 Service Unavailable", &format!("not ready: {why}\n")),
             }
         }
-        _ => fixed(
-            "404 Not Found",
-            "not found; try /metrics, /healthz or /readyz\n",
-        ),
+        "/metrics" => Page::Metrics,
+        "/status" => Page::StatusJson,
+        "/" => Page::StatusHtml,
+        _ => match status::page::asset(path) {
+            Some(asset) => Page::Asset(asset),
+            None => {
+                return fixed(
+                    "404 Not Found",
+                    "not found; try /, /status, /metrics, /healthz or /readyz\n",
+                )
+            }
+        },
+    };
+    let allowed = {
+        let allow_from = endpoint.allow_from.borrow();
+        allow_from.is_empty() || allow_from.iter().any(|n| n.contains(peer.ip()))
+    };
+    if !allowed {
+        count_rejected("allow_from");
+        return fixed("403 Forbidden", "forbidden: not in metrics.allow_from\n");
+    }
+    match Arc::clone(&endpoint.scrapes).try_acquire_owned() {
+        Ok(permit) => Answer::Slotted(permit, page, head_only),
+        Err(_) => {
+            count_rejected("busy");
+            fixed(
+                "503 Service Unavailable",
+                "busy: too many scrapes in flight\n",
+            )
+        }
     }
 }
 
@@ -478,10 +553,24 @@ fn by_family_name(text: &str) -> String {
     sorted
 }
 
+const JSON_TYPE: &str = "application/json";
+const HTML_TYPE: &str = "text/html; charset=utf-8";
+
 fn response(status: &str, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
+    response_with(status, content_type, "", body, head_only)
+}
+
+/// A response with `extra_headers` (each line ending in CRLF).
+fn response_with(
+    status: &str,
+    content_type: &str,
+    extra_headers: &str,
+    body: &str,
+    head_only: bool,
+) -> Vec<u8> {
     let mut response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\nServer: wharf\r\n\r\n",
+         {extra_headers}Connection: close\r\nServer: wharf\r\n\r\n",
         body.len()
     )
     .into_bytes();

@@ -43,6 +43,7 @@ pub(super) async fn drain<B: CompiledBackend>(
     info!(signal = cause, grace = ?grace, "shutting down: no new connections, draining open ones");
     notify::notify("STOPPING=1");
     readiness.set_draining();
+    running.status.set_draining(grace);
     trigger.trigger(grace);
     running.drain_all_within(grace);
     // A second stop signal during the drain means "now": exit without waiting for the grace.

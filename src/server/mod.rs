@@ -15,7 +15,8 @@
 //! 5. [`drain`]: stop accepting, let open connections finish within the grace, exit.
 //!
 //! Process-level metrics (build info, reloads) are defined in [`process_metrics`]; the
-//! `/metrics`, `/healthz` and `/readyz` endpoint is [`crate::metrics_http`].
+//! `/metrics`, `/healthz` and `/readyz` endpoint is [`crate::metrics_http`], which also serves
+//! the status page from the facts these phases put on a [`crate::status::Board`].
 
 mod bootstrap;
 mod drain;
@@ -42,6 +43,7 @@ use crate::backends::{self, CompiledBackend, OnBackend};
 use crate::metrics_http;
 use crate::notify;
 use crate::plan::Plan;
+use crate::status;
 use running::Running;
 
 /// A failure that stops `wharf serve`, already worded for the user, with the exit status it
@@ -101,22 +103,28 @@ pub fn run(plan: Plan, reload: ReloadSource) -> Result<(), ServeError> {
     // started, a panic unwinding), no child process it started survives it.
     let _children = KillChildrenOnExit;
     let backend = backends::resolve(plan.config.server.backend).map_err(ServeError::failure)?;
-    struct Launch(Plan, ReloadSource);
+    struct Launch(Plan, ReloadSource, String);
     impl OnBackend for Launch {
         type Output = Result<(), ServeError>;
         fn run<B: CompiledBackend>(self) -> Self::Output {
-            launch::<B>(self.0, self.1)
+            launch::<B>(self.0, self.1, self.2)
         }
     }
-    backends::dispatch(backend, Launch(plan, reload))
+    backends::dispatch(backend.kind, Launch(plan, reload, backend.why))
 }
 
-/// The phases, in order, on backend `B`.
-fn launch<B: CompiledBackend>(plan: Plan, reload: ReloadSource) -> Result<(), ServeError> {
+/// The phases, in order, on backend `B` (chosen for `why_backend`).
+fn launch<B: CompiledBackend>(
+    plan: Plan,
+    reload: ReloadSource,
+    why_backend: String,
+) -> Result<(), ServeError> {
     let worker_count = match plan.config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // What the status page shows; the phases below keep it current.
+    let board = status::Board::new(B::NAME, why_backend, worker_count);
 
     // 1. Bind.
     let bound = bootstrap::bind_all(&plan, worker_count)?;
@@ -141,7 +149,7 @@ fn launch<B: CompiledBackend>(plan: Plan, reload: ReloadSource) -> Result<(), Se
     let early_sighup = signals::hand_over_sighup();
 
     // 2. Start the workers, each with its descriptor of every service's socket.
-    let mut running = Running::<B>::new(plan.config.clone());
+    let mut running = Running::<B>::new(plan.config.clone(), board.clone());
     let mut per_worker: Vec<Vec<WorkerService<B>>> =
         (0..worker_count).map(|_| Vec::new()).collect();
     for (svc, socket) in plan.services.iter().zip(bound.services) {
@@ -157,6 +165,7 @@ fn launch<B: CompiledBackend>(plan: Plan, reload: ReloadSource) -> Result<(), Se
     for s in &running.services {
         running.log_listening(s);
     }
+    running.publish_services();
 
     main_rt.block_on(async move {
         // 3. Serve until a signal. Every service is listening by now: /readyz says so until
@@ -165,9 +174,10 @@ fn launch<B: CompiledBackend>(plan: Plan, reload: ReloadSource) -> Result<(), Se
         readiness.set_ready();
         let metrics_task = match (bound.metrics, prometheus) {
             (Some(socket), Some(handle)) => {
-                info!(listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening at /metrics, /healthz, /readyz");
+                info!(listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics endpoint listening at /metrics, /status (the status page at /), /healthz, /readyz");
                 let allow = running.metrics_allow.subscribe();
-                let serve = metrics_http::serve(socket, handle, allow, readiness.clone());
+                let status = status::Status::new(board, readiness.clone());
+                let serve = metrics_http::serve(socket, handle, allow, readiness.clone(), status);
                 Some(tokio::spawn(serve))
             }
             _ => None,

@@ -40,6 +40,7 @@ use crate::backends::CompiledBackend;
 use crate::notify;
 use crate::plan::Plan;
 use crate::reload::{self, ServiceKey, Step};
+use crate::status::ReloadOutcome;
 
 /// Runs one reload (`why` names its trigger) unless a stop signal comes first, which it
 /// returns. A SIGHUP during the reload sets `pending_hup`.
@@ -86,7 +87,7 @@ impl<B: CompiledBackend> Running<B> {
                     message: format!("loading the config panicked: {e}"),
                 }])
             });
-        let result = match loaded {
+        let (result, outcome) = match loaded {
             Err(errors) => {
                 for e in &errors {
                     error!("config error: {e}");
@@ -95,26 +96,29 @@ impl<B: CompiledBackend> Running<B> {
                     errors = errors.len(),
                     "reload rejected: the configuration is invalid; still running the previous one"
                 );
-                ReloadResult::Invalid
+                (ReloadResult::Invalid, ReloadOutcome::Invalid(errors.len()))
             }
             Ok(plan) => match self.apply(plan, started).await {
-                Ok(()) => ReloadResult::Success,
+                Ok(summary) => (ReloadResult::Success, ReloadOutcome::Applied(summary)),
                 Err(ApplyError::Unchanged(msg)) => {
                     error!("reload failed: {msg}; still running the previous configuration");
-                    ReloadResult::Failed
+                    (ReloadResult::Failed, ReloadOutcome::Failed)
                 }
                 Err(ApplyError::Partial(msg)) => {
                     error!("reload failed: partly applied ({msg}); some workers may not serve the new configuration: restart wharf");
-                    ReloadResult::Failed
+                    (ReloadResult::Failed, ReloadOutcome::Failed)
                 }
             },
         };
         result.record();
+        self.publish_services();
+        self.status.record_reload(why, outcome);
     }
 
     /// Applies a validated plan: binds new addresses first (any failure there leaves everything
     /// as it was), then tells every worker, then retires the generations that were replaced.
-    async fn apply(&mut self, plan: Plan, started: Instant) -> Result<(), ApplyError> {
+    /// Returns what changed, as logged.
+    async fn apply(&mut self, plan: Plan, started: Instant) -> Result<String, ApplyError> {
         let running: Vec<ServiceKey> = self.services.iter().map(|s| s.key.clone()).collect();
         let bound: Vec<SocketAddr> = self.services.iter().map(|s| s.bound).collect();
         let new: Vec<ServiceKey> = plan.services.iter().map(ServiceKey::of).collect();
@@ -152,7 +156,7 @@ impl<B: CompiledBackend> Running<B> {
             );
         }
         if failures.is_empty() {
-            Ok(())
+            Ok(summary.to_string())
         } else {
             Err(ApplyError::Partial(failures.join("; ")))
         }

@@ -22,6 +22,7 @@ use crate::backends::CompiledBackend;
 use crate::plan::PlannedService;
 use crate::registry::Instance;
 use crate::reload::ServiceKey;
+use crate::status::{Board, ServiceFacts};
 
 /// One running service, as the main thread tracks it.
 #[derive(Clone)]
@@ -49,11 +50,13 @@ pub(super) struct Running<B: CompiledBackend> {
     pub config: Config,
     /// `metrics.allow_from` as the metrics endpoint reads it.
     pub metrics_allow: watch::Sender<Vec<Cidr>>,
+    /// What the status page shows: the services, reloads, the drain.
+    pub status: Board,
 }
 
 impl<B: CompiledBackend> Running<B> {
     /// A server about to run `config` (no service yet: see [`Running::start_service`]).
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, status: Board) -> Self {
         let allow = config
             .metrics
             .as_ref()
@@ -66,6 +69,7 @@ impl<B: CompiledBackend> Running<B> {
             retired: Vec::new(),
             config,
             metrics_allow: watch::channel(allow).0,
+            status,
         }
     }
 
@@ -141,6 +145,24 @@ impl<B: CompiledBackend> Running<B> {
             workers = self.workers.len(),
             "listening"
         );
+    }
+
+    /// Puts the running services (name, plugin, address) on the status board.
+    pub fn publish_services(&self) {
+        let services = self
+            .services
+            .iter()
+            .map(|s| ServiceFacts {
+                name: s.key.name.clone(),
+                plugin: self
+                    .config
+                    .services
+                    .get(&s.key.name)
+                    .map_or_else(String::new, |c| c.plugin.clone()),
+                listen: vec![s.bound.to_string()],
+            })
+            .collect();
+        self.status.set_services(services);
     }
 
     /// Takes the reloadable settings of `new`; restart-only ones stay as started.
