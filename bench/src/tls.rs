@@ -172,7 +172,13 @@ impl ClientTls {
         if let Some(e) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
             return Some(self.explain_tls(e, answer));
         }
-        (handshaking && e.kind() == io::ErrorKind::UnexpectedEof).then(|| {
+        let closed = matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+        );
+        (handshaking && closed).then(|| {
             if answer.is_empty() {
                 "TLS handshake failed: the server closed the connection without answering \
                  (does it speak TLS on this port?)"
@@ -188,15 +194,10 @@ impl ClientTls {
         use rustls::Error;
         let name = self.server_name_text();
         match e {
+            // Whatever rustls made of it, an answer that is not TLS explains it best.
+            _ if !answer.is_empty() && !looks_like_tls(answer) => not_tls(answer),
             Error::InvalidCertificate(c) => self.explain_certificate(c, &name),
             Error::AlertReceived(alert) => self.explain_alert(*alert),
-            Error::InvalidMessage(_)
-            | Error::InappropriateMessage { .. }
-            | Error::InappropriateHandshakeMessage { .. }
-                if !answer.is_empty() && !looks_like_tls(answer) =>
-            {
-                not_tls(answer)
-            }
             Error::InvalidMessage(_) => {
                 format!("TLS failed: the server sent something that is not TLS ({e})")
             }

@@ -17,8 +17,9 @@ struct SServer {
 }
 
 impl SServer {
-    /// `openssl s_server` on a free loopback port with `cert`, in `mode` (`-rev`, `-www`) plus
-    /// `extra` arguments; returns once it accepts connections.
+    /// `openssl s_server` on a free loopback port with `cert`, in `mode` (`-rev`, `-HTTP`) plus
+    /// `extra` arguments, in the certificate's directory (where `-HTTP` finds its files);
+    /// returns once it accepts connections.
     fn start(cert: &CertFiles, mode: &str, extra: &[&str]) -> SServer {
         let addr = free_addr();
         let mut child = Command::new("openssl")
@@ -28,6 +29,7 @@ impl SServer {
             .arg(&cert.key)
             .args([mode, "-naccept", "1000"])
             .args(extra)
+            .current_dir(cert.cert.parent().unwrap())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -107,6 +109,18 @@ fn client_echo_speaks_tls_and_verifies_the_server_by_ip_or_name() {
         &["--ca", ca, "--server-name", "localhost"],
     );
     assert_eq!((code, out.as_str()), (0, "olleh\n"), "{err}");
+    // The command clients speak TLS too: a reversing server is no exec or file-get service,
+    // and they say so after reading its answer through TLS.
+    let addr = server.addr.to_string();
+    for (client, command, answer) in [("exec", "date", "etad"), ("list", "", "tsil")] {
+        let mut args = vec![client, "--tls", "--ca", ca, &addr];
+        if !command.is_empty() {
+            args.extend(["--", command]);
+        }
+        let (code, out, err) = wharf_client(&dir.0, &args);
+        let line = one_line(code, &out, &err);
+        assert!(line.contains(&format!("it answered `{answer}`")), "{line}");
+    }
 }
 
 #[test]
@@ -207,6 +221,28 @@ fn bad_tls_flags_are_one_line_errors() {
     assert_eq!(code, 2, "{err}");
 }
 
+/// `wharf bench ... --json` (after a short warm-up, for one second): the report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(WHARF)
+        .arg("bench")
+        .args(args)
+        .args(["-c", "1", "-d", "1", "--warmup", "0.2", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One connection opened per answered request, give or take one at the window's edges.
+fn assert_a_connection_per_request(report: &serde_json::Value) {
+    let requests = report["requests"].as_u64().unwrap();
+    let opened = report["connections_opened"].as_u64().unwrap();
+    assert!(requests > 0, "{report}");
+    assert_eq!(report["failed"].as_u64(), Some(0), "{report}");
+    assert!(opened + 1 >= requests && opened <= requests + 1, "{report}");
+}
+
 #[test]
 fn bench_http_over_tls_counts_handshakes() {
     if !have_tool("openssl", "version") {
@@ -214,22 +250,31 @@ fn bench_http_over_tls_counts_handshakes() {
     }
     let dir = TempDir::new();
     let pki = Pki::new(&dir.0, "main");
-    // -www answers `GET /` with a status page as HTTP/1.0 and closes: a handshake per request.
-    let server = SServer::start(&pki.server("server"), "-www", &[]);
-    let out = Command::new(WHARF)
-        .args(["bench", "http", &server.addr.to_string(), "--tls", "--ca"])
-        .arg(pki.ca_file())
-        .args(["-c", "1", "-d", "1", "--warmup", "0.2", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let requests = report["requests"].as_u64().unwrap();
-    let opened = report["connections_opened"].as_u64().unwrap();
-    assert!(requests > 0, "{report}");
-    assert_eq!(report["failed"].as_u64(), Some(0), "{report}");
+    // -HTTP serves a file holding its own HTTP/1.0 response, then closes: a handshake per
+    // request.
+    std::fs::write(
+        dir.0.join("hello"),
+        "HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n",
+    )
+    .unwrap();
+    let server = SServer::start(&pki.server("server"), "-HTTP", &[]);
+    let addr = server.addr.to_string();
+    let ca = path(pki.ca_file());
+    let report = bench_json(&["http", &addr, "--tls", "--ca", ca, "--path", "/hello"]);
     assert_eq!(report["tls"].as_bool(), Some(true), "{report}");
-    // One connection (one handshake) per answered request, give or take the window's edges.
-    assert!(opened + 1 >= requests && opened <= requests + 1, "{report}");
+    assert_a_connection_per_request(&report);
+}
+
+#[test]
+fn bench_new_conn_opens_a_connection_per_request() {
+    let config = "[services.web]\nplugin = \"http-hello\"\nlisten = \"127.0.0.1:0\"\n";
+    let server = Server::start(config, "epoll");
+    let addr = server.addr("web").to_string();
+    // Keep-alive: the one connection was opened in the warm-up.
+    let report = bench_json(&["http", &addr]);
+    assert!(report["requests"].as_u64().unwrap() > 10, "{report}");
+    assert_eq!(report["connections_opened"].as_u64(), Some(0), "{report}");
+    let report = bench_json(&["http", &addr, "--new-conn"]);
+    assert_eq!(report["new_conn"].as_bool(), Some(true), "{report}");
+    assert_a_connection_per_request(&report);
 }
