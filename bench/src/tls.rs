@@ -325,15 +325,18 @@ pub fn quoted(answer: &[u8]) -> String {
 fn alert_name(alert: AlertDescription) -> String {
     let camel = format!("{alert:?}");
     let mut name = String::with_capacity(camel.len() + 4);
-    for (i, c) in camel.chars().enumerate() {
+    let mut previous: Option<char> = None;
+    for c in camel.chars() {
         if c.is_ascii_uppercase() {
-            if i > 0 && !camel[..i].ends_with(|p: char| p.is_ascii_uppercase()) {
+            // A new word starts at a capital after a small letter (`UnknownCA`: unknown_ca).
+            if previous.is_some_and(|p| !p.is_ascii_uppercase()) {
                 name.push('_');
             }
             name.push(c.to_ascii_lowercase());
         } else {
             name.push(c);
         }
+        previous = Some(c);
     }
     name
 }

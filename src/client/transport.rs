@@ -50,6 +50,7 @@ impl Transport {
             Transport::Tls(tls) => Transport::Tls(TlsStream {
                 shared: tls.shared.clone(),
                 tcp: tls.tcp.try_clone()?,
+                raw: Vec::new(),
             }),
         })
     }
@@ -109,6 +110,8 @@ impl Write for Transport {
 pub struct TlsStream {
     shared: Arc<Shared>,
     tcp: TcpStream,
+    /// This handle's buffer for ciphertext read from the socket (allocated on first read).
+    raw: Vec<u8>,
 }
 
 struct Shared {
@@ -142,6 +145,7 @@ impl TlsStream {
                 tls: tls.clone(),
             }),
             tcp,
+            raw: Vec::new(),
         })
     }
 
@@ -153,8 +157,7 @@ impl TlsStream {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut raw = Vec::new();
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.conn().reader().read(buf) {
                 // 0: the server's close_notify; UnexpectedEof: it closed without one.
@@ -164,10 +167,10 @@ impl TlsStream {
             }
             // Outside the lock: a sender may encrypt meanwhile. WouldBlock and timeouts pass
             // through as they would on plain TCP.
-            raw.resize(RECORD, 0);
-            let n = (&self.tcp).read(&mut raw)?;
+            self.raw.resize(RECORD, 0);
+            let n = (&self.tcp).read(&mut self.raw)?;
             let mut conn = self.conn();
-            let mut data = &raw[..n];
+            let mut data = &self.raw[..n];
             loop {
                 conn.read_tls(&mut data)?; // an empty slice records the end of the stream
                 if let Err(e) = conn.process_new_packets() {
