@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use wharf_bench::tls::{ClientTls, TlsArgs};
 use wharf_core::config::{BackendChoice, BackendKind, ConfigError, SECRET_PLACEHOLDER};
 use wharf_core::exit_status;
 
@@ -78,6 +79,8 @@ enum ClientCommand {
     Echo {
         /// Service address, e.g. 127.0.0.1:6969.
         addr: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Words to send, joined by spaces, with a newline (default: stdin, as it is).
         text: Vec<String>,
     },
@@ -86,6 +89,8 @@ enum ClientCommand {
     Exec {
         /// Service address, e.g. 127.0.0.1:8000.
         addr: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Authenticate with this token first.
         #[arg(long)]
         token: Option<String>,
@@ -97,6 +102,8 @@ enum ClientCommand {
     Get {
         /// Service address, e.g. 127.0.0.1:9999.
         addr: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Path under the service's root.
         path: String,
         /// Where to save it (default: the file's name, in the current directory).
@@ -110,6 +117,8 @@ enum ClientCommand {
     List {
         /// Service address, e.g. 127.0.0.1:9999.
         addr: String,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Directory under the service's root (default: the root).
         dir: Option<String>,
     },
@@ -183,21 +192,39 @@ pub fn main(registry: Registry) -> i32 {
             0
         }
         Command::Bench { command } => wharf_bench::run(command),
-        Command::Client { command } => match command {
-            ClientCommand::Echo { addr, text } => client::echo(&addr, &text),
-            ClientCommand::Exec {
-                addr,
-                token,
-                command,
-            } => client::exec(&addr, token.as_deref(), &command),
-            ClientCommand::Get {
-                addr,
-                path,
-                output,
-                resume,
-            } => client::get(&addr, &path, output.as_deref(), resume),
-            ClientCommand::List { addr, dir } => client::list(&addr, dir.as_deref()),
-        },
+        Command::Client { command } => run_client(command),
+    }
+}
+
+/// Runs `wharf client ...`; returns its exit status (1 for a bad TLS flag, like any error).
+fn run_client(command: ClientCommand) -> i32 {
+    let (addr, tls) = match &command {
+        ClientCommand::Echo { addr, tls, .. }
+        | ClientCommand::Exec { addr, tls, .. }
+        | ClientCommand::Get { addr, tls, .. }
+        | ClientCommand::List { addr, tls, .. } => (addr, tls),
+    };
+    let tls: Option<ClientTls> = match tls.client(addr) {
+        Ok(tls) => tls,
+        Err(e) => return client::fail(&e),
+    };
+    let tls = tls.as_ref();
+    match command {
+        ClientCommand::Echo { addr, text, .. } => client::echo(&addr, tls, &text),
+        ClientCommand::Exec {
+            addr,
+            token,
+            command,
+            ..
+        } => client::exec(&addr, tls, token.as_deref(), &command),
+        ClientCommand::Get {
+            addr,
+            path,
+            output,
+            resume,
+            ..
+        } => client::get(&addr, tls, &path, output.as_deref(), resume),
+        ClientCommand::List { addr, dir, .. } => client::list(&addr, tls, dir.as_deref()),
     }
 }
 

@@ -5,6 +5,9 @@
 //! acknowledgement, result), with `\n`-terminated commands so the server never has to wait for
 //! a pause. Plain blocking sockets: a client has one conversation at a time.
 //!
+//! With `--tls` the same conversations run inside TLS ([`transport`]); the flags and the
+//! wording of TLS failures are `wharf_bench::tls`'s, shared with `wharf bench`.
+//!
 //! Each client checks that the answers have its protocol's shape (docs/protocols.md) and says
 //! so when they do not (`WrongService`): pointed at the wrong port, `client list` would
 //! otherwise print an exec refusal as a listing, and `client get` an echo as a refusal.
@@ -13,7 +16,11 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use wharf_bench::tls::ClientTls;
 use wharf_plugin_exec::refusals;
+
+mod transport;
+use transport::Transport;
 
 /// Largest exec result or listing held in memory.
 const MAX_RESULT: u64 = 256 * 1024 * 1024;
@@ -23,7 +30,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection speaking command / size / ack / result.
 pub struct CommandClient {
-    stream: TcpStream,
+    stream: Transport,
 }
 
 /// What a framed reply turned out to be.
@@ -35,13 +42,15 @@ pub enum Reply {
 }
 
 impl CommandClient {
-    /// Connects to `addr` (host:port).
-    pub fn connect(addr: &str) -> io::Result<Self> {
+    /// Connects to `addr` (host:port), with a TLS handshake when `tls` is given.
+    pub fn connect(addr: &str, tls: Option<&ClientTls>) -> io::Result<Self> {
         let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
         let stream = TcpStream::connect(&addrs[..])?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(CommandClient { stream })
+        Ok(CommandClient {
+            stream: Transport::new(stream, tls)?,
+        })
     }
 
     /// Sends one command line and reads the size reply.
@@ -114,7 +123,7 @@ impl CommandClient {
     }
 
     /// The underlying stream, for protocols that send more after the result.
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut Transport {
         &mut self.stream
     }
 }
@@ -130,18 +139,10 @@ struct WrongService {
 
 impl WrongService {
     fn new(expected: &'static str, answer: &[u8]) -> Self {
-        const SHOWN: usize = 60;
-        let text = String::from_utf8_lossy(answer);
-        let text = text.trim_end();
-        let mut answer: String = text
-            .chars()
-            .take(SHOWN)
-            .flat_map(char::escape_debug)
-            .collect();
-        if text.chars().count() > SHOWN {
-            answer.push_str("...");
+        WrongService {
+            expected,
+            answer: wharf_bench::tls::quoted(answer),
         }
-        WrongService { expected, answer }
     }
 }
 
@@ -182,8 +183,8 @@ fn is_listing(text: &[u8]) -> bool {
 
 /// `wharf client exec`: runs `command` (or each line of stdin), prints results, returns the
 /// exit status.
-pub fn exec(addr: &str, token: Option<&str>, command: &[String]) -> i32 {
-    let mut client = match CommandClient::connect(addr) {
+pub fn exec(addr: &str, tls: Option<&ClientTls>, token: Option<&str>, command: &[String]) -> i32 {
+    let mut client = match CommandClient::connect(addr, tls) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot connect to {addr}: {e}")),
     };
@@ -268,8 +269,8 @@ pub fn exit_status(result: &[u8]) -> i32 {
 }
 
 /// `wharf client list`: prints a file-get listing.
-pub fn list(addr: &str, dir: Option<&str>) -> i32 {
-    let mut client = match CommandClient::connect(addr) {
+pub fn list(addr: &str, tls: Option<&ClientTls>, dir: Option<&str>) -> i32 {
+    let mut client = match CommandClient::connect(addr, tls) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot connect to {addr}: {e}")),
     };
@@ -302,8 +303,14 @@ pub fn list(addr: &str, dir: Option<&str>) -> i32 {
 
 /// `wharf client get`: downloads `path` to `out` (default: its file name) through `out.part`,
 /// verifying the whole-file MD5 before the rename; `resume` continues a previous `.part`.
-pub fn get(addr: &str, path: &str, out: Option<&std::path::Path>, resume: bool) -> i32 {
-    match download(addr, path, out, resume) {
+pub fn get(
+    addr: &str,
+    tls: Option<&ClientTls>,
+    path: &str,
+    out: Option<&std::path::Path>,
+    resume: bool,
+) -> i32 {
+    match download(addr, tls, path, out, resume) {
         Ok(summary) => {
             eprintln!("{summary}");
             0
@@ -314,6 +321,7 @@ pub fn get(addr: &str, path: &str, out: Option<&std::path::Path>, resume: bool) 
 
 fn download(
     addr: &str,
+    tls: Option<&ClientTls>,
     path: &str,
     out: Option<&std::path::Path>,
     resume: bool,
@@ -348,7 +356,7 @@ fn download(
             .map_err(|e| format!("{}: {e}", part.display()))?;
     }
     let mut client =
-        CommandClient::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        CommandClient::connect(addr, tls).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let command = if offset > 0 {
         format!("get {path} {offset}")
     } else {
@@ -514,7 +522,7 @@ fn read_trailer(client: &mut CommandClient) -> io::Result<String> {
         if trailer.starts_with(b"ERR") {
             // An error of unknown length: the server then waits for a command; say goodbye
             // and read what remains.
-            client.stream().shutdown(std::net::Shutdown::Write)?;
+            client.stream().shutdown_write()?;
             client.stream().read_to_end(&mut trailer)?;
             break;
         }
@@ -531,7 +539,7 @@ fn read_trailer(client: &mut CommandClient) -> io::Result<String> {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
             {
-                client.stream().shutdown(std::net::Shutdown::Write)?;
+                client.stream().shutdown_write()?;
                 client.stream().set_read_timeout(Some(TIMEOUT))?;
                 half_closed = true;
                 continue;
@@ -579,10 +587,10 @@ impl Write for Md5Writer<'_> {
 /// stdin, half-closes, and prints everything the service sends back until it closes. Sending
 /// runs on its own thread, so a long stdin never waits for the answer to be read (the way
 /// `nc` works, minus its flags that differ between variants).
-pub fn echo(addr: &str, text: &[String]) -> i32 {
+pub fn echo(addr: &str, tls: Option<&ClientTls>, text: &[String]) -> i32 {
     let words = (!text.is_empty()).then(|| format!("{}\n", text.join(" ")).into_bytes());
     let result = (|| -> io::Result<()> {
-        let client = CommandClient::connect(addr)?;
+        let mut client = CommandClient::connect(addr, tls)?;
         let mut sending = client.stream.try_clone()?;
         let sender = std::thread::spawn(move || -> io::Result<()> {
             match words {
@@ -591,9 +599,9 @@ pub fn echo(addr: &str, text: &[String]) -> i32 {
                     io::copy(&mut io::stdin().lock(), &mut sending)?;
                 }
             }
-            sending.shutdown(std::net::Shutdown::Write)
+            sending.shutdown_write()
         });
-        io::copy(&mut &client.stream, &mut io::stdout().lock())?;
+        io::copy(&mut client.stream, &mut io::stdout().lock())?;
         sender
             .join()
             .map_err(|_| io::Error::other("the sending thread panicked"))?
@@ -604,7 +612,8 @@ pub fn echo(addr: &str, text: &[String]) -> i32 {
     }
 }
 
-fn fail(message: &str) -> i32 {
+/// Prints `message` as wharf's one-line error; returns the clients' error status, 1.
+pub fn fail(message: &str) -> i32 {
     eprintln!("wharf: error: {message}");
     1
 }

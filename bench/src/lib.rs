@@ -11,6 +11,7 @@
 //! - [`report`]: figures of one run, as text and JSON.
 //! - [`swap`]: starts `wharf serve` under each backend and interleaves the runs.
 //! - [`chart`]: the SVG chart of a swap.
+//! - [`tls`]: client-side TLS (`--tls`), shared with `wharf client`.
 //! - [`procstat`]: CPU time, memory, CPU pinning and "which process listens there" from
 //!   /proc; also used by the peers.
 //!
@@ -26,6 +27,7 @@ pub mod procstat;
 pub mod protocol;
 pub mod report;
 pub mod swap;
+pub mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -79,6 +81,13 @@ pub struct TargetArgs {
     /// listening on ADDR).
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
+    /// Open a new connection for every request (every `--pipeline` batch) and close it after
+    /// the answer: measures connection setup (with --tls, handshakes per second); the latency
+    /// includes connecting. Closed loop only.
+    #[arg(long, conflicts_with = "rate")]
+    new_conn: bool,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 /// What each request is and how requests are paced: shared by `bench` and `bench swap`.
@@ -192,6 +201,8 @@ impl WorkloadArgs {
             pipeline: self.pipeline,
             rate: self.rate,
             server_pids: Vec::new(),
+            tls: None,
+            new_conn: false,
         })
     }
 }
@@ -217,6 +228,11 @@ pub fn run(command: BenchCommand) -> i32 {
         Ok(s) => s,
         Err(e) => return usage(&e),
     };
+    spec.tls = match args.tls.client(&args.addr) {
+        Ok(tls) => tls,
+        Err(e) => return usage(&e),
+    };
+    spec.new_conn = args.new_conn;
     spec.server_pids = if args.server_pid.is_empty() {
         procstat::listening_pids(addr)
     } else {

@@ -9,6 +9,12 @@
 //! second of latency on every request that was due meanwhile, instead of hiding it
 //! (coordinated omission).
 //!
+//! With `--tls` each connection is TLS (tokio-rustls, [`crate::tls`]); the exchanges are the
+//! same code, generic over the stream's halves, so plain TCP pays nothing for it. With
+//! `--new-conn` a connection carries one request (or one `--pipeline` batch) and is closed;
+//! the latency then includes connecting (and the TLS handshake), and the connections opened
+//! per second are the handshake rate.
+//!
 //! Only what completes inside the measurement window counts; the warm-up before it lets
 //! connections open and caches fill. At the end of the window the tasks are dropped mid-flight,
 //! and requests still waiting for an answer are reported as "in flight", so a stuck server is
@@ -22,12 +28,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pacer::Pacer;
 use super::procstat::{self, CpuClock};
 use super::protocol::{Step, Workload, ACK};
+use super::tls::ClientTls;
 
 /// How long a request must have waited at the end of the run to count as stalled.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
@@ -60,6 +67,10 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     /// Processes whose CPU time is measured over the window (the local server).
     pub server_pids: Vec<u32>,
+    /// Speak TLS (`--tls`).
+    pub tls: Option<ClientTls>,
+    /// One request (batch) per connection (`--new-conn`): closed loop only.
+    pub new_conn: bool,
 }
 
 impl LoadSpec {
@@ -73,6 +84,8 @@ impl LoadSpec {
 pub struct LoadResult {
     /// Requests answered inside the window (errors included).
     pub requests: u64,
+    /// Connections opened inside the window (with `--tls`: TLS handshakes completed).
+    pub connections_opened: u64,
     /// Of those, the ones answered with an error (`http 404`, `ERR ...`, a refusal).
     pub failed: u64,
     /// Latency of every answered request, in nanoseconds.
@@ -101,6 +114,7 @@ impl LoadResult {
     fn empty() -> LoadResult {
         LoadResult {
             requests: 0,
+            connections_opened: 0,
             failed: 0,
             latency_ns: new_histogram(),
             bytes_in: 0,
@@ -115,6 +129,7 @@ impl LoadResult {
 
     fn merge(&mut self, other: LoadResult) {
         self.requests += other.requests;
+        self.connections_opened += other.connections_opened;
         self.failed += other.failed;
         // Both histograms auto-resize, so adding cannot fail.
         let _ = self.latency_ns.add(&other.latency_ns);
@@ -383,13 +398,44 @@ impl Connection {
             start: 0,
             end: 0,
         };
+        let spec = self.spec.clone();
+        let connector = spec
+            .tls
+            .as_ref()
+            .map(|tls| tokio_rustls::TlsConnector::from(tls.config.clone()));
         loop {
+            let opened_at = Instant::now();
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.spec.addr));
             let failure = match connect.await {
-                Ok(Ok(stream)) => {
+                Ok(Ok(mut stream)) => {
                     let _ = stream.set_nodelay(true);
                     (received.start, received.end) = (0, 0);
-                    let ended = self.exchanges(stream, &batch, &mut received).await;
+                    let ended = match (&connector, &spec.tls) {
+                        (Some(connector), Some(tls)) => {
+                            let handshake = connector.connect(tls.server_name.clone(), stream);
+                            match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+                                Ok(Ok(stream)) => {
+                                    self.opened();
+                                    let (rd, wr) = tokio::io::split(stream);
+                                    self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                        .await
+                                }
+                                Ok(Err(e)) => ConnError::Retry(
+                                    tls.explain(&e, true, &[])
+                                        .unwrap_or_else(|| io_error("TLS handshake", &e)),
+                                ),
+                                Err(_) => ConnError::Retry(format!(
+                                    "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
+                                )),
+                            }
+                        }
+                        _ => {
+                            self.opened();
+                            let (rd, wr) = stream.split();
+                            self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                .await
+                        }
+                    };
                     self.tally.borrow_mut().waiting[self.slot] = None;
                     match ended {
                         ConnError::Closed => None,
@@ -410,18 +456,34 @@ impl Connection {
         }
     }
 
-    /// Request after request on one connection, until it fails.
-    async fn exchanges(
+    /// Counts a connection ready for requests (TCP connected, TLS handshake done).
+    fn opened(&self) {
+        let mut tally = self.tally.borrow_mut();
+        if tally.window.contains(Instant::now()) {
+            tally.result.connections_opened += 1;
+        }
+    }
+
+    /// Request after request on one connection (opened at `opened_at`), until it fails or,
+    /// with `--new-conn`, after the first batch.
+    async fn exchanges<R, W>(
         &mut self,
-        mut stream: TcpStream,
+        mut rd: R,
+        mut wr: W,
+        opened_at: Instant,
         batch: &[u8],
         received: &mut Received,
-    ) -> ConnError {
+    ) -> ConnError
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let pipeline = self.spec.pipeline.max(1) as u64;
         let pipelines = self.spec.workload.protocol.pipelines();
-        let (mut rd, mut wr) = stream.split();
         loop {
             let sent_at = match &mut self.schedule {
+                // A connection per request: its latency includes connecting.
+                None if self.spec.new_conn => opened_at,
                 None => Instant::now(),
                 Some(s) => {
                     let due = s.next;
@@ -441,7 +503,7 @@ impl Connection {
                         .await
                         .map_err(|e| ConnError::Retry(io_error("send", &e)))
                 };
-                let no_acks: Option<&mut tokio::net::tcp::WriteHalf<'_>> = None;
+                let no_acks: Option<&mut W> = None;
                 let answers = self.answers(&mut rd, no_acks, received, pipeline, sent_at);
                 tokio::try_join!(send, answers).map(|_| ())
             } else {
@@ -456,6 +518,11 @@ impl Connection {
             self.count_bytes(0, batch.len());
             if let Err(e) = answered {
                 return e;
+            }
+            if self.spec.new_conn {
+                // Closed as a client should (TLS: close_notify), then the next connection.
+                let _ = wr.shutdown().await;
+                return ConnError::Closed;
             }
         }
     }

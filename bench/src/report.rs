@@ -21,6 +21,10 @@ pub struct Report {
     pub mode: &'static str,
     /// Open loop: the requested rate (requests per second).
     pub target_rate: Option<f64>,
+    /// Whether the connections spoke TLS.
+    pub tls: bool,
+    /// Whether every request had a connection of its own (`--new-conn`).
+    pub new_conn: bool,
     pub warmup_s: f64,
     pub duration_s: f64,
     /// Requests answered in the window (errors included).
@@ -30,6 +34,9 @@ pub struct Report {
     pub failed: u64,
     /// Requests answered without an error, per second.
     pub ok_per_sec: f64,
+    /// Connections opened in the window (with TLS: handshakes completed), and per second.
+    pub connections_opened: u64,
+    pub connections_per_sec: f64,
     /// Failed answers plus failed connections (refused, reset, protocol violations).
     pub errors: u64,
     pub error_kinds: BTreeMap<String, u64>,
@@ -108,12 +115,16 @@ impl Report {
                 "closed"
             },
             target_rate: spec.rate,
+            tls: spec.tls.is_some(),
+            new_conn: spec.new_conn,
             warmup_s: spec.warmup.as_secs_f64(),
             duration_s: secs,
             requests: result.requests,
             requests_per_sec: result.requests as f64 / secs,
             failed: result.failed,
             ok_per_sec: (result.requests - result.failed) as f64 / secs,
+            connections_opened: result.connections_opened,
+            connections_per_sec: result.connections_opened as f64 / secs,
             errors: result.error_count(),
             error_kinds: result.errors.clone(),
             stalled: result.stalled,
@@ -154,6 +165,19 @@ impl Report {
             grouped(self.requests as f64),
             grouped(self.requests_per_sec)
         );
+        if self.new_conn || self.tls {
+            let what = match (self.tls, self.new_conn) {
+                (true, true) => "TLS handshakes, one request each",
+                (true, false) => "TLS handshakes",
+                (false, _) => "one request each",
+            };
+            let _ = writeln!(
+                out,
+                "  connections {:>12}   {}/s ({what})",
+                grouped(self.connections_opened as f64),
+                grouped(self.connections_per_sec)
+            );
+        }
         let _ = writeln!(
             out,
             "  throughput  {:>9.1} MB/s in   {:.1} MB/s out",

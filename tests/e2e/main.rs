@@ -24,3 +24,4 @@ mod metrics;
 mod pki;
 mod reload;
 mod status;
+mod tls_clients;
