@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use wharf_bench::tls::{ClientTls, TlsArgs};
-use wharf_core::config::{BackendChoice, BackendKind, ConfigError, SECRET_PLACEHOLDER};
+use wharf_core::config::{
+    BackendChoice, BackendKind, ClientAuth, ConfigError, TlsVersion, SECRET_PLACEHOLDER,
+};
 use wharf_core::exit_status;
 
 use crate::client;
@@ -304,12 +306,51 @@ fn print_plan(plan: &plan::Plan) {
             "service {}: plugin = {}, listen = {}, max_connections = {}, idle_timeout = {idle}, allow_from = {allow}, max_blocking = {}",
             svc.name, c.plugin, c.listen, c.max_connections, c.max_blocking
         );
+        if let (Some(tls), Some(loaded)) = (&c.tls, &svc.tls) {
+            println!("    {}", describe_tls(tls, loaded));
+        }
         let options = toml::to_string(&svc.built.shown_options).unwrap_or_default();
         for line in options.lines() {
             println!("    {line}");
         }
     }
     println!("ok: {} service(s) valid", plan.services.len());
+}
+
+/// One line on a service's TLS for `wharf check`: the files, until when the certificate is
+/// valid, and the policy.
+fn describe_tls(
+    tls: &wharf_core::config::TlsConfig,
+    loaded: &wharf_core::tls::files::LoadedTls,
+) -> String {
+    let clients = match (&tls.client_ca, loaded.client_auth) {
+        (Some(ca), Some(ClientAuth::Optional)) => format!("optional, from {}", ca.display()),
+        (Some(ca), _) => format!("required, from {}", ca.display()),
+        (None, _) => "none".to_string(),
+    };
+    let alpn: Vec<String> = loaded
+        .server_config
+        .alpn_protocols
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    let left = loaded
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .map_or(0, |d| d.as_secs() / 86_400);
+    format!(
+        "tls: cert = {}, key = {}, valid until {} ({left} days left), client certificates: \
+         {clients}, min_version = {}, alpn = [{}], handshake_timeout = {}",
+        tls.cert.display(),
+        tls.key.display(),
+        humantime::format_rfc3339_seconds(loaded.not_after),
+        match tls.min_version {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        },
+        alpn.join(", "),
+        humantime::format_duration(tls.handshake_timeout)
+    )
 }
 
 /// The configuration `plan` runs, as TOML `serve --config` accepts: every key with its

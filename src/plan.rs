@@ -10,6 +10,7 @@ use std::path::Path;
 
 use figment::value::{Dict, Value};
 use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, ServiceConfig};
+use wharf_core::tls::files::LoadedTls;
 
 use crate::registry::{BuiltService, Registry};
 
@@ -45,6 +46,8 @@ pub struct PlannedService {
     pub config: ServiceConfig,
     /// The plugin instance.
     pub built: BuiltService,
+    /// `[services.<name>.tls]`, its files read and checked; `None` for a plaintext service.
+    pub tls: Option<LoadedTls>,
 }
 
 /// Loads `file` (or the embedded default) with the `WHARF_` variables of `env` (the process's
@@ -100,11 +103,16 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;
         };
+        let tls = load_tls(&source, name, svc).unwrap_or_else(|e| {
+            errors.extend(e);
+            None
+        });
         match plugin.build(&source, name) {
             Ok(built) => services.push(PlannedService {
                 name: name.clone(),
                 config: svc.clone(),
                 built,
+                tls,
             }),
             Err(e) if needs_the_repository(&source, name, &svc.plugin, &e) => {
                 tracing::warn!(
@@ -140,6 +148,28 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
     } else {
         Err(errors)
     }
+}
+
+/// Reads and checks a service's TLS files; each problem becomes an error at its key under
+/// `services.<name>.tls`.
+fn load_tls(
+    source: &ConfigSource,
+    name: &str,
+    svc: &ServiceConfig,
+) -> Result<Option<LoadedTls>, Vec<ConfigError>> {
+    let Some(tls) = &svc.tls else {
+        return Ok(None);
+    };
+    // TODO(H1): the plugin's default ALPN (`Plugin::ALPN`, through the registry entry).
+    let default_alpn: &[&str] = &[];
+    wharf_core::tls::files::load(tls, default_alpn)
+        .map(Some)
+        .map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| source.error_at(&format!("services.{name}.tls.{}", e.key), e.message))
+                .collect()
+        })
 }
 
 fn unknown_plugin(

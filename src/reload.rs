@@ -10,9 +10,10 @@
 //!   inherits that socket; only addresses no running service has are bound afresh.
 //! - [`restart_only`] lists settings a running process cannot change (the backend, the worker
 //!   count, the metrics listener), which a reload reports instead of half-applying.
-//! - [`FileWatcher`] polls the config file's content (not its mtime: Kubernetes swaps a
-//!   ConfigMap volume through a symlink, and editors write in place or by rename), and reports
-//!   a change once it has stayed the same for one poll, so a half-written file is not loaded.
+//! - [`FileWatcher`] polls the content of the config file and of the running services' TLS
+//!   files (not their mtime: Kubernetes swaps a ConfigMap or Secret volume through a symlink,
+//!   certbot swaps symlinks, editors write in place or by rename), and reports a change once it
+//!   has stayed the same for one poll, so a half-written file is not loaded.
 //!
 //! [`crate::server::reload`] applies the outcome: that is where "what happens on SIGHUP" is
 //! told from start to end.
@@ -38,8 +39,12 @@ pub struct ServiceKey {
     pub name: String,
     /// `listen` as configured (port 0 stays 0).
     pub listen: SocketAddr,
-    /// Every setting, framework-level and the plugin's resolved options.
+    /// Every setting, framework-level and the plugin's resolved options, and the content of
+    /// its TLS files (a digest).
     pub fingerprint: String,
+    /// The files besides the config the service was built from (its TLS files), each with the
+    /// digest of the content it was built from: what `--watch-config` also polls.
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl ServiceKey {
@@ -53,10 +58,17 @@ impl ServiceKey {
             let n = UNIQUE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             format!("# unrenderable ({e}) #{n}")
         });
+        let mut fingerprint = format!("{framework}\n[options]\n{}", svc.built.options);
+        let mut files = Vec::new();
+        if let Some(tls) = &svc.tls {
+            fingerprint.push_str(&format!("\n[tls files]\n{}", tls.fingerprint));
+            files.extend(tls.files.iter().cloned().zip(tls.digests.iter().cloned()));
+        }
         ServiceKey {
             name: svc.name.clone(),
             listen: svc.config.listen,
-            fingerprint: format!("{framework}\n[options]\n{}", svc.built.options),
+            fingerprint,
+            files,
         }
     }
 }
@@ -183,90 +195,143 @@ pub fn reloaded_settings(running: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// Largest config file `--watch-config` reads.
-const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// Largest file `--watch-config` reads.
+const MAX_WATCHED_BYTES: u64 = 4 << 20;
 
-/// Reads the config file for the watcher, off the async runtime (a hung mount must not stall
-/// the health endpoints), refusing anything but a regular file of sane size (a FIFO would block).
-pub async fn read_config_file(path: PathBuf) -> io::Result<Vec<u8>> {
+/// Reads every watched file (`paths`, from [`FileWatcher::paths`]) for the watcher, off the
+/// async runtime (a hung mount must not stall the health endpoints), refusing anything but a
+/// regular file of sane size (a FIFO would block). Returns each file's digest, never its
+/// content (a key file is a secret).
+pub async fn read_watched(paths: Vec<PathBuf>) -> io::Result<Vec<String>> {
     let read = move || {
-        let meta = std::fs::metadata(&path)?;
-        if !meta.is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(io::Error::other(format!(
-                "larger than {MAX_CONFIG_BYTES} bytes"
-            )));
-        }
-        std::fs::read(&path)
+        paths
+            .iter()
+            .map(|path| {
+                wharf_core::config::read_regular_file(path, MAX_WATCHED_BYTES)
+                    .map(|content| wharf_core::tls::files::content_digest(&content))
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            })
+            .collect::<io::Result<Vec<String>>>()
     };
     tokio::task::spawn_blocking(read)
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
 }
 
-/// Notices when the config file's content changes, for `--watch-config`.
+/// Notices when the config file's content changes, or that of a file the running services
+/// were built from (TLS certificates and keys, which certbot or cert-manager replace without
+/// touching the config), for `--watch-config`.
 pub struct FileWatcher {
-    path: PathBuf,
-    /// The content the running config was (last) loaded from.
-    loaded: Option<Vec<u8>>,
-    /// A new content seen at the last poll, waiting to be seen again unchanged.
-    settling: Option<Vec<u8>>,
+    /// The config file first, then the running services' files.
+    watched: Vec<Watched>,
+    /// New digests seen at the last poll, waiting to be seen again unchanged.
+    settling: Option<Vec<String>>,
     /// Whether the last read failed (to log a failure once, not every poll).
     failing: bool,
 }
 
+/// One watched file.
+struct Watched {
+    path: PathBuf,
+    /// The digest of the content the running config was (last) loaded from; `None` when that
+    /// is unknown (any content is then a change).
+    loaded: Option<String>,
+}
+
 impl FileWatcher {
-    /// Watches `path`; `loaded` is the content read just before the running config was loaded.
+    /// Watches the config file `path`; `loaded` is its content read just before the running
+    /// config was loaded. The services' files are added by [`FileWatcher::watch_services`].
     pub fn new(path: PathBuf, loaded: Option<Vec<u8>>) -> Self {
+        let loaded = loaded.map(|c| wharf_core::tls::files::content_digest(&c));
         FileWatcher {
-            path,
-            loaded,
+            watched: vec![Watched { path, loaded }],
             settling: None,
             failing: false,
         }
     }
 
-    /// The watched file.
+    /// The config file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.watched[0].path
     }
 
-    /// Records `content` (read just before a reload, whatever triggered it) as the loaded one,
-    /// so the watcher does not report that content again.
-    pub fn mark_loaded(&mut self, content: Option<Vec<u8>>) {
-        self.loaded = content;
+    /// Every watched file, the config file first: what [`read_watched`] reads for
+    /// [`FileWatcher::observe`] and [`FileWatcher::mark_loaded`].
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.watched.iter().map(|w| w.path.clone()).collect()
+    }
+
+    /// Watches the files of the running services (`keys`), after a start or a reload. A file
+    /// already watched keeps what the watcher last saw (read before the reload); a new one is
+    /// taken as loaded with the content the service was built from, so nothing changed in
+    /// between goes unnoticed.
+    pub fn watch_services<'a>(&mut self, keys: impl IntoIterator<Item = &'a ServiceKey>) {
+        let mut watched: Vec<Watched> = self.watched.drain(..1).collect();
+        let mut previous: Vec<Watched> = std::mem::take(&mut self.watched);
+        for (path, digest) in keys.into_iter().flat_map(|k| &k.files) {
+            if watched.iter().any(|w| &w.path == path) {
+                continue;
+            }
+            let known = previous
+                .iter_mut()
+                .find(|w| &w.path == path)
+                .and_then(|w| w.loaded.take());
+            watched.push(Watched {
+                path: path.clone(),
+                loaded: known.or_else(|| Some(digest.clone())),
+            });
+        }
+        self.watched = watched;
         self.settling = None;
     }
 
-    /// Takes one poll's read; true when the content differs from the loaded one and has not
-    /// changed since the previous poll. The content is then taken as the loaded one: the caller
-    /// is about to load it.
-    pub fn observe(&mut self, read: io::Result<Vec<u8>>) -> bool {
-        let content = match read {
-            Ok(c) => {
+    /// Records the digests (read just before a reload, whatever triggered it) as the loaded
+    /// ones, so the watcher does not report that content again. `None`: unknown.
+    pub fn mark_loaded(&mut self, digests: Option<Vec<String>>) {
+        let mut digests = digests.map(Vec::into_iter);
+        for w in &mut self.watched {
+            w.loaded = digests.as_mut().and_then(Iterator::next);
+        }
+        self.settling = None;
+    }
+
+    /// Takes one poll's read of [`FileWatcher::paths`]; when some content differs from the
+    /// loaded one and has not changed since the previous poll, says which (for the log). The
+    /// content is then taken as the loaded one: the caller is about to load it.
+    pub fn observe(&mut self, read: io::Result<Vec<String>>) -> Option<String> {
+        let digests = match read {
+            Ok(d) if d.len() == self.watched.len() => {
                 self.failing = false;
-                c
+                d
             }
+            Ok(_) => return None,
             Err(e) => {
                 if !self.failing {
-                    warn!(path = %self.path.display(), error = %e, "--watch-config: cannot read the config file; still running the loaded configuration");
+                    warn!(error = %e, "--watch-config: cannot read a watched file; still running the loaded configuration");
                 }
                 self.failing = true;
-                return false;
+                return None;
             }
         };
-        if self.loaded.as_ref() == Some(&content) {
+        let changed = self
+            .watched
+            .iter()
+            .zip(&digests)
+            .position(|(w, d)| w.loaded.as_ref() != Some(d));
+        let Some(changed) = changed else {
             self.settling = None;
-            return false;
+            return None;
+        };
+        if self.settling.as_ref() != Some(&digests) {
+            self.settling = Some(digests);
+            return None;
         }
-        if self.settling.as_ref() == Some(&content) {
-            self.mark_loaded(Some(content));
-            return true;
-        }
-        self.settling = Some(content);
-        false
+        let why = match changed {
+            0 => "config file changed".to_string(),
+            i => format!("{} changed", self.watched[i].path.display()),
+        };
+        self.mark_loaded(Some(digests));
+        Some(why)
     }
 }
 
@@ -279,6 +344,7 @@ mod tests {
             name: name.into(),
             listen: listen.parse().unwrap(),
             fingerprint: fingerprint.into(),
+            files: Vec::new(),
         }
     }
 
@@ -430,27 +496,96 @@ mod tests {
         assert!(restart_only(&a, &a).is_empty());
     }
 
+    /// Digests standing for contents.
+    fn read(contents: &[&str]) -> io::Result<Vec<String>> {
+        Ok(contents.iter().map(|c| c.to_string()).collect())
+    }
+
     #[test]
     fn the_watcher_waits_for_a_settled_change() {
-        let mut w = FileWatcher::new("c.toml".into(), Some(b"a".to_vec()));
-        let read = |c: &str| Ok(c.as_bytes().to_vec());
-        assert!(!w.observe(read("a")));
-        assert!(
-            !w.observe(read("b")),
+        let mut w = FileWatcher::new("c.toml".into(), None);
+        w.mark_loaded(Some(vec!["a".into()]));
+        let changed = Some("config file changed".to_string());
+        assert_eq!(w.observe(read(&["a"])), None);
+        assert_eq!(
+            w.observe(read(&["b"])),
+            None,
             "a change is reported once it has settled"
         );
-        assert!(w.observe(read("b")));
-        assert!(!w.observe(read("b")), "reported once, then loaded");
-        w.mark_loaded(Some(b"b".to_vec()));
-        assert!(!w.observe(read("b")));
-        assert!(
-            !w.observe(Err(io::Error::other("gone"))),
+        assert_eq!(w.observe(read(&["b"])), changed);
+        assert_eq!(w.observe(read(&["b"])), None, "reported once, then loaded");
+        w.mark_loaded(Some(vec!["b".into()]));
+        assert_eq!(w.observe(read(&["b"])), None);
+        assert_eq!(
+            w.observe(Err(io::Error::other("gone"))),
+            None,
             "a missing file is not a change"
         );
-        assert!(!w.observe(read("b")), "back as loaded");
-        assert!(!w.observe(read("c")));
-        assert!(!w.observe(read("d")), "still changing");
-        assert!(w.observe(read("d")));
+        assert_eq!(w.observe(read(&["b"])), None, "back as loaded");
+        assert_eq!(w.observe(read(&["c"])), None);
+        assert_eq!(w.observe(read(&["d"])), None, "still changing");
+        assert_eq!(w.observe(read(&["d"])), changed);
+    }
+
+    #[test]
+    fn the_watcher_starts_from_the_content_read_before_the_load() {
+        let mut w = FileWatcher::new("c.toml".into(), Some(b"x".to_vec()));
+        let x = wharf_core::tls::files::content_digest(b"x");
+        assert_eq!(w.observe(Ok(vec![x.clone()])), None);
+        assert_eq!(w.observe(Ok(vec![x])), None);
+    }
+
+    fn with_files(files: &[(&str, &str)]) -> ServiceKey {
+        ServiceKey {
+            files: files
+                .iter()
+                .map(|(path, digest)| (PathBuf::from(path), digest.to_string()))
+                .collect(),
+            ..key("s", "127.0.0.1:1", "x")
+        }
+    }
+
+    #[test]
+    fn the_watcher_notices_a_service_file_alone_changing() {
+        let mut w = FileWatcher::new("c.toml".into(), None);
+        w.mark_loaded(Some(vec!["config".into()]));
+        // Two services sharing a certificate: each file is watched once.
+        w.watch_services(&[
+            with_files(&[("s.pem", "cert"), ("s.key", "key")]),
+            with_files(&[("s.pem", "cert"), ("s.key", "key")]),
+        ]);
+        assert_eq!(w.paths(), ["c.toml", "s.pem", "s.key"].map(PathBuf::from));
+        assert_eq!(w.observe(read(&["config", "cert", "key"])), None);
+        // certbot renews: both files change, the config does not.
+        assert_eq!(w.observe(read(&["config", "cert2", "key2"])), None);
+        assert_eq!(
+            w.observe(read(&["config", "cert2", "key2"])),
+            Some("s.pem changed".into())
+        );
+        assert_eq!(w.observe(read(&["config", "cert2", "key2"])), None);
+    }
+
+    #[test]
+    fn after_a_reload_the_watcher_keeps_what_it_saw_and_takes_new_files_as_loaded() {
+        let mut w = FileWatcher::new("c.toml".into(), None);
+        w.mark_loaded(Some(vec!["config".into()]));
+        w.watch_services(&[with_files(&[("a.pem", "a")])]);
+        // Seen just before the reload: a.pem as "a2". The new plan read it as "a3" (it
+        // changed during the load) and added b.pem.
+        w.mark_loaded(Some(vec!["config2".into(), "a2".into()]));
+        w.watch_services(&[with_files(&[("a.pem", "a3"), ("b.pem", "b")])]);
+        assert_eq!(w.paths(), ["c.toml", "a.pem", "b.pem"].map(PathBuf::from));
+        assert_eq!(w.observe(read(&["config2", "a2", "b"])), None);
+        // a.pem is "a3" now, which the watcher had not seen: a change (a reload that finds
+        // nothing new to do), never a missed one.
+        assert_eq!(w.observe(read(&["config2", "a3", "b"])), None);
+        assert_eq!(
+            w.observe(read(&["config2", "a3", "b"])),
+            Some("a.pem changed".into())
+        );
+        // A service gone: its file is no longer watched.
+        w.watch_services(std::iter::empty());
+        assert_eq!(w.paths(), [PathBuf::from("c.toml")]);
     }
 
     #[tokio::test]
@@ -459,8 +594,12 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid C string.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let read = read_config_file(fifo.clone()).await;
+        let read = read_watched(vec![fifo.clone()]).await;
         std::fs::remove_file(&fifo).unwrap();
-        assert!(read.unwrap_err().to_string().contains("not a regular file"));
+        let e = read.unwrap_err().to_string();
+        assert!(
+            e.ends_with(&format!("{}: not a regular file", fifo.display())),
+            "{e}"
+        );
     }
 }

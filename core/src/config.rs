@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::value::{Dict, Value};
@@ -225,7 +225,9 @@ pub struct ServiceConfig {
 }
 
 /// `[services.<name>.tls]`: the files and policy of a service's TLS. The files are read and
-/// checked before anything binds and again on every reload.
+/// checked before anything binds and again on every reload. A relative file path is relative
+/// to the config file's directory (to the working directory for the embedded default), as
+/// [`ConfigSource::resolve`] leaves it.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -251,6 +253,20 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
 }
 
+impl TlsConfig {
+    /// Makes the relative file paths relative to `dir` (the config file's directory).
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        for path in [&mut self.cert, &mut self.key]
+            .into_iter()
+            .chain(self.client_ca.as_mut())
+        {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+    }
+}
+
 /// `tls.client_auth`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -274,6 +290,9 @@ pub enum TlsVersion {
     #[serde(rename = "1.3")]
     Tls13,
 }
+
+/// Longest `tls.handshake_timeout` accepted.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
@@ -362,6 +381,9 @@ pub struct ConfigSource {
     env: Vec<(String, String)>,
     /// Where the base config came from.
     origin: String,
+    /// What relative file paths (the TLS files) are relative to: the config file's directory;
+    /// empty (the working directory) for the embedded default and config text.
+    base_dir: PathBuf,
 }
 
 /// Most worker threads accepted.
@@ -414,7 +436,9 @@ impl ConfigSource {
                         message,
                     }]
                 })?;
-                Self::from_parts(&text, &origin, env, overrides)
+                let mut source = Self::from_parts(&text, &origin, env, overrides)?;
+                source.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                Ok(source)
             }
             None => Self::from_parts(embedded, EMBEDDED_ORIGIN, env, overrides),
         }
@@ -453,6 +477,7 @@ impl ConfigSource {
             base,
             env,
             origin: origin.to_string(),
+            base_dir: PathBuf::new(),
         })
     }
 
@@ -498,8 +523,11 @@ impl ConfigSource {
                         errors.push(self.error_at(&key, message));
                         continue;
                     }
-                    match self.deserialize_at(&key, value, &[]) {
-                        Ok(svc) => {
+                    match self.deserialize_at::<ServiceConfig>(&key, value, &[]) {
+                        Ok(mut svc) => {
+                            if let Some(tls) = &mut svc.tls {
+                                tls.resolve_paths(&self.base_dir);
+                            }
                             services.insert(name.clone(), svc);
                         }
                         Err(e) => errors.extend(e),
@@ -514,6 +542,7 @@ impl ConfigSource {
             errors.push(self.error_at("services", "no service is configured".into()));
         }
         errors.extend(self.check_bounds(&server, &services));
+        errors.extend(self.check_tls(&services));
         let config = Config {
             server,
             metrics,
@@ -563,6 +592,55 @@ impl ConfigSource {
             if svc.idle_timeout > DAY {
                 let key = format!("services.{name}.idle_timeout");
                 errors.push(self.value_error_at(&key, "at most 24h (\"0s\" turns it off)".into()));
+            }
+        }
+        errors
+    }
+
+    /// The TLS settings that need no file (the files are read and checked by
+    /// [`crate::tls::files::load`], when the plan is built).
+    fn check_tls(&self, services: &BTreeMap<String, ServiceConfig>) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        for (name, svc) in services {
+            let key = |k: &str| format!("services.{name}.{k}");
+            let client_ca = svc.tls.as_ref().and_then(|t| t.client_ca.as_ref());
+            if !svc.allow_identities.is_empty() && client_ca.is_none() {
+                errors.push(self.error_at(
+                    &key("allow_identities"),
+                    "needs tls.client_ca: identities come from client certificates signed by it"
+                        .into(),
+                ));
+            }
+            for (i, identity) in svc.allow_identities.iter().enumerate() {
+                if identity.is_empty() {
+                    let key = key(&format!("allow_identities.{i}"));
+                    errors.push(self.value_error_at(&key, "an empty identity".into()));
+                }
+            }
+            let Some(tls) = &svc.tls else { continue };
+            if client_ca.is_none() && lookup(&self.merged, &key("tls.client_auth")).is_some() {
+                errors.push(self.error_at(
+                    &key("tls.client_auth"),
+                    "needs tls.client_ca: the CA that signs the client certificates".into(),
+                ));
+            }
+            for (i, protocol) in tls.alpn.iter().flatten().enumerate() {
+                if protocol.is_empty() || protocol.len() > crate::tls::files::MAX_ALPN_BYTES {
+                    let key = key(&format!("tls.alpn.{i}"));
+                    let message = format!(
+                        "an ALPN protocol name is 1 to {} bytes",
+                        crate::tls::files::MAX_ALPN_BYTES
+                    );
+                    errors.push(self.value_error_at(&key, message));
+                }
+            }
+            if tls.handshake_timeout.is_zero() || tls.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+                errors.push(self.value_error_at(
+                    &key("tls.handshake_timeout"),
+                    "must be more than 0s and at most 5m (a handshake takes milliseconds; a long \
+                     timeout lets silent clients hold handshake slots)"
+                        .into(),
+                ));
             }
         }
         errors
@@ -806,6 +884,24 @@ fn merge(dst: &mut Dict, src: Dict) {
             }
         }
     }
+}
+
+/// Reads a file that must be a regular one (a FIFO would block the reader; a device never
+/// ends) of at most `max_bytes`: the TLS files, and the files `--watch-config` polls.
+pub fn read_regular_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut content = Vec::new();
+    std::fs::File::open(path)?
+        .take(max_bytes + 1)
+        .read_to_end(&mut content)?;
+    if content.len() as u64 > max_bytes {
+        return Err(std::io::Error::other(format!(
+            "larger than {max_bytes} bytes"
+        )));
+    }
+    Ok(content)
 }
 
 /// Reads a config file: a regular file, at most [`MAX_CONFIG_BYTES`], UTF-8.
@@ -1320,6 +1416,72 @@ mod tests {
         } else {
             Err(errors)
         }
+    }
+
+    /// The errors of resolving `toml`, as displayed.
+    fn error_lines(src: &ConfigSource) -> Vec<String> {
+        src.resolve().1.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn tls_settings_that_need_a_client_ca_or_a_sane_value_are_refused() {
+        let tls = "[services.e.tls]\ncert = '/c.pem'\nkey = '/c.key'\n";
+        assert_eq!(
+            error_lines(&load(&format!(
+                "{ECHO}allow_identities = ['ops', '']\n{tls}client_auth = 'optional'\n\
+                 alpn = ['http/1.1', '', '{}']\nhandshake_timeout = '0s'\n",
+                "x".repeat(256)
+            ))),
+            [
+                "test.toml: services.e.allow_identities: needs tls.client_ca: identities come \
+                 from client certificates signed by it",
+                "test.toml: services.e.allow_identities.1 = \"\": an empty identity",
+                "test.toml: services.e.tls.client_auth: needs tls.client_ca: the CA that signs \
+                 the client certificates",
+                "test.toml: services.e.tls.alpn.1 = \"\": an ALPN protocol name is 1 to 255 bytes",
+                &format!(
+                    "test.toml: services.e.tls.alpn.2 = \"{}...: an ALPN protocol name is 1 to \
+                     255 bytes",
+                    "x".repeat(79)
+                ),
+                "test.toml: services.e.tls.handshake_timeout = \"0s\": must be more than 0s and \
+                 at most 5m (a handshake takes milliseconds; a long timeout lets silent clients \
+                 hold handshake slots)",
+            ]
+        );
+        // Without TLS at all, identities cannot be known either.
+        assert_eq!(
+            error_lines(&load(&format!("{ECHO}allow_identities = ['ops']\n"))).len(),
+            1
+        );
+        // With a client CA, all of it is fine.
+        let fine = format!(
+            "{ECHO}allow_identities = ['ops']\n{tls}client_ca = '/ca.pem'\n\
+             client_auth = 'optional'\nalpn = ['http/1.1']\nhandshake_timeout = '5m'\n"
+        );
+        assert_eq!(error_lines(&load(&fine)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn relative_tls_paths_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("wharf-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("wharf.toml");
+        let text = format!(
+            "{ECHO}[services.e.tls]\ncert = 'tls/c.pem'\nkey = '/abs/c.key'\nclient_ca = 'ca.pem'\n"
+        );
+        std::fs::write(&file, &text).unwrap();
+        let src = ConfigSource::load(Some(&file), "", [], Dict::new()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let config = resolved(&src).unwrap();
+        let tls = config.services["e"].tls.as_ref().unwrap();
+        assert_eq!(tls.cert, dir.join("tls/c.pem"));
+        assert_eq!(tls.key, Path::new("/abs/c.key"));
+        assert_eq!(tls.client_ca.as_deref(), Some(&*dir.join("ca.pem")));
+        // Config text without a file: relative to the working directory, as written.
+        let config = resolved(&load(&text)).unwrap();
+        let tls = config.services["e"].tls.as_ref().unwrap();
+        assert_eq!(tls.cert, Path::new("tls/c.pem"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Phase 3 of `wharf serve`: serve until a stop signal. The workers accept on their own; the
 //! main thread's runtime runs the metrics endpoint and this loop, which waits for
 //!
-//! - SIGHUP, or a config file change seen by `--watch-config`: a reload ([`super::reload`]);
+//! - SIGHUP, or a change of the config file or of a service's TLS files seen by
+//!   `--watch-config`: a reload ([`super::reload`]);
 //! - SIGTERM or SIGINT: the end of the loop, then the drain ([`super::drain`]);
 //! - a worker that died ([`super::workers::WorkerDeaths`]): `/readyz` turns 503 with the
 //!   reason and the server stops as on SIGTERM (see [`serve_until_stop`] for why).
@@ -37,15 +38,18 @@ pub(super) async fn serve_until_stop<B: CompiledBackend>(
 ) -> Stop {
     let mut tick = tokio::time::interval(reload::WATCH_INTERVAL);
     let mut pending_hup = early_sighup;
+    if let Some(w) = watcher.as_mut() {
+        w.watch_services(running.services.iter().map(|s| &s.key));
+    }
     loop {
         // SIGHUP (now or while a reload ran), or a change the watcher saw.
         let file_changed = if std::mem::take(&mut pending_hup) {
-            false
+            None
         } else {
             tokio::select! {
                 biased;
                 signal = signals.recv() => match signal {
-                    Signal::Hup => false,
+                    Signal::Hup => None,
                     stop => return Stop::Signal(stop),
                 },
                 reason = deaths.wait() => {
@@ -55,28 +59,28 @@ pub(super) async fn serve_until_stop<B: CompiledBackend>(
                 }
                 _ = tick.tick(), if watcher.is_some() => {
                     let Some(w) = watcher.as_mut() else { continue };
-                    let content = reload::read_config_file(w.path().to_path_buf()).await;
+                    let digests = reload::read_watched(w.paths()).await;
                     // A reported change is marked as loaded already.
-                    if !w.observe(content) {
-                        continue;
+                    match w.observe(digests) {
+                        Some(why) => Some(why),
+                        None => continue,
                     }
-                    true
                 }
             }
         };
-        let why = if file_changed {
-            "config file changed"
-        } else {
-            "SIGHUP"
-        };
-        if let (Some(w), false) = (watcher.as_mut(), file_changed) {
-            let content = reload::read_config_file(w.path().to_path_buf()).await;
-            w.mark_loaded(content.ok());
+        if let (Some(w), None) = (watcher.as_mut(), &file_changed) {
+            let digests = reload::read_watched(w.paths()).await;
+            w.mark_loaded(digests.ok());
         }
+        let why = file_changed.as_deref().unwrap_or("SIGHUP");
         if let Some(stop) =
             reload_unless_stopped(running, why, load, signals, &mut pending_hup).await
         {
             return Stop::Signal(stop);
+        }
+        // The services' TLS files may be others now.
+        if let Some(w) = watcher.as_mut() {
+            w.watch_services(running.services.iter().map(|s| &s.key));
         }
     }
 }
@@ -84,7 +88,7 @@ pub(super) async fn serve_until_stop<B: CompiledBackend>(
 /// Logs where `--watch-config` looks, and makes its watcher.
 pub(super) fn watcher(watch: Option<(std::path::PathBuf, Option<Vec<u8>>)>) -> Option<FileWatcher> {
     watch.map(|(path, loaded)| {
-        info!(path = %path.display(), every = ?reload::WATCH_INTERVAL, "watching the config file for changes");
+        info!(path = %path.display(), every = ?reload::WATCH_INTERVAL, "watching the config file (and the TLS files it names) for changes");
         FileWatcher::new(path, loaded)
     })
 }

@@ -25,3 +25,4 @@ mod pki;
 mod reload;
 mod status;
 mod tls_clients;
+mod tls_config;
