@@ -11,6 +11,8 @@ use std::path::Path;
 use figment::value::{Dict, Value};
 use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, ServiceConfig};
 
+use wharf_core::tls::files::LoadedTls;
+
 use crate::registry::{BuiltService, Registry};
 
 /// The embedded default configuration.
@@ -45,6 +47,8 @@ pub struct PlannedService {
     pub config: ServiceConfig,
     /// The plugin instance.
     pub built: BuiltService,
+    /// Its TLS files, loaded and checked (`None`: plaintext).
+    pub tls: Option<LoadedTls>,
 }
 
 /// Loads `file` (or the embedded default) with the `WHARF_` variables of `env` (the process's
@@ -100,11 +104,28 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;
         };
+        // Interim loading with the stub loader; the tls-files branch replaces it.
+        let tls = match svc
+            .tls
+            .as_ref()
+            .map(|t| wharf_core::tls::files::load(t, plugin.alpn))
+        {
+            None => None,
+            Some(Ok(loaded)) => Some(loaded),
+            Some(Err(problems)) => {
+                for p in problems {
+                    let key = format!("services.{name}.tls.{}", p.key);
+                    errors.push(source.value_error_at(&key, p.message));
+                }
+                continue;
+            }
+        };
         match plugin.build(&source, name) {
             Ok(built) => services.push(PlannedService {
                 name: name.clone(),
                 config: svc.clone(),
                 built,
+                tls,
             }),
             Err(e) if needs_the_repository(&source, name, &svc.plugin, &e) => {
                 tracing::warn!(

@@ -56,7 +56,11 @@ impl ServiceKey {
         ServiceKey {
             name: svc.name.clone(),
             listen: svc.config.listen,
-            fingerprint: format!("{framework}\n[options]\n{}", svc.built.options),
+            fingerprint: format!(
+                "{framework}\n[options]\n{}\n[tls]\n{}",
+                svc.built.options,
+                svc.tls.as_ref().map_or("", |t| &t.fingerprint)
+            ),
         }
     }
 }

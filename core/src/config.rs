@@ -249,6 +249,11 @@ pub struct TlsConfig {
     /// A handshake not finished within this long (from accept) is abandoned.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Handshakes in progress at once on each worker; more connections wait (without being
+    /// read) for a slot, their `handshake_timeout` running, so a flood of slow or silent
+    /// handshakes holds bounded memory and established connections keep being served.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 /// `tls.client_auth`.
@@ -273,6 +278,10 @@ pub enum TlsVersion {
     /// TLS 1.3 only.
     #[serde(rename = "1.3")]
     Tls13,
+}
+
+fn default_max_handshakes() -> usize {
+    64
 }
 
 fn default_handshake_timeout() -> Duration {

@@ -23,3 +23,4 @@ mod load;
 mod metrics;
 mod pki;
 mod reload;
+mod tls;
