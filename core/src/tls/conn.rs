@@ -332,7 +332,15 @@ where
 
     async fn shutdown(&mut self) -> io::Result<()> {
         self.session.send_close_notify();
-        self.flush().await?;
+        match self.flush().await {
+            // A peer that is gone needs no notice: the end is what it already has.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) => {}
+            other => other?,
+        }
         self.inner.shutdown().await
     }
 }

@@ -126,9 +126,12 @@ impl Service for Upper {
 type ClientTls = TlsConn<Client, rustls::ClientConnection>;
 
 async fn ask(tls: &mut ClientTls, what: &[u8]) -> Vec<u8> {
-    let (res, _) = tls.write_all(what.to_vec()).await;
-    res.unwrap();
     let mut answer = Vec::new();
+    let (res, _) = tls.write_all(what.to_vec()).await;
+    if res.is_err() {
+        // The service already closed: no answer.
+        return answer;
+    }
     while answer.len() < what.len().max(1) {
         let (res, buf) = tls.read(Vec::with_capacity(65536)).await;
         if res.unwrap() == 0 {
@@ -240,7 +243,6 @@ fn try_read_hands_out_decrypted_bytes_and_sees_close_notify() {
                 testing::yield_now().await;
             }
             assert_eq!(buf, b"ping");
-            assert!(!tls.peer_finished_sending());
             let mut rest = Vec::with_capacity(64);
             loop {
                 match tls.try_read(&mut rest).unwrap() {
@@ -299,16 +301,13 @@ fn the_client_certificate_names_the_identity_and_allow_identities_refuses_others
             let mut tls = testing::tls_connect(client, pki.client(Some(name)), "localhost")
                 .await
                 .unwrap();
-            let (res, _) = tls.write_all(b"who".to_vec()).await;
-            res.unwrap();
-            let answer = read_to_end(&mut tls).await.unwrap_or_default();
+            let answer = ask(&mut tls, b"who").await;
             if served {
-                // The service answers, then sees the client's end of stream only later.
                 assert_eq!(answer, b"OPS");
             } else {
                 assert_eq!(answer, b"", "{name} was served");
             }
-            drop(tls);
+            tls.shutdown().await.unwrap();
             server.await.unwrap().unwrap();
         }
     });
