@@ -22,7 +22,7 @@ use wharf_core::backend::Backend;
 use wharf_core::config::{BackendChoice, BackendKind};
 use wharf_core::service::DynService;
 use wharf_core::worker::ConnOf;
-use wharf_core::Plugin;
+use wharf_core::Service;
 
 /// A backend compiled into this binary.
 pub trait CompiledBackend: Backend {
@@ -53,7 +53,7 @@ macro_rules! compiled_backends {
 
         impl ServiceInstances {
             /// The same `instance` for every backend.
-            pub fn of<P: Plugin>(instance: &Arc<P>) -> Self {
+            pub fn of<S: Service>(instance: &Arc<S>) -> Self {
                 ServiceInstances {
                     $($field: Arc::clone(instance) as Arc<dyn DynService<ConnOf<$backend>>>,)*
                 }

@@ -103,7 +103,7 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;
         };
-        let tls = load_tls(&source, name, svc).unwrap_or_else(|e| {
+        let tls = load_tls(&source, name, svc, plugin.alpn).unwrap_or_else(|e| {
             errors.extend(e);
             None
         });
@@ -150,18 +150,18 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
     }
 }
 
-/// Reads and checks a service's TLS files; each problem becomes an error at its key under
+/// Reads and checks a service's TLS files (`default_alpn`: the plugin's, when the config names
+/// none); each problem becomes an error at its key under
 /// `services.<name>.tls`.
 fn load_tls(
     source: &ConfigSource,
     name: &str,
     svc: &ServiceConfig,
+    default_alpn: &[&str],
 ) -> Result<Option<LoadedTls>, Vec<ConfigError>> {
     let Some(tls) = &svc.tls else {
         return Ok(None);
     };
-    // TODO(H1): the plugin's default ALPN (`Plugin::ALPN`, through the registry entry).
-    let default_alpn: &[&str] = &[];
     wharf_core::tls::files::load(tls, default_alpn)
         .map(Some)
         .map_err(|errors| {

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use wharf_core::config::{ConfigError, ConfigSource, SECRET_PLACEHOLDER};
+use wharf_core::tls::{Tls, TlsSettings};
 use wharf_core::{OptionDoc, Plugin};
 
 use crate::backends::ServiceInstances;
@@ -35,6 +36,8 @@ pub struct PluginEntry {
     pub options: &'static [OptionDoc],
     /// Request outcomes (`wharf_requests_total{outcome}`), empty for plugins without requests.
     pub outcomes: &'static [&'static str],
+    /// ALPN protocols offered over TLS when `tls.alpn` is absent ([`Plugin::ALPN`]).
+    pub alpn: &'static [&'static str],
     /// The default options (`Options::default()`) as a TOML table, secrets replaced by
     /// [`SECRET_PLACEHOLDER`]: what `wharf plugins` shows as each option's default.
     pub defaults: fn() -> toml::Table,
@@ -56,6 +59,8 @@ pub struct BuiltService {
     /// The same instance once more, for [`BuiltService::inherit_from`] across a reload.
     pub instance: Instance,
     inherit: fn(&dyn Any, &dyn Any),
+    /// The instance behind a TLS handshake, as each backend calls it.
+    over_tls: Box<dyn Fn(TlsSettings) -> ServiceInstances + Send + Sync>,
 }
 
 /// A plugin instance with its type erased, kept by a running service so the generation that
@@ -68,6 +73,14 @@ impl BuiltService {
     /// `previous` is another plugin.
     pub fn inherit_from(&self, previous: &Instance) {
         (self.inherit)(&*self.instance, &**previous);
+    }
+
+    /// The instance as each backend calls it for a service with TLS: wrapped in the
+    /// framework's TLS layer ([`Tls`]), which handshakes, applies `allow_identities` and then
+    /// hands the session to the plugin. One wrapper per service generation, so a reload with
+    /// new certificate files gives new connections the new certificate.
+    pub fn instances_over_tls(&self, settings: TlsSettings) -> ServiceInstances {
+        (self.over_tls)(settings)
     }
 }
 
@@ -102,6 +115,7 @@ impl Registry {
                 description: P::DESCRIPTION,
                 options: P::OPTIONS,
                 outcomes: P::OUTCOMES,
+                alpn: P::ALPN,
                 defaults: || shown::<P>(&P::Options::default()).0,
                 build: build::<P>,
             },
@@ -165,10 +179,14 @@ fn build<P: Plugin>(
         }]
     })?;
     let instance = Arc::new(instance);
+    let plugin = Arc::clone(&instance);
     Ok(BuiltService {
         instances: ServiceInstances::of(&instance),
         instance,
         inherit: inherit::<P>,
+        over_tls: Box::new(move |settings| {
+            ServiceInstances::of(&Arc::new(Tls::new(Arc::clone(&plugin), settings)))
+        }),
         options: rendered,
         shown_options: shown,
         outcomes: P::OUTCOMES,

@@ -251,6 +251,11 @@ pub struct TlsConfig {
     /// A handshake not finished within this long (from accept) is abandoned.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Handshakes in progress at once on each worker; more connections wait (without being
+    /// read) for a slot, their `handshake_timeout` running, so a flood of slow or silent
+    /// handshakes holds bounded memory and established connections keep being served.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 impl TlsConfig {
@@ -291,8 +296,15 @@ pub enum TlsVersion {
     Tls13,
 }
 
+/// Most `tls.max_handshakes` accepted: each handshake in progress holds a TLS session's state.
+pub const MAX_HANDSHAKES: usize = 4096;
+
 /// Longest `tls.handshake_timeout` accepted.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn default_max_handshakes() -> usize {
+    64
+}
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
@@ -641,6 +653,10 @@ impl ConfigSource {
                      timeout lets silent clients hold handshake slots)"
                         .into(),
                 ));
+            }
+            if !(1..=MAX_HANDSHAKES).contains(&tls.max_handshakes) {
+                let message = format!("must be 1..={MAX_HANDSHAKES} (per worker)");
+                errors.push(self.value_error_at(&key("tls.max_handshakes"), message));
             }
         }
         errors

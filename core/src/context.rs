@@ -86,6 +86,15 @@ impl Context {
         let _ = self.identity.set(identity.into());
     }
 
+    /// The TLS series of the connection's service generation (`None` outside a server, or
+    /// for a plaintext service): for the TLS layer.
+    pub(crate) fn tls_series(&self) -> Option<&crate::metrics::TlsSeries> {
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().metrics().tls.as_ref(),
+            Scope::Detached(_) => None,
+        }
+    }
+
     /// The service's config name (`"detached"` outside a server).
     pub fn service(&self) -> &str {
         match &self.scope {

@@ -68,7 +68,11 @@ impl ServiceGate {
         outcomes: &'static [&'static str],
         previous: Option<&ServiceGate>,
     ) -> Arc<Self> {
-        let metrics = Arc::new(ServiceMetrics::register(&labels, outcomes));
+        let metrics = Arc::new(ServiceMetrics::register(
+            &labels,
+            outcomes,
+            config.tls.is_some(),
+        ));
         let blocking =
             BlockingBudget::new(config.max_blocking, &labels, previous.map(|p| &p.blocking));
         Arc::new(ServiceGate {

@@ -36,6 +36,11 @@ pub mod names {
     pub const BLOCKING_QUEUED: &str = "wharf_blocking_jobs_queued_total";
     /// Histogram: time a blocking-pool job waited for a permit of its service's budget.
     pub const BLOCKING_QUEUE_DURATION: &str = "wharf_blocking_queue_duration_seconds";
+    /// Counter, label `result` ([`super::handshake`]): TLS handshakes finished or abandoned
+    /// (TLS services only).
+    pub const TLS_HANDSHAKES: &str = "wharf_tls_handshakes_total";
+    /// Histogram: time from accept to an established TLS session (TLS services only).
+    pub const TLS_HANDSHAKE_DURATION: &str = "wharf_tls_handshake_duration_seconds";
 }
 
 /// Registers HELP text and units for the framework's metrics. Call once after installing a
@@ -74,6 +79,17 @@ pub fn describe() {
         names::BLOCKING_QUEUE_DURATION,
         Unit::Seconds,
         "Time blocking-pool jobs waited for a slot of the service's max_blocking budget."
+    );
+    describe_counter!(
+        names::TLS_HANDSHAKES,
+        "TLS handshakes by result: ok, or why the connection was closed before the session \
+         was established."
+    );
+    describe_histogram!(
+        names::TLS_HANDSHAKE_DURATION,
+        Unit::Seconds,
+        "Time from accept to an established TLS session (waiting for a handshake slot \
+         included), for successful handshakes."
     );
     describe_histogram!(
         names::REQUEST_DURATION,
@@ -116,6 +132,47 @@ pub mod rejected {
     pub const NOT_ALLOWED: &str = "allow_from";
     /// The service already has `max_connections` open.
     pub const TOO_MANY: &str = "max_connections";
+    /// The client's TLS identity is not in `allow_identities` (counted after the handshake).
+    pub const IDENTITY: &str = "identity";
+}
+
+/// The `result` label values of `wharf_tls_handshakes_total`: a fixed set, whatever the
+/// client sends.
+pub mod handshake {
+    /// The session is established.
+    pub const OK: &str = "ok";
+    /// Not finished within `tls.handshake_timeout` of accept (a silent or slow client, or one
+    /// that waited too long for a handshake slot).
+    pub const TIMEOUT: &str = "timeout";
+    /// The client closed or reset the connection before the handshake finished.
+    pub const CLOSED: &str = "closed";
+    /// The server began stopping (SIGTERM) before the handshake finished.
+    pub const CANCELLED: &str = "cancelled";
+    /// A client certificate is required and none was presented.
+    pub const NO_CERTIFICATE: &str = "no_certificate";
+    /// The client's certificate did not verify (unknown issuer, expired, wrong usage...).
+    pub const BAD_CERTIFICATE: &str = "bad_certificate";
+    /// No TLS version in common (e.g. a TLS 1.2 client and `min_version = "1.3"`).
+    pub const VERSION: &str = "version";
+    /// The client aborted with an alert (often: it does not trust the server's certificate).
+    pub const ALERT: &str = "alert";
+    /// Not TLS, malformed TLS, or nothing in common but the version (cipher suites, groups).
+    pub const PROTOCOL: &str = "protocol";
+    /// Anything else (an IO error on the socket).
+    pub const OTHER: &str = "other";
+    /// Every value, registered at startup so each series exists from the first scrape.
+    pub const ALL: [&str; 10] = [
+        OK,
+        TIMEOUT,
+        CLOSED,
+        CANCELLED,
+        NO_CERTIFICATE,
+        BAD_CERTIFICATE,
+        VERSION,
+        ALERT,
+        PROTOCOL,
+        OTHER,
+    ];
 }
 
 /// Handles for one service generation's connection, byte and request series.
@@ -138,12 +195,56 @@ pub struct ServiceMetrics {
     requests: Vec<(&'static str, Counter)>,
     /// Only for plugins that declare outcomes: no empty histograms for echo.
     request_duration: Option<Histogram>,
+    /// Only for services with `[tls]`.
+    pub(crate) tls: Option<TlsSeries>,
+}
+
+/// Handles for one TLS service generation's handshake series, and its identity refusals.
+pub struct TlsSeries {
+    /// `wharf_tls_handshakes_total` per [`handshake`] result, in [`handshake::ALL`] order.
+    handshakes: [Counter; handshake::ALL.len()],
+    /// `wharf_tls_handshake_duration_seconds`.
+    duration: Histogram,
+    /// `wharf_connections_rejected_total{reason="identity"}`.
+    pub(crate) rejected_identity: Counter,
+}
+
+impl TlsSeries {
+    fn register(labels: &ServiceLabels) -> Self {
+        let handshakes = handshake::ALL.map(|result| {
+            let c = metrics::counter!(names::TLS_HANDSHAKES, labels.with(&[("result", result)]));
+            c.increment(0);
+            c
+        });
+        let rejected_identity = metrics::counter!(
+            names::REJECTED,
+            labels.with(&[("reason", rejected::IDENTITY)])
+        );
+        rejected_identity.increment(0);
+        TlsSeries {
+            handshakes,
+            duration: metrics::histogram!(names::TLS_HANDSHAKE_DURATION, labels.with(&[])),
+            rejected_identity,
+        }
+    }
+
+    /// Counts one handshake under `result` (one of [`handshake::ALL`]), and its duration when
+    /// it succeeded.
+    pub(crate) fn record_handshake(&self, result: &'static str, elapsed: Duration) {
+        if let Some(i) = handshake::ALL.iter().position(|r| *r == result) {
+            self.handshakes[i].increment(1);
+        }
+        if result == handshake::OK {
+            self.duration.record(elapsed.as_secs_f64());
+        }
+    }
 }
 
 impl ServiceMetrics {
     /// Registers the series of a service whose plugin declares `outcomes`
-    /// ([`crate::Plugin::OUTCOMES`]), and touches each so a scrape shows zeros, not nothing.
-    pub fn register(labels: &ServiceLabels, outcomes: &'static [&'static str]) -> Self {
+    /// ([`crate::Plugin::OUTCOMES`]), with the TLS series if it speaks `tls`, and touches each
+    /// so a scrape shows zeros, not nothing.
+    pub fn register(labels: &ServiceLabels, outcomes: &'static [&'static str], tls: bool) -> Self {
         let l = |extra: &[(&str, &'static str)]| labels.with(extra);
         let requests: Vec<(&'static str, Counter)> = outcomes
             .iter()
@@ -166,6 +267,7 @@ impl ServiceMetrics {
             request_duration: (!outcomes.is_empty())
                 .then(|| metrics::histogram!(names::REQUEST_DURATION, l(&[]))),
             requests,
+            tls: tls.then(|| TlsSeries::register(labels)),
         };
         for c in [
             &m.received,

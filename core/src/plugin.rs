@@ -26,6 +26,9 @@ pub trait Plugin: Service + Sized {
     /// `token`): `wharf check`, `wharf plugins`, logs and config errors show that they are set,
     /// never their value. Empty: nothing to hide.
     const SECRETS: &'static [&'static str] = &[];
+    /// The ALPN protocols the service offers when it speaks TLS and its config names none
+    /// (`tls.alpn`), in preference order, e.g. `&["http/1.1"]`. Empty: no ALPN.
+    const ALPN: &'static [&'static str] = &[];
 
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;

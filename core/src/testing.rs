@@ -51,12 +51,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use crate::backend::sys::no_spare_capacity;
 use crate::conn::{BufResult, Conn};
 use crate::context::{Context, Detached};
 use crate::service::Service;
+use crate::tls::{Tls, TlsConn, TlsError, TlsSettings};
 
 pub use tokio::task::{yield_now, JoinHandle};
 
@@ -80,6 +82,33 @@ pub fn spawn<S: Service>(service: S, conn: MemConn) -> JoinHandle<io::Result<()>
         let cx = conn.context();
         service.serve(conn, &cx).await
     })
+}
+
+/// Serves `conn` with `service` behind the framework's TLS layer ([`Tls`]: handshake, client
+/// identity, `allow_identities`), with the pipe's detached context; call inside [`block_on`]
+/// and talk to it through [`tls_connect`].
+pub fn spawn_tls<S: Service>(
+    service: S,
+    conn: MemConn,
+    settings: TlsSettings,
+) -> JoinHandle<io::Result<()>> {
+    spawn(Tls::new(service, settings), conn)
+}
+
+/// The client side of a pipe as a TLS client of `server_name` (the name its certificate must
+/// carry), handshaken: read and write plaintext through the returned connection's
+/// [`Conn`] methods, reach the [`Client`] with [`TlsConn::get_ref`].
+pub async fn tls_connect(
+    client: Client,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> Result<TlsConn<Client, rustls::ClientConnection>, TlsError> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| TlsError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let session = rustls::ClientConnection::new(config, name).map_err(TlsError::Tls)?;
+    let mut tls = TlsConn::new(client, session);
+    tls.handshake().await?;
+    Ok(tls)
 }
 
 /// A connected pair with [`DEFAULT_CAPACITY`] per direction.
@@ -397,6 +426,66 @@ impl Client {
     /// Bytes the service has written that the client has not read yet.
     pub fn unread_by_client(&self) -> usize {
         self.shared.borrow().to_client.data.len()
+    }
+}
+
+/// The client side as a connection, so a client protocol (a TLS client, see [`tls_connect`])
+/// can run over it.
+impl Conn for Client {
+    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
+        let spare = buf.capacity() - buf.len();
+        if spare == 0 {
+            return (Err(no_spare_capacity()), buf);
+        }
+        let n = std::future::poll_fn(|cx| {
+            self.shared
+                .borrow_mut()
+                .to_client
+                .poll_read(cx.waker(), &mut buf, spare)
+        })
+        .await;
+        (Ok(n), buf)
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        let res = std::future::poll_fn(|cx| {
+            self.shared
+                .borrow_mut()
+                .to_server
+                .poll_write(cx.waker(), &buf[from..])
+        })
+        .await;
+        (res, buf)
+    }
+
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        let spare = buf.capacity() - buf.len();
+        if spare == 0 {
+            return Err(no_spare_capacity());
+        }
+        let mut shared = self.shared.borrow_mut();
+        let input = &mut shared.to_client;
+        if input.data.is_empty() && !input.writer_closed {
+            return Ok(None);
+        }
+        match input.poll_read(Waker::noop(), buf, spare) {
+            Poll::Ready(n) => Ok(Some(n)),
+            Poll::Pending => Ok(None),
+        }
+    }
+
+    fn peer_closed(&self) -> bool {
+        self.shared.borrow().to_server.reader_gone
+    }
+
+    fn peer_finished_sending(&self) -> bool {
+        let s = self.shared.borrow();
+        s.to_client.writer_closed || s.to_server.reader_gone
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.close_write();
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ use wharf_core::config::Config;
 use wharf_core::gate::ServiceGate;
 use wharf_core::metrics::ServiceLabels;
 use wharf_core::net::Cidr;
+use wharf_core::tls::TlsSettings;
 use wharf_core::worker::{ControlSender, HandlerOf, SlotId, WorkerService};
 
 use super::bootstrap::BoundService;
@@ -95,10 +96,14 @@ impl<B: CompiledBackend> Running<B> {
             svc.built.outcomes,
             previous.map(|p| &*p.gate),
         );
-        HandlerOf::<B> {
-            gate,
-            service: B::instance(&svc.built.instances),
-        }
+        let service = match &svc.tls {
+            Some(loaded) => {
+                let settings = TlsSettings::new(loaded, &svc.config);
+                B::instance(&svc.built.instances_over_tls(settings))
+            }
+            None => B::instance(&svc.built.instances),
+        };
+        HandlerOf::<B> { gate, service }
     }
 
     /// A new listening socket for `svc` (one descriptor per worker): how the main thread
@@ -132,14 +137,13 @@ impl<B: CompiledBackend> Running<B> {
 
     /// Logs the `listening` line of `s`.
     pub fn log_listening(&self, s: &RunningService) {
-        let plugin = self
-            .config
-            .services
-            .get(&s.key.name)
-            .map_or("", |c| c.plugin.as_str());
+        let config = self.config.services.get(&s.key.name);
+        let plugin = config.map_or("", |c| c.plugin.as_str());
+        let tls = config.is_some_and(|c| c.tls.is_some());
         info!(
             service = %s.key.name,
             plugin = %plugin,
+            tls,
             listen = %s.bound,
             backend = %B::NAME,
             workers = self.workers.len(),

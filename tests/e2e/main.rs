@@ -24,5 +24,6 @@ mod metrics;
 mod pki;
 mod reload;
 mod status;
+mod tls;
 mod tls_clients;
 mod tls_config;

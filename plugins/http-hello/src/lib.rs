@@ -350,6 +350,7 @@ impl Plugin for HttpHello {
         },
     ];
     const OUTCOMES: &'static [&'static str] = &[OK, CLIENT_ERROR, SERVER_ERROR];
+    const ALPN: &'static [&'static str] = &["http/1.1"];
     type Options = HttpHelloOptions;
 
     fn build(options: HttpHelloOptions) -> Result<Self, PluginError> {
