@@ -192,7 +192,7 @@ mod tests {
         };
         Metered::new(
             conn,
-            Arc::new(ServiceMetrics::register(&labels, &[])),
+            Arc::new(ServiceMetrics::register(&labels, &[], false)),
             Some(TIMEOUT),
         )
     }

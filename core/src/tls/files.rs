@@ -507,6 +507,7 @@ mod tests {
             min_version: TlsVersion::default(),
             alpn: None,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 64,
         }
     }
 
