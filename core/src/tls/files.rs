@@ -656,7 +656,7 @@ mod tests {
         let both = errors(&config(&dir.0, &fifo));
         assert_eq!(
             both[0].message,
-            format!("{} is not a regular file", dir.0.display())
+            format!("cannot read {}: not a regular file", dir.0.display())
         );
     }
 
