@@ -313,7 +313,7 @@ fn client_certificates_name_identities_and_allow_identities_refuses_the_rest() {
         let rejected = labels(backend, &[("reason", "identity")]);
         server.wait_metric("wharf_connections_rejected_total", &rejected, 1.0);
         assert!(
-            server.log().contains("identity=spiffe://example.org/dev"),
+            server.log().contains("identity=\"spiffe://example.org/dev\""),
             "{}",
             server.log()
         );
