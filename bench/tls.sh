@@ -31,9 +31,15 @@ mkdir -p "$sink"
 mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
 trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
 
+# A CA and a leaf signed by it (ECDSA P-256): clients that verify (curl, wharf client) trust the
+# CA; a self-signed CA certificate cannot also serve as the leaf for rustls/webpki.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -keyout "$work/key.pem" -out "$work/cert.pem" -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+  -keyout "$work/ca.key" -out "$work/ca.pem" -subj "/CN=wharf bench CA" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout "$work/key.pem" -out "$work/leaf.csr" -subj /CN=localhost 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$work/leaf.ext"
+openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+  -CAcreateserial -days 2 -extfile "$work/leaf.ext" -out "$work/cert.pem" 2>/dev/null
 mkdir -p "$work/root"
 head -c 1G /dev/urandom >"$work/root/big.bin"
 cat "$work/root/big.bin" >/dev/null
@@ -139,10 +145,10 @@ PY
     before=$(server_cpu)
     t0=$(date +%s.%N)
     if [ "$server" = nginx ]; then
-      taskset -c 1 curl -s --cacert "$work/cert.pem" -o "$sink/out" "https://localhost:$files_port/big.bin"
+      taskset -c 1 curl -s --cacert "$work/ca.pem" -o "$sink/out" "https://localhost:$files_port/big.bin"
     else
       taskset -c 1 "$bin/wharf" client get "127.0.0.1:$files_port" big.bin -o "$sink/out" \
-        --tls --ca "$work/cert.pem" >/dev/null
+        --tls --ca "$work/ca.pem" >/dev/null
     fi
     t1=$(date +%s.%N)
     after=$(server_cpu)

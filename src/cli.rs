@@ -422,11 +422,26 @@ fn print_plugins(registry: &Registry) {
     }
 }
 
+/// The log filter when `WHARF_LOG`/`RUST_LOG` do not name these targets: rustls logs what
+/// clients do wrong (an IP address sent as SNI, a bad record) at warn level, once per
+/// connection, so any client could fill the log. wharf counts those outcomes in its metrics
+/// and logs them itself where they matter.
+const QUIET_TARGETS: &[&str] = &["rustls=error"];
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WHARF_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("WHARF_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    for quiet in QUIET_TARGETS {
+        let target = quiet.split('=').next().unwrap_or(quiet);
+        if !spec.contains(target) {
+            if let Ok(directive) = quiet.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -474,3 +474,54 @@ fn rotated_certificate_files_serve_new_connections_while_open_ones_continue() {
         assert_eq!(roundtrip(&mut old, b"three").unwrap(), b"THREE");
     }
 }
+
+/// The issue's end-to-end authorization story with wharf's own client: over mutual TLS, an
+/// identity a command names runs it, another identity is refused with an answer (the
+/// unknown-command refusal, exit 126), and a client without a certificate fails the handshake.
+#[test]
+fn wharf_client_runs_a_command_only_as_an_identity_the_command_names() {
+    let (dir, pki, cert) = pki();
+    let ops = pki.client("ops", Names::Dns("ops"));
+    let dev = pki.client("dev", Names::Dns("dev"));
+    for backend in backends() {
+        let config = format!(
+            "[server]\nworkers = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [services.exec]\nplugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n\
+             [services.exec.options.commands]\n\
+             whoami = {{ argv = [\"echo\", \"ops only\"], identities = [\"ops\"] }}\n\
+             hello = {{ argv = [\"echo\", \"anyone\"] }}\n{}",
+            tls_table(
+                "exec",
+                &cert,
+                &format!("client_ca = \"{}\"", pki.ca_file().display())
+            )
+        );
+        let server = Server::start(&config, backend);
+        let addr = server.addr("exec").to_string();
+        let ca = pki.ca_file().to_str().unwrap();
+        let as_client = |who: Option<&CertFiles>, command: &str| {
+            let mut args = vec!["exec", &addr, "--tls", "--ca", ca];
+            if let Some(files) = who {
+                args.extend(["--cert", files.cert.to_str().unwrap()]);
+                args.extend(["--key", files.key.to_str().unwrap()]);
+            }
+            args.extend(["--", command]);
+            wharf_client(&dir.0, &args)
+        };
+
+        let (code, out, err) = as_client(Some(&ops), "whoami");
+        assert_eq!((code, out.as_str()), (0, "ops only\n"), "{err}");
+        let (code, out, err) = as_client(Some(&dev), "hello");
+        assert_eq!((code, out.as_str()), (0, "anyone\n"), "{err}");
+
+        let (code, out, err) = as_client(Some(&dev), "whoami");
+        assert_eq!(code, 126, "refused with an answer: {out} {err}");
+        assert!(out.contains("command not allowed: whoami"), "{out} {err}");
+        assert!(!out.contains("ops only"), "{out}");
+
+        let (code, _, err) = as_client(None, "hello");
+        assert_ne!(code, 0);
+        assert!(err.contains("requires a client certificate"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}
