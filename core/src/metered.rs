@@ -66,7 +66,13 @@ impl IdleTimer {
             if registered && !self.sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            while self.sleep.as_mut().poll(cx).is_ready() {
+            // Outside tokio's cooperative budget: a budget-exhausted poll would return
+            // `Pending` without arming the timer, and the check above would then skip it for
+            // good (a client could switch its own idle timeout off).
+            while std::pin::pin!(tokio::task::coop::unconstrained(self.sleep.as_mut()))
+                .poll(cx)
+                .is_ready()
+            {
                 if Instant::now() >= deadline {
                     let err = io::Error::new(io::ErrorKind::TimedOut, "idle timeout");
                     return Poll::Ready((Err(err), Vec::new()));

@@ -2,7 +2,8 @@
 //!
 //! The certificate's first DNS subject alternative name, else its first URI SAN, else its
 //! subject common name. A name that is empty or holds control characters counts as absent (it
-//! would be ambiguous in logs and configs), and so does a certificate that does not parse.
+//! would be ambiguous in logs and configs), and so does a certificate (or a SAN extension)
+//! that does not parse.
 //! rustls has verified the certificate (chain to `client_ca`, validity, key usage) before this
 //! runs; this only reads it.
 
@@ -14,7 +15,10 @@ pub fn of_certificate(certificate: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(certificate).ok()?;
     let sans: Vec<&GeneralName<'_>> = match cert.subject_alternative_name() {
         Ok(Some(ext)) => ext.value.general_names.iter().collect(),
-        _ => Vec::new(),
+        Ok(None) => Vec::new(),
+        // A SAN extension that does not parse (or appears twice) gives no identity rather than
+        // falling back to the common name: fail closed.
+        Err(_) => return None,
     };
     let dns = sans.iter().find_map(|n| match n {
         GeneralName::DNSName(name) => Some(*name),
