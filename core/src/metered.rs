@@ -220,17 +220,22 @@ mod tests {
         conn.read(Vec::with_capacity(64)).await.0
     }
 
+    /// A read that gets nothing fails with `TimedOut` once the timeout has passed from its start.
+    async fn times_out_after_the_timeout(conn: &mut Metered<MemConn>) {
+        let started = Instant::now();
+        let err = read(conn).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+
     #[test]
     fn a_read_waiting_longer_than_the_timeout_fails() {
         paused(async |mut conn, _client| {
-            let started = Instant::now();
-            let err = read(&mut conn).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-            let waited = started.elapsed();
-            assert!(
-                waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
-                "{waited:?}"
-            );
+            times_out_after_the_timeout(&mut conn).await;
         });
     }
 
@@ -266,14 +271,7 @@ mod tests {
             assert_eq!(res.unwrap(), 4);
 
             tokio::time::sleep(TIMEOUT * 2).await;
-            let started = Instant::now();
-            let err = read(&mut conn).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-            let waited = started.elapsed();
-            assert!(
-                waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
-                "{waited:?}"
-            );
+            times_out_after_the_timeout(&mut conn).await;
         });
     }
 }

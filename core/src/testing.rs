@@ -256,32 +256,46 @@ impl MemConn {
     }
 }
 
+/// One read from `direction` of the pipe into the spare capacity of `buf`.
+async fn read_from(
+    shared: &RefCell<Shared>,
+    direction: fn(&mut Shared) -> &mut Direction,
+    mut buf: Vec<u8>,
+) -> BufResult<usize> {
+    let spare = buf.capacity() - buf.len();
+    if spare == 0 {
+        return (Err(no_spare_capacity()), buf);
+    }
+    let n = std::future::poll_fn(|cx| {
+        direction(&mut shared.borrow_mut()).poll_read(cx.waker(), &mut buf, spare)
+    })
+    .await;
+    (Ok(n), buf)
+}
+
+/// One write of `buf[from..]` into `direction` of the pipe.
+async fn write_to(
+    shared: &RefCell<Shared>,
+    direction: fn(&mut Shared) -> &mut Direction,
+    buf: Vec<u8>,
+    from: usize,
+) -> BufResult<usize> {
+    let res = std::future::poll_fn(|cx| {
+        direction(&mut shared.borrow_mut()).poll_write(cx.waker(), &buf[from..])
+    })
+    .await;
+    (res, buf)
+}
+
 impl Conn for MemConn {
-    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
-        let spare = buf.capacity() - buf.len();
-        if spare == 0 {
-            return (Err(no_spare_capacity()), buf);
-        }
-        let n = std::future::poll_fn(|cx| {
-            self.shared
-                .borrow_mut()
-                .to_server
-                .poll_read(cx.waker(), &mut buf, spare)
-        })
-        .await;
-        (Ok(n), buf)
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        read_from(&self.shared, |s| &mut s.to_server, buf).await
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
-        let res = std::future::poll_fn(|cx| {
-            self.shared
-                .borrow_mut()
-                .to_client
-                .poll_write(cx.waker(), &buf[from..])
-        })
-        .await;
+        let done = write_to(&self.shared, |s| &mut s.to_client, buf, from).await;
         self.shared.borrow_mut().writes += 1;
-        (res, buf)
+        done
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
@@ -432,30 +446,12 @@ impl Client {
 /// The client side as a connection, so a client protocol (a TLS client, see [`tls_connect`])
 /// can run over it.
 impl Conn for Client {
-    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
-        let spare = buf.capacity() - buf.len();
-        if spare == 0 {
-            return (Err(no_spare_capacity()), buf);
-        }
-        let n = std::future::poll_fn(|cx| {
-            self.shared
-                .borrow_mut()
-                .to_client
-                .poll_read(cx.waker(), &mut buf, spare)
-        })
-        .await;
-        (Ok(n), buf)
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        read_from(&self.shared, |s| &mut s.to_client, buf).await
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
-        let res = std::future::poll_fn(|cx| {
-            self.shared
-                .borrow_mut()
-                .to_server
-                .poll_write(cx.waker(), &buf[from..])
-        })
-        .await;
-        (res, buf)
+        write_to(&self.shared, |s| &mut s.to_server, buf, from).await
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
