@@ -287,6 +287,28 @@ async fn write_to(
     (res, buf)
 }
 
+/// What has already arrived in `direction` of the pipe, without waiting (see
+/// [`Conn::try_read`]).
+fn try_read_from(
+    shared: &RefCell<Shared>,
+    direction: fn(&mut Shared) -> &mut Direction,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<usize>> {
+    let spare = buf.capacity() - buf.len();
+    if spare == 0 {
+        return Err(no_spare_capacity());
+    }
+    let mut shared = shared.borrow_mut();
+    let input = direction(&mut shared);
+    if input.data.is_empty() && !input.writer_closed {
+        return Ok(None);
+    }
+    match input.poll_read(Waker::noop(), buf, spare) {
+        Poll::Ready(n) => Ok(Some(n)),
+        Poll::Pending => Ok(None),
+    }
+}
+
 impl Conn for MemConn {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         read_from(&self.shared, |s| &mut s.to_server, buf).await
@@ -299,19 +321,7 @@ impl Conn for MemConn {
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-        let spare = buf.capacity() - buf.len();
-        if spare == 0 {
-            return Err(no_spare_capacity());
-        }
-        let mut shared = self.shared.borrow_mut();
-        let input = &mut shared.to_server;
-        if input.data.is_empty() && !input.writer_closed {
-            return Ok(None);
-        }
-        match input.poll_read(Waker::noop(), buf, spare) {
-            Poll::Ready(n) => Ok(Some(n)),
-            Poll::Pending => Ok(None),
-        }
+        try_read_from(&self.shared, |s| &mut s.to_server, buf)
     }
 
     fn peer_closed(&self) -> bool {
@@ -455,19 +465,7 @@ impl Conn for Client {
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-        let spare = buf.capacity() - buf.len();
-        if spare == 0 {
-            return Err(no_spare_capacity());
-        }
-        let mut shared = self.shared.borrow_mut();
-        let input = &mut shared.to_client;
-        if input.data.is_empty() && !input.writer_closed {
-            return Ok(None);
-        }
-        match input.poll_read(Waker::noop(), buf, spare) {
-            Poll::Ready(n) => Ok(Some(n)),
-            Poll::Pending => Ok(None),
-        }
+        try_read_from(&self.shared, |s| &mut s.to_client, buf)
     }
 
     fn peer_closed(&self) -> bool {
