@@ -15,3 +15,24 @@ stop_server() {
   kill -TERM "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
 }
+
+# Turns wrk's text output into one JSON line: wrk_row SERVER MODE CPU_BEFORE CPU_AFTER WRK_OUTPUT
+# (req/s, p50/p99, errors including non-2xx answers, and the server's CPU per request).
+wrk_row() {
+  python3 - "$@" <<'PY'
+import json, re, sys
+server, mode, before, after, text = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+def lat(label):
+    m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m: return None
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+total = int(re.search(r"(\d+) requests in", text).group(1))
+errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print(json.dumps({"server": server, "mode": mode, "rps": rps, "p50_us": lat("50"), "p99_us": lat("99"),
+                  "errors": errors + (int(non2xx.group(1)) if non2xx else 0),
+                  "server_cpu_us_per_req": (after - before) * 1e6 / total if total else None}))
+PY
+}
