@@ -26,6 +26,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The Prometheus endpoint; `None` turns metrics off.
     pub metrics: Option<MetricsConfig>,
+    /// The access log; `None` turns it off.
+    pub access_log: Option<AccessLogConfig>,
     /// Services by the name the user gave them.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -216,12 +218,104 @@ pub struct ServiceConfig {
     /// service; empty allows every client the TLS settings accept. Needs `tls.client_ca`.
     #[serde(default)]
     pub allow_identities: Vec<String>,
+    /// PROXY protocol: connections from `trusted_proxies` must start with a header of this
+    /// version naming the real client, which then counts as the peer for everything
+    /// (`allow_from`, per-source limits, logs, plugins). Absent: off.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Peers allowed to send a PROXY header; required with `proxy_protocol`, which refuses
+    /// connections from anyone else.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// How long a trusted proxy has, from accept, to send the whole PROXY header.
+    #[serde(default = "default_proxy_header_timeout", with = "humantime_serde")]
+    pub proxy_header_timeout: Duration,
+    /// Connections open at once from one client source (an IPv4 address, or an IPv6 prefix of
+    /// `source_prefix_v6` bits); absent: no per-source bound below `max_connections`.
+    #[serde(default)]
+    pub max_connections_per_source: Option<usize>,
+    /// New connections per second the whole service accepts (a token bucket with a burst of
+    /// one second's worth); absent: no bound.
+    #[serde(default)]
+    pub max_connection_rate: Option<u32>,
+    /// New connections per second from one client source (same bucket shape); absent: no
+    /// bound.
+    #[serde(default)]
+    pub max_connection_rate_per_source: Option<u32>,
+    /// IPv6 clients are grouped into sources by this prefix length (a host usually gets a
+    /// /64, so rotating addresses inside it does not dodge a per-source limit).
+    #[serde(default = "default_source_prefix_v6")]
+    pub source_prefix_v6: u8,
+    /// Whether this service writes to the access log (when `[access_log]` is configured).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
     /// `[services.<name>.tls]`: TLS on this service's connections; absent means plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Plugin options, checked by the plugin's own typed struct (see [`ConfigSource::extract`]).
     #[serde(default, skip_serializing)]
     pub options: Dict,
+}
+
+/// `proxy_protocol`: which PROXY protocol header versions a service accepts.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// The text header (`PROXY TCP4 ...\r\n`) only.
+    V1,
+    /// The binary header only.
+    V2,
+    /// Either, told apart by their first bytes.
+    Any,
+}
+
+/// `[access_log]`: one line per connection and per request, written off the workers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file lines are appended to, reopened on SIGUSR1; `-` is standard error. A relative
+    /// path is relative to the config file's directory.
+    pub path: PathBuf,
+    /// How each line is written.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Lines waiting to be written at most; more are dropped and counted in
+    /// `wharf_access_log_dropped_total` rather than slowing a worker down.
+    #[serde(default = "default_access_log_buffer")]
+    pub buffer_lines: usize,
+}
+
+/// `access_log.format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// `key=value` pairs, quoted where needed.
+    Logfmt,
+}
+
+/// Most `access_log.buffer_lines` accepted.
+pub const MAX_ACCESS_LOG_BUFFER: usize = 1 << 20;
+
+fn default_access_log_buffer() -> usize {
+    16 * 1024
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Longest `proxy_header_timeout` accepted.
+pub const MAX_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn default_proxy_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_source_prefix_v6() -> u8 {
+    64
 }
 
 /// `[services.<name>.tls]`: the files and policy of a service's TLS. The files are read and
@@ -424,7 +518,7 @@ pub const ENV_PREFIX: &str = "WHARF_";
 const LOG_ENV_KEY: &str = "log";
 
 /// Keys allowed at the top level.
-const SECTIONS: &[&str] = &["server", "metrics", "services"];
+const SECTIONS: &[&str] = &["server", "metrics", "access_log", "services"];
 
 impl ConfigSource {
     /// Merges `file` (or, when `None`, the `embedded` default TOML), the `WHARF_` variables of
@@ -524,6 +618,12 @@ impl ConfigSource {
 
         let server = self.section("server", &mut errors).unwrap_or_default();
         let metrics = self.section("metrics", &mut errors);
+        let mut access_log: Option<AccessLogConfig> = self.section("access_log", &mut errors);
+        if let Some(log) = &mut access_log {
+            if log.path.is_relative() && log.path.as_os_str() != "-" {
+                log.path = self.base_dir.join(&log.path);
+            }
+        }
 
         let mut services = BTreeMap::new();
         match self.merged.get("services") {
@@ -555,9 +655,11 @@ impl ConfigSource {
         }
         errors.extend(self.check_bounds(&server, &services));
         errors.extend(self.check_tls(&services));
+        errors.extend(self.check_edge(access_log.as_ref(), &services));
         let config = Config {
             server,
             metrics,
+            access_log,
             services,
         };
         (config, errors)
@@ -604,6 +706,72 @@ impl ConfigSource {
             if svc.idle_timeout > DAY {
                 let key = format!("services.{name}.idle_timeout");
                 errors.push(self.value_error_at(&key, "at most 24h (\"0s\" turns it off)".into()));
+            }
+        }
+        errors
+    }
+
+    /// The PROXY protocol, per-source limit and access log settings.
+    fn check_edge(
+        &self,
+        access_log: Option<&AccessLogConfig>,
+        services: &BTreeMap<String, ServiceConfig>,
+    ) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        if let Some(log) = access_log {
+            if log.path.as_os_str().is_empty() {
+                let message = "a file path, or \"-\" for standard error".into();
+                errors.push(self.value_error_at("access_log.path", message));
+            }
+            if !(1..=MAX_ACCESS_LOG_BUFFER).contains(&log.buffer_lines) {
+                let message = format!("must be 1..={MAX_ACCESS_LOG_BUFFER}");
+                errors.push(self.value_error_at("access_log.buffer_lines", message));
+            }
+        }
+        for (name, svc) in services {
+            let key = |k: &str| format!("services.{name}.{k}");
+            match (svc.proxy_protocol, svc.trusted_proxies.is_empty()) {
+                (Some(_), true) => errors.push(self.error_at(
+                    &key("trusted_proxies"),
+                    "required with proxy_protocol: the proxies allowed to name a client (anyone \
+                     else could claim any address)"
+                        .into(),
+                )),
+                (None, false) => errors.push(self.error_at(
+                    &key("trusted_proxies"),
+                    "needs proxy_protocol = \"v1\", \"v2\" or \"any\"".into(),
+                )),
+                _ => {}
+            }
+            if svc.proxy_header_timeout.is_zero()
+                || svc.proxy_header_timeout > MAX_PROXY_HEADER_TIMEOUT
+            {
+                errors.push(self.value_error_at(
+                    &key("proxy_header_timeout"),
+                    "must be more than 0s and at most 60s".into(),
+                ));
+            }
+            if let Some(n) = svc.max_connections_per_source {
+                if n == 0 || n > svc.max_connections {
+                    let message = format!("must be 1..={} (max_connections)", svc.max_connections);
+                    errors.push(self.value_error_at(&key("max_connections_per_source"), message));
+                }
+            }
+            for (k, rate) in [
+                ("max_connection_rate", svc.max_connection_rate),
+                (
+                    "max_connection_rate_per_source",
+                    svc.max_connection_rate_per_source,
+                ),
+            ] {
+                if rate == Some(0) {
+                    let message = "must be at least 1 (leave it out for no bound)".into();
+                    errors.push(self.value_error_at(&key(k), message));
+                }
+            }
+            if !(1..=128).contains(&svc.source_prefix_v6) {
+                errors
+                    .push(self.value_error_at(&key("source_prefix_v6"), "must be 1..=128".into()));
             }
         }
         errors

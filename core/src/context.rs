@@ -8,9 +8,9 @@
 //! without the facts about the connection moving with it.
 //!
 //! The client's identity ([`Context::identity`]) is what a verified TLS client certificate
-//! names; plugins authorize with it. Room to grow, without changing `serve`: the address a
-//! PROXY-protocol header names (which [`Context::peer_addr`] will then return), and the fields
-//! an access log line wants.
+//! names; plugins authorize with it. Behind a load balancer with `proxy_protocol`,
+//! [`Context::peer_addr`] is the client its PROXY header named, and [`Context::proxy_addr`] the
+//! balancer.
 //!
 //! A context is built once per connection by the worker ([`crate::worker`]), inside the
 //! connection's task: no allocation of its own. Outside a server (unit tests, tools), a
@@ -29,6 +29,8 @@ use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 /// What the framework knows about one connection and offers to the plugin serving it.
 pub struct Context {
     peer: SocketAddr,
+    /// The TCP peer when it is a proxy whose PROXY header named `peer`.
+    proxy: Option<SocketAddr>,
     scope: Scope,
     /// The drain signal of the connection's service generation. Behind a `RefCell` so the
     /// `&self` methods can wait on it without a receiver of their own per wait.
@@ -47,11 +49,13 @@ enum Scope {
 }
 
 impl Context {
-    /// The context of a connection admitted with `ticket`, from `peer`.
-    pub(crate) fn served(peer: SocketAddr, ticket: Ticket) -> Context {
+    /// The context of a connection admitted with `ticket`, from `peer`, through `proxy` when
+    /// a PROXY header named `peer`.
+    pub(crate) fn served(peer: SocketAddr, proxy: Option<SocketAddr>, ticket: Ticket) -> Context {
         let drain = RefCell::new(ticket.gate().retirement());
         Context {
             peer,
+            proxy,
             scope: Scope::Served(ticket),
             drain,
             identity: OnceCell::new(),
@@ -65,10 +69,17 @@ impl Context {
         Detached::new().context(peer)
     }
 
-    /// The client's address: the one the framework decided is the client's (today the TCP
-    /// peer; once PROXY protocol exists, the address its header names).
+    /// The client's address: the TCP peer, or, on a service with `proxy_protocol`, the
+    /// address the trusted proxy's header named. Every framework decision (`allow_from`,
+    /// per-source limits, logs) uses this one.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The proxy the connection came through (the TCP peer) when a PROXY header named the
+    /// client; `None` for a direct connection.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy
     }
 
     /// The client's authenticated identity: the name its verified TLS client certificate
@@ -244,6 +255,7 @@ impl Detached {
     pub fn context(&self, peer: SocketAddr) -> Context {
         Context {
             peer,
+            proxy: None,
             drain: RefCell::new(self.0.stop.subscribe()),
             scope: Scope::Detached(self.clone()),
             identity: OnceCell::new(),

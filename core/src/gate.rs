@@ -1,9 +1,13 @@
 //! Per-service admission: what a service generation shares across its workers.
 //!
-//! A [`ServiceGate`] is shared by all workers of one service. At accept it applies the
-//! framework-level limits every plugin gets (`allow_from`, `max_connections`), counts the
-//! outcome, and hands out a [`Ticket`] that keeps the connection counted as active until it is
-//! dropped. It also owns the generation's metric handles ([`crate::metrics`]), blocking
+//! A [`ServiceGate`] is shared by all workers of one service. It applies the framework-level
+//! limits every plugin gets, counts the outcome, and hands out a [`Ticket`] that keeps the
+//! connection counted as active until it is dropped. Admission has two steps, because behind a
+//! load balancer the client's address is known only once its PROXY header is read:
+//! [`ServiceGate::admit`] at accept, on the TCP peer (trusted proxy or `allow_from`,
+//! `max_connection_rate`, `max_connections`), then [`Ticket::admit_client`] on the client's
+//! address (`allow_from` behind a proxy, the per-source limits of [`crate::sources`]).
+//! Without PROXY protocol both run at accept, before any task is spawned. It also owns the generation's metric handles ([`crate::metrics`]), blocking
 //! threads ([`crate::blocking`]) and drain signal, which the connection's
 //! [`Context`](crate::Context) and [`Metered`](crate::metered::Metered) transport use.
 //!
@@ -21,24 +25,33 @@ use crate::blocking::BlockingBudget;
 use crate::config::ServiceConfig;
 use crate::metrics::{rejected, ServiceLabels, ServiceMetrics};
 use crate::net::Cidr;
+use crate::proxy::ProxySettings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::sources::{SourceHold, SourceLimits};
 
-/// Why a connection was closed at accept; the value of the `reason` label.
+/// Why a connection was refused; the value of the `reason` label. The order is that of
+/// [`rejected::ADMISSION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Rejection {
-    /// The peer is outside `allow_from`.
+    /// The client is outside `allow_from`.
     NotAllowed,
     /// The service already has `max_connections` open.
     TooManyConnections,
+    /// PROXY protocol: an untrusted peer, or no valid header in time.
+    ProxyProtocol,
+    /// The client's source already has `max_connections_per_source` open.
+    PerSource,
+    /// The service is over `max_connection_rate`.
+    Rate,
+    /// The client's source is over `max_connection_rate_per_source`.
+    RatePerSource,
 }
 
 impl Rejection {
     /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Rejection::NotAllowed => rejected::NOT_ALLOWED,
-            Rejection::TooManyConnections => rejected::TOO_MANY,
-        }
+        rejected::ADMISSION[self as usize]
     }
 }
 
@@ -46,7 +59,11 @@ impl Rejection {
 pub struct ServiceGate {
     labels: ServiceLabels,
     allow_from: Vec<Cidr>,
+    /// PROXY protocol: who may send a header, which versions, how fast.
+    proxy: Option<ProxySettings>,
     max_connections: usize,
+    /// Per-source and rate limits, shared across generations like `open`.
+    sources: Arc<SourceLimits>,
     idle_timeout: Option<Duration>,
     /// Open connections across all workers and generations, for `max_connections`.
     open: Arc<AtomicUsize>,
@@ -78,7 +95,9 @@ impl ServiceGate {
         Arc::new(ServiceGate {
             labels,
             allow_from: config.allow_from.clone(),
+            proxy: ProxySettings::of(config),
             max_connections: config.max_connections,
+            sources: SourceLimits::new(config, previous.map(|p| &p.sources)),
             idle_timeout: Some(config.idle_timeout).filter(|d| !d.is_zero()),
             open: previous.map_or_else(Default::default, |p| Arc::clone(&p.open)),
             retire: shutdown::channel().0,
@@ -126,53 +145,105 @@ impl ServiceGate {
         self.idle_timeout
     }
 
-    /// Decides whether a connection from `peer` may proceed.
+    /// The PROXY protocol settings, when the service takes a header on each connection.
+    pub fn proxy(&self) -> Option<&ProxySettings> {
+        self.proxy.as_ref()
+    }
+
+    /// Admission, first step, at accept: whether a connection from the TCP peer `peer` may
+    /// be held open at all. Checks, in order: the peer is a trusted proxy (PROXY protocol on)
+    /// or inside `allow_from` (off), `max_connection_rate`, `max_connections`. The ticket
+    /// counts the connection as open; [`Ticket::admit_client`] is the second step, once the
+    /// client's address is known.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Rejection> {
-        let rejection = if !self.allow_from.is_empty()
-            && !self.allow_from.iter().any(|net| net.contains(peer))
-        {
-            Some(Rejection::NotAllowed)
-        } else if self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_connections).then_some(n + 1)
-            })
-            .is_err()
-        {
-            Some(Rejection::TooManyConnections)
-        } else {
-            None
-        };
-        match rejection {
-            Some(r) => {
-                match r {
-                    Rejection::NotAllowed => self.metrics.rejected_not_allowed.increment(1),
-                    Rejection::TooManyConnections => self.metrics.rejected_too_many.increment(1),
-                }
+        let result = self.check_peer(peer).and_then(|()| {
+            self.sources.admit_service()?;
+            self.open
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_connections).then_some(n + 1)
+                })
+                .map_err(|_| Rejection::TooManyConnections)
+        });
+        match result {
+            Err(r) => {
+                self.metrics.record_rejection(r);
                 Err(r)
             }
-            None => {
-                self.metrics.accepted.increment(1);
+            Ok(_) => {
                 self.metrics.active.increment(1.0);
                 Ok(Ticket {
                     gate: Arc::clone(self),
                     opened: Instant::now(),
+                    source: None,
+                    admitted: false,
                 })
             }
         }
     }
+
+    fn check_peer(&self, peer: IpAddr) -> Result<(), Rejection> {
+        match &self.proxy {
+            Some(proxy) if !proxy.trusts(peer) => Err(Rejection::ProxyProtocol),
+            Some(_) => Ok(()),
+            None => self.check_allowed(peer),
+        }
+    }
+
+    fn check_allowed(&self, client: IpAddr) -> Result<(), Rejection> {
+        if self.allow_from.is_empty() || self.allow_from.iter().any(|net| net.contains(client)) {
+            Ok(())
+        } else {
+            Err(Rejection::NotAllowed)
+        }
+    }
 }
 
-/// Proof of admission: while it lives, its connection counts as open.
+/// Proof of admission: while it lives, its connection counts as open (and, once its client
+/// is admitted, against its source's limits).
 pub struct Ticket {
     gate: Arc<ServiceGate>,
     opened: Instant,
+    /// The client's place in the per-source table, once admitted.
+    source: Option<SourceHold>,
+    /// Whether [`Ticket::admit_client`] passed.
+    admitted: bool,
 }
 
 impl Ticket {
     /// The gate that admitted the connection.
     pub(crate) fn gate(&self) -> &ServiceGate {
         &self.gate
+    }
+
+    /// Admission, second step: whether `client` (the TCP peer, or the address a PROXY header
+    /// named) may be served. Checks `allow_from` (if the first step did not already, on the
+    /// same address), `max_connection_rate_per_source` and `max_connections_per_source`, then
+    /// counts the connection as accepted. On `Err` the rejection is counted; drop the ticket.
+    pub fn admit_client(&mut self, client: IpAddr) -> Result<(), Rejection> {
+        let gate = &self.gate;
+        let result = match gate.proxy {
+            Some(_) => gate.check_allowed(client),
+            None => Ok(()),
+        }
+        .and_then(|()| gate.sources.admit_source(client));
+        match result {
+            Ok(hold) => {
+                self.source = hold;
+                self.admitted = true;
+                gate.metrics.accepted.increment(1);
+                Ok(())
+            }
+            Err(r) => {
+                gate.metrics.record_rejection(r);
+                Err(r)
+            }
+        }
+    }
+
+    /// Refuses the connection for `reason` before its client was admitted (a bad PROXY
+    /// header): counts it and closes the ticket.
+    pub fn refuse(self, reason: Rejection) {
+        self.gate.metrics.record_rejection(reason);
     }
 }
 
@@ -181,6 +252,8 @@ impl Drop for Ticket {
         let m = &self.gate.metrics;
         self.gate.open.fetch_sub(1, Ordering::AcqRel);
         m.active.decrement(1.0);
-        m.duration.record(self.opened.elapsed().as_secs_f64());
+        if self.admitted {
+            m.duration.record(self.opened.elapsed().as_secs_f64());
+        }
     }
 }

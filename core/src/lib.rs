@@ -9,7 +9,10 @@
 //!   implementations share (not plugin API).
 //! - [`worker`]: the accept loop and the worker body every backend runs: admission, metering,
 //!   spawning, graceful drain.
-//! - [`gate`]: per-service admission (`allow_from`, `max_connections`).
+//! - [`gate`]: per-service admission (`allow_from`, `max_connections`), in two steps: at
+//!   accept, and once the client's address is known.
+//! - [`proxy`]: the PROXY protocol header that names the client behind a load balancer.
+//! - [`sources`]: per-source limits and connection rates, in bounded memory.
 //! - [`metrics`]: every framework metric: names, HELP text, labels, per-service handles.
 //! - [`blocking`]: each service's own threads for blocking jobs (`max_blocking`).
 //! - [`metered`]: the [`Conn`] wrapper that counts bytes and enforces `idle_timeout`.
@@ -43,8 +46,10 @@ pub mod metered;
 pub mod metrics;
 pub mod net;
 pub mod plugin;
+pub mod proxy;
 pub mod service;
 pub mod shutdown;
+pub mod sources;
 pub mod testing;
 pub mod tls;
 pub mod worker;

@@ -32,6 +32,11 @@ pub struct Metered<C> {
     /// The service generation's handles; only the byte counters are used here.
     metrics: Arc<ServiceMetrics>,
     idle: Option<IdleTimer>,
+    /// Bytes read ahead of the plugin (past the end of a PROXY header) and handed back with
+    /// [`Metered::unread`]: the next reads return them first. Empty (no allocation) otherwise.
+    unread: Vec<u8>,
+    /// How much of `unread` has been returned.
+    unread_from: usize,
 }
 
 struct IdleTimer {
@@ -105,12 +110,49 @@ impl<C: Conn> Metered<C> {
             inner,
             metrics,
             idle,
+            unread: Vec::new(),
+            unread_from: 0,
         }
+    }
+
+    /// Hands `bytes` back: the next reads return them before anything else from the peer.
+    /// They were counted when first read and are not counted again. For the framework's
+    /// readers that run before the plugin (the PROXY protocol header) and may read past
+    /// their end; any bytes still unread from an earlier call come after `bytes`.
+    pub(crate) fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let rest = self.unread.split_off(self.unread_from);
+        self.unread.clear();
+        self.unread.extend_from_slice(bytes);
+        self.unread.extend_from_slice(&rest);
+        self.unread_from = 0;
+    }
+
+    /// Moves handed-back bytes into `buf`'s spare capacity; `None` when there are none.
+    fn take_unread(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
+        if self.unread.is_empty() {
+            return None;
+        }
+        let n = (buf.capacity() - buf.len()).min(self.unread.len() - self.unread_from);
+        buf.extend_from_slice(&self.unread[self.unread_from..self.unread_from + n]);
+        self.unread_from += n;
+        if self.unread_from == self.unread.len() {
+            self.unread = Vec::new();
+            self.unread_from = 0;
+        }
+        Some(n)
     }
 }
 
 impl<C: Conn> Conn for Metered<C> {
-    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+    async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
+        if buf.capacity() > buf.len() {
+            if let Some(n) = self.take_unread(&mut buf) {
+                return (Ok(n), buf);
+            }
+        }
         let (res, buf) = match &mut self.idle {
             Some(idle) => idle.bound(std::pin::pin!(self.inner.read(buf))).await,
             None => self.inner.read(buf).await,
@@ -162,6 +204,11 @@ impl<C: Conn> Conn for Metered<C> {
     }
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        if buf.capacity() > buf.len() {
+            if let Some(n) = self.take_unread(buf) {
+                return Ok(Some(n));
+            }
+        }
         let res = self.inner.try_read(buf);
         if let Ok(Some(n)) = res {
             self.metrics.received.increment(n as u64);
@@ -230,6 +277,21 @@ mod tests {
             waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(1),
             "{waited:?}"
         );
+    }
+
+    #[test]
+    fn unread_bytes_come_back_first_in_pieces_then_the_peer_s() {
+        paused(async |mut conn, client| {
+            client.write_all(b"peer").await.unwrap();
+            conn.unread(b"abcdef");
+            let (res, buf) = conn.read(Vec::with_capacity(4)).await;
+            assert_eq!((res.unwrap(), &buf[..]), (4, &b"abcd"[..]));
+            let mut buf = Vec::with_capacity(64);
+            assert_eq!(conn.try_read(&mut buf).unwrap(), Some(2));
+            assert_eq!(&buf[..], b"ef");
+            let (res, buf) = conn.read(buf).await;
+            assert_eq!((res.unwrap(), &buf[..]), (4, &b"efpeer"[..]));
+        });
     }
 
     #[test]

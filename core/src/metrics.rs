@@ -134,6 +134,24 @@ pub mod rejected {
     pub const TOO_MANY: &str = "max_connections";
     /// The client's TLS identity is not in `allow_identities` (counted after the handshake).
     pub const IDENTITY: &str = "identity";
+    /// PROXY protocol on: the peer is not a trusted proxy, or its header is missing,
+    /// malformed, oversized, of the wrong version or late.
+    pub const PROXY_PROTOCOL: &str = "proxy_protocol";
+    /// The client's source already has `max_connections_per_source` open.
+    pub const PER_SOURCE: &str = "max_connections_per_source";
+    /// The service is over `max_connection_rate`.
+    pub const RATE: &str = "max_connection_rate";
+    /// The client's source is over `max_connection_rate_per_source`.
+    pub const RATE_PER_SOURCE: &str = "max_connection_rate_per_source";
+    /// The reasons of [`crate::gate::Rejection`], in its order: registered for every service.
+    pub const ADMISSION: [&str; 6] = [
+        NOT_ALLOWED,
+        TOO_MANY,
+        PROXY_PROTOCOL,
+        PER_SOURCE,
+        RATE,
+        RATE_PER_SOURCE,
+    ];
 }
 
 /// The `result` label values of `wharf_tls_handshakes_total`: a fixed set, whatever the
@@ -183,10 +201,8 @@ pub struct ServiceMetrics {
     pub(crate) sent: Counter,
     /// `wharf_connections_accepted_total`.
     pub(crate) accepted: Counter,
-    /// `wharf_connections_rejected_total{reason="allow_from"}`.
-    pub rejected_not_allowed: Counter,
-    /// `wharf_connections_rejected_total{reason="max_connections"}`.
-    pub rejected_too_many: Counter,
+    /// `wharf_connections_rejected_total{reason}` per [`rejected::ADMISSION`] reason.
+    rejected: [Counter; rejected::ADMISSION.len()],
     /// `wharf_connections_active`.
     pub active: Gauge,
     /// `wharf_connection_duration_seconds`.
@@ -254,14 +270,8 @@ impl ServiceMetrics {
             received: metrics::counter!(names::RECEIVED_BYTES, l(&[])),
             sent: metrics::counter!(names::SENT_BYTES, l(&[])),
             accepted: metrics::counter!(names::ACCEPTED, l(&[])),
-            rejected_not_allowed: metrics::counter!(
-                names::REJECTED,
-                l(&[("reason", rejected::NOT_ALLOWED)])
-            ),
-            rejected_too_many: metrics::counter!(
-                names::REJECTED,
-                l(&[("reason", rejected::TOO_MANY)])
-            ),
+            rejected: rejected::ADMISSION
+                .map(|reason| metrics::counter!(names::REJECTED, l(&[("reason", reason)]))),
             active: metrics::gauge!(names::ACTIVE, l(&[])),
             duration: metrics::histogram!(names::CONNECTION_DURATION, l(&[])),
             request_duration: (!outcomes.is_empty())
@@ -269,13 +279,10 @@ impl ServiceMetrics {
             requests,
             tls: tls.then(|| TlsSeries::register(labels)),
         };
-        for c in [
-            &m.received,
-            &m.sent,
-            &m.accepted,
-            &m.rejected_not_allowed,
-            &m.rejected_too_many,
-        ] {
+        for c in [&m.received, &m.sent, &m.accepted]
+            .into_iter()
+            .chain(&m.rejected)
+        {
             c.increment(0);
         }
         for (_, c) in &m.requests {
@@ -285,6 +292,11 @@ impl ServiceMetrics {
         // connections are still counted in it.
         m.active.increment(0.0);
         m
+    }
+
+    /// Counts one connection refused for `reason`.
+    pub(crate) fn record_rejection(&self, reason: crate::gate::Rejection) {
+        self.rejected[reason as usize].increment(1);
     }
 
     /// Counts one finished request under `outcome` (one of the declared outcomes; others are

@@ -27,8 +27,9 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Listener};
 use crate::context::Context;
-use crate::gate::ServiceGate;
+use crate::gate::{Rejection, ServiceGate};
 use crate::metered::Metered;
+use crate::proxy::{self, Header};
 use crate::service::DynService;
 use crate::shutdown::{ConnTracker, Shutdown};
 
@@ -288,6 +289,10 @@ async fn accept_loop<L: Listener>(
 
 /// Admits an accepted connection through `handler`'s gate and serves it on a local task until
 /// it ends or its generation's drain deadline closes it (through `admitted`).
+///
+/// Admission's first step runs here, at accept. Without PROXY protocol the second runs here
+/// too, so a refused connection costs no task; with it, the task first reads the header within
+/// its deadline, then admits the client the header names.
 fn serve<C: crate::conn::Conn + 'static>(
     handler: &Handler<C>,
     admitted: &Admitted,
@@ -296,34 +301,63 @@ fn serve<C: crate::conn::Conn + 'static>(
     tracker: &ConnTracker,
 ) {
     let gate = &handler.gate;
-    match gate.admit(peer.ip()) {
-        Ok(ticket) => {
-            let conn = Metered::new(conn, Arc::clone(gate.metrics()), gate.idle_timeout());
-            let service = Arc::clone(&handler.service);
-            let tracked = tracker.track();
-            let registration = admitted.register(gate, tracker);
-            let task = tokio::task::spawn_local(async move {
-                // Declared first so it is dropped last, after the context: the entry leaves
-                // the generation's set once the connection is closed.
-                let _registration = registration;
-                // Built inside the task: it lives in the task's one allocation, and holds the
-                // ticket (the connection counts as open) until the task ends.
-                let cx = Context::served(peer, ticket);
-                if let Err(e) = service.serve_dyn(conn, &cx).await {
-                    log_conn_error(&peer, &e);
-                }
-                // Closed (its ticket released) before the worker may count it gone.
-                drop(cx);
-                drop(tracked);
-            });
-            // The task has not run yet (same thread): it is in the set before it can end.
-            admitted.insert(task.abort_handle());
-        }
-        Err(reason) => {
-            debug!(service = gate.service(), %peer, reason = reason.as_str(), "connection rejected");
-            drop(conn);
+    let mut ticket = match gate.admit(peer.ip()) {
+        Ok(ticket) => ticket,
+        Err(reason) => return refused(gate, peer, reason),
+    };
+    let proxied = gate.proxy().is_some();
+    if !proxied {
+        if let Err(reason) = ticket.admit_client(peer.ip()) {
+            return refused(gate, peer, reason);
         }
     }
+    let accepted = tokio::time::Instant::now();
+    let mut conn = Metered::new(conn, Arc::clone(gate.metrics()), gate.idle_timeout());
+    let gate = Arc::clone(gate);
+    let service = Arc::clone(&handler.service);
+    let tracked = tracker.track();
+    let registration = admitted.register(&gate, tracker);
+    let task = tokio::task::spawn_local(async move {
+        // Declared first so it is dropped last, after the context: the entry leaves the
+        // generation's set once the connection is closed.
+        let _registration = registration;
+        let (client, proxy) = match gate.proxy() {
+            None => (peer, None),
+            Some(settings) => match proxy::read_header(&mut conn, settings, accepted).await {
+                Ok(header) => {
+                    let client = match header {
+                        Header::Proxied { client, .. } => client,
+                        // The proxy's own health check: served as itself.
+                        Header::Local => peer,
+                    };
+                    if let Err(reason) = ticket.admit_client(client.ip()) {
+                        return refused(&gate, client, reason);
+                    }
+                    (client, Some(peer))
+                }
+                Err(e) => {
+                    debug!(service = gate.service(), %peer, error = %e, "PROXY header refused");
+                    return ticket.refuse(Rejection::ProxyProtocol);
+                }
+            },
+        };
+        // Built inside the task: it lives in the task's one allocation, and holds the ticket
+        // (the connection counts as open) until the task ends.
+        let cx = Context::served(client, proxy, ticket);
+        if let Err(e) = service.serve_dyn(conn, &cx).await {
+            log_conn_error(&client, &e);
+        }
+        // Closed (its ticket released) before the worker may count it gone.
+        drop(cx);
+        drop(tracked);
+    });
+    // The task has not run yet (same thread): it is in the set before it can end.
+    admitted.insert(task.abort_handle());
+}
+
+/// A connection refused at admission (already counted by the gate): closed.
+fn refused(gate: &ServiceGate, client: SocketAddr, reason: Rejection) {
+    debug!(service = gate.service(), %client, reason = reason.as_str(), "connection rejected");
 }
 
 /// The connections one accept loop admitted under one handler (a service generation) that are
