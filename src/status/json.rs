@@ -49,7 +49,7 @@ pub struct Drain {
 pub struct Backend {
     /// `epoll` or `io_uring`.
     pub name: &'static str,
-    /// `configured`, or what `auto` found (why it fell back to epoll).
+    /// `configured`, or why `auto` chose it.
     pub why: String,
 }
 
