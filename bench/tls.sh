@@ -6,7 +6,11 @@
 #     full handshake (wrk keeps no TLS session between connections), so req/s = handshakes/s;
 #   - file-get: a 1 GiB file in the page cache, `wharf client get --tls` (which verifies the
 #     MD5 as it receives) vs curl from nginx https, both writing to tmpfs; the second download
-#     of each server is measured (wharf's digest of the file is then cached).
+#     of each server is measured (wharf's digest of the file is then cached);
+#   - file-get-discard: the same file to clients that decrypt and discard, so the client's own
+#     work (writing, wharf client's MD5) does not cap the server: curl -o /dev/null from nginx,
+#     `wharf bench get --tls` (no --verify) from wharf, and `wharf bench http --tls` from nginx
+#     (the same rustls client for both servers: mode file-get-same-client).
 #
 #   bash bench/tls.sh [ROUNDS] [DURATION_S]        (defaults: 3 rounds of 10 s)
 #
@@ -148,6 +152,33 @@ for round in $(seq "$rounds"); do
     rm -f "$sink/out"
     python3 -c "import json; print(json.dumps({'server': '$server', 'mode': 'file-get', 'mbps': 1073741824 / ($t1 - $t0) / 1e6, 'server_cpu_s_per_gib': $after - $before}))" >>"$out"
     tail -1 "$out"
+    # file-get-discard: curl to /dev/null from nginx, `wharf bench get` from wharf.
+    before=$(server_cpu)
+    if [ "$server" = nginx ]; then
+      t0=$(date +%s.%N)
+      taskset -c 1 curl -s --cacert "$work/ca.pem" -o /dev/null "https://localhost:$files_port/big.bin"
+      t1=$(date +%s.%N)
+      mbps=$(python3 -c "print(1073741824 / ($t1 - $t0) / 1e6)")
+      bytes=1073741824
+    else
+      r=$(taskset -c 1 "$bin/wharf" bench get "127.0.0.1:$files_port" --path big.bin -c 1 \
+        -d "$duration" --warmup 0 --threads 1 --tls --ca "$work/ca.pem" --server-pid "$server_pid" --json)
+      mbps=$(echo "$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mb_per_sec_in"])')
+      bytes=$(echo "$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_in"])')
+    fi
+    after=$(server_cpu)
+    python3 -c "import json; print(json.dumps({'server': '$server', 'mode': 'file-get-discard', 'mbps': $mbps, 'server_cpu_s_per_gib': ($after - $before) * 1073741824 / $bytes}))" >>"$out"
+    tail -1 "$out"
+    if [ "$server" = nginx ]; then
+      # The same rustls client against nginx: keep-alive GETs of the file, discarded.
+      before=$(server_cpu)
+      r=$(taskset -c 1 "$bin/wharf" bench http "127.0.0.1:$files_port" --path /big.bin -c 1 \
+        -d "$duration" --warmup 0 --threads 1 --tls --ca "$work/ca.pem" --server-name localhost \
+        --json)
+      after=$(server_cpu)
+      echo "$r" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"server": "nginx", "mode": "file-get-same-client", "mbps": r["mb_per_sec_in"], "server_cpu_s_per_gib": ('"$after"' - '"$before"') * 1073741824 / max(r["bytes_in"], 1)}))' >>"$out"
+      tail -1 "$out"
+    fi
     stop_server "$server_pid"
   done
   echo "round $round done" >&2
@@ -165,13 +196,16 @@ for m in ["keepalive", "handshake"]:
     for s in servers:
         e = sum(r["errors"] for r in rows if r["server"] == s and r["mode"] == m)
         print(f"{m:10} {s:15} {med(s,m,'rps'):13.0f} {med(s,m,'p50_us'):8.0f} {med(s,m,'p99_us'):8.0f} {med(s,m,'server_cpu_us_per_req'):14.2f} {e:6}")
-for s in servers:
-    print(f"{'file-get':10} {s:15} {med(s,'file-get','mbps'):10.0f} MB/s  server CPU {med(s,'file-get','server_cpu_s_per_gib'):.2f} s/GiB")
+for m in ["file-get", "file-get-discard", "file-get-same-client"]:
+    for s in servers:
+        if any(r["server"] == s and r["mode"] == m for r in rows):
+            print(f"{m:20} {s:15} {med(s,m,'mbps'):10.0f} MB/s  server CPU {med(s,m,'server_cpu_s_per_gib'):.2f} s/GiB")
 print()
 for m in ["keepalive", "handshake"]:
     n = med("nginx", m, "rps")
     print(f"{m:10}: epoll/nginx {med('wharf-epoll', m, 'rps')/n:.2f}x  io_uring/nginx {med('wharf-io_uring', m, 'rps')/n:.2f}x")
-n = med("nginx", "file-get", "mbps")
-print(f"file-get  : epoll/nginx {med('wharf-epoll','file-get','mbps')/n:.2f}x  io_uring/nginx {med('wharf-io_uring','file-get','mbps')/n:.2f}x")
+for m, peer in [("file-get", "file-get"), ("file-get-discard", "file-get-discard"), ("file-get-discard", "file-get-same-client")]:
+    n = med("nginx", peer, "mbps")
+    print(f"{m} vs nginx {peer}: epoll/nginx {med('wharf-epoll',m,'mbps')/n:.2f}x  io_uring/nginx {med('wharf-io_uring',m,'mbps')/n:.2f}x")
 PY
 echo "raw: $out"
