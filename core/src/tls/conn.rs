@@ -34,12 +34,20 @@ use rustls::{ConnectionCommon, SideData};
 use crate::backend::sys::no_spare_capacity;
 use crate::conn::{BufResult, Conn};
 
-/// Ciphertext read from the inner connection at once: a full record (16 KiB of plaintext plus
-/// overhead) and then some, so bulk transfers take few reads.
+/// Ciphertext read from the inner connection at once while the peer streams (its last read
+/// filled the room it had): a full record (16 KiB of plaintext plus overhead) and then some,
+/// so bulk transfers take few reads.
 const READ_SIZE: usize = 32 * 1024;
+
+/// Room for a read of ciphertext while the peer does not stream: a request-sized record, so a
+/// quiet connection waiting for its next request holds little (the rule of [`crate::buffer`]).
+const IDLE_READ_SIZE: usize = 2 * 1024;
 
 /// Largest outgoing buffer kept between writes; a bigger one (after a big write) is released.
 const KEEP_OUTGOING: usize = 256 * 1024;
+
+/// Largest outgoing buffer kept while the connection waits to read (between requests).
+const KEEP_OUTGOING_IDLE: usize = 16 * 1024;
 
 /// Why a TLS operation failed: the peer broke the protocol (with rustls's reason, which the
 /// handshake metrics classify), or the connection under it failed.
@@ -86,6 +94,8 @@ pub struct TlsConn<C, S> {
     close_notify: bool,
     /// A write to `inner` was abandoned half-way: the record stream is cut.
     broken: bool,
+    /// The last read of ciphertext filled its room: the peer streams, read big.
+    streaming: bool,
 }
 
 impl<C, S, D> TlsConn<C, S>
@@ -108,6 +118,7 @@ where
             eof: false,
             close_notify: false,
             broken: false,
+            streaming: false,
         }
     }
 
@@ -199,10 +210,20 @@ where
         let mut buf = std::mem::take(&mut self.incoming);
         buf.drain(..self.taken);
         self.taken = 0;
-        buf.reserve(READ_SIZE);
+        if self.streaming {
+            buf.reserve(READ_SIZE);
+        } else if buf.is_empty() && buf.capacity() > IDLE_READ_SIZE {
+            // Quiet again after a burst: wait with a small buffer, not the burst's.
+            buf = Vec::with_capacity(IDLE_READ_SIZE);
+        } else {
+            buf.reserve(IDLE_READ_SIZE);
+        }
+        let room = buf.capacity() - buf.len();
         let (res, buf) = self.inner.read(buf).await;
         self.incoming = buf;
-        if res? == 0 {
+        let n = res?;
+        self.streaming = n == room;
+        if n == 0 {
             self.eof = true;
             // Tells rustls the stream ended (it then knows a missing close_notify).
             let _ = self.session.read_tls(&mut io::empty());
@@ -270,6 +291,10 @@ where
             if let Err(e) = self.flush().await {
                 return (Err(e), buf);
             }
+            // Waiting for the peer (often between requests): no big buffer held meanwhile.
+            if self.outgoing.capacity() > KEEP_OUTGOING_IDLE {
+                self.outgoing = Vec::new();
+            }
             if let Err(e) = self.fill().await {
                 return (Err(e), buf);
             }
@@ -310,7 +335,11 @@ where
             }
             self.incoming.drain(..self.taken);
             self.taken = 0;
-            self.incoming.reserve(READ_SIZE);
+            self.incoming.reserve(if self.streaming {
+                READ_SIZE
+            } else {
+                IDLE_READ_SIZE
+            });
             match self.inner.try_read(&mut self.incoming)? {
                 None => return Ok(None),
                 Some(0) => {
