@@ -401,3 +401,49 @@ fn the_example_config_checks_and_wharf_plugins_lists_process() {
     );
     assert!(text.contains("max_concurrent"), "{text}");
 }
+
+#[test]
+fn over_tls_the_program_gets_plaintext_and_the_client_s_identity() {
+    if !python_or_skip() {
+        return;
+    }
+    use super::pki::Names;
+    use super::tls::{client_config, pki, tls_connect, tls_table};
+    let program = "import os\n\
+                   os.write(1, (os.environ.get('TLS_IDENTITY', '-') + '\\n').encode())\n\
+                   while True:\n    d = os.read(0, 65536)\n    if not d: break\n    \
+                   os.write(1, d.upper())\n";
+    let (_dir, pki, cert) = pki();
+    let ops = pki.client("ops", Names::Dns("ops"));
+    let mut text = config(&[("secure", &argv(&["python3", "-c", program]), "")]);
+    let client_ca = format!("client_ca = \"{}\"", pki.ca_file().display());
+    text.push_str(&tls_table("secure", &cert, &client_ca));
+    for backend in backends() {
+        let server = Server::start(&text, backend);
+        let mut tls = tls_connect(
+            server.addr("secure"),
+            client_config(pki.ca_file(), Some(&ops)),
+        )
+        .unwrap();
+        let mut first = [0u8; 4];
+        tls.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"ops\n", "{backend}");
+        // Many records each way, answered as they arrive.
+        for seed in 0..20 {
+            let chunk = payload(16 * 1024 + seed as usize * 100, seed);
+            tls.write_all(&chunk).unwrap();
+            let mut back = vec![0; chunk.len()];
+            tls.read_exact(&mut back).unwrap();
+            assert!(
+                back == chunk.to_ascii_uppercase(),
+                "{backend}: record {seed} mangled"
+            );
+        }
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{backend}: {rest:?}");
+        assert_nothing_left(server.pid(), &[]);
+    }
+}
