@@ -220,14 +220,7 @@ mod tests {
 
     #[test]
     fn resolution_is_absolute_or_on_the_path_never_relative() {
-        assert_eq!(
-            resolve("sh", Some(SAFE_PATH))
-                .unwrap()
-                .parent()
-                .unwrap()
-                .is_absolute(),
-            true
-        );
+        assert!(resolve("sh", Some(SAFE_PATH)).unwrap().is_absolute());
         assert!(resolve("/bin/sh", None).is_ok());
         assert!(resolve("./sh", Some(SAFE_PATH)).is_err());
         assert!(resolve("bin/sh", Some(SAFE_PATH)).is_err());

@@ -467,7 +467,7 @@ fn read_now(
     use std::io::Read;
     let start = buf.len();
     buf.resize(buf.capacity().max(start + 1), 0);
-    let res = (&*pipe.get_ref()).read(&mut buf[start..]);
+    let res = pipe.get_ref().read(&mut buf[start..]);
     match res {
         Ok(n) => {
             buf.truncate(start + n);

@@ -187,7 +187,7 @@ pub async fn read_pipe(pipe: &AsyncFd<File>, buf: &mut Vec<u8>) -> io::Result<us
         let spare = buf.capacity() - buf.len();
         let start = buf.len();
         buf.resize(start + spare, 0);
-        let res = guard.try_io(|f| (&*f.get_ref()).read(&mut buf[start..]));
+        let res = guard.try_io(|f| f.get_ref().read(&mut buf[start..]));
         match res {
             Ok(Ok(n)) => {
                 buf.truncate(start + n);
@@ -208,7 +208,7 @@ pub async fn read_pipe(pipe: &AsyncFd<File>, buf: &mut Vec<u8>) -> io::Result<us
 pub async fn write_pipe(pipe: &AsyncFd<File>, data: &[u8]) -> io::Result<usize> {
     loop {
         let mut guard = pipe.writable().await?;
-        match guard.try_io(|f| (&*f.get_ref()).write(data)) {
+        match guard.try_io(|f| f.get_ref().write(data)) {
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(res) => return res,
             Err(_would_block) => {}
