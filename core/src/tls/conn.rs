@@ -328,7 +328,7 @@ where
     /// `None` and the caller waits again).
     async fn readable(&mut self) -> io::Result<()> {
         let unfed = self.taken < self.incoming.len() && self.session.wants_read();
-        if self.plaintext > 0 || unfed || self.eof || self.close_notify || self.broken {
+        if self.plaintext > 0 || unfed || self.eof || self.close_notify {
             return Ok(());
         }
         self.inner.readable().await

@@ -285,8 +285,8 @@ async fn relay<C: Conn>(
     let mut kill_at: Option<Instant> = None;
     loop {
         let pending = written < to_child.len();
+        // Unbiased: a program flooding stderr cannot starve its stdout, nor one side the other.
         let event = tokio::select! {
-            biased;
             _ = tokio::time::sleep_until(deadline) => Event::Deadline,
             _ = cx.stopping(), if kill_at.is_none() => Event::Stopping,
             _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {

@@ -24,9 +24,13 @@ use wharf_core::program::{self, Launch};
 /// How often exit is checked where pidfds are missing (kernels before 5.3).
 const EXIT_POLL: Duration = Duration::from_millis(20);
 
-/// A started program, not registered with any reactor yet (it may be made on a blocking
-/// thread and handed to a worker).
-pub struct Spawned {
+/// A started program, not registered with any reactor yet (it is made on a blocking thread
+/// and handed to a worker). Dropped unadopted (its connection went away while it started),
+/// it kills its group and reaps the leader.
+pub struct Spawned(Option<Parts>);
+
+/// What a [`Spawned`] holds until a [`Child`] adopts it.
+struct Parts {
     child: std::process::Child,
     registered: Registered,
     stdin: OwnedFd,
@@ -35,11 +39,24 @@ pub struct Spawned {
     pidfd: Option<OwnedFd>,
 }
 
+impl Spawned {
+    /// The leader's pid (and the group's id); `None` once adopted.
+    pub fn pid(&self) -> Option<i32> {
+        self.0.as_ref().map(|p| p.registered.pgid())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(parts) = self.0.take() {
+            children::kill_and_reap_detached(parts.child, parts.registered);
+        }
+    }
+}
+
 impl std::fmt::Debug for Spawned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spawned")
-            .field("pid", &self.registered.pgid())
-            .finish()
+        f.debug_struct("Spawned").field("pid", &self.pid()).finish()
     }
 }
 
@@ -63,14 +80,14 @@ pub fn spawn(launch: &Launch) -> io::Result<Spawned> {
         children::kill_and_reap_detached(child, registered);
         return Err(io::Error::other("the child's pipes are missing"));
     };
-    Ok(Spawned {
+    Ok(Spawned(Some(Parts {
         child,
         registered,
         stdin,
         stdout,
         stderr,
         pidfd,
-    })
+    })))
 }
 
 /// A running program as a session drives it, on a worker.
@@ -89,15 +106,18 @@ pub struct Child {
 
 impl Child {
     /// Registers a spawned program's descriptors with the current reactor.
-    pub fn adopt(spawned: Spawned) -> io::Result<Child> {
-        let Spawned {
+    pub fn adopt(mut spawned: Spawned) -> io::Result<Child> {
+        let Parts {
             child,
             registered,
             stdin,
             stdout,
             stderr,
             pidfd,
-        } = spawned;
+        } = spawned
+            .0
+            .take()
+            .ok_or_else(|| io::Error::other("adopted twice"))?;
         let pid = registered.pgid();
         // Owned by `Child` first, so an error below still kills and reaps it.
         let mut this = Child {

@@ -267,3 +267,13 @@ fn options_are_checked_with_the_key_at_fault() {
     let e = build_error(|o| o.user = Some("no-such-user-anywhere".into()));
     assert_eq!(e.option.as_deref(), Some("user"));
 }
+
+#[test]
+fn a_program_started_for_a_connection_already_gone_is_killed() {
+    let svc = service(&["sleep", "30"], |_| {});
+    let spawned = session::spawn(&svc.launch).unwrap();
+    let pgid = spawned.pid().unwrap();
+    assert!(group_alive_now(pgid));
+    drop(spawned);
+    assert!(!group_alive(pgid));
+}
