@@ -103,6 +103,7 @@ impl Registry {
         registry.register::<wharf_plugin_http_hello::HttpHello>();
         registry.register::<wharf_plugin_exec::Exec>();
         registry.register::<wharf_plugin_file_get::FileGet>();
+        registry.register::<wharf_plugin_process::Process>();
         registry
     }
 

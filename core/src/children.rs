@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 /// Whether [`kill_all`] has run. Spawns hold it for reading (so they run concurrently), and
@@ -60,6 +60,29 @@ pub fn spawn(cmd: &mut Command) -> io::Result<(Child, Registered)> {
     let pgid = child.id() as libc::pid_t;
     groups().insert(pgid);
     Ok((child, Registered(pgid)))
+}
+
+/// Ends a process group started with [`spawn`] for good, in the only safe order: SIGKILL to
+/// the whole group (whatever the leader left running in it) while the leader is still
+/// unreaped (so the group id cannot have been reused), then the record dropped, then the
+/// leader reaped. Blocks until the leader is gone (prompt after SIGKILL). Returns its status.
+pub fn kill_and_reap(child: &mut Child, registered: Registered) -> io::Result<ExitStatus> {
+    crate::program::signal_group(registered.pgid(), libc::SIGKILL);
+    drop(registered);
+    child.wait()
+}
+
+/// [`kill_and_reap`] for a caller that must not block (a connection's task being dropped): the
+/// leader is reaped at once if it is already gone, else by a short-lived thread.
+pub fn kill_and_reap_detached(mut child: Child, registered: Registered) {
+    crate::program::signal_group(registered.pgid(), libc::SIGKILL);
+    drop(registered);
+    if matches!(child.try_wait(), Ok(None)) {
+        let reaper = std::thread::Builder::new().name("wharf-reaper".into());
+        if let Err(e) = reaper.spawn(move || child.wait()) {
+            tracing::warn!(error = %e, "cannot start a thread to reap a killed child");
+        }
+    }
 }
 
 /// SIGKILLs every recorded process group and refuses new ones from now on. Called on every

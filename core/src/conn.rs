@@ -57,6 +57,25 @@ pub trait Conn {
     /// connection is pending (an io_uring read whose future was dropped still is).
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>>;
 
+    /// Waits until a read would not block: bytes, end of stream or an error are ready for
+    /// [`Conn::try_read`]. Cancel-safe on every backend (it waits for readiness and starts no
+    /// read), so a plugin that must watch the client and something else at once (the process
+    /// plugin: the client and a child's pipes) can drop it whenever the other side is ready,
+    /// which a dropped [`Conn::read`] on io_uring cannot be. It may wake spuriously: follow it
+    /// with `try_read` and wait again on `Ok(None)`. The default says `Unsupported`.
+    async fn readable(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this connection cannot wait for readiness",
+        ))
+    }
+
+    /// The local address of the socket (the address the client connected to), when the
+    /// connection has one. The default: `None`.
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
+
     /// Whether the peer is gone: the connection was reset or failed (`POLLHUP`/`POLLERR`),
     /// checked without consuming input or waiting, so a long-running request can stop work
     /// nobody will read. A half-closed peer (it sent FIN with `shutdown(SHUT_WR)`, or closed

@@ -26,6 +26,8 @@
 //! - [`buffer`]: read buffers sized for what the client does (small while it is idle).
 //! - [`command`]: the command framing of exec and file-get (lines, or a pause, end a command).
 //! - [`children`]: the process-wide registry of child process groups, killed on every exit.
+//! - [`program`]: how programs started for clients are resolved, launched and watched (exec,
+//!   process).
 //! - [`shutdown`]: drain signals with deadlines (process stop, a reload retiring a service
 //!   generation) and the per-worker connection tracker used to drain.
 //! - [`testing`]: an in-memory [`Conn`] and a detached [`Context`], so plugins are unit-tested
@@ -46,6 +48,7 @@ pub mod metered;
 pub mod metrics;
 pub mod net;
 pub mod plugin;
+pub mod program;
 pub mod proxy;
 pub mod service;
 pub mod shutdown;

@@ -216,6 +216,25 @@ impl<C: Conn> Conn for Metered<C> {
         res
     }
 
+    /// Bounded by the idle timeout like a read: a wait that sees nothing for `idle_timeout`
+    /// fails with `TimedOut`. Handed-back bytes are ready at once.
+    async fn readable(&mut self) -> io::Result<()> {
+        if self.unread.len() > self.unread_from {
+            return Ok(());
+        }
+        match &mut self.idle {
+            Some(idle) => {
+                let op = async { (self.inner.readable().await, Vec::new()) };
+                idle.bound(std::pin::pin!(op)).await.0
+            }
+            None => self.inner.readable().await,
+        }
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
     fn peer_closed(&self) -> bool {
         self.inner.peer_closed()
     }

@@ -68,8 +68,9 @@ pub const DEFAULT_CAPACITY: usize = 64 * 1024;
 /// Runs `fut` on a fresh single-threaded runtime with a `LocalSet` (so `spawn_local` and
 /// `tokio::time` work), the same shape as a wharf worker.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
+    // IO too: plugins that watch pipes or child processes register them with the reactor.
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .build()
         .expect("building a current-thread tokio runtime");
     tokio::task::LocalSet::new().block_on(&rt, fut)
@@ -322,6 +323,20 @@ impl Conn for MemConn {
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
         try_read_from(&self.shared, |s| &mut s.to_server, buf)
+    }
+
+    async fn readable(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut shared = self.shared.borrow_mut();
+            let input = &mut shared.to_server;
+            if !input.data.is_empty() || input.writer_closed {
+                Poll::Ready(Ok(()))
+            } else {
+                input.reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     fn peer_closed(&self) -> bool {

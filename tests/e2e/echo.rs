@@ -59,7 +59,7 @@ fn transform_none_is_plain_rfc862_and_env_overrides_options() {
 }
 
 /// The tutorial's own client, as a user would run it: send a line, print the reply.
-const TUTORIAL_ECHO_CLIENT: &str = r#"
+pub const TUTORIAL_ECHO_CLIENT: &str = r#"
 import socket, sys
 HOST, PORT = sys.argv[1], int(sys.argv[2])
 client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -17,7 +17,7 @@ use crate::harness::*;
 use crate::pki::{CertFiles, Names, Pki};
 
 /// `[services.<name>.tls]` lines for `server`, plus `extra` lines in that table.
-fn tls_table(name: &str, server: &CertFiles, extra: &str) -> String {
+pub(crate) fn tls_table(name: &str, server: &CertFiles, extra: &str) -> String {
     format!(
         "[services.{name}.tls]\ncert = \"{}\"\nkey = \"{}\"\n{extra}\n",
         server.cert.display(),
@@ -47,7 +47,7 @@ fn labels<'a>(backend: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &
 }
 
 /// A socket that counts the bytes through it, to compare with the server's byte counters.
-struct Counted {
+pub(crate) struct Counted {
     stream: TcpStream,
     read: u64,
     written: u64,
@@ -72,9 +72,9 @@ impl Write for Counted {
     }
 }
 
-type Session = rustls::StreamOwned<rustls::ClientConnection, Counted>;
+pub(crate) type Session = rustls::StreamOwned<rustls::ClientConnection, Counted>;
 
-fn client_config(ca: &Path, cert: Option<&CertFiles>) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(ca: &Path, cert: Option<&CertFiles>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -94,7 +94,10 @@ fn client_config(ca: &Path, cert: Option<&CertFiles>) -> Arc<rustls::ClientConfi
 }
 
 /// A TLS session to `addr` (server name `localhost`), handshaken.
-fn tls_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<Session> {
+pub(crate) fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Session> {
     let stream = connect(addr);
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let name = ServerName::try_from("localhost").unwrap();
@@ -121,7 +124,7 @@ fn roundtrip(tls: &mut Session, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(back)
 }
 
-fn pki() -> (TempDir, Pki, CertFiles) {
+pub(crate) fn pki() -> (TempDir, Pki, CertFiles) {
     let dir = TempDir::new();
     let pki = Pki::new(&dir.0, "main");
     let server = pki.server("server");

@@ -89,6 +89,14 @@ impl Conn for TcpConn {
         }
     }
 
+    async fn readable(&mut self) -> io::Result<()> {
+        self.stream.readable().await
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.stream.local_addr().ok()
+    }
+
     fn peer_closed(&self) -> bool {
         sys::peer_closed(self.stream.as_raw_fd())
     }

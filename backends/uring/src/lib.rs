@@ -136,12 +136,20 @@ impl Listener for TcpListener {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
         let stream = tokio_uring::net::TcpStream::from_std(stream);
-        Ok((TcpConn { stream }, peer))
+        Ok((
+            TcpConn {
+                readiness: sys::ReadReadiness::default(),
+                stream,
+            },
+            peer,
+        ))
     }
 }
 
 /// An accepted connection.
 pub struct TcpConn {
+    /// Declared before `stream`: deregistered before the socket closes.
+    readiness: sys::ReadReadiness,
     stream: tokio_uring::net::TcpStream,
 }
 
@@ -172,6 +180,18 @@ impl Conn for TcpConn {
 
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
         sys::recv_now(self.stream.as_raw_fd(), buf)
+    }
+
+    /// Through tokio's reactor (which tokio-uring runs on): a readiness wait, unlike a ring
+    /// read, is cancelled for good when its future is dropped.
+    async fn readable(&mut self) -> io::Result<()> {
+        self.readiness.readable(self.stream.as_raw_fd()).await
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        // SAFETY: the stream's descriptor is open while `self` is borrowed.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        sys::local_addr(fd)
     }
 
     fn peer_closed(&self) -> bool {

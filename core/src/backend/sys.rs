@@ -57,6 +57,63 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     poll_now(fd, 0) & GONE != 0
 }
 
+/// Whether a read of a connected socket would not block now: bytes or end of stream are
+/// queued, or the connection failed (zero-timeout `poll(2)`, like [`peer_closed`]).
+pub fn readable_now(fd: std::os::fd::RawFd) -> bool {
+    poll_now(fd, libc::POLLIN | libc::POLLRDHUP) & (libc::POLLIN | libc::POLLRDHUP | GONE) != 0
+}
+
+/// The local address of a socket (`getsockname`); `None` if it has none (or the call fails).
+/// Shared implementation of [`Conn::local_addr`].
+pub fn local_addr(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::net::SocketAddr> {
+    socket2::SockRef::from(&fd).local_addr().ok()?.as_socket()
+}
+
+/// Waits for a socket to become readable through tokio's reactor, for a backend whose reads do
+/// not go through it (io_uring): the shared implementation of [`Conn::readable`] there. The
+/// socket is registered on first use and stays registered until this is dropped, which must
+/// happen before the socket is closed (declare it before the socket in the owning struct).
+#[derive(Default)]
+pub struct ReadReadiness(Option<tokio::io::unix::AsyncFd<Unowned>>);
+
+/// A descriptor registered with the reactor without being owned by it (closing stays its
+/// owner's).
+struct Unowned(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for Unowned {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+impl ReadReadiness {
+    /// Completes once a read of `fd` would not block (see [`readable_now`]). Cancel-safe.
+    /// `fd` must be the same open socket on every call.
+    pub async fn readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        if readable_now(fd) {
+            return Ok(());
+        }
+        if self.0.is_none() {
+            let interest = tokio::io::Interest::READABLE;
+            // SAFETY: the caller keeps `fd` open, the same socket, for as long as this is
+            // registered (it is dropped before the socket closes, see the type's docs).
+            // Registration only watches the descriptor; nothing here reads from it.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(Unowned(fd), interest) };
+            self.0 = Some(registered?);
+        }
+        let registered = self.0.as_ref().expect("registered above");
+        loop {
+            let mut guard = registered.readable().await?;
+            if readable_now(fd) {
+                return Ok(());
+            }
+            // Cleared only after checking, so an edge that comes in between is not lost.
+            guard.clear_ready();
+        }
+    }
+}
+
 /// Whether the peer of a connected socket has finished sending: it sent FIN (`POLLRDHUP`, also
 /// with unread bytes still queued) or the connection was reset or failed, asked like
 /// [`peer_closed`]. Shared implementation of

@@ -351,6 +351,22 @@ where
         }
     }
 
+    /// Ready at once while decrypted bytes or ciphertext rustls would take wait, or the stream
+    /// has ended; otherwise when the
+    /// connection below has ciphertext (which may not complete a record: `try_read` then says
+    /// `None` and the caller waits again).
+    async fn readable(&mut self) -> io::Result<()> {
+        let unfed = self.taken < self.incoming.len() && self.session.wants_read();
+        if self.plaintext > 0 || unfed || self.eof || self.close_notify {
+            return Ok(());
+        }
+        self.inner.readable().await
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
     fn peer_closed(&self) -> bool {
         self.inner.peer_closed()
     }

@@ -28,7 +28,7 @@ pub mod throttle;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -546,36 +546,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Finds `program` in `path` (a `PATH`-style list) unless it is already absolute.
-fn resolve_program(program: &str, path: Option<&str>) -> Result<PathBuf, String> {
-    let candidate = Path::new(program);
-    let found = if candidate.is_absolute() {
-        Some(candidate.to_path_buf())
-    } else if program.contains('/') {
-        return Err(format!(
-            "`{program}`: use an absolute path or a bare program name"
-        ));
-    } else {
-        // Only absolute PATH entries: a relative one would resolve against wharf's working
-        // directory here but the command's `cwd` at run time.
-        path.unwrap_or("")
-            .split(':')
-            .filter(|dir| dir.starts_with('/'))
-            .map(|dir| Path::new(dir).join(program))
-            .find(|p| is_executable(p))
-    };
-    match found {
-        Some(p) if is_executable(&p) => Ok(p),
-        Some(p) => Err(format!("`{}` is not an executable file", p.display())),
-        None => Err(format!("`{program}` not found in env.PATH")),
-    }
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 impl Plugin for Exec {
     const NAME: &'static str = "exec";
     const DESCRIPTION: &'static str =
@@ -699,7 +669,7 @@ impl Plugin for Exec {
                     "must name a program",
                 ));
             };
-            let program = resolve_program(program, path)
+            let program = wharf_core::program::resolve(program, path)
                 .map_err(|e| PluginError::option(format!("{key}.argv"), e))?;
             let timeout = spec.timeout.unwrap_or(o.timeout);
             if timeout.is_zero() {

@@ -14,10 +14,12 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use wharf_core::program::{self, exited_unreaped, pidfd_open};
 
 /// Time between SIGTERM and SIGKILL for a child that must stop.
 pub const KILL_GRACE: Duration = Duration::from_secs(1);
@@ -94,42 +96,30 @@ pub fn cancel_pair() -> io::Result<(Canceller, CancelSignal)> {
 
 /// Runs `job` to completion (blocking).
 pub fn run(job: &Job, cancel: CancelSignal) -> io::Result<Outcome> {
-    let mut cmd = Command::new(&job.program);
-    // argv[0], which programs put in their error messages, is the program's name as a shell
-    // would pass it (`ls: cannot access ...`), not the absolute path it was found at.
-    if let Some(name) = job.program.file_name() {
-        cmd.arg0(name);
-    }
-    cmd.args(&job.args)
-        .env_clear()
-        .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&job.cwd)
-        .stdin(Stdio::null())
+    let launch = program::Launch {
+        program: job.program.clone(),
+        args: job.args.clone(),
+        env: job.env.clone(),
+        cwd: job.cwd.clone(),
+        nice: job.nice,
+        credentials: None,
+    };
+    let mut cmd = launch.command();
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // Its own process group (so a timeout kills everything it started), recorded process-wide
     // so that nothing of it outlives wharf.
     let (mut child, registered) = wharf_core::children::spawn(&mut cmd)?;
     let pid = registered.pgid();
-    if job.nice != 0 {
-        // Lower the child's CPU priority (its own children inherit it) so a burst of commands
-        // cannot starve the IO workers. Set from here rather than in a pre_exec hook, which
-        // would force fork() instead of the much cheaper posix_spawn.
-        // SAFETY: setpriority on our own child's pid.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, job.nice) };
-    }
+    program::set_nice(pid, job.nice);
     let mut out = Pipe::new(child.stdout.take());
     let mut err = Pipe::new(child.stderr.take());
     let supervised = supervise(job, pid, &cancel, &mut out, &mut err);
 
     // Whatever happened (even an error above), nothing of the group survives and the leader
-    // is reaped. The group is killed *before* the leader is reaped: while the leader is
-    // unreaped its pid, and so the group id, cannot be reused by an unrelated process.
-    // SAFETY: signalling our own child's process group (pgid == its pid).
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
-    // Forgotten before the reap, while the group id cannot have been reused.
-    drop(registered);
-    let status = child.wait()?;
+    // is reaped, in that order (see `kill_and_reap`).
+    let status = wharf_core::children::kill_and_reap(&mut child, registered)?;
     let mut outcome = supervised?;
     // Collect what is still buffered in the pipes (every writer in the group is dead now).
     out.finish(&mut outcome.stdout, &mut outcome.cut)?;
@@ -226,16 +216,6 @@ fn terminate_group(pid: libc::pid_t) {
     unsafe { libc::kill(-pid, libc::SIGKILL) };
 }
 
-/// Whether our child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
-fn exited_unreaped(pid: libc::pid_t) -> bool {
-    // SAFETY: a zeroed siginfo_t is a valid out-parameter; waitid only inspects our child.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
-    }
-}
-
 /// One output pipe: read while data flows, closed at end of stream.
 struct Pipe<R> {
     reader: Option<R>,
@@ -324,12 +304,4 @@ fn set_nonblocking(fd: RawFd) {
         let flags = libc::fcntl(fd, libc::F_GETFL);
         libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
     }
-}
-
-/// A pidfd for `pid` (Linux 5.3+), readable once the process exits; `None` where unsupported.
-fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: on success the descriptor is new and ours.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }

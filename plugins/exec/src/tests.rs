@@ -1,6 +1,7 @@
 //! The exec protocol end to end through `wharf_core::testing`, with real child processes.
 
 use super::*;
+use std::path::Path;
 use std::time::Duration;
 use wharf_core::testing::{self, Client};
 
