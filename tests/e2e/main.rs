@@ -23,6 +23,7 @@ mod load;
 mod metrics;
 mod pki;
 mod reload;
+mod sources;
 mod status;
 mod tls;
 mod tls_clients;
