@@ -145,6 +145,10 @@ impl Burst {
     fn assert_cut_to(&self, rate: f64, what: &str) {
         let expected = self.expected(rate);
         let served = self.served as f64;
+        eprintln!(
+            "{what}: {} of {} attempts served in {:?} (bucket allows {expected:.1})",
+            self.served, self.attempts, self.window
+        );
         assert!(
             served <= expected + 2.0 && served >= 0.9 * expected - 2.0,
             "{what}: {} of {} attempts served in {:?}; a bucket of {rate}/s allows {expected:.0}",
@@ -342,7 +346,8 @@ fn distinct_ipv4_source_flood_keeps_memory_bounded_and_fresh_sources_served() {
 /// A connection from the trusted proxy 127.0.0.1 that names `client` in a PROXY v1 header.
 fn via_proxy(addr: SocketAddr, client: &str) -> TcpStream {
     let mut s = connect(addr);
-    write!(s, "PROXY TCP6 {client} ::1 40000 {}\r\n", addr.port()).unwrap();
+    // A refusal (the server closed at once) shows in the echo that follows, not here.
+    let _ = write!(s, "PROXY TCP6 {client} ::1 40000 {}\r\n", addr.port());
     s
 }
 
