@@ -25,7 +25,7 @@ const FLOOD_RSS_GROWTH_LIMIT_KB: u64 = 16 * 1024;
 const FLOOD_CONNECTIONS: u32 = 10_000;
 const FLOOD_TIME_LIMIT: Duration = Duration::from_secs(60);
 
-fn labels<'a>(backend: &'a str) -> Vec<(&'a str, &'a str)> {
+fn labels(backend: &str) -> Vec<(&str, &str)> {
     vec![
         ("service", "echo"),
         ("plugin", "echo"),
