@@ -417,3 +417,46 @@ fn proxy_tcp6_distinct_64_flood_keeps_memory_bounded_and_fresh_sources_served() 
         );
     }
 }
+
+/// A reload that lowers the limit applies it to new connections at once, counting the
+/// connections the old generation holds; when those close, their source is free again exactly
+/// (not before, and not never: a count lost or released twice would show here).
+#[test]
+fn reload_applies_new_limits_while_old_connections_keep_counting() {
+    for backend in backends() {
+        let mut server = Server::start(&echo_config("max_connections_per_source = 4"), backend);
+        let addr = server.addr("echo");
+        let source = v4(0, 0, 20);
+        let mut old: Vec<TcpStream> = (0..4)
+            .map(|_| served_from(source, addr).expect("refused under the limit"))
+            .collect();
+        server.rewrite_config(&echo_config("max_connections_per_source = 2"));
+        server.expect_reload("changed=echo");
+        let mut refused = 0.0;
+        let mut expect_refused = |server: &Server| {
+            let mut s = connect_from(source, addr);
+            assert!(closed_within(&mut s, Duration::from_secs(15)));
+            refused += 1.0;
+            server.wait_metric(
+                "wharf_connections_rejected_total",
+                &rejected(backend, "max_connections_per_source"),
+                refused,
+            );
+        };
+        // Four open from the old generation: over the new limit of 2.
+        expect_refused(&server);
+        // The old connections are still served, under their old settings.
+        assert!(old.iter_mut().all(is_served));
+        old.truncate(1);
+        server.wait_metric("wharf_connections_active", &labels(backend), 1.0);
+        let new = served_from(source, addr).expect("refused with 1 open of 2");
+        expect_refused(&server);
+        drop((old, new));
+        server.wait_metric("wharf_connections_active", &labels(backend), 0.0);
+        let both: Vec<_> = (0..2)
+            .map(|_| served_from(source, addr).expect("refused with the source's count back at 0"))
+            .collect();
+        expect_refused(&server);
+        drop(both);
+    }
+}
