@@ -26,9 +26,12 @@ const FLOOD_RSS_GROWTH_LIMIT_KB: u64 = 16 * 1024;
 const FLOOD_CONNECTIONS: u32 = 10_000;
 const FLOOD_TIME_LIMIT: Duration = Duration::from_secs(60);
 
-/// How long a normal client from a fresh source may wait to be served during a flood (generous:
-/// the machine is shared and noisy; it is served in milliseconds when idle).
-const PROBE_LATENCY_LIMIT: Duration = Duration::from_secs(2);
+/// How long a normal client from a fresh source may wait to be served during a flood. It is
+/// usually served in milliseconds, but a flood that outruns accept on this shared 2-core
+/// machine fills the listen backlog now and then (`TcpExtListenOverflows`), and a dropped SYN
+/// is retried after 1 s, then 2 s more: the bound allows two such retries. The per-source
+/// table adds nothing to it.
+const PROBE_LATENCY_LIMIT: Duration = Duration::from_secs(5);
 
 fn labels(backend: &str) -> Vec<(&str, &str)> {
     vec![
