@@ -88,7 +88,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ServiceConfig;
 use crate::gate::Rejection;
-pub use crate::net::Source;
+use crate::net::Source;
 
 /// Rows of the per-source table: each source has one slot in each, by independent hashes.
 pub const ROWS: usize = 2;
