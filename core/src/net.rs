@@ -57,24 +57,36 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
 }
 
 /// The client a peer address counts as, for limits kept per client (exec's auth failures, the
-/// metrics endpoint's connections per peer): an IPv4 address (IPv4-mapped IPv6 too), or an IPv6
-/// /64, what one host is usually given, so a host cannot dodge a limit by rotating addresses.
+/// metrics endpoint's connections per peer, the per-source limits of [`crate::sources`]): an
+/// IPv4 address (IPv4-mapped IPv6 too), or an IPv6 prefix, /64 unless configured otherwise
+/// (what one host is usually given), so a host cannot dodge a limit by rotating addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     /// An IPv4 address.
     V4(u32),
-    /// The first 64 bits of an IPv6 address.
-    V6(u64),
+    /// An IPv6 address with the bits past its prefix cleared.
+    V6(u128),
 }
 
 impl Source {
-    /// The source `ip` counts as.
+    /// The source `ip` counts as, IPv6 grouped by /64.
     pub fn of(ip: IpAddr) -> Source {
+        Source::with_prefix_v6(ip, 64)
+    }
+
+    /// The source `ip` counts as, IPv6 grouped by its first `prefix_v6` bits (0 groups every
+    /// IPv6 address into one source; 128 or more keeps each apart).
+    pub fn with_prefix_v6(ip: IpAddr, prefix_v6: u8) -> Source {
         match ip {
             IpAddr::V4(v4) => Source::V4(u32::from(v4)),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => Source::V4(u32::from(v4)),
-                None => Source::V6((u128::from(v6) >> 64) as u64),
+                None => {
+                    let mask = u128::MAX
+                        .checked_shl(128 - u32::from(prefix_v6.min(128)))
+                        .unwrap_or(0);
+                    Source::V6(u128::from(v6) & mask)
+                }
             },
         }
     }
@@ -196,6 +208,13 @@ mod tests {
         assert_ne!(of("2001:db8:1:2::1"), of("2001:db8:1:3::1"));
         assert_eq!(of("::ffff:127.0.0.1"), of("127.0.0.1"));
         assert_ne!(of("127.0.0.1"), of("127.0.0.2"));
+        let with = |s: &str, bits| Source::with_prefix_v6(s.parse().unwrap(), bits);
+        assert_eq!(with("2001:db8:1:2::1", 48), with("2001:db8:1:3::1", 48));
+        assert_ne!(with("2001:db8:1:2::1", 48), with("2001:db8:2:2::1", 48));
+        assert_ne!(with("2001:db8::1", 128), with("2001:db8::2", 128));
+        assert_eq!(with("2001:db8::1", 0), with("fe80::1", 0));
+        assert_eq!(with("::ffff:10.0.0.1", 8), with("10.0.0.1", 128));
+        assert_eq!(with("2001:db8:1:2:3::", 64), of("2001:db8:1:2::"));
     }
 
     #[test]

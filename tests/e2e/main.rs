@@ -24,6 +24,7 @@ mod metrics;
 mod pki;
 mod process;
 mod reload;
+mod sources;
 mod status;
 mod tls;
 mod tls_clients;
