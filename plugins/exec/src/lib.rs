@@ -20,7 +20,7 @@
 //!   command killed (a half-closed one is still reading: it gets its result).
 //! - **The access log never holds arguments**: a request's line carries the command word
 //!   (the first word of the line, `auth` for a login) and how the process ended (`exit` or
-//!   `signal`), never the arguments or the token ([`log_fields`]).
+//!   `signal`), never the arguments or the token (`log_fields`).
 //! - **Workers never block**: spawning, reading output and waiting run on the blocking pool;
 //!   the connection task only watches the client and waits for the result.
 

@@ -19,12 +19,12 @@
 //! version is answered as HTTP/1.1, other major versions get 505, CONNECT and TRACE get 405, a
 //! transfer coding other than chunked gets 501,
 //! and a head that does not arrive within `header_timeout` of its first byte gets 408; each
-//! error closes the connection.
+//! error closes the connection. A client that half-closes (shuts down its sending side) after
+//! its requests is still answered: only the end of its input is seen, not a disconnect.
 //!
 //! With the access log on, each answered request's line carries `method`, `target` (its path:
 //! the query string is never logged, it often holds secrets) and `status`; the texts are kept
-//! per batch in one reused buffer ([`RequestLog`]) until the batch's responses are written. A client that half-closes (shuts down its sending side) after
-//! its requests is still answered: only the end of its input is seen, not a disconnect.
+//! per batch in one reused buffer (`RequestLog`) until the batch's responses are written.
 
 mod body;
 mod request;
