@@ -184,11 +184,7 @@ pub fn restart_only(running: &Config, new: &Config) -> Vec<String> {
                 format!("{} {:?} {}", l.path.display(), l.format, l.buffer_lines)
             })
         };
-        changed.push(format!(
-            "access_log ({} -> {})",
-            show(running),
-            show(new)
-        ));
+        changed.push(format!("access_log ({} -> {})", show(running), show(new)));
     }
     changed
 }

@@ -325,8 +325,8 @@ impl ServiceLog {
             }
             debug_assert!(buf.len() > start);
             batch.lines += 1;
-            let full = batch.lines >= shared.capacity.min(BATCH_LINES)
-                || batch.buf.len() >= BATCH_BYTES;
+            let full =
+                batch.lines >= shared.capacity.min(BATCH_LINES) || batch.buf.len() >= BATCH_BYTES;
             if full || !batch.flusher_waits() {
                 batch.hand_over();
             }
@@ -740,7 +740,9 @@ impl Writer {
                 drop(old.into_parts());
                 tracing::info!(path = %path.display(), "access log reopened");
             }
-            Err(e) => tracing::error!(path = %path.display(), error = %e, "access log: cannot reopen; still writing to the file open before"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "access log: cannot reopen; still writing to the file open before")
+            }
         }
     }
 }
@@ -779,7 +781,8 @@ mod tests {
             got,
             ",\"a\":\"x\\\"y\\\\z\\n\\r\\t\\u001b[31m\\u007f\\u0085\\u2028é\",\"n\":42,\"s\":-3"
         );
-        let parsed: serde_json::Value = serde_json::from_str(&format!("{{{}}}", &got[1..])).unwrap();
+        let parsed: serde_json::Value =
+            serde_json::from_str(&format!("{{{}}}", &got[1..])).unwrap();
         assert_eq!(parsed["a"], "x\"y\\z\n\r\t\u{1b}[31m\u{7f}\u{85}\u{2028}é");
     }
 

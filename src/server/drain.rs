@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 use tracing::{info, warn};
 use wharf_core::shutdown::ShutdownTrigger;
 
+use super::reopen_access_log;
 use super::running::Running;
 use super::signals::{Signal, Signals};
-use super::reopen_access_log;
 use super::{kill_children, ServeError};
 use crate::backends::CompiledBackend;
 use crate::metrics_http::Readiness;

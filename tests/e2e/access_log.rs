@@ -73,7 +73,10 @@ fn parse_logfmt(text: &str) -> Line {
                         Some('r') => value.push('\r'),
                         Some('t') => value.push('\t'),
                         Some('u') => {
-                            let hex: String = (0..4).filter_map(|_| chars.next()).map(|(_, c)| c).collect();
+                            let hex: String = (0..4)
+                                .filter_map(|_| chars.next())
+                                .map(|(_, c)| c)
+                                .collect();
                             let code = u32::from_str_radix(&hex, 16).unwrap_or_else(|_| bad("\\u"));
                             value.push(char::from_u32(code).unwrap_or_else(|| bad("\\u")));
                         }
@@ -112,7 +115,10 @@ fn parse_logfmt(text: &str) -> Line {
 /// Every line of the file at `path` (none if it does not exist), parsed.
 fn read_lines(format: &str, path: &Path) -> Vec<Line> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(text.is_empty() || text.ends_with('\n'), "torn last line: {text:?}");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "torn last line: {text:?}"
+    );
     text.lines().map(|l| parse(format, l)).collect()
 }
 
@@ -147,7 +153,10 @@ fn common(line: &Line, service: &str, plugin: &str) {
         time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
         "time: {line:?}"
     );
-    assert!(is(line, "service", service) && is(line, "plugin", plugin), "{line:?}");
+    assert!(
+        is(line, "service", service) && is(line, "plugin", plugin),
+        "{line:?}"
+    );
     assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
 }
 
@@ -194,10 +203,16 @@ fn every_plugin_logs_its_fields_in_both_formats_and_no_secret() {
             let lines = wait_lines(format, &log, 1, |l| is(l, "service", "echo"));
             let l = &lines[0];
             common(l, "echo", "echo");
-            assert!(is(l, "event", "connection") && is(l, "client", &me), "{l:?}");
+            assert!(
+                is(l, "event", "connection") && is(l, "client", &me),
+                "{l:?}"
+            );
             assert!(is(l, "outcome", "closed"), "{l:?}");
             assert!(is(l, "bytes_in", "6") && is(l, "bytes_out", "6"), "{l:?}");
-            assert!(!l.contains_key("proxy") && !l.contains_key("identity"), "{l:?}");
+            assert!(
+                !l.contains_key("proxy") && !l.contains_key("identity"),
+                "{l:?}"
+            );
             duration_ms(l);
 
             // http-hello: two requests (one with a body) on one connection, then the close.
@@ -226,7 +241,11 @@ fn every_plugin_logs_its_fields_in_both_formats_and_no_secret() {
                 is(l, "service", "web") && is(l, "event", "connection")
             });
             assert!(is(&conn[0], "outcome", "closed"), "{:?}", conn[0]);
-            assert!(conn[0]["bytes_in"].parse::<u64>().unwrap() > 100, "{:?}", conn[0]);
+            assert!(
+                conn[0]["bytes_in"].parse::<u64>().unwrap() > 100,
+                "{:?}",
+                conn[0]
+            );
 
             // exec: the command word and how it ended; never the token or the arguments.
             let addr = server.addr("exec").to_string();
@@ -238,8 +257,10 @@ fn every_plugin_logs_its_fields_in_both_formats_and_no_secret() {
             let (code, _, err) =
                 wharf_client(&dir.0, &["exec", &addr, "--token", TOKEN, "--", "false"]);
             assert_eq!(code, 1, "{err}");
-            let (code, _, _) =
-                wharf_client(&dir.0, &["exec", &addr, "--token", "wrong-token", "--", "false"]);
+            let (code, _, _) = wharf_client(
+                &dir.0,
+                &["exec", &addr, "--token", "wrong-token", "--", "false"],
+            );
             assert_ne!(code, 0);
             let requests = wait_lines(format, &log, 3, |l| {
                 is(l, "service", "exec") && is(l, "event", "request")
@@ -274,7 +295,10 @@ fn every_plugin_logs_its_fields_in_both_formats_and_no_secret() {
 
             let text = std::fs::read_to_string(&log).unwrap();
             for secret in [TOKEN, SECRET_ARG, SECRET_QUERY, "wrong-token"] {
-                assert!(!text.contains(secret), "{secret} in the access log:\n{text}");
+                assert!(
+                    !text.contains(secret),
+                    "{secret} in the access log:\n{text}"
+                );
             }
         }
     }
@@ -302,13 +326,18 @@ fn the_tls_identity_is_on_the_lines() {
         let addr = server.addr("echo").to_string();
         let ca = pki.ca_file().to_str().unwrap();
         let (cert, key) = (ops.cert.to_str().unwrap(), ops.key.to_str().unwrap());
-        let args = ["echo", &addr, "--tls", "--ca", ca, "--cert", cert, "--key", key, "hi"];
+        let args = [
+            "echo", &addr, "--tls", "--ca", ca, "--cert", cert, "--key", key, "hi",
+        ];
         let (code, out, err) = wharf_client(&dir.0, &args);
         assert_eq!((code, out.trim()), (0, "hi"), "{err}");
         let lines = wait_lines("json", &log, 1, |l| is(l, "event", "connection"));
         let l = &lines[0];
         common(l, "echo", "echo");
-        assert!(is(l, "identity", "ops") && is(l, "outcome", "closed"), "{l:?}");
+        assert!(
+            is(l, "identity", "ops") && is(l, "outcome", "closed"),
+            "{l:?}"
+        );
         // The ciphertext: far more than the three bytes of text each way.
         assert!(l["bytes_out"].parse::<u64>().unwrap() > 100, "{l:?}");
     }
@@ -334,7 +363,11 @@ fn refusals_idle_timeouts_and_services_that_opt_out() {
         let held = connect(server.addr("echo"));
         server.wait_metric(
             "wharf_connections_active",
-            &[("service", "echo"), ("plugin", "echo"), ("backend", backend)],
+            &[
+                ("service", "echo"),
+                ("plugin", "echo"),
+                ("backend", backend),
+            ],
             1.0,
         );
         let mut turned_away = connect(server.addr("echo"));
@@ -343,7 +376,10 @@ fn refusals_idle_timeouts_and_services_that_opt_out() {
         let refused = wait_lines("logfmt", &log, 1, |l| is(l, "outcome", "refused"));
         let l = &refused[0];
         common(l, "echo", "echo");
-        assert!(is(l, "client", &me) && is(l, "reason", "max_connections"), "{l:?}");
+        assert!(
+            is(l, "client", &me) && is(l, "reason", "max_connections"),
+            "{l:?}"
+        );
 
         // The held connection idles out.
         let timed_out = wait_lines("logfmt", &log, 1, |l| is(l, "outcome", "timeout"));
@@ -427,7 +463,12 @@ fn wait_total(format: &str, files: &[PathBuf], want: usize) {
     loop {
         let n: usize = files
             .iter()
-            .map(|f| read_lines(format, f).iter().filter(|l| is(l, "event", "request")).count())
+            .map(|f| {
+                read_lines(format, f)
+                    .iter()
+                    .filter(|l| is(l, "event", "request"))
+                    .count()
+            })
             .sum();
         if n >= want || Instant::now() > deadline {
             return;
@@ -446,8 +487,9 @@ fn sigusr1_reopens_the_file_while_clients_run_without_losing_or_tearing_a_line()
             let server = Server::start(&web_config(&log, format, ""), backend);
             let stop = std::sync::atomic::AtomicBool::new(false);
             let answered = std::thread::scope(|scope| {
-                let clients =
-                    scope.spawn(|| run_http_clients(server.addr("web"), 4, &stop, Duration::from_secs(5)));
+                let clients = scope.spawn(|| {
+                    run_http_clients(server.addr("web"), 4, &stop, Duration::from_secs(5))
+                });
                 std::thread::sleep(Duration::from_millis(400));
                 std::fs::rename(&log, &rotated).unwrap();
                 server.signal(libc::SIGUSR1);
@@ -461,7 +503,10 @@ fn sigusr1_reopens_the_file_while_clients_run_without_losing_or_tearing_a_line()
             wait_total(format, &files, total);
             each_request_once(format, &files, &answered);
             assert!(!read_lines(format, &rotated).is_empty());
-            assert!(!read_lines(format, &log).is_empty(), "the new file was written");
+            assert!(
+                !read_lines(format, &log).is_empty(),
+                "the new file was written"
+            );
             server.wait_log("access log reopened", 1, Duration::from_secs(10));
         }
     }
@@ -491,7 +536,10 @@ fn logrotate_with_the_shipped_snippet_rotates_a_live_server() {
     let server = Server::start(&web_config(&log, "json", ""), backend);
     // The snippet as shipped, pointed at this test's file and process.
     let conf = snippet
-        .replace("/var/log/wharf/*.log", &format!("{}/*.log", dir.0.display()))
+        .replace(
+            "/var/log/wharf/*.log",
+            &format!("{}/*.log", dir.0.display()),
+        )
         .lines()
         .map(|l| {
             if l.contains("systemctl kill") {
@@ -529,8 +577,14 @@ fn logrotate_with_the_shipped_snippet_rotates_a_live_server() {
     let files = [rotated.clone(), log.clone()];
     wait_total("json", &files, answered.iter().sum());
     each_request_once("json", &files, &answered);
-    assert!(!read_lines("json", &rotated).is_empty(), "delaycompress keeps .1 as text");
-    assert!(!read_lines("json", &log).is_empty(), "wharf created the new file");
+    assert!(
+        !read_lines("json", &rotated).is_empty(),
+        "delaycompress keeps .1 as text"
+    );
+    assert!(
+        !read_lines("json", &log).is_empty(),
+        "wharf created the new file"
+    );
 }
 
 #[test]
@@ -554,8 +608,8 @@ fn a_writer_that_cannot_keep_up_drops_and_counts_lines_and_never_slows_clients()
         let stop = std::sync::atomic::AtomicBool::new(false);
         // Far more than a pipe holds (64 KiB of ~200-byte lines); each request within 2 s.
         let answered = std::thread::scope(|scope| {
-            let clients =
-                scope.spawn(|| run_http_clients(server.addr("web"), 8, &stop, Duration::from_secs(2)));
+            let clients = scope
+                .spawn(|| run_http_clients(server.addr("web"), 8, &stop, Duration::from_secs(2)));
             let deadline = Instant::now() + Duration::from_secs(20);
             while server
                 .metric("wharf_access_log_dropped_total", &[])
@@ -568,7 +622,9 @@ fn a_writer_that_cannot_keep_up_drops_and_counts_lines_and_never_slows_clients()
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             clients.join().unwrap()
         });
-        let dropped = server.metric("wharf_access_log_dropped_total", &[]).unwrap();
+        let dropped = server
+            .metric("wharf_access_log_dropped_total", &[])
+            .unwrap();
         let total: usize = answered.iter().sum();
         assert!(dropped >= 1000.0, "dropped {dropped} of {total}");
         // Still serving, at once.
@@ -593,7 +649,10 @@ fn an_unopenable_path_is_a_config_error_naming_the_file_and_key() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{command}: {err}");
-        assert!(err.contains("wharf.toml") && err.contains("access_log.path"), "{err}");
+        assert!(
+            err.contains("wharf.toml") && err.contains("access_log.path"),
+            "{err}"
+        );
         assert!(!err.contains("listening"), "{err}");
     }
 }
@@ -606,7 +665,11 @@ fn a_reload_that_changes_the_access_log_says_it_needs_a_restart() {
     let mut server = Server::start(&web_config(&log, "json", ""), backend);
     server.rewrite_config(&web_config(&log, "logfmt", ""));
     server.expect_reload("configuration reloaded");
-    server.wait_log("only take effect after a restart", 1, Duration::from_secs(10));
+    server.wait_log(
+        "only take effect after a restart",
+        1,
+        Duration::from_secs(10),
+    );
     assert_eq!(server.log_count("access_log ("), 1, "{}", server.log());
     // Still JSON, as started.
     http_get(server.addr("web"), "/x");

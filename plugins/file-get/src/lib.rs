@@ -249,7 +249,10 @@ impl FileGet {
             .await
     }
 
-    #[allow(clippy::too_many_arguments, reason = "the request's parts, and where its transfer is noted")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the request's parts, and where its transfer is noted"
+    )]
     async fn get<C: Conn>(
         &self,
         conn: &mut C,
