@@ -675,3 +675,30 @@ fn a_reload_that_changes_the_access_log_says_it_needs_a_restart() {
     http_get(server.addr("web"), "/x");
     wait_lines("json", &log, 1, |l| is(l, "target", "/x"));
 }
+
+#[test]
+fn a_connection_still_open_at_the_end_of_the_grace_is_logged_as_cut() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        let log = dir.0.join("access.log");
+        let config = format!(
+            "[server]\nworkers = 1\nshutdown_grace = \"1s\"\n\
+             [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n{}",
+            access_log_table(&log, "json", "")
+        );
+        let mut server = Server::start(&config, backend);
+        // An echo stream is served until its client closes: the drain has to cut it.
+        let mut s = connect(server.addr("echo"));
+        let me = s.local_addr().unwrap().to_string();
+        assert_eq!(echo_once(&mut s, b"still here"), b"still here");
+        server.signal(libc::SIGTERM);
+        let status = server.wait(Duration::from_secs(20)).expect("exits after the grace");
+        assert!(status.success(), "{}", server.log());
+        let lines = read_lines("json", &log);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert!(is(l, "client", &me) && is(l, "outcome", "cut"), "{l:?}");
+        assert!(is(l, "bytes_in", "10") && is(l, "bytes_out", "10"), "{l:?}");
+        assert!(duration_ms(l) >= 900.0, "{l:?}");
+    }
+}
