@@ -246,59 +246,86 @@ pub struct Who<'a> {
 }
 
 impl ServiceLog {
+    /// `client`, `proxy` and `identity` formatted for this log: a connection's context makes
+    /// them once, for all its lines.
+    pub fn who(&self, who: &Who<'_>) -> Box<[u8]> {
+        let mut out = Vec::with_capacity(64);
+        Fields {
+            out: &mut out,
+            format: self.0.shared.format,
+        }
+        .who(who);
+        out.into_boxed_slice()
+    }
+
     /// Writes the line of a connection that ended with `outcome` after `duration`, having
-    /// read `bytes_in` and written `bytes_out`.
+    /// read `bytes_in` and written `bytes_out`; `who` is from [`ServiceLog::who`].
     pub fn connection(
         &self,
-        who: &Who<'_>,
+        who: &[u8],
         outcome: ConnOutcome,
         duration: Duration,
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        self.line("connection", who, |f| {
-            f.str("outcome", outcome.as_str());
-            f.u64("bytes_in", bytes_in);
-            f.u64("bytes_out", bytes_out);
-            f.duration("duration_ms", duration);
-        });
+        self.line(
+            "connection",
+            |f| f.out.extend_from_slice(who),
+            |f| {
+                f.str("outcome", outcome.as_str());
+                f.u64("bytes_in", bytes_in);
+                f.u64("bytes_out", bytes_out);
+                f.duration("duration_ms", duration);
+            },
+        );
     }
 
     /// Writes the line of a connection refused at admission for `reason`.
     pub fn refused(&self, who: &Who<'_>, reason: &str) {
-        self.line("connection", who, |f| {
-            f.str("outcome", ConnOutcome::Refused.as_str());
-            f.str("reason", reason);
-        });
+        self.line(
+            "connection",
+            |f| f.who(who),
+            |f| {
+                f.str("outcome", ConnOutcome::Refused.as_str());
+                f.str("reason", reason);
+            },
+        );
     }
 
     /// Writes the line of a request that ended with `outcome` after `duration`, with the
-    /// plugin's own `fields`.
+    /// plugin's own `fields`; `who` is from [`ServiceLog::who`].
     pub fn request(
         &self,
-        who: &Who<'_>,
+        who: &[u8],
         outcome: &str,
         duration: Duration,
         fields: impl FnOnce(&mut Fields<'_>),
     ) {
-        self.line("request", who, |f| {
-            f.str("outcome", outcome);
-            f.duration("duration_ms", duration);
-            fields(f);
-        });
+        self.line(
+            "request",
+            |f| f.out.extend_from_slice(who),
+            |f| {
+                f.str("outcome", outcome);
+                f.duration("duration_ms", duration);
+                fields(f);
+            },
+        );
     }
 
-    /// Formats one line into this thread's batch: time, event, service, plugin, client,
-    /// proxy, identity, then `rest`.
-    fn line(&self, event: &str, who: &Who<'_>, rest: impl FnOnce(&mut Fields<'_>)) {
+    /// Formats one line into this thread's batch: time, event, service, plugin, then what
+    /// `who` and `rest` add.
+    fn line(
+        &self,
+        event: &str,
+        who: impl FnOnce(&mut Fields<'_>),
+        rest: impl FnOnce(&mut Fields<'_>),
+    ) {
         let shared = &self.0.shared;
         BATCH.with(|batch| {
             let mut batch = batch.borrow_mut();
             batch.adopt(shared);
             let format = shared.format;
-            let start = batch.buf.len();
-            let now = SystemTime::now();
-            let time = batch.clock.format(now);
+            let time = batch.clock.format(SystemTime::now());
             let buf = &mut batch.buf;
             match format {
                 AccessLogFormat::Json => buf.extend_from_slice(b"{\"time\":\""),
@@ -311,19 +338,12 @@ impl ServiceLog {
             let mut f = Fields { out: buf, format };
             f.str("event", event);
             f.out.extend_from_slice(&self.0.prefix);
-            f.addr("client", who.client);
-            if let Some(proxy) = who.proxy {
-                f.addr("proxy", proxy);
-            }
-            if let Some(identity) = who.identity {
-                f.str("identity", identity);
-            }
+            who(&mut f);
             rest(&mut f);
             match format {
                 AccessLogFormat::Json => buf.extend_from_slice(b"}\n"),
                 AccessLogFormat::Logfmt => buf.push(b'\n'),
             }
-            debug_assert!(buf.len() > start);
             batch.lines += 1;
             let full =
                 batch.lines >= shared.capacity.min(BATCH_LINES) || batch.buf.len() >= BATCH_BYTES;
@@ -398,6 +418,17 @@ impl Fields<'_> {
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
         ]);
+    }
+
+    /// `client`, then `proxy` and `identity` when there are.
+    fn who(&mut self, who: &Who<'_>) {
+        self.addr("client", who.client);
+        if let Some(proxy) = who.proxy {
+            self.addr("proxy", proxy);
+        }
+        if let Some(identity) = who.identity {
+            self.str("identity", identity);
+        }
     }
 
     /// An address, `ip:port` (`[v6]:port`).
@@ -856,6 +887,7 @@ mod tests {
             proxy: Some("10.0.0.1:5000".parse().unwrap()),
             identity: Some("alice"),
         };
+        let who = service.who(&who);
         for i in 0..10 {
             service.request(&who, "2xx", Duration::from_micros(5), |f| f.u64("i", i));
         }
@@ -907,6 +939,7 @@ mod tests {
             proxy: None,
             identity: None,
         };
+        let who = service.who(&who);
         let big = "x".repeat(MAX_VALUE_BYTES);
         let started = std::time::Instant::now();
         for _ in 0..2000 {

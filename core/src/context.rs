@@ -54,6 +54,8 @@ pub(crate) struct ConnLog {
     opened: tokio::time::Instant,
     bytes: Rc<ConnBytes>,
     outcome: Cell<Option<ConnOutcome>>,
+    /// Client, proxy and identity, formatted at the first line for all the others.
+    who: OnceCell<Box<[u8]>>,
 }
 
 impl ConnLog {
@@ -68,6 +70,7 @@ impl ConnLog {
             opened,
             bytes,
             outcome: Cell::new(None),
+            who: OnceCell::new(),
         }
     }
 }
@@ -109,12 +112,16 @@ impl Context {
         }
     }
 
-    fn who(&self) -> Who<'_> {
-        Who {
-            client: self.peer,
-            proxy: self.proxy,
-            identity: self.identity(),
-        }
+    /// The client's fields of `log`'s lines, formatted once (the identity, if any, is set
+    /// by the TLS handshake before the plugin runs, so before any line).
+    fn who<'a>(&self, log: &'a ConnLog) -> &'a [u8] {
+        log.who.get_or_init(|| {
+            log.service.who(&Who {
+                client: self.peer,
+                proxy: self.proxy,
+                identity: self.identity(),
+            })
+        })
     }
 
     /// A context outside any server, for a client at `peer`: never stopping, requests
@@ -197,7 +204,7 @@ impl Context {
             Scope::Detached(d) => d.0.requests.borrow_mut().push(outcome),
         }
         if let Some(log) = &self.log {
-            log.service.request(&self.who(), outcome, elapsed, fields);
+            log.service.request(self.who(log), outcome, elapsed, fields);
         }
     }
 
@@ -291,7 +298,7 @@ impl Drop for Context {
     fn drop(&mut self) {
         if let Some(log) = &self.log {
             log.service.connection(
-                &self.who(),
+                self.who(log),
                 log.outcome.get().unwrap_or(ConnOutcome::Cut),
                 log.opened.elapsed(),
                 log.bytes.received.get(),

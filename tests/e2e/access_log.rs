@@ -692,7 +692,9 @@ fn a_connection_still_open_at_the_end_of_the_grace_is_logged_as_cut() {
         let me = s.local_addr().unwrap().to_string();
         assert_eq!(echo_once(&mut s, b"still here"), b"still here");
         server.signal(libc::SIGTERM);
-        let status = server.wait(Duration::from_secs(20)).expect("exits after the grace");
+        let status = server
+            .wait(Duration::from_secs(20))
+            .expect("exits after the grace");
         assert!(status.success(), "{}", server.log());
         let lines = read_lines("json", &log);
         assert_eq!(lines.len(), 1, "{lines:?}");
