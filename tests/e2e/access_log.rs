@@ -704,3 +704,86 @@ fn a_connection_still_open_at_the_end_of_the_grace_is_logged_as_cut() {
         assert!(duration_ms(l) >= 900.0, "{l:?}");
     }
 }
+
+/// A connection from the local address `from` (another 127.x source).
+fn connect_from(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&local.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn a_flood_of_refused_connections_gets_a_line_each_while_a_normal_client_is_served() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        let log = dir.0.join("access.log");
+        let config = format!(
+            "[server]\nworkers = 2\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+             allow_from = [\"127.0.0.2/32\"]\n{}",
+            access_log_table(&log, "json", "")
+        );
+        let server = Server::start(&config, backend);
+        let addr = server.addr("echo");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (flooded, served) = std::thread::scope(|scope| {
+            // 4 clients from 127.0.0.1, outside allow_from, at most 2 000 connections each.
+            let floods: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut n = 0;
+                        while n < 2000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let mut s = connect(addr);
+                            assert!(closed_within(&mut s, Duration::from_secs(10)));
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            // Meanwhile the allowed client is served, each exchange within 2 s.
+            let mut served = 0;
+            for _ in 0..20 {
+                let started = Instant::now();
+                let mut s = connect_from("127.0.0.2", addr);
+                assert_eq!(echo_once(&mut s, b"hi"), b"hi");
+                drop(s);
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "{:?}",
+                    started.elapsed()
+                );
+                served += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let flooded: usize = floods.into_iter().map(|f| f.join().unwrap()).sum();
+            (flooded, served)
+        });
+        let labels = [
+            ("service", "echo"),
+            ("plugin", "echo"),
+            ("backend", backend),
+            ("reason", "allow_from"),
+        ];
+        server.wait_metric("wharf_connections_rejected_total", &labels, flooded as f64);
+        // Every refusal is a line, or a counted drop.
+        let dropped = server
+            .metric("wharf_access_log_dropped_total", &[])
+            .unwrap() as usize;
+        let refused = wait_lines("json", &log, flooded - dropped, |l| {
+            is(l, "outcome", "refused") && is(l, "reason", "allow_from")
+        });
+        assert_eq!(refused.len() + dropped, flooded);
+        assert!(refused
+            .iter()
+            .all(|l| l["client"].starts_with("127.0.0.1:")));
+        let closed = wait_lines("json", &log, served, |l| is(l, "outcome", "closed"));
+        assert!(closed.iter().all(|l| l["client"].starts_with("127.0.0.2:")));
+        assert!(closed.iter().all(|l| is(l, "bytes_in", "2")));
+    }
+}
