@@ -36,6 +36,9 @@ pub struct Plan {
     pub services: Vec<PlannedService>,
     /// Kept for locating errors found later (bind failures).
     pub source: ConfigSource,
+    /// The access log file, opened for appending (created) while planning, before anything
+    /// binds; `None` without `[access_log]` or with `path = "-"` (standard error).
+    pub access_log_file: Option<std::fs::File>,
 }
 
 /// One service, validated and built.
@@ -138,12 +141,24 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
         }
     }
 
+    // Opened (created) now, so that a path it cannot write is a config error before anything
+    // binds, and `wharf check` finds it too.
+    let access_log_file = match &config.access_log {
+        Some(log) => wharf_core::access_log::open(log).unwrap_or_else(|e| {
+            let message = format!("cannot open {} for appending: {e}", log.path.display());
+            errors.push(source.value_error_at("access_log.path", message));
+            None
+        }),
+        None => None,
+    };
+
     if errors.is_empty() {
         Ok(Plan {
             origin: source.origin().to_string(),
             config,
             services,
             source,
+            access_log_file,
         })
     } else {
         Err(errors)

@@ -177,6 +177,15 @@ pub fn restart_only(running: &Config, new: &Config) -> Vec<String> {
             show(listen(new))
         ));
     }
+    // One writer thread, one file and one format for the whole process.
+    if running.access_log != new.access_log {
+        let show = |c: &Config| {
+            c.access_log.as_ref().map_or("off".to_string(), |l| {
+                format!("{} {:?} {}", l.path.display(), l.format, l.buffer_lines)
+            })
+        };
+        changed.push(format!("access_log ({} -> {})", show(running), show(new)));
+    }
     changed
 }
 

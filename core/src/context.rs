@@ -12,16 +12,22 @@
 //! [`Context::peer_addr`] is the client its PROXY header named, and [`Context::proxy_addr`] the
 //! balancer.
 //!
+//! With the access log on for the service, the context also carries the connection's line
+//! ([`crate::access_log`]): written when the context drops, with the outcome the worker set
+//! (or `cut` when a drain's deadline dropped it first), and request lines from
+//! [`Context::record_request`] and [`Context::record_request_with`].
+//!
 //! A context is built once per connection by the worker ([`crate::worker`]), inside the
 //! connection's task: no allocation of its own. Outside a server (unit tests, tools), a
 //! [`Detached`] context stands in ([`Context::detached`], or the pipes of [`crate::testing`]).
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::access_log::{ConnBytes, ConnOutcome, Fields, ServiceLog, Who};
 use crate::conn::{BufResult, Conn};
 use crate::gate::Ticket;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
@@ -38,6 +44,35 @@ pub struct Context {
     /// The authenticated client identity, set once (by the TLS layer after a verified
     /// handshake, or by a test).
     identity: OnceCell<Box<str>>,
+    /// The access log, when the service writes one.
+    log: Option<ConnLog>,
+}
+
+/// A served connection's access log state: its line is written when the context drops.
+pub(crate) struct ConnLog {
+    service: ServiceLog,
+    opened: tokio::time::Instant,
+    bytes: Rc<ConnBytes>,
+    outcome: Cell<Option<ConnOutcome>>,
+    /// Client, proxy and identity, formatted at the first line for all the others.
+    who: OnceCell<Box<[u8]>>,
+}
+
+impl ConnLog {
+    /// The log of a connection accepted at `opened`, whose transport counts into `bytes`.
+    pub(crate) fn new(
+        service: ServiceLog,
+        opened: tokio::time::Instant,
+        bytes: Rc<ConnBytes>,
+    ) -> Self {
+        ConnLog {
+            service,
+            opened,
+            bytes,
+            outcome: Cell::new(None),
+            who: OnceCell::new(),
+        }
+    }
 }
 
 enum Scope {
@@ -51,7 +86,13 @@ enum Scope {
 impl Context {
     /// The context of a connection admitted with `ticket`, from `peer`, through `proxy` when
     /// a PROXY header named `peer`.
-    pub(crate) fn served(peer: SocketAddr, proxy: Option<SocketAddr>, ticket: Ticket) -> Context {
+    /// `log` is its access log state, when the service writes one.
+    pub(crate) fn served(
+        peer: SocketAddr,
+        proxy: Option<SocketAddr>,
+        ticket: Ticket,
+        log: Option<ConnLog>,
+    ) -> Context {
         let drain = RefCell::new(ticket.gate().retirement());
         Context {
             peer,
@@ -59,7 +100,28 @@ impl Context {
             scope: Scope::Served(ticket),
             drain,
             identity: OnceCell::new(),
+            log,
         }
+    }
+
+    /// How the connection ended, for its access log line (written when the context drops;
+    /// without this call the line says `cut`).
+    pub(crate) fn set_outcome(&self, outcome: ConnOutcome) {
+        if let Some(log) = &self.log {
+            log.outcome.set(Some(outcome));
+        }
+    }
+
+    /// The client's fields of `log`'s lines, formatted once (the identity, if any, is set
+    /// by the TLS handshake before the plugin runs, so before any line).
+    fn who<'a>(&self, log: &'a ConnLog) -> &'a [u8] {
+        log.who.get_or_init(|| {
+            log.service.who(&Who {
+                client: self.peer,
+                proxy: self.proxy,
+                identity: self.identity(),
+            })
+        })
     }
 
     /// A context outside any server, for a client at `peer`: never stopping, requests
@@ -118,11 +180,39 @@ impl Context {
     /// `wharf_request_duration_seconds`. `outcome` is one of the plugin's
     /// [`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES); other values are ignored. The handles
     /// were registered once per service, so this costs a short scan and two atomic updates.
+    ///
+    /// With the access log on for the service, it also writes the request's line (without
+    /// fields of the plugin's own: see [`Context::record_request_with`]).
     pub fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+        self.record_request_with(outcome, elapsed, |_| {});
+    }
+
+    /// [`Context::record_request`], with the plugin's own fields on the request's access log
+    /// line: `fields` adds them (`f.str("method", m); f.u64("status", 200)`), escaped by the
+    /// log. It runs only when the service writes an access log, so it costs nothing
+    /// otherwise; work needed only to fill it belongs inside it, or behind
+    /// [`Context::logs_requests`]. Never add a secret (a token, a command's arguments).
+    #[inline]
+    pub fn record_request_with(
+        &self,
+        outcome: &'static str,
+        elapsed: Duration,
+        fields: impl FnOnce(&mut Fields<'_>),
+    ) {
         match &self.scope {
             Scope::Served(ticket) => ticket.gate().metrics().record_request(outcome, elapsed),
             Scope::Detached(d) => d.0.requests.borrow_mut().push(outcome),
         }
+        if let Some(log) = &self.log {
+            log.service.request(self.who(log), outcome, elapsed, fields);
+        }
+    }
+
+    /// Whether request lines are written for this connection (the service has the access
+    /// log on): for plugins that must keep something from a request's start to fill its
+    /// fields when it ends.
+    pub fn logs_requests(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Whether the server is stopping (SIGTERM/SIGINT): finish what is under way and end the
@@ -203,6 +293,21 @@ impl Context {
     }
 }
 
+impl Drop for Context {
+    /// Writes the connection's access log line.
+    fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            log.service.connection(
+                self.who(log),
+                log.outcome.get().unwrap_or(ConnOutcome::Cut),
+                log.opened.elapsed(),
+                log.bytes.received.get(),
+                log.bytes.sent.get(),
+            );
+        }
+    }
+}
+
 /// A read between requests once the server is stopping (no read of ours is pending): a
 /// request the client already sent is still served; a silent connection ends now, like a
 /// client that closed.
@@ -259,6 +364,7 @@ impl Detached {
             drain: RefCell::new(self.0.stop.subscribe()),
             scope: Scope::Detached(self.clone()),
             identity: OnceCell::new(),
+            log: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! - [`sources`]: per-source limits and connection rates, in bounded memory.
 //! - [`metrics`]: every framework metric: names, HELP text, labels, per-service handles.
 //! - [`blocking`]: each service's own threads for blocking jobs (`max_blocking`).
+//! - [`access_log`]: one line per connection and per request, written off the workers.
 //! - [`metered`]: the [`Conn`] wrapper that counts bytes and enforces `idle_timeout`.
 //! - [`service`], [`conn`] and [`context`]: what a plugin author meets: `serve(conn, cx)`,
 //!   the transport, and what the framework knows and offers about the connection (peer, drain
@@ -33,6 +34,7 @@
 //! - [`testing`]: an in-memory [`Conn`] and a detached [`Context`], so plugins are unit-tested
 //!   without sockets.
 
+pub mod access_log;
 pub mod backend;
 pub mod blocking;
 pub mod buffer;

@@ -14,12 +14,14 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::ConnBytes;
 use crate::conn::{BufResult, Conn};
 use crate::metrics::ServiceMetrics;
 
@@ -37,6 +39,9 @@ pub struct Metered<C> {
     unread: Vec<u8>,
     /// How much of `unread` has been returned.
     unread_from: usize,
+    /// This connection's own byte counts, for its access log line (only when the service
+    /// logs): two plain adds per operation.
+    bytes: Option<Rc<ConnBytes>>,
 }
 
 struct IdleTimer {
@@ -112,6 +117,26 @@ impl<C: Conn> Metered<C> {
             idle,
             unread: Vec::new(),
             unread_from: 0,
+            bytes: None,
+        }
+    }
+
+    /// Also counts this connection's bytes into `bytes` (for its access log line).
+    pub(crate) fn count_into(&mut self, bytes: Rc<ConnBytes>) {
+        self.bytes = Some(bytes);
+    }
+
+    fn count_received(&self, n: u64) {
+        self.metrics.received.increment(n);
+        if let Some(b) = &self.bytes {
+            b.received.set(b.received.get() + n);
+        }
+    }
+
+    fn count_sent(&self, n: u64) {
+        self.metrics.sent.increment(n);
+        if let Some(b) = &self.bytes {
+            b.sent.set(b.sent.get() + n);
         }
     }
 
@@ -158,7 +183,7 @@ impl<C: Conn> Conn for Metered<C> {
             None => self.inner.read(buf).await,
         };
         if let Ok(n) = res {
-            self.metrics.received.increment(n as u64);
+            self.count_received(n as u64);
         }
         (res, buf)
     }
@@ -172,7 +197,7 @@ impl<C: Conn> Conn for Metered<C> {
             None => self.inner.write(buf, from).await,
         };
         if let Ok(n) = res {
-            self.metrics.sent.increment(n as u64);
+            self.count_sent(n as u64);
         }
         (res, buf)
     }
@@ -194,7 +219,7 @@ impl<C: Conn> Conn for Metered<C> {
                 None => self.inner.send_file(file, offset + sent, window).await,
             };
             let n = res?;
-            self.metrics.sent.increment(n);
+            self.count_sent(n);
             sent += n;
             if n < window {
                 break;
@@ -211,7 +236,7 @@ impl<C: Conn> Conn for Metered<C> {
         }
         let res = self.inner.try_read(buf);
         if let Ok(Some(n)) = res {
-            self.metrics.received.increment(n as u64);
+            self.count_received(n as u64);
         }
         res
     }

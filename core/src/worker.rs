@@ -10,6 +10,11 @@
 //! a slot (its socket closes). Connections are never moved: each stays with the generation that
 //! accepted it until it ends or that generation's drain deadline closes it.
 //!
+//! With the access log on for a service, the worker gives each connection's context its log
+//! state ([`crate::access_log`]): the transport counts the connection's bytes, the worker sets
+//! its outcome, and refused connections get a line of their own. Each worker also runs the
+//! local task that hands its batched lines to the writer.
+//!
 //! On shutdown the accept loops end at once (their sockets close), then the worker waits for its
 //! connections up to the drain deadline.
 
@@ -25,8 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
+use crate::access_log::{self, ConnBytes, ConnOutcome, ServiceLog, Who};
 use crate::backend::{Backend, Listener};
-use crate::context::Context;
+use crate::context::{ConnLog, Context};
 use crate::gate::{Rejection, ServiceGate};
 use crate::metered::Metered;
 use crate::proxy::{self, Header};
@@ -48,6 +54,8 @@ pub struct Handler<C> {
     pub gate: Arc<ServiceGate>,
     /// The protocol.
     pub service: Arc<dyn DynService<Metered<C>>>,
+    /// The access log, when the service writes one.
+    pub access_log: Option<ServiceLog>,
 }
 
 impl<C> Clone for Handler<C> {
@@ -55,6 +63,7 @@ impl<C> Clone for Handler<C> {
         Handler {
             gate: Arc::clone(&self.gate),
             service: Arc::clone(&self.service),
+            access_log: self.access_log.clone(),
         }
     }
 }
@@ -122,6 +131,8 @@ pub fn run<B: Backend>(
             tracker: ConnTracker::default(),
             shutdown: shutdown.clone(),
         };
+        // Hands this worker's batched access log lines to the writer while it serves.
+        let flusher = tokio::task::spawn_local(access_log::flush_batches());
         let started = services.into_iter().try_for_each(|s| slots.start(s));
         let failed = started.is_err();
         (ready.take().unwrap())(started);
@@ -167,6 +178,8 @@ pub fn run<B: Backend>(
                 "grace period over, closed the connections still open"
             );
         }
+        flusher.abort();
+        access_log::flush_thread();
     });
     if let Some(ready) = ready.take() {
         // The runtime itself could not be built.
@@ -301,18 +314,25 @@ fn serve<C: crate::conn::Conn + 'static>(
     tracker: &ConnTracker,
 ) {
     let gate = &handler.gate;
+    let log = handler.access_log.as_ref();
     let mut ticket = match gate.admit(peer.ip()) {
         Ok(ticket) => ticket,
-        Err(reason) => return refused(gate, peer, reason),
+        Err(reason) => return refused(gate, log, peer, None, reason),
     };
     let proxied = gate.proxy().is_some();
     if !proxied {
         if let Err(reason) = ticket.admit_client(peer.ip()) {
-            return refused(gate, peer, reason);
+            return refused(gate, log, peer, None, reason);
         }
     }
     let accepted = tokio::time::Instant::now();
     let mut conn = Metered::new(conn, Arc::clone(gate.metrics()), gate.idle_timeout());
+    // The connection's own byte counts, for its line; nothing when the service logs nothing.
+    let log = log.map(|log| {
+        let bytes = std::rc::Rc::new(ConnBytes::default());
+        conn.count_into(std::rc::Rc::clone(&bytes));
+        (log.clone(), bytes)
+    });
     let gate = Arc::clone(gate);
     let service = Arc::clone(&handler.service);
     let tracked = tracker.track();
@@ -321,6 +341,7 @@ fn serve<C: crate::conn::Conn + 'static>(
         // Declared first so it is dropped last, after the context: the entry leaves the
         // generation's set once the connection is closed.
         let _registration = registration;
+        let service_log = log.as_ref().map(|(log, _)| log);
         let (client, proxy) = match gate.proxy() {
             None => (peer, None),
             Some(settings) => match proxy::read_header(&mut conn, settings, accepted).await {
@@ -331,23 +352,30 @@ fn serve<C: crate::conn::Conn + 'static>(
                         Header::Local => peer,
                     };
                     if let Err(reason) = ticket.admit_client(client.ip()) {
-                        return refused(&gate, client, reason);
+                        return refused(&gate, service_log, client, Some(peer), reason);
                     }
                     (client, Some(peer))
                 }
                 Err(e) => {
                     debug!(service = gate.service(), %peer, error = %e, "PROXY header refused");
+                    if let Some(log) = service_log {
+                        log.refused(&who(peer, None), Rejection::ProxyProtocol.as_str());
+                    }
                     return ticket.refuse(Rejection::ProxyProtocol);
                 }
             },
         };
+        let conn_log = log.map(|(log, bytes)| ConnLog::new(log, accepted, bytes));
         // Built inside the task: it lives in the task's one allocation, and holds the ticket
         // (the connection counts as open) until the task ends.
-        let cx = Context::served(client, proxy, ticket);
-        if let Err(e) = service.serve_dyn(conn, &cx).await {
+        let cx = Context::served(client, proxy, ticket, conn_log);
+        let result = service.serve_dyn(conn, &cx).await;
+        cx.set_outcome(ConnOutcome::of(&result));
+        if let Err(e) = result {
             log_conn_error(&client, &e);
         }
-        // Closed (its ticket released) before the worker may count it gone.
+        // Closed (its ticket released, its access log line written) before the worker may
+        // count it gone.
         drop(cx);
         drop(tracked);
     });
@@ -355,9 +383,28 @@ fn serve<C: crate::conn::Conn + 'static>(
     admitted.insert(task.abort_handle());
 }
 
-/// A connection refused at admission (already counted by the gate): closed.
-fn refused(gate: &ServiceGate, client: SocketAddr, reason: Rejection) {
+/// A connection refused at admission (already counted by the gate): closed, with an access
+/// log line when the service writes one.
+fn refused(
+    gate: &ServiceGate,
+    log: Option<&ServiceLog>,
+    client: SocketAddr,
+    proxy: Option<SocketAddr>,
+    reason: Rejection,
+) {
     debug!(service = gate.service(), %client, reason = reason.as_str(), "connection rejected");
+    if let Some(log) = log {
+        log.refused(&who(client, proxy), reason.as_str());
+    }
+}
+
+/// The facts of a connection that has no context (refused).
+fn who(client: SocketAddr, proxy: Option<SocketAddr>) -> Who<'static> {
+    Who {
+        client,
+        proxy,
+        identity: None,
+    }
 }
 
 /// The connections one accept loop admitted under one handler (a service generation) that are

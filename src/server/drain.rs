@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use tracing::{info, warn};
 use wharf_core::shutdown::ShutdownTrigger;
 
+use super::reopen_access_log;
 use super::running::Running;
 use super::signals::{Signal, Signals};
 use super::{kill_children, ServeError};
@@ -47,10 +48,12 @@ pub(super) async fn drain<B: CompiledBackend>(
     trigger.trigger(grace);
     running.drain_all_within(grace);
     // A second stop signal during the drain means "now": exit without waiting for the grace.
+    let access_log = running.access_log.clone();
     tokio::spawn(async move {
         loop {
             match signals.recv().await {
                 Signal::Hup => info!("SIGHUP ignored: shutting down"),
+                Signal::Usr1 => reopen_access_log(access_log.as_ref()),
                 again => {
                     warn!(
                         signal = again.name(),

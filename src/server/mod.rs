@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tracing::{info, warn};
+use wharf_core::access_log::AccessLog;
 use wharf_core::config::ConfigError;
 use wharf_core::exit_status;
 use wharf_core::shutdown;
@@ -115,7 +116,7 @@ pub fn run(plan: Plan, reload: ReloadSource) -> Result<(), ServeError> {
 
 /// The phases, in order, on backend `B` (chosen for `why_backend`).
 fn launch<B: CompiledBackend>(
-    plan: Plan,
+    mut plan: Plan,
     reload: ReloadSource,
     why_backend: String,
 ) -> Result<(), ServeError> {
@@ -133,9 +134,18 @@ fn launch<B: CompiledBackend>(
         Some(_) => {
             let handle = metrics_http::install_recorder().map_err(ServeError::failure)?;
             wharf_core::metrics::describe();
+            wharf_core::access_log::describe();
             process_metrics::register();
             Some(handle)
         }
+        None => None,
+    };
+    // The file was opened (created) when the plan was built, before anything was bound.
+    let access_log = match &plan.config.access_log {
+        Some(config) => Some(
+            AccessLog::start(config, plan.access_log_file.take())
+                .map_err(|e| ServeError::failure(format!("cannot start the access log: {e}")))?,
+        ),
         None => None,
     };
     let main_rt = tokio::runtime::Builder::new_current_thread()
@@ -147,9 +157,12 @@ fn launch<B: CompiledBackend>(
         .map_err(|e| ServeError::failure(format!("cannot install signal handlers: {e}")))?;
     // A SIGHUP that came while starting: the file may have changed since it was read.
     let early_sighup = signals::hand_over_sighup();
+    if signals::early_sigusr1() {
+        reopen_access_log(access_log.as_ref());
+    }
 
     // 2. Start the workers, each with its descriptor of every service's socket.
-    let mut running = Running::<B>::new(plan.config.clone(), board.clone());
+    let mut running = Running::<B>::new(plan.config.clone(), board.clone(), access_log.clone());
     let mut per_worker: Vec<Vec<WorkerService<B>>> =
         (0..worker_count).map(|_| Vec::new()).collect();
     for (svc, socket) in plan.services.iter().zip(bound.services) {
@@ -202,9 +215,28 @@ fn launch<B: CompiledBackend>(
         if let Some(task) = metrics_task {
             task.abort();
         }
+        // Every worker has ended (and handed its lines over): write them out.
+        if let Some(log) = &access_log {
+            log.stop(ACCESS_LOG_FINISH);
+        }
         result
     })
 }
+
+/// SIGUSR1: the access log's writer reopens its file (logrotate renamed it).
+fn reopen_access_log(log: Option<&AccessLog>) {
+    match log {
+        Some(log) => {
+            info!("SIGUSR1: reopening the access log");
+            log.reopen();
+        }
+        None => info!("SIGUSR1 ignored: no [access_log] is configured"),
+    }
+}
+
+/// How long the end of `serve` waits for the access log's last lines to be written (a writer
+/// stuck on a pipe nobody reads is left behind).
+const ACCESS_LOG_FINISH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Kills every child process group still recorded ([`wharf_core::children`]) when dropped,
 /// and keeps any new one from starting.

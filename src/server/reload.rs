@@ -52,12 +52,14 @@ pub(super) async fn reload_unless_stopped<B: CompiledBackend>(
     pending_hup: &mut bool,
 ) -> Option<Signal> {
     notify::reloading();
+    let running_log = running.access_log.clone();
     let mut job = std::pin::pin!(running.reload(why, load));
     loop {
         tokio::select! {
             biased;
             signal = signals.recv() => match signal {
                 Signal::Hup => *pending_hup = true,
+                Signal::Usr1 => super::reopen_access_log(running_log.as_ref()),
                 stop => {
                     warn!(signal = stop.name(), "stop signal during a reload: abandoning the reload");
                     return Some(stop);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::info;
+use wharf_core::access_log::AccessLog;
 use wharf_core::config::Config;
 use wharf_core::gate::ServiceGate;
 use wharf_core::metrics::ServiceLabels;
@@ -53,11 +54,13 @@ pub(super) struct Running<B: CompiledBackend> {
     pub metrics_allow: watch::Sender<Vec<Cidr>>,
     /// What the status page shows: the services, reloads, the drain.
     pub status: Board,
+    /// The access log's writer, when `[access_log]` is configured (restart-only).
+    pub access_log: Option<AccessLog>,
 }
 
 impl<B: CompiledBackend> Running<B> {
     /// A server about to run `config` (no service yet: see [`Running::start_service`]).
-    pub fn new(config: Config, status: Board) -> Self {
+    pub fn new(config: Config, status: Board, access_log: Option<AccessLog>) -> Self {
         let allow = config
             .metrics
             .as_ref()
@@ -71,6 +74,7 @@ impl<B: CompiledBackend> Running<B> {
             config,
             metrics_allow: watch::channel(allow).0,
             status,
+            access_log,
         }
     }
 
@@ -103,7 +107,15 @@ impl<B: CompiledBackend> Running<B> {
             }
             None => B::instance(&svc.built.instances),
         };
-        HandlerOf::<B> { gate, service }
+        let access_log = self
+            .access_log
+            .as_ref()
+            .and_then(|log| log.for_service(&svc.name, &svc.config.plugin, svc.config.access_log));
+        HandlerOf::<B> {
+            gate,
+            service,
+            access_log,
+        }
     }
 
     /// A new listening socket for `svc` (one descriptor per worker): how the main thread

@@ -3,6 +3,7 @@
 //!
 //! - SIGHUP, or a change of the config file or of a service's TLS files seen by
 //!   `--watch-config`: a reload ([`super::reload`]);
+//! - SIGUSR1: the access log is reopened (logrotate renamed it), and the loop goes on;
 //! - SIGTERM or SIGINT: the end of the loop, then the drain ([`super::drain`]);
 //! - a worker that died ([`super::workers::WorkerDeaths`]): `/readyz` turns 503 with the
 //!   reason and the server stops as on SIGTERM (see [`serve_until_stop`] for why).
@@ -50,6 +51,10 @@ pub(super) async fn serve_until_stop<B: CompiledBackend>(
                 biased;
                 signal = signals.recv() => match signal {
                     Signal::Hup => None,
+                    Signal::Usr1 => {
+                        super::reopen_access_log(running.access_log.as_ref());
+                        continue;
+                    }
                     stop => return Stop::Signal(stop),
                 },
                 reason = deaths.wait() => {

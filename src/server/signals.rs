@@ -1,4 +1,5 @@
-//! Signals: SIGTERM and SIGINT stop the server, SIGHUP reloads it.
+//! Signals: SIGTERM and SIGINT stop the server, SIGHUP reloads it, SIGUSR1 reopens the
+//! access log (logrotate's convention, see `deploy/logrotate/wharf`).
 //!
 //! `wharf serve` catches SIGHUP from its first instruction ([`catch_early_sighup`]), because a
 //! `systemctl reload` or a ConfigMap watcher may send one while the config is still loading,
@@ -23,6 +24,13 @@ extern "C" fn on_early_sighup(_: libc::c_int) {
     }
 }
 
+/// A SIGUSR1 came before tokio's handler was installed.
+static EARLY_SIGUSR1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_early_sigusr1(_: libc::c_int) {
+    EARLY_SIGUSR1.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Call first thing in `serve`: until the real handlers are installed (after the config is
 /// loaded and every socket bound), a SIGHUP (`systemctl reload`, a ConfigMap watcher) would
 /// otherwise kill the process. It is remembered and acted on once serving.
@@ -34,6 +42,20 @@ pub fn catch_early_sighup() {
             on_early_sighup as extern "C" fn(libc::c_int) as libc::sighandler_t,
         )
     };
+    // Likewise SIGUSR1 (a log rotation while starting), whose default action is to kill.
+    // SAFETY: as above.
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            on_early_sigusr1 as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+}
+
+/// Whether a SIGUSR1 came before tokio's handler (call after [`Signals::install`]): the
+/// access log is then reopened once, in case the file was renamed while starting.
+pub(super) fn early_sigusr1() -> bool {
+    EARLY_SIGUSR1.swap(false, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Call right after installing tokio's SIGHUP handler: from then on its stream reports every
@@ -51,6 +73,7 @@ pub(super) enum Signal {
     Term,
     Int,
     Hup,
+    Usr1,
 }
 
 impl Signal {
@@ -59,15 +82,18 @@ impl Signal {
             Signal::Term => "SIGTERM",
             Signal::Int => "SIGINT",
             Signal::Hup => "SIGHUP",
+            Signal::Usr1 => "SIGUSR1",
         }
     }
 }
 
-/// SIGTERM, SIGINT (stop) and SIGHUP (reload), installed before workers start.
+/// SIGTERM, SIGINT (stop), SIGHUP (reload) and SIGUSR1 (reopen the access log), installed
+/// before workers start.
 pub(super) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -77,6 +103,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
@@ -85,6 +112,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Term,
             _ = self.int.recv() => Signal::Int,
             _ = self.hup.recv() => Signal::Hup,
+            _ = self.usr1.recv() => Signal::Usr1,
         }
     }
 }

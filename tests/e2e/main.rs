@@ -2,6 +2,7 @@
 //!
 //! One test binary (this file and its modules) so the workspace is built and linked once.
 
+mod access_log;
 mod bench;
 mod cli;
 mod clients;

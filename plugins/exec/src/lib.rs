@@ -18,6 +18,9 @@
 //!   from verified TLS client certificates, [`policy`]); every command that runs logged with
 //!   the client's address and identity; and a client that resets its connection has its
 //!   command killed (a half-closed one is still reading: it gets its result).
+//! - **The access log never holds arguments**: a request's line carries the command word
+//!   (the first word of the line, `auth` for a login) and how the process ended (`exit` or
+//!   `signal`), never the arguments or the token (`log_fields`).
 //! - **Workers never block**: spawning, reading output and waiting run on the blocking pool;
 //!   the connection task only watches the client and waits for the result.
 
@@ -270,7 +273,12 @@ impl Service for Exec {
                 let (text, accepted) = self.authenticate(&line, cx.peer_addr());
                 let more = send_framed(&mut conn, &mut reader, text.as_bytes().to_vec()).await?;
                 if !accepted {
-                    cx.record_request(outcome::AUTH_FAILED, started.elapsed());
+                    // `auth` only: never the token, nor a first line that was not a login.
+                    cx.record_request_with(outcome::AUTH_FAILED, started.elapsed(), |f| {
+                        if line.starts_with("auth ") {
+                            f.str("command", "auth");
+                        }
+                    });
                     return conn.shutdown().await;
                 }
                 if !more {
@@ -288,12 +296,13 @@ impl Service for Exec {
                 result,
                 outcome: label,
                 reservation,
+                ended,
                 ..
             } = executed;
             let sent = send_framed(&mut conn, &mut reader, result).await;
             // The result is sent (or cannot be): its memory goes back to the service's budget.
             drop(reservation);
-            cx.record_request(label, started.elapsed());
+            cx.record_request_with(label, started.elapsed(), |f| log_fields(f, &line, ended));
             if !sent? {
                 // Half-closed: it got its result and can send no further command.
                 return conn.shutdown().await;
@@ -401,6 +410,11 @@ impl Exec {
             }
             Err(join) => return Err(io::Error::other(format!("command runner failed: {join}"))),
         };
+        let ended = match outcome.ending {
+            run::Ending::Exited(code) => Some(Ended::Exit(code)),
+            run::Ending::Signaled(signal) => Some(Ended::Signal(signal)),
+            run::Ending::TimedOut | run::Ending::Cancelled => None,
+        };
         let (text, label) = render(outcome, entry);
         reservation.shrink_to(text.capacity() as u64);
         Ok(Some(Executed {
@@ -408,6 +422,7 @@ impl Exec {
             outcome: label,
             reservation: Some(reservation),
             audit: Audit::Ran,
+            ended,
         }))
     }
 }
@@ -422,6 +437,30 @@ struct Executed {
     reservation: Option<budget::Reservation>,
     /// How it is logged.
     audit: Audit,
+    /// How the process ended, when one ran and ended by itself.
+    ended: Option<Ended>,
+}
+
+/// How a command's process ended, for the access log.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    /// Exited with this status.
+    Exit(i32),
+    /// Killed by this signal (not by wharf).
+    Signal(i32),
+}
+
+/// A command's access log fields: the command word (the first word of the line, as the
+/// client typed it) and how the process ended. Never the arguments: they may hold secrets.
+fn log_fields(f: &mut wharf_core::access_log::Fields<'_>, line: &str, ended: Option<Ended>) {
+    if let Some(word) = line.split_ascii_whitespace().next() {
+        f.str("command", word);
+    }
+    match ended {
+        Some(Ended::Exit(code)) => f.i64("exit", code.into()),
+        Some(Ended::Signal(signal)) => f.i64("signal", signal.into()),
+        None => {}
+    }
 }
 
 impl Executed {
@@ -432,6 +471,7 @@ impl Executed {
             outcome,
             reservation: None,
             audit: Audit::TurnedAway,
+            ended: None,
         }
     }
 }

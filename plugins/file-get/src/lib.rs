@@ -186,13 +186,14 @@ impl Service for FileGet {
             };
             let started = Instant::now();
             let words: Vec<&str> = line.split_ascii_whitespace().collect();
+            let mut sent = Sent::default();
             let done = match words.as_slice() {
                 ["get", path] => {
-                    self.get(&mut conn, cx, &mut reader, root, path, "0")
+                    self.get(&mut conn, cx, &mut reader, root, path, "0", &mut sent)
                         .await?
                 }
                 ["get", path, offset] => {
-                    self.get(&mut conn, cx, &mut reader, root, path, offset)
+                    self.get(&mut conn, cx, &mut reader, root, path, offset, &mut sent)
                         .await?
                 }
                 ["list"] => self.list(&mut conn, cx, &mut reader, root, "").await?,
@@ -218,7 +219,9 @@ impl Service for FileGet {
                         outcome = label,
                         "file-get: request"
                     );
-                    cx.record_request(label, started.elapsed());
+                    cx.record_request_with(label, started.elapsed(), |f| {
+                        log_fields(f, &words, &sent)
+                    });
                 }
                 Done::Close => return Ok(()),
             }
@@ -246,6 +249,10 @@ impl FileGet {
             .await
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the request's parts, and where its transfer is noted"
+    )]
     async fn get<C: Conn>(
         &self,
         conn: &mut C,
@@ -254,6 +261,7 @@ impl FileGet {
         root: Option<&Arc<Root>>,
         path: &str,
         offset: &str,
+        sent: &mut Sent,
     ) -> io::Result<Done> {
         let file = match Self::open(conn, cx, root, path, Want::File).await? {
             Ok(file) => Arc::new(file),
@@ -273,6 +281,7 @@ impl FileGet {
             }
         };
         let len = size - offset;
+        sent.offset = offset;
         let (res, _) = conn.write_all(len.to_string().into_bytes()).await;
         res?;
         // A client that half-closed instead of acknowledging is still reading: it gets the
@@ -293,6 +302,7 @@ impl FileGet {
                 Hashed::Short => return Ok(Done::Close),
             },
         };
+        sent.bytes = len;
         let (trailer, label) = match digest {
             Some(d) => (hex(&d), outcome::OK),
             None => (CHANGED.to_string(), outcome::CHANGED),
@@ -332,6 +342,33 @@ impl FileGet {
         // Sent even to a client that half-closed instead of acknowledging (see `get`).
         send_framed(conn, reader, text.into_bytes()).await?;
         Ok(Done::Answered(outcome::OK))
+    }
+}
+
+/// What a `get` sent, for its access log line.
+#[derive(Default)]
+struct Sent {
+    /// Where in the file the transfer started.
+    offset: u64,
+    /// Bytes of the file sent (all that was asked, or none).
+    bytes: u64,
+}
+
+/// A request's access log fields: `op` (`get` or `list`), `path`, and for `get` the `offset`
+/// and the file's `bytes` sent. Nothing of a request that is neither.
+fn log_fields(f: &mut wharf_core::access_log::Fields<'_>, words: &[&str], sent: &Sent) {
+    match words {
+        ["get", path, ..] => {
+            f.str("op", "get");
+            f.str("path", path);
+            f.u64("offset", sent.offset);
+            f.u64("bytes", sent.bytes);
+        }
+        ["list", rest @ ..] => {
+            f.str("op", "list");
+            f.str("path", rest.first().copied().unwrap_or(""));
+        }
+        _ => {}
     }
 }
 

@@ -21,6 +21,10 @@
 //! and a head that does not arrive within `header_timeout` of its first byte gets 408; each
 //! error closes the connection. A client that half-closes (shuts down its sending side) after
 //! its requests is still answered: only the end of its input is seen, not a disconnect.
+//!
+//! With the access log on, each answered request's line carries `method`, `target` (its path:
+//! the query string is never logged, it often holds secrets) and `status`; the texts are kept
+//! per batch in one reused buffer (`RequestLog`) until the batch's responses are written.
 
 mod body;
 mod request;
@@ -110,6 +114,90 @@ struct Session {
     body: Option<(Discard, Pending)>,
     /// When the first byte of the current incomplete head arrived.
     head_started: Option<Instant>,
+    /// The access log's notes, when the service writes one.
+    log: Option<RequestLog>,
+}
+
+/// The requests of one batch as the access log will tell them, once their responses are
+/// written.
+#[derive(Default)]
+struct RequestLog {
+    /// Methods and targets of `notes`, one after the other.
+    text: String,
+    notes: Vec<Note>,
+    /// Method and target of the request whose body is being discarded, split at
+    /// `pending_method`.
+    pending: String,
+    pending_method: usize,
+}
+
+/// One answered request: where its method and target are in [`RequestLog::text`] (empty
+/// when the request could not be parsed), and its status.
+struct Note {
+    method: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
+    status: u16,
+}
+
+impl RequestLog {
+    /// Notes a request answered with `status` whose method and target are `method_target`
+    /// split at `method_len`.
+    fn note(&mut self, method_target: (&str, &str), status: u16) {
+        let (method, target) = method_target;
+        let start = self.text.len();
+        self.text.push_str(method);
+        let middle = self.text.len();
+        // The path only: the query string often carries secrets.
+        self.text
+            .push_str(target.split_once('?').map_or(target, |(path, _)| path));
+        self.notes.push(Note {
+            method: start..middle,
+            target: middle..self.text.len(),
+            status,
+        });
+    }
+
+    /// Keeps the method and target of a request whose response waits for its body.
+    fn hold(&mut self, method_target: (&str, &str)) {
+        self.pending.clear();
+        self.pending.push_str(method_target.0);
+        self.pending_method = self.pending.len();
+        self.pending.push_str(method_target.1);
+    }
+
+    /// Notes the held request, answered with `status`.
+    fn note_held(&mut self, status: u16) {
+        let pending = std::mem::take(&mut self.pending);
+        let (method, target) = pending.split_at(self.pending_method);
+        self.note((method, target), status);
+        self.pending = pending;
+    }
+
+    /// Records every noted request (its metrics and its line), then forgets them.
+    fn record(&mut self, cx: &Context, elapsed: Duration) {
+        for note in self.notes.drain(..) {
+            let outcome = match note.status {
+                200..=399 => OK,
+                500.. => SERVER_ERROR,
+                _ => CLIENT_ERROR,
+            };
+            let text = &self.text;
+            cx.record_request_with(outcome, elapsed, |f| {
+                if !note.method.is_empty() {
+                    f.str("method", &text[note.method]);
+                    f.str("target", &text[note.target]);
+                }
+                f.u64("status", note.status.into());
+            });
+        }
+        self.text.clear();
+    }
+}
+
+/// The method and target of a parsed head, from the buffer it was parsed in.
+fn method_target<'a>(buf: &'a [u8], head: &request::Head) -> (&'a str, &'a str) {
+    let text = |(start, end): (usize, usize)| std::str::from_utf8(&buf[start..end]).unwrap_or("?");
+    (text(head.method), text(head.target))
 }
 
 /// A response owed for a request whose body is still arriving.
@@ -143,17 +231,20 @@ impl HttpHello {
             close: false,
             full: false,
         };
-        let fail = |batch: &mut Batch, out: &mut Vec<u8>, status| {
+        let fail = |batch: &mut Batch, out: &mut Vec<u8>, log: &mut Option<RequestLog>, status| {
             push_error(out, date, status);
             batch.error = Some(status);
             batch.close = true;
+            if let Some(log) = log {
+                log.note(("", ""), Status::code(status));
+            }
         };
         loop {
             if let Some((discard, pending)) = &mut session.body {
                 match discard.feed(&input[batch.consumed..]) {
                     Ok(n) => batch.consumed += n,
                     Err(status) => {
-                        fail(&mut batch, out, status);
+                        fail(&mut batch, out, &mut session.log, status);
                         return batch;
                     }
                 }
@@ -165,6 +256,9 @@ impl HttpHello {
                 self.responses
                     .push_ok(out, date, pending.persistence, pending.head_only);
                 batch.ok += 1;
+                if let Some(log) = &mut session.log {
+                    log.note_held(200);
+                }
                 if pending.persistence == Persistence::Close {
                     batch.close = true;
                     return batch;
@@ -185,11 +279,12 @@ impl HttpHello {
                     return batch;
                 }
                 Err(status) => {
-                    fail(&mut batch, out, status);
+                    fail(&mut batch, out, &mut session.log, status);
                     return batch;
                 }
             };
             session.head_started = None;
+            let logged = session.log.is_some().then(|| method_target(rest, &head));
             batch.consumed += head.len;
             let persistence = match (head.keep_alive, head.http10) {
                 (false, _) => Persistence::Close,
@@ -205,7 +300,7 @@ impl HttpHello {
                 Body::Length(n) => match Discard::length(n, self.max_body) {
                     Ok(d) => Some(d),
                     Err(status) => {
-                        fail(&mut batch, out, status);
+                        fail(&mut batch, out, &mut session.log, status);
                         return batch;
                     }
                 },
@@ -217,11 +312,17 @@ impl HttpHello {
                         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                     }
                     session.body = Some((discard, pending));
+                    if let (Some(log), Some(logged)) = (&mut session.log, logged) {
+                        log.hold(logged);
+                    }
                 }
                 None => {
                     self.responses
                         .push_ok(out, date, persistence, head.head_only);
                     batch.ok += 1;
+                    if let (Some(log), Some(logged)) = (&mut session.log, logged) {
+                        log.note(logged, 200);
+                    }
                     if persistence == Persistence::Close {
                         batch.close = true;
                         return batch;
@@ -241,6 +342,7 @@ impl Service for HttpHello {
         let mut session = Session {
             body: None,
             head_started: None,
+            log: cx.logs_requests().then(RequestLog::default),
         };
         loop {
             // Read, bounded by the header timeout while a head is incomplete.
@@ -259,7 +361,9 @@ impl Service for HttpHello {
                             let mut out = Vec::new();
                             with_date(|date| push_error(&mut out, date, Status::RequestTimeout));
                             let (res, _) = conn.write_all(out).await;
-                            cx.record_request(CLIENT_ERROR, self.header_timeout);
+                            cx.record_request_with(CLIENT_ERROR, self.header_timeout, |f| {
+                                f.u64("status", Status::RequestTimeout.code().into());
+                            });
                             res?;
                             conn.shutdown().await?;
                             return linger(&mut conn).await;
@@ -285,11 +389,16 @@ impl Service for HttpHello {
                     res?;
                 }
                 let elapsed = arrived.elapsed();
-                for _ in 0..batch.ok {
-                    cx.record_request(OK, elapsed);
-                }
-                if let Some(status) = batch.error {
-                    cx.record_request(outcome(status), elapsed);
+                match &mut session.log {
+                    Some(log) => log.record(cx, elapsed),
+                    None => {
+                        for _ in 0..batch.ok {
+                            cx.record_request(OK, elapsed);
+                        }
+                        if let Some(status) = batch.error {
+                            cx.record_request(outcome(status), elapsed);
+                        }
+                    }
                 }
                 if batch.close {
                     conn.shutdown().await?;

@@ -42,6 +42,10 @@ pub struct Head {
     pub body: Body,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// Where the method is in the buffer parsed, `(start, end)` (for the access log).
+    pub method: (usize, usize),
+    /// Where the request-target is in the buffer parsed, `(start, end)` (for the access log).
+    pub target: (usize, usize),
 }
 
 /// Error statuses a head can earn.
@@ -66,6 +70,11 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status code.
+    pub fn code(self) -> u16 {
+        self.line()[..3].parse().unwrap_or(500)
+    }
+
     /// Status line reason.
     pub fn line(self) -> &'static str {
         match self {
@@ -216,6 +225,12 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Status> {
     if !valid_target(method, req.path.unwrap_or_default()) {
         return Err(Status::BadRequest);
     }
+    // Both point into `buf` (httparse parses in place).
+    let at = |s: &str| match (s.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
+        Some(start) if start + s.len() <= buf.len() => (start, start + s.len()),
+        _ => (0, 0),
+    };
+    let (method, target) = (at(method), at(req.path.unwrap_or_default()));
     let body = match (chunked, length) {
         (true, _) => Body::Chunked,
         (false, Some(n)) if n > 0 => Body::Length(n),
@@ -223,6 +238,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Status> {
     };
     Ok(Some(Head {
         len,
+        method,
+        target,
         keep_alive: if http10 {
             keep_alive_token && !close
         } else {

@@ -1,0 +1,955 @@
+//! The access log: one line per connection when it ends, and one per request for plugins that
+//! have requests, written off the workers.
+//!
+//! It exists so that an operator can say who did what (the real client behind a proxy, its TLS
+//! identity, bytes, duration, outcome) without a plugin ever formatting a line itself: plugins
+//! add their request fields through [`Fields`], from
+//! [`Context::record_request_with`](crate::Context::record_request_with), and the framework
+//! writes everything else.
+//!
+//! # Cost and shape
+//!
+//! A line is formatted on the worker, straight into a per-thread batch (no allocation per
+//! line, no lock, no cross-thread wakeup per line). A batch is handed to the writer thread when
+//! it holds [`BATCH_BYTES`] or `min(buffer_lines, BATCH_LINES)` lines, or [`BATCH_WINDOW`]
+//! after its first line (a local task per worker, [`flush_batches`], waits for that). The
+//! writer thread appends batches to a `BufWriter` and flushes when it has nothing left to do.
+//!
+//! **A worker never waits for the writer.** Lines handed over and not yet written are at most
+//! `buffer_lines`; a batch that does not fit is dropped whole and its lines are counted in
+//! `wharf_access_log_dropped_total`, as are lines a failed write lost. (Why not
+//! `tracing-appender`'s non-blocking writer: it allocates and sends each line on its own,
+//! waking the writer per line, and knows nothing of reopening a file.)
+//!
+//! **Rotation**: [`AccessLog::reopen`] (SIGUSR1) makes the writer finish the batch it is
+//! writing, flush, and open the path again; batches are whole lines, so a line is never torn
+//! between two files and none is lost.
+//!
+//! # Escaping
+//!
+//! Values are `&str` (never invalid UTF-8) and escaped here: in JSON, `"`, `\`, control
+//! characters (C0, DEL, C1) and U+2028/U+2029 become escapes; in logfmt a value is quoted when
+//! it is empty or holds a space, `=`, `"` or anything escaped, and escaped the same way inside
+//! the quotes. A value longer than [`MAX_VALUE_BYTES`] is cut (at a character boundary) and
+//! ends with `...`. Keys are `&'static str` chosen by the code (lowercase, digits and `_`).
+
+use std::cell::{Cell, RefCell};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::Counter;
+use tokio::sync::Notify;
+
+use crate::config::{AccessLogConfig, AccessLogFormat};
+
+/// Counter: access log lines dropped (the writer was behind by `buffer_lines`, or a write
+/// failed).
+pub const DROPPED: &str = "wharf_access_log_dropped_total";
+
+/// Bytes of lines a worker batches before handing them to the writer.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// Lines a worker batches at most before handing them to the writer (fewer if `buffer_lines`
+/// is smaller).
+pub const BATCH_LINES: usize = 512;
+/// How long a worker's first batched line waits for company before the batch is handed over.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// Longest value written; longer ones are cut and end with `...`.
+pub const MAX_VALUE_BYTES: usize = 1024;
+
+/// How a connection ended, the `outcome` of its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnOutcome {
+    /// The plugin finished: the client closed, or the protocol's exchange was over.
+    Closed,
+    /// An IO or protocol error ended it.
+    Error,
+    /// `idle_timeout` (or a plugin's own deadline reported as a timeout) ended it.
+    Timeout,
+    /// Still open at the end of a shutdown's grace period: the server closed it.
+    Cut,
+    /// Refused at admission; the line carries the `reason`.
+    Refused,
+}
+
+impl ConnOutcome {
+    /// The `outcome` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnOutcome::Closed => "closed",
+            ConnOutcome::Error => "error",
+            ConnOutcome::Timeout => "timeout",
+            ConnOutcome::Cut => "cut",
+            ConnOutcome::Refused => "refused",
+        }
+    }
+
+    /// The outcome of a plugin's `serve` result.
+    pub fn of(result: &io::Result<()>) -> Self {
+        match result {
+            Ok(()) => ConnOutcome::Closed,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => ConnOutcome::Timeout,
+            Err(_) => ConnOutcome::Error,
+        }
+    }
+}
+
+/// Registers the HELP text of the access log's metric. Call once after installing a recorder.
+pub fn describe() {
+    metrics::describe_counter!(
+        DROPPED,
+        "Access log lines dropped: the writer was buffer_lines behind, or a write failed."
+    );
+}
+
+/// Opens the access log file of `config` for appending (creating it), as startup, `wharf check`
+/// and every reopen do; `None` for `-` (standard error).
+pub fn open(config: &AccessLogConfig) -> io::Result<Option<File>> {
+    if is_stderr(&config.path) {
+        return Ok(None);
+    }
+    open_path(&config.path).map(Some)
+}
+
+fn is_stderr(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+fn open_path(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The process's access log: the writer thread and what workers need to reach it. Clones share
+/// it.
+#[derive(Clone)]
+pub struct AccessLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    format: AccessLogFormat,
+    /// `buffer_lines`.
+    capacity: usize,
+    /// Lines handed to the writer and not yet written.
+    queued: AtomicUsize,
+    dropped: AtomicU64,
+    dropped_metric: Counter,
+    writer: mpsc::Sender<Message>,
+}
+
+enum Message {
+    /// Whole lines, and how many.
+    Lines(Vec<u8>, usize),
+    /// Open the path again (SIGUSR1).
+    Reopen,
+    /// Write everything, flush, answer, end.
+    Stop(mpsc::Sender<()>),
+}
+
+impl AccessLog {
+    /// Starts the writer thread for `config`, appending to `file` (from [`open`]; `None`
+    /// writes to standard error). Register the metrics recorder first: the dropped counter's
+    /// handle is taken here.
+    pub fn start(config: &AccessLogConfig, file: Option<File>) -> io::Result<AccessLog> {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            format: config.format,
+            capacity: config.buffer_lines.max(1),
+            queued: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            dropped_metric: metrics::counter!(DROPPED),
+            writer: tx,
+        });
+        shared.dropped_metric.increment(0);
+        let sink = match file {
+            Some(file) => Sink::File(file),
+            None => Sink::Stderr,
+        };
+        let path = (!is_stderr(&config.path)).then(|| config.path.clone());
+        let writer = Writer {
+            out: BufWriter::with_capacity(BATCH_BYTES, sink),
+            path,
+            shared: Arc::clone(&shared),
+            failing: false,
+        };
+        std::thread::Builder::new()
+            .name("wharf-access-log".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(AccessLog { shared })
+    }
+
+    /// Asks the writer to reopen the file (logrotate renamed it and sent SIGUSR1): lines
+    /// handed over before are written to the old file, later ones to the new one.
+    pub fn reopen(&self) {
+        let _ = self.shared.writer.send(Message::Reopen);
+    }
+
+    /// Writes what was handed over and flushes, waiting at most `limit` (a writer stuck on
+    /// a full pipe is left behind).
+    pub fn stop(&self, limit: Duration) {
+        flush_thread();
+        let (done, finished) = mpsc::channel();
+        if self.shared.writer.send(Message::Stop(done)).is_ok() {
+            let _ = finished.recv_timeout(limit);
+        }
+    }
+
+    /// Lines dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The handle one service generation writes through (`None` when the service has
+    /// `access_log = false`).
+    pub fn for_service(&self, service: &str, plugin: &str, enabled: bool) -> Option<ServiceLog> {
+        if !enabled {
+            return None;
+        }
+        let mut prefix = Vec::new();
+        let mut fields = Fields {
+            out: &mut prefix,
+            format: self.shared.format,
+        };
+        fields.str("service", service);
+        fields.str("plugin", plugin);
+        Some(ServiceLog(Arc::new(ServiceLogInner {
+            shared: Arc::clone(&self.shared),
+            prefix: prefix.into_boxed_slice(),
+        })))
+    }
+}
+
+/// What one service generation writes its lines through: the log and the service's own
+/// fields, formatted once. Cheap to clone.
+#[derive(Clone)]
+pub struct ServiceLog(Arc<ServiceLogInner>);
+
+struct ServiceLogInner {
+    shared: Arc<Shared>,
+    /// `service` and `plugin`, formatted (each with its leading separator).
+    prefix: Box<[u8]>,
+}
+
+/// The facts about a connection every line of it carries.
+pub struct Who<'a> {
+    /// The client (after PROXY protocol).
+    pub client: SocketAddr,
+    /// The proxy, when a PROXY header named the client.
+    pub proxy: Option<SocketAddr>,
+    /// The TLS identity.
+    pub identity: Option<&'a str>,
+}
+
+impl ServiceLog {
+    /// `client`, `proxy` and `identity` formatted for this log: a connection's context makes
+    /// them once, for all its lines.
+    pub fn who(&self, who: &Who<'_>) -> Box<[u8]> {
+        let mut out = Vec::with_capacity(64);
+        Fields {
+            out: &mut out,
+            format: self.0.shared.format,
+        }
+        .who(who);
+        out.into_boxed_slice()
+    }
+
+    /// Writes the line of a connection that ended with `outcome` after `duration`, having
+    /// read `bytes_in` and written `bytes_out`; `who` is from [`ServiceLog::who`].
+    pub fn connection(
+        &self,
+        who: &[u8],
+        outcome: ConnOutcome,
+        duration: Duration,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        self.line(
+            "connection",
+            |f| f.out.extend_from_slice(who),
+            |f| {
+                f.str("outcome", outcome.as_str());
+                f.u64("bytes_in", bytes_in);
+                f.u64("bytes_out", bytes_out);
+                f.duration("duration_ms", duration);
+            },
+        );
+    }
+
+    /// Writes the line of a connection refused at admission for `reason`.
+    pub fn refused(&self, who: &Who<'_>, reason: &str) {
+        self.line(
+            "connection",
+            |f| f.who(who),
+            |f| {
+                f.str("outcome", ConnOutcome::Refused.as_str());
+                f.str("reason", reason);
+            },
+        );
+    }
+
+    /// Writes the line of a request that ended with `outcome` after `duration`, with the
+    /// plugin's own `fields`; `who` is from [`ServiceLog::who`].
+    pub fn request(
+        &self,
+        who: &[u8],
+        outcome: &str,
+        duration: Duration,
+        fields: impl FnOnce(&mut Fields<'_>),
+    ) {
+        self.line(
+            "request",
+            |f| f.out.extend_from_slice(who),
+            |f| {
+                f.str("outcome", outcome);
+                f.duration("duration_ms", duration);
+                fields(f);
+            },
+        );
+    }
+
+    /// Formats one line into this thread's batch: time, event, service, plugin, then what
+    /// `who` and `rest` add.
+    fn line(
+        &self,
+        event: &str,
+        who: impl FnOnce(&mut Fields<'_>),
+        rest: impl FnOnce(&mut Fields<'_>),
+    ) {
+        let shared = &self.0.shared;
+        BATCH.with(|batch| {
+            let mut batch = batch.borrow_mut();
+            batch.adopt(shared);
+            let format = shared.format;
+            let time = batch.clock.format(SystemTime::now());
+            let buf = &mut batch.buf;
+            match format {
+                AccessLogFormat::Json => buf.extend_from_slice(b"{\"time\":\""),
+                AccessLogFormat::Logfmt => buf.extend_from_slice(b"time="),
+            }
+            buf.extend_from_slice(&time);
+            if format == AccessLogFormat::Json {
+                buf.push(b'"');
+            }
+            let mut f = Fields { out: buf, format };
+            f.str("event", event);
+            f.out.extend_from_slice(&self.0.prefix);
+            who(&mut f);
+            rest(&mut f);
+            match format {
+                AccessLogFormat::Json => buf.extend_from_slice(b"}\n"),
+                AccessLogFormat::Logfmt => buf.push(b'\n'),
+            }
+            batch.lines += 1;
+            let full =
+                batch.lines >= shared.capacity.min(BATCH_LINES) || batch.buf.len() >= BATCH_BYTES;
+            if full || !batch.flusher_waits() {
+                batch.hand_over();
+            }
+        });
+    }
+}
+
+/// The fields of one line, as a plugin adds its own (see
+/// [`Context::record_request_with`](crate::Context::record_request_with)). Keys are lowercase
+/// words chosen in code; values are escaped for the format, so client input is safe to pass.
+/// Do not add a field that may hold a secret (a token, a command's arguments, a query string).
+pub struct Fields<'a> {
+    out: &'a mut Vec<u8>,
+    format: AccessLogFormat,
+}
+
+impl Fields<'_> {
+    /// A text field.
+    pub fn str(&mut self, key: &'static str, value: &str) {
+        self.key(key);
+        match self.format {
+            AccessLogFormat::Json => {
+                self.out.push(b'"');
+                escape_into(self.out, value);
+                self.out.push(b'"');
+            }
+            AccessLogFormat::Logfmt => {
+                let plain = !value.is_empty()
+                    && value.len() <= MAX_VALUE_BYTES
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
+                if plain {
+                    self.out.extend_from_slice(value.as_bytes());
+                } else {
+                    self.out.push(b'"');
+                    escape_into(self.out, value);
+                    self.out.push(b'"');
+                }
+            }
+        }
+    }
+
+    /// An unsigned number.
+    pub fn u64(&mut self, key: &'static str, value: u64) {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// A signed number.
+    pub fn i64(&mut self, key: &'static str, value: i64) {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// A duration in milliseconds, to the microsecond (`1.234`).
+    fn duration(&mut self, key: &'static str, value: Duration) {
+        self.key(key);
+        let micros = value.as_micros().min(u64::MAX as u128) as u64;
+        let mut digits = itoa::Buffer::new();
+        self.out
+            .extend_from_slice(digits.format(micros / 1000).as_bytes());
+        let frac = micros % 1000;
+        self.out.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+
+    /// `client`, then `proxy` and `identity` when there are.
+    fn who(&mut self, who: &Who<'_>) {
+        self.addr("client", who.client);
+        if let Some(proxy) = who.proxy {
+            self.addr("proxy", proxy);
+        }
+        if let Some(identity) = who.identity {
+            self.str("identity", identity);
+        }
+    }
+
+    /// An address, `ip:port` (`[v6]:port`).
+    fn addr(&mut self, key: &'static str, value: SocketAddr) {
+        self.key(key);
+        let quote = self.format == AccessLogFormat::Json;
+        if quote {
+            self.out.push(b'"');
+        }
+        // Digits, dots, colons and brackets only: nothing to escape.
+        let _ = write!(self.out, "{value}");
+        if quote {
+            self.out.push(b'"');
+        }
+    }
+
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "access log keys are lowercase words: {key:?}"
+        );
+        match self.format {
+            AccessLogFormat::Json => {
+                self.out.extend_from_slice(b",\"");
+                self.out.extend_from_slice(key.as_bytes());
+                self.out.extend_from_slice(b"\":");
+            }
+            AccessLogFormat::Logfmt => {
+                self.out.push(b' ');
+                self.out.extend_from_slice(key.as_bytes());
+                self.out.push(b'=');
+            }
+        }
+    }
+}
+
+/// Appends `value` escaped (JSON string rules, which logfmt's quoted values share), cut at
+/// [`MAX_VALUE_BYTES`].
+fn escape_into(out: &mut Vec<u8>, value: &str) {
+    let (value, cut) = if value.len() > MAX_VALUE_BYTES {
+        let mut end = MAX_VALUE_BYTES;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        (&value[..end], true)
+    } else {
+        (value, false)
+    };
+    let mut plain_from = 0;
+    for (i, c) in value.char_indices() {
+        let escape: Option<&[u8]> = match c {
+            '"' => Some(b"\\\""),
+            '\\' => Some(b"\\\\"),
+            '\n' => Some(b"\\n"),
+            '\r' => Some(b"\\r"),
+            '\t' => Some(b"\\t"),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&value.as_bytes()[plain_from..i]);
+        match escape {
+            Some(e) => out.extend_from_slice(e),
+            None => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+        }
+        plain_from = i + c.len_utf8();
+    }
+    out.extend_from_slice(&value.as_bytes()[plain_from..]);
+    if cut {
+        out.extend_from_slice(b"...");
+    }
+}
+
+thread_local! {
+    static BATCH: RefCell<Batch> = RefCell::new(Batch::default());
+}
+
+/// A thread's lines not yet handed to the writer.
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    lines: usize,
+    /// The log the lines belong to.
+    owner: Option<Arc<Shared>>,
+    clock: Clock,
+    /// This thread's [`flush_batches`] task, when it runs: told when a batch starts.
+    flusher: Option<Rc<Flusher>>,
+}
+
+struct Flusher {
+    notify: Notify,
+    /// A batch is started and the flusher was told.
+    armed: Cell<bool>,
+}
+
+impl Batch {
+    /// Makes the batch `shared`'s, handing over another log's lines first.
+    fn adopt(&mut self, shared: &Arc<Shared>) {
+        match &self.owner {
+            Some(owner) if Arc::ptr_eq(owner, shared) => {}
+            _ => {
+                self.hand_over();
+                self.owner = Some(Arc::clone(shared));
+            }
+        }
+    }
+
+    /// Whether a flusher will hand this batch over soon (telling it, for a new batch).
+    fn flusher_waits(&self) -> bool {
+        match &self.flusher {
+            Some(f) => {
+                if !f.armed.replace(true) {
+                    f.notify.notify_one();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hands the lines to the writer, or drops and counts them if it is `buffer_lines` behind.
+    fn hand_over(&mut self) {
+        if let Some(f) = &self.flusher {
+            f.armed.set(false);
+        }
+        let n = std::mem::take(&mut self.lines);
+        let Some(shared) = &self.owner else {
+            self.buf.clear();
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let fits = shared
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= shared.capacity).then_some(q + n)
+            })
+            .is_ok();
+        if fits {
+            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(4096));
+            if shared.writer.send(Message::Lines(lines, n)).is_err() {
+                shared.queued.fetch_sub(n, Ordering::AcqRel);
+                shared.count_dropped(n);
+            }
+        } else {
+            self.buf.clear();
+            shared.count_dropped(n);
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.hand_over();
+    }
+}
+
+impl Shared {
+    fn count_dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        self.dropped_metric.increment(n as u64);
+    }
+}
+
+/// Hands this thread's batched lines to the writer now (a worker's last act).
+pub fn flush_thread() {
+    let _ = BATCH.try_with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            b.hand_over();
+        }
+    });
+}
+
+/// Runs on each worker (a local task) for as long as it serves: hands a batch over
+/// [`BATCH_WINDOW`] after its first line, so lines reach the file even when traffic stops.
+/// Without it, each line is handed over at once.
+pub async fn flush_batches() {
+    let flusher = Rc::new(Flusher {
+        notify: Notify::new(),
+        armed: Cell::new(false),
+    });
+    BATCH.with(|b| b.borrow_mut().flusher = Some(Rc::clone(&flusher)));
+    // Dropped with the task (the worker ends): lines from then on are handed over at once.
+    struct Uninstall;
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            let _ = BATCH.try_with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    b.flusher = None;
+                    b.hand_over();
+                }
+            });
+        }
+    }
+    let _uninstall = Uninstall;
+    loop {
+        flusher.notify.notified().await;
+        tokio::time::sleep(BATCH_WINDOW).await;
+        if flusher.armed.get() {
+            flush_thread();
+        }
+    }
+}
+
+/// RFC 3339 UTC time with milliseconds; the part up to the second is formatted once a second.
+#[derive(Default)]
+struct Clock {
+    second: u64,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`.
+    prefix: [u8; 19],
+}
+
+impl Clock {
+    fn format(&mut self, now: SystemTime) -> [u8; 24] {
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let second = since.as_secs();
+        if second != self.second || self.prefix[0] == 0 {
+            let text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second))
+                .to_string();
+            self.prefix.copy_from_slice(&text.as_bytes()[..19]);
+            self.second = second;
+        }
+        let ms = since.subsec_millis();
+        let mut out = [0u8; 24];
+        out[..19].copy_from_slice(&self.prefix);
+        out[19] = b'.';
+        out[20] = b'0' + (ms / 100) as u8;
+        out[21] = b'0' + (ms / 10 % 10) as u8;
+        out[22] = b'0' + (ms % 10) as u8;
+        out[23] = b'Z';
+        out
+    }
+}
+
+/// Where the writer writes.
+enum Sink {
+    File(File),
+    Stderr,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::File(f) => f.write(buf),
+            // Whole, under stderr's lock: never interleaved with the server's own log lines.
+            Sink::Stderr => io::stderr().lock().write_all(buf).map(|()| buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Stderr => io::stderr().flush(),
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    out: BufWriter<Sink>,
+    /// The file's path (`None`: standard error, never reopened).
+    path: Option<PathBuf>,
+    shared: Arc<Shared>,
+    /// A write failed and was reported; the next success is reported too.
+    failing: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
+        loop {
+            let message = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Nothing waiting: what was written reaches the file now.
+                    self.flush();
+                    match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => return self.flush(),
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return self.flush(),
+            };
+            match message {
+                Message::Lines(lines, n) => {
+                    let result = self.out.write_all(&lines);
+                    drop(lines);
+                    self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+                    self.report(result, n);
+                }
+                Message::Reopen => self.reopen(),
+                Message::Stop(done) => {
+                    self.flush();
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let result = self.out.flush();
+        self.report(result, 0);
+    }
+
+    /// Counts lines a failed write lost and says so once per run of failures.
+    fn report(&mut self, result: io::Result<()>, lines: usize) {
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("access log: writing again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                self.shared.count_dropped(lines);
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(error = %e, "access log: write failed; lines are dropped and counted in wharf_access_log_dropped_total");
+                }
+            }
+        }
+    }
+
+    fn reopen(&mut self) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        self.flush();
+        match open_path(&path) {
+            Ok(file) => {
+                // The buffer was just flushed: nothing of the old file is lost with it.
+                let old = std::mem::replace(
+                    &mut self.out,
+                    BufWriter::with_capacity(BATCH_BYTES, Sink::File(file)),
+                );
+                drop(old.into_parts());
+                tracing::info!(path = %path.display(), "access log reopened");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "access log: cannot reopen; still writing to the file open before")
+            }
+        }
+    }
+}
+
+/// Bytes a connection moved, counted by its [`Metered`](crate::metered::Metered) transport
+/// for its access log line.
+#[derive(Default, Debug)]
+pub struct ConnBytes {
+    /// Read from the client.
+    pub received: Cell<u64>,
+    /// Written to the client.
+    pub sent: Cell<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(format: AccessLogFormat, fill: impl FnOnce(&mut Fields<'_>)) -> String {
+        let mut out = Vec::new();
+        fill(&mut Fields {
+            out: &mut out,
+            format,
+        });
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_values_escape_quotes_backslashes_and_control_characters() {
+        let got = line(AccessLogFormat::Json, |f| {
+            f.str("a", "x\"y\\z\n\r\t\u{1b}[31m\u{7f}\u{85}\u{2028}é");
+            f.u64("n", 42);
+            f.i64("s", -3);
+        });
+        assert_eq!(
+            got,
+            ",\"a\":\"x\\\"y\\\\z\\n\\r\\t\\u001b[31m\\u007f\\u0085\\u2028é\",\"n\":42,\"s\":-3"
+        );
+        let parsed: serde_json::Value =
+            serde_json::from_str(&format!("{{{}}}", &got[1..])).unwrap();
+        assert_eq!(parsed["a"], "x\"y\\z\n\r\t\u{1b}[31m\u{7f}\u{85}\u{2028}é");
+    }
+
+    #[test]
+    fn logfmt_quotes_only_what_needs_it() {
+        let got = line(AccessLogFormat::Logfmt, |f| {
+            f.str("plain", "/a/b.txt");
+            f.str("space", "a b");
+            f.str("eq", "k=v");
+            f.str("empty", "");
+            f.str("quote", "say \"hi\"\nnext=1");
+            f.str("utf8", "é");
+        });
+        assert_eq!(
+            got,
+            " plain=/a/b.txt space=\"a b\" eq=\"k=v\" empty=\"\" quote=\"say \\\"hi\\\"\\nnext=1\" \
+             utf8=\"é\""
+        );
+    }
+
+    #[test]
+    fn long_values_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_VALUE_BYTES);
+        let got = line(AccessLogFormat::Json, |f| f.str("v", &long));
+        let value = got.trim_start_matches(",\"v\":\"").trim_end_matches('"');
+        assert!(value.ends_with("..."));
+        assert_eq!(value.len(), MAX_VALUE_BYTES + 3);
+    }
+
+    #[test]
+    fn durations_are_milliseconds_to_the_microsecond() {
+        let got = line(AccessLogFormat::Logfmt, |f| {
+            f.duration("d", Duration::from_micros(1_234_567));
+            f.duration("z", Duration::ZERO);
+        });
+        assert_eq!(got, " d=1234.567 z=0.000");
+    }
+
+    #[test]
+    fn the_clock_writes_rfc3339_with_milliseconds() {
+        let mut clock = Clock::default();
+        let t = UNIX_EPOCH + Duration::from_millis(1_764_556_684_007);
+        assert_eq!(&clock.format(t), b"2025-12-01T02:38:04.007Z");
+        let later = t + Duration::from_millis(1_999);
+        assert_eq!(&clock.format(later), b"2025-12-01T02:38:06.006Z");
+    }
+
+    fn config(path: &Path, format: AccessLogFormat, buffer_lines: usize) -> AccessLogConfig {
+        AccessLogConfig {
+            path: path.to_path_buf(),
+            format,
+            buffer_lines,
+        }
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("wharf-access-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn lines_reach_the_file_whole_across_a_reopen() {
+        let path = temp_path("reopen.log");
+        let rotated = path.with_extension("log.1");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
+        let cfg = config(&path, AccessLogFormat::Json, 1000);
+        let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+        let service = log.for_service("web", "http-hello", true).unwrap();
+        let who = Who {
+            client: "127.0.0.1:4000".parse().unwrap(),
+            proxy: Some("10.0.0.1:5000".parse().unwrap()),
+            identity: Some("alice"),
+        };
+        let who = service.who(&who);
+        for i in 0..10 {
+            service.request(&who, "2xx", Duration::from_micros(5), |f| f.u64("i", i));
+        }
+        flush_thread();
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        service.connection(&who, ConnOutcome::Closed, Duration::from_millis(2), 10, 20);
+        log.stop(Duration::from_secs(5));
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old.lines().count(), 10, "{old}");
+        assert_eq!(new.lines().count(), 1, "{new}");
+        for l in old.lines().chain(new.lines()) {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["service"], "web");
+            assert_eq!(v["client"], "127.0.0.1:4000");
+            assert_eq!(v["proxy"], "10.0.0.1:5000");
+            assert_eq!(v["identity"], "alice");
+        }
+        let v: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
+        assert_eq!(v["event"], "connection");
+        assert_eq!(v["bytes_in"], 10);
+        assert_eq!(v["bytes_out"], 20);
+        assert_eq!(v["duration_ms"], 2.0);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
+    }
+
+    #[test]
+    fn a_writer_that_is_behind_makes_lines_drop_never_wait() {
+        // A FIFO nobody reads: the writer blocks on it at once.
+        let path = temp_path("stuck.fifo");
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A reader that never reads, so opening for writing does not wait.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let cfg = config(&path, AccessLogFormat::Logfmt, 8);
+        let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+        let service = log.for_service("echo", "echo", true).unwrap();
+        let who = Who {
+            client: "[::1]:4000".parse().unwrap(),
+            proxy: None,
+            identity: None,
+        };
+        let who = service.who(&who);
+        let big = "x".repeat(MAX_VALUE_BYTES);
+        let started = std::time::Instant::now();
+        for _ in 0..2000 {
+            service.request(&who, "ok", Duration::ZERO, |f| f.str("pad", &big));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(log.dropped() > 0);
+        drop(reader);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    use std::os::unix::fs::OpenOptionsExt;
+}
