@@ -446,30 +446,30 @@ impl Connection {
                     let ended = match self.send_proxy_header(&mut stream).await {
                         Err(e) => e,
                         Ok(()) => match (&connector, &spec.tls) {
-                        (Some(connector), Some(tls)) => {
-                            let handshake = connector.connect(tls.server_name.clone(), stream);
-                            match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-                                Ok(Ok(stream)) => {
-                                    self.opened();
-                                    let (rd, wr) = tokio::io::split(stream);
-                                    self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                        .await
+                            (Some(connector), Some(tls)) => {
+                                let handshake = connector.connect(tls.server_name.clone(), stream);
+                                match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+                                    Ok(Ok(stream)) => {
+                                        self.opened();
+                                        let (rd, wr) = tokio::io::split(stream);
+                                        self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                            .await
+                                    }
+                                    Ok(Err(e)) => ConnError::Retry(
+                                        tls.explain(&e, true, &[])
+                                            .unwrap_or_else(|| io_error("TLS handshake", &e)),
+                                    ),
+                                    Err(_) => ConnError::Retry(format!(
+                                        "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
+                                    )),
                                 }
-                                Ok(Err(e)) => ConnError::Retry(
-                                    tls.explain(&e, true, &[])
-                                        .unwrap_or_else(|| io_error("TLS handshake", &e)),
-                                ),
-                                Err(_) => ConnError::Retry(format!(
-                                    "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
-                                )),
                             }
-                        }
-                        _ => {
-                            self.opened();
-                            let (rd, wr) = stream.split();
-                            self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                .await
-                        }
+                            _ => {
+                                self.opened();
+                                let (rd, wr) = stream.split();
+                                self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                    .await
+                            }
                         },
                     };
                     self.tally.borrow_mut().waiting[self.slot] = None;

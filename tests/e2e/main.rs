@@ -22,6 +22,7 @@ mod limits;
 mod load;
 mod metrics;
 mod pki;
+mod proxy;
 mod reload;
 mod status;
 mod tls;
