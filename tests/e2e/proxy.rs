@@ -485,3 +485,49 @@ fn proxy_v2_in_front_of_tls_names_the_tls_client() {
         server.wait_metric("wharf_connections_rejected_total", &labels, 1.0);
     }
 }
+
+#[test]
+fn bench_send_proxy_loads_a_service_behind_proxy_protocol() {
+    let backend = "epoll";
+    for (version, proxy_protocol) in [("v1", "v1"), ("v2", "v2")] {
+        // The bench client connects from 127.0.0.1 and its header names the same address.
+        let extra = "allow_from = [\"127.0.0.1/32\"]\n";
+        let server = Server::start(&echo_behind_proxy(proxy_protocol, extra), backend);
+        let addr = server.addr("echo").to_string();
+        let run = |more: &[&str]| {
+            let out = Command::new(WHARF)
+                .args([
+                    "bench",
+                    "echo",
+                    &addr,
+                    "-c",
+                    "4",
+                    "--threads",
+                    "1",
+                    "--json",
+                ])
+                .args(["--duration", "0.5", "--warmup", "0.1"])
+                .args(more)
+                .output()
+                .unwrap();
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            report
+        };
+        let report = run(&["--send-proxy", version]);
+        assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
+        assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+        assert_eq!(report["send_proxy"].as_str(), Some(version));
+        let labels = rejected("echo", "echo", backend, "proxy_protocol");
+        // Only the probe `wharf bench` makes to pick an address (it sends nothing) is refused.
+        let refused = server.metric("wharf_connections_rejected_total", &labels);
+        assert!(refused.unwrap_or(0.0) <= 1.0, "{version}: {refused:?}");
+        // Without the header every connection is refused.
+        let report = run(&[]);
+        assert_eq!(report["requests"].as_u64(), Some(0), "{report}");
+        let refused_after = server.metric("wharf_connections_rejected_total", &labels);
+        assert!(
+            refused_after.unwrap() >= refused.unwrap_or(0.0) + 4.0,
+            "{version}"
+        );
+    }
+}
