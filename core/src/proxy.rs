@@ -22,7 +22,7 @@
 //!   [`Metered`] transport until [`parse`] is done, within `proxy_header_timeout` of accept
 //!   (one deadline for the whole header, not per read: a peer trickling a byte a second does
 //!   not get more time), and hands what it read past the header back to the connection
-//!   ([`Metered::unread`]), so the plugin (or TLS) sees the client's first bytes intact. A
+//!   (`Metered::unread`), so the plugin (or TLS) sees the client's first bytes intact. A
 //!   header normally arrives in one segment: one read, into a buffer sized for a v1 header or a
 //!   v2 header with a few TLVs, grown once to a v2 header's announced length if that is more.
 //!
@@ -299,7 +299,7 @@ fn without_period(e: &impl fmt::Display) -> String {
 }
 
 /// Reads the PROXY header a connection must start with, within `settings.timeout` of
-/// `accepted`; bytes read past its end are handed back to `conn` ([`Metered::unread`]).
+/// `accepted`; bytes read past its end are handed back to `conn` (`Metered::unread`).
 ///
 /// The header's bytes count as received (`wharf_bytes_received_total`): they are on the wire.
 pub async fn read_header<C: Conn>(
