@@ -204,15 +204,15 @@ fn parse_v1(input: &[u8]) -> Result<Parsed, HeaderError> {
         };
     };
     let len = cr + 2;
-    match input.get(cr + 1) {
-        None => return Ok(Parsed::NeedMore { total: len }),
-        Some(b'\n') => {}
-        Some(_) => return Err(HeaderError::new("v1 header: \\r not followed by \\n")),
-    }
     if len > MAX_V1_HEADER {
         return Err(HeaderError::new(format!(
             "v1 header: longer than {MAX_V1_HEADER} bytes"
         )));
+    }
+    match input.get(cr + 1) {
+        None => return Ok(Parsed::NeedMore { total: len }),
+        Some(b'\n') => {}
+        Some(_) => return Err(HeaderError::new("v1 header: \\r not followed by \\n")),
     }
     let parsed = ppp::v1::Header::try_from(&input[..len])
         .map_err(|e| HeaderError::new(format!("v1 header: {}", without_period(&e))))?;
@@ -796,6 +796,11 @@ mod tests {
             let done = parse(&wire, ProxyProtocol::Any).unwrap();
             assert!(matches!(done, Parsed::Header { len, .. } if len == wire.len()));
         }
+        // A \r as the 107th byte: the line would be 108 bytes, refused without waiting.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(MAX_V1_HEADER - 1, b'1');
+        long.push(b'\r');
+        assert!(parse(&long, ProxyProtocol::V1).is_err());
         let ipv4 = Ipv4Addr::new(192, 0, 2, 7);
         assert_eq!(
             proxied("192.0.2.7:51000", "198.51.100.1:443"),
