@@ -86,6 +86,11 @@ pub struct TargetArgs {
     /// includes connecting. Closed loop only.
     #[arg(long, conflicts_with = "rate")]
     new_conn: bool,
+    /// Start every connection with a PROXY protocol header (v1 text, v2 binary) naming the
+    /// client socket's own addresses, as HAProxy's send-proxy does: loads a service with
+    /// `proxy_protocol` directly (its `trusted_proxies` must hold this client's address).
+    #[arg(long, value_name = "VERSION")]
+    send_proxy: Option<load::SendProxy>,
     #[command(flatten)]
     tls: tls::TlsArgs,
 }
@@ -203,6 +208,7 @@ impl WorkloadArgs {
             server_pids: Vec::new(),
             tls: None,
             new_conn: false,
+            send_proxy: None,
         })
     }
 }
@@ -233,6 +239,7 @@ pub fn run(command: BenchCommand) -> i32 {
         Err(e) => return usage(&e),
     };
     spec.new_conn = args.new_conn;
+    spec.send_proxy = args.send_proxy;
     spec.server_pids = if args.server_pid.is_empty() {
         procstat::listening_pids(addr)
     } else {

@@ -13,7 +13,9 @@
 //! same code, generic over the stream's halves, so plain TCP pays nothing for it. With
 //! `--new-conn` a connection carries one request (or one `--pipeline` batch) and is closed;
 //! the latency then includes connecting (and the TLS handshake), and the connections opened
-//! per second are the handshake rate.
+//! per second are the handshake rate. With `--send-proxy v1|v2` each connection starts with a
+//! PROXY protocol header naming its own addresses, as HAProxy's `send-proxy` does, so a
+//! service with `proxy_protocol` on can be loaded directly (and its cost measured).
 //!
 //! Only what completes inside the measurement window counts; the warm-up before it lets
 //! connections open and caches fill. At the end of the window the tasks are dropped mid-flight,
@@ -71,6 +73,37 @@ pub struct LoadSpec {
     pub tls: Option<ClientTls>,
     /// One request (batch) per connection (`--new-conn`): closed loop only.
     pub new_conn: bool,
+    /// Start every connection with this PROXY protocol header (`--send-proxy`).
+    pub send_proxy: Option<SendProxy>,
+}
+
+/// `--send-proxy`: which PROXY protocol header a connection starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// The text header, `PROXY TCP4 <client> <server> <ports>\r\n` (HAProxy `send-proxy`).
+    V1,
+    /// The binary header (HAProxy `send-proxy-v2`).
+    V2,
+}
+
+impl SendProxy {
+    /// The header a proxy would send for a client at `client` that connected to `server`
+    /// (written with `ppp`, the crate the server parses with; the server's tests check it
+    /// against HAProxy's own headers).
+    pub fn header(self, client: SocketAddr, server: SocketAddr) -> std::io::Result<Vec<u8>> {
+        match self {
+            SendProxy::V1 => Ok(ppp::v1::Addresses::from((client, server))
+                .to_string()
+                .into_bytes()),
+            SendProxy::V2 => ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                (client, server),
+            )
+            .build(),
+        }
+    }
 }
 
 impl LoadSpec {
@@ -410,31 +443,34 @@ impl Connection {
                 Ok(Ok(mut stream)) => {
                     let _ = stream.set_nodelay(true);
                     (received.start, received.end) = (0, 0);
-                    let ended = match (&connector, &spec.tls) {
-                        (Some(connector), Some(tls)) => {
-                            let handshake = connector.connect(tls.server_name.clone(), stream);
-                            match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-                                Ok(Ok(stream)) => {
-                                    self.opened();
-                                    let (rd, wr) = tokio::io::split(stream);
-                                    self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                        .await
+                    let ended = match self.send_proxy_header(&mut stream).await {
+                        Err(e) => e,
+                        Ok(()) => match (&connector, &spec.tls) {
+                            (Some(connector), Some(tls)) => {
+                                let handshake = connector.connect(tls.server_name.clone(), stream);
+                                match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+                                    Ok(Ok(stream)) => {
+                                        self.opened();
+                                        let (rd, wr) = tokio::io::split(stream);
+                                        self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                            .await
+                                    }
+                                    Ok(Err(e)) => ConnError::Retry(
+                                        tls.explain(&e, true, &[])
+                                            .unwrap_or_else(|| io_error("TLS handshake", &e)),
+                                    ),
+                                    Err(_) => ConnError::Retry(format!(
+                                        "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
+                                    )),
                                 }
-                                Ok(Err(e)) => ConnError::Retry(
-                                    tls.explain(&e, true, &[])
-                                        .unwrap_or_else(|| io_error("TLS handshake", &e)),
-                                ),
-                                Err(_) => ConnError::Retry(format!(
-                                    "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
-                                )),
                             }
-                        }
-                        _ => {
-                            self.opened();
-                            let (rd, wr) = stream.split();
-                            self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                .await
-                        }
+                            _ => {
+                                self.opened();
+                                let (rd, wr) = stream.split();
+                                self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                    .await
+                            }
+                        },
                     };
                     self.tally.borrow_mut().waiting[self.slot] = None;
                     match ended {
@@ -454,6 +490,24 @@ impl Connection {
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
+    }
+
+    /// With `--send-proxy`, sends the PROXY header naming this connection's own addresses
+    /// (before TLS, as a proxy does).
+    async fn send_proxy_header(&self, stream: &mut TcpStream) -> Result<(), ConnError> {
+        let Some(version) = self.spec.send_proxy else {
+            return Ok(());
+        };
+        let header = stream
+            .local_addr()
+            .and_then(|client| version.header(client, stream.peer_addr()?))
+            .map_err(|e| ConnError::Retry(io_error("PROXY header", &e)))?;
+        stream
+            .write_all(&header)
+            .await
+            .map_err(|e| ConnError::Retry(io_error("send", &e)))?;
+        self.count_bytes(0, header.len());
+        Ok(())
     }
 
     /// Counts a connection ready for requests (TCP connected, TLS handshake done).

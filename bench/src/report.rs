@@ -25,6 +25,8 @@ pub struct Report {
     pub tls: bool,
     /// Whether every request had a connection of its own (`--new-conn`).
     pub new_conn: bool,
+    /// The PROXY protocol header each connection started with (`--send-proxy`).
+    pub send_proxy: Option<super::load::SendProxy>,
     pub warmup_s: f64,
     pub duration_s: f64,
     /// Requests answered in the window (errors included).
@@ -117,6 +119,7 @@ impl Report {
             target_rate: spec.rate,
             tls: spec.tls.is_some(),
             new_conn: spec.new_conn,
+            send_proxy: spec.send_proxy,
             warmup_s: spec.warmup.as_secs_f64(),
             duration_s: secs,
             requests: result.requests,
@@ -142,9 +145,14 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let pacing = pacing(self.target_rate, self.pipeline);
+        let proxy = match self.send_proxy {
+            Some(super::load::SendProxy::V1) => ", PROXY v1 header",
+            Some(super::load::SendProxy::V2) => ", PROXY v2 header",
+            None => "",
+        };
         let _ = writeln!(
             out,
-            "wharf bench {} {}: {} connection{}, {} thread{}, {pacing}, {} after {} warm-up",
+            "wharf bench {} {}: {} connection{}, {} thread{}, {pacing}{proxy}, {} after {} warm-up",
             self.protocol,
             self.addr,
             self.connections,

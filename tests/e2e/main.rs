@@ -24,6 +24,7 @@ mod load;
 mod metrics;
 mod pki;
 mod process;
+mod proxy;
 mod reload;
 mod sources;
 mod status;
