@@ -32,11 +32,21 @@ use crate::conn::{BufResult, Conn};
 use crate::gate::Ticket;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
+/// How a connection came through a proxy: the proxy (the TCP peer) and the destination its
+/// PROXY header named.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Proxied {
+    pub(crate) by: SocketAddr,
+    pub(crate) destination: Option<SocketAddr>,
+}
+
 /// What the framework knows about one connection and offers to the plugin serving it.
 pub struct Context {
     peer: SocketAddr,
     /// The TCP peer when it is a proxy whose PROXY header named `peer`.
     proxy: Option<SocketAddr>,
+    /// The address the client connected to on the proxy, as its PROXY header named it.
+    destination: Option<SocketAddr>,
     scope: Scope,
     /// The drain signal of the connection's service generation. Behind a `RefCell` so the
     /// `&self` methods can wait on it without a receiver of their own per wait.
@@ -89,14 +99,15 @@ impl Context {
     /// `log` is its access log state, when the service writes one.
     pub(crate) fn served(
         peer: SocketAddr,
-        proxy: Option<SocketAddr>,
+        proxied: Option<Proxied>,
         ticket: Ticket,
         log: Option<ConnLog>,
     ) -> Context {
         let drain = RefCell::new(ticket.gate().retirement());
         Context {
             peer,
-            proxy,
+            proxy: proxied.map(|p| p.by),
+            destination: proxied.and_then(|p| p.destination),
             scope: Scope::Served(ticket),
             drain,
             identity: OnceCell::new(),
@@ -142,6 +153,13 @@ impl Context {
     /// client; `None` for a direct connection.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy
+    }
+
+    /// The address the client connected to on the proxy, when a PROXY header named it (what
+    /// the client sees as the server's address); `None` for a direct connection, whose local
+    /// address is [`Conn::local_addr`].
+    pub fn proxied_destination(&self) -> Option<SocketAddr> {
+        self.destination
     }
 
     /// The client's authenticated identity: the name its verified TLS client certificate
@@ -361,6 +379,7 @@ impl Detached {
         Context {
             peer,
             proxy: None,
+            destination: None,
             drain: RefCell::new(self.0.stop.subscribe()),
             scope: Scope::Detached(self.clone()),
             identity: OnceCell::new(),

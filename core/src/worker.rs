@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::access_log::{self, ConnBytes, ConnOutcome, ServiceLog, Who};
 use crate::backend::{Backend, Listener};
-use crate::context::{ConnLog, Context};
+use crate::context::{ConnLog, Context, Proxied};
 use crate::gate::{Rejection, ServiceGate};
 use crate::metered::Metered;
 use crate::proxy::{self, Header};
@@ -346,15 +346,19 @@ fn serve<C: crate::conn::Conn + 'static>(
             None => (peer, None),
             Some(settings) => match proxy::read_header(&mut conn, settings, accepted).await {
                 Ok(header) => {
-                    let client = match header {
-                        Header::Proxied { client, .. } => client,
+                    let (client, destination) = match header {
+                        Header::Proxied {
+                            client,
+                            destination,
+                        } => (client, Some(destination)),
                         // The proxy's own health check: served as itself.
-                        Header::Local => peer,
+                        Header::Local => (peer, None),
                     };
                     if let Err(reason) = ticket.admit_client(client.ip()) {
                         return refused(&gate, service_log, client, Some(peer), reason);
                     }
-                    (client, Some(peer))
+                    let by = peer;
+                    (client, Some(Proxied { by, destination }))
                 }
                 Err(e) => {
                     debug!(service = gate.service(), %peer, error = %e, "PROXY header refused");

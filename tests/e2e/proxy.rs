@@ -191,12 +191,14 @@ fn exec_behind_proxy(dir: &TempDir, versions: &str) -> String {
     format!(
         "[server]\nworkers = 2\nshutdown_grace = \"2s\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [access_log]\npath = \"{}/access.log\"\nformat = \"logfmt\"\n\
          [services.exec]\nplugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n\
          proxy_protocol = \"{versions}\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
          allow_from = [\"{CLIENT}/32\"]\n\
          [services.exec.options]\ncwd = \"{}\"\ntimeout = \"3s\"\n\
          [services.exec.options.commands]\n\
          echo = {{ argv = [\"echo\"], allow_args = true }}\n",
+        dir.0.display(),
         dir.0.display()
     )
 }
@@ -229,6 +231,26 @@ fn a_client_through_haproxy_is_seen_as_itself() {
                 .to_string();
             assert!(line.contains(&format!("peer={local}")), "{line}");
             drop(client);
+            // The access log names the client, and HAProxy as the proxy, on the request line
+            // and on the connection line.
+            let access = dir.0.join("access.log");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let named = |text: &str| {
+                text.lines()
+                    .filter(|l| {
+                        l.contains(&format!("client={local}")) && l.contains("proxy=127.0.0.1:")
+                    })
+                    .count()
+            };
+            let mut text = String::new();
+            while named(&text) < 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                text = std::fs::read_to_string(&access).unwrap_or_default();
+            }
+            assert!(
+                named(&text) >= 2 && text.contains("command=echo"),
+                "{backend} {send}: {text}"
+            );
 
             // 127.0.0.6, through the same HAProxy (same TCP peer), is not.
             let mut other = connect_from(OTHER_CLIENT, haproxy.addr);

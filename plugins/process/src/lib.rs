@@ -210,7 +210,12 @@ impl Service for Process {
         let mut launch = self.launch.clone();
         launch
             .env
-            .extend(ucspi_env(peer, conn.local_addr(), cx.identity()));
+            // Behind a proxy, the address the client connected to is the one its header named.
+            .extend(ucspi_env(
+                peer,
+                cx.proxied_destination().or_else(|| conn.local_addr()),
+                cx.identity(),
+            ));
         let spawned = cx.blocking(&conn, move || session::spawn(&launch)).await;
         let spawned = match spawned {
             Ok(Ok(spawned)) => spawned,
