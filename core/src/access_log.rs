@@ -28,7 +28,8 @@
 //! # Escaping
 //!
 //! Values are `&str` (never invalid UTF-8) and escaped here: in JSON, `"`, `\`, control
-//! characters (C0, DEL, C1) and U+2028/U+2029 become escapes; in logfmt a value is quoted when
+//! characters (C0, DEL, C1), U+2028/U+2029, zero-width and bidirectional formatting
+//! characters become escapes; in logfmt a value is quoted when
 //! it is empty or holds a space, `=`, `"` or anything escaped, and escaped the same way inside
 //! the quotes. A value longer than [`MAX_VALUE_BYTES`] is cut (at a character boundary) and
 //! ends with `...`. Keys are `&'static str` chosen by the code (lowercase, digits and `_`).
@@ -488,7 +489,7 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
             '\n' => Some(b"\\n"),
             '\r' => Some(b"\\r"),
             '\t' => Some(b"\\t"),
-            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => None,
+            c if c.is_control() || is_invisible(c) => None,
             _ => continue,
         };
         out.extend_from_slice(&value.as_bytes()[plain_from..i]);
@@ -504,6 +505,22 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
     if cut {
         out.extend_from_slice(b"...");
     }
+}
+
+/// Characters that are not control characters but change how a line reads without showing:
+/// line and paragraph separators, zero-width characters and bidirectional overrides (a
+/// right-to-left override could make a terminal show a line reordered, "Trojan Source").
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 thread_local! {
@@ -815,6 +832,16 @@ mod tests {
         let parsed: serde_json::Value =
             serde_json::from_str(&format!("{{{}}}", &got[1..])).unwrap();
         assert_eq!(parsed["a"], "x\"y\\z\n\r\t\u{1b}[31m\u{7f}\u{85}\u{2028}é");
+    }
+
+    #[test]
+    fn invisible_formatting_characters_are_escaped() {
+        let mut out = Vec::new();
+        escape_into(&mut out, "a\u{202e}b\u{200b}c\u{feff}d\u{2066}e");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a\\u202eb\\u200bc\\ufeffd\\u2066e"
+        );
     }
 
     #[test]

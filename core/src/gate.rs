@@ -234,6 +234,7 @@ impl Ticket {
                 Ok(())
             }
             Err(r) => {
+                gate.sources.refund_service();
                 gate.metrics.record_rejection(r);
                 Err(r)
             }

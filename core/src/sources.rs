@@ -141,11 +141,20 @@ impl SourceLimits {
         let rate_per_source = config.max_connection_rate_per_source.map(Rate::per_second);
         let table = if per_source.is_some() || rate_per_source.is_some() {
             let width = SourceTable::width_for(config.max_connections);
-            Some(Arc::clone(
-                shared
-                    .table
-                    .get_or_init(|| Arc::new(SourceTable::new(width))),
-            ))
+            let table = shared
+                .table
+                .get_or_init(|| Arc::new(SourceTable::new(width)));
+            if table.width < width {
+                // Sources share slots more often than the collision bound assumes: limits
+                // grow stricter for unlucky sources, never looser. A restart resizes.
+                tracing::warn!(
+                    slots_per_row = table.width,
+                    wanted = width,
+                    "max_connections grew past the per-source table made at start; restart \
+                     to resize it"
+                );
+            }
+            Some(Arc::clone(table))
         } else {
             shared.table.get().cloned()
         };
@@ -172,6 +181,15 @@ impl SourceLimits {
         match &self.service_rate {
             Some(rate) if !rate.take(&self.shared.service_tat, nanos(now)) => Err(Rejection::Rate),
             _ => Ok(()),
+        }
+    }
+
+    /// Gives back the token [`SourceLimits::admit_service`] took, for a connection refused
+    /// afterwards (by a per-source limit, `allow_from` behind a proxy): a client over its own
+    /// limits must not spend the whole service's rate.
+    pub fn refund_service(&self) {
+        if let Some(rate) = &self.service_rate {
+            rate.refund(&self.shared.service_tat, nanos(self.now()));
         }
     }
 
@@ -253,6 +271,13 @@ impl Rate {
 
     fn charged(&self, tat: u64, now: u64) -> u64 {
         tat.max(now).saturating_add(self.interval)
+    }
+
+    /// Gives one token back to `cell` (never more than a full burst).
+    fn refund(&self, cell: &AtomicU64, now: u64) {
+        let _ = cell.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(tat.saturating_sub(self.interval).max(now))
+        });
     }
 
     /// Takes one token from `cell` if it has one.
@@ -652,6 +677,19 @@ mod tests {
         assert!(new
             .admit_service_at(SEC + Duration::from_millis(50))
             .is_ok());
+    }
+
+    #[test]
+    fn a_refunded_service_token_can_be_taken_again() {
+        let limits = limits("max_connection_rate = 2\n");
+        let t = Duration::from_millis(10);
+        assert!(limits.admit_service_at(t).is_ok());
+        assert!(limits.admit_service_at(t).is_ok());
+        assert_eq!(limits.admit_service_at(t), Err(Rejection::Rate));
+        let rate = limits.service_rate.unwrap();
+        rate.refund(&limits.shared.service_tat, nanos(t));
+        assert!(limits.admit_service_at(t).is_ok());
+        assert_eq!(limits.admit_service_at(t), Err(Rejection::Rate));
     }
 
     #[test]

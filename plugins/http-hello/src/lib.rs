@@ -139,6 +139,21 @@ struct Note {
     status: u16,
 }
 
+/// What of a request target the access log keeps: the path alone. The query string and
+/// `;` path parameters often carry secrets (tokens, session ids), and an absolute-form target
+/// (`http://user:password@host/path`) names credentials and a host: only its path is kept.
+fn loggable_path(target: &str) -> &str {
+    let path = match target.find("://") {
+        Some(scheme_end) => {
+            let rest = &target[scheme_end + 3..];
+            rest.find('/').map_or("/", |slash| &rest[slash..])
+        }
+        None => target,
+    };
+    let end = path.find(['?', ';', '#']).unwrap_or(path.len());
+    &path[..end]
+}
+
 impl RequestLog {
     /// Notes a request answered with `status` whose method and target are `method_target`
     /// split at `method_len`.
@@ -147,9 +162,7 @@ impl RequestLog {
         let start = self.text.len();
         self.text.push_str(method);
         let middle = self.text.len();
-        // The path only: the query string often carries secrets.
-        self.text
-            .push_str(target.split_once('?').map_or(target, |(path, _)| path));
+        self.text.push_str(loggable_path(target));
         self.notes.push(Note {
             method: start..middle,
             target: middle..self.text.len(),
