@@ -481,8 +481,18 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
     } else {
         (value, false)
     };
+    let bytes = value.as_bytes();
     let mut plain_from = 0;
-    for (i, c) in value.char_indices() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Printable ASCII other than `"` and `\` (nearly every byte of a real line) is copied
+        // in bulk; only the rest is looked at as a character.
+        let b = bytes[i];
+        if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+            i += 1;
+            continue;
+        }
+        let c = value[i..].chars().next().unwrap_or('\u{fffd}');
         let escape: Option<&[u8]> = match c {
             '"' => Some(b"\\\""),
             '\\' => Some(b"\\\\"),
@@ -490,18 +500,22 @@ fn escape_into(out: &mut Vec<u8>, value: &str) {
             '\r' => Some(b"\\r"),
             '\t' => Some(b"\\t"),
             c if c.is_control() || is_invisible(c) => None,
-            _ => continue,
+            _ => {
+                i += c.len_utf8();
+                continue;
+            }
         };
-        out.extend_from_slice(&value.as_bytes()[plain_from..i]);
+        out.extend_from_slice(&bytes[plain_from..i]);
         match escape {
             Some(e) => out.extend_from_slice(e),
             None => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
         }
-        plain_from = i + c.len_utf8();
+        i += c.len_utf8();
+        plain_from = i;
     }
-    out.extend_from_slice(&value.as_bytes()[plain_from..]);
+    out.extend_from_slice(&bytes[plain_from..]);
     if cut {
         out.extend_from_slice(b"...");
     }

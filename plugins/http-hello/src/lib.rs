@@ -143,7 +143,10 @@ struct Note {
 /// `;` path parameters often carry secrets (tokens, session ids), and an absolute-form target
 /// (`http://user:password@host/path`) names credentials and a host: only its path is kept.
 fn loggable_path(target: &str) -> &str {
-    let path = match target.find("://") {
+    let absolute = (!target.starts_with('/'))
+        .then(|| target.find("://"))
+        .flatten();
+    let path = match absolute {
         Some(scheme_end) => {
             let rest = &target[scheme_end + 3..];
             rest.find('/').map_or("/", |slash| &rest[slash..])
