@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# User-space instructions per request that the edge features add (issue 17), counted with
+# callgrind: repeatable on a noisy machine (instructions, not time; the kernel's share is not
+# counted, the access log's writer thread is). wharf with 1 worker under callgrind,
+# instrumentation on for the whole of a closed-loop `wharf bench` run, for echo
+# and http-hello, each variant of bench/edge.sh (plain, access-log, proxy-v2, per-source).
+#
+#   bash bench/edge-instructions.sh [CONNECTIONS] [DURATION_S]
+#
+# Needs valgrind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+conns=${1:-64}
+duration=${2:-5}
+cargo build --release -q -p wharf
+bin=$PWD/target/release/wharf
+port=17556
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+for plugin in echo http-hello; do
+  for variant in plain access-log proxy-v2 per-source; do
+    cfg="$work/$plugin-$variant.toml"
+    {
+      printf '[server]\nworkers = 1\n'
+      [ "$variant" = access-log ] && printf '[access_log]\npath = "%s/access.log"\n' "$work"
+      printf '[services.s]\nplugin = "%s"\nlisten = "127.0.0.1:%s"\n' "$plugin" "$port"
+      [ "$variant" = proxy-v2 ] && printf 'proxy_protocol = "v2"\ntrusted_proxies = ["127.0.0.1/32"]\n'
+      [ "$variant" = per-source ] && printf 'max_connections_per_source = 1000\nmax_connection_rate = 100000\nmax_connection_rate_per_source = 100000\n'
+      [ "$plugin" = echo ] && printf '[services.s.options]\ntransform = "none"\n'
+    } >"$cfg"
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/out" \
+      "$bin" serve --config "$cfg" >/dev/null 2>"$work/log" &
+    vpid=$!
+    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    extra=()
+    [ "$variant" = proxy-v2 ] && extra=(--send-proxy v2)
+    kind=echo
+    [ "$plugin" = http-hello ] && kind=http
+    # Counting covers the whole load (no warm-up), so every instruction counted belongs to a
+    # request counted (plus the load's 'conns' connection setups).
+    callgrind_control -i on "$vpid" >/dev/null 2>&1
+    "$bin" bench "$kind" "127.0.0.1:$port" -c "$conns" -d "$duration" --warmup 0 --threads 1 \
+      --server-pid "$vpid" --json "${extra[@]}" >"$work/load.json"
+    callgrind_control -i off "$vpid" >/dev/null 2>&1
+    kill -TERM "$vpid"; wait "$vpid" 2>/dev/null || true
+    python3 - "$plugin" "$variant" "$work/log" "$work/load.json" <<'PY'
+import json, re, sys
+plugin, variant, log, load = sys.argv[1:5]
+ir = int(re.search(r"Collected : (\d+)", open(log).read()).group(1))
+r = json.load(open(load))
+print(json.dumps({"plugin": plugin, "variant": variant, "instructions_per_request": ir / r["requests"], "requests": r["requests"], "errors": r["errors"]}))
+PY
+    rm -f "$work/access.log"
+  done
+done
