@@ -768,6 +768,11 @@ impl Writer {
             };
             match message {
                 Message::Lines(lines, n) => {
+                    if self.failing {
+                        // The failed write may have ended mid-line: start on a line of our
+                        // own, so only that one line is torn.
+                        let _ = self.out.write_all(b"\n");
+                    }
                     let result = self.out.write_all(&lines);
                     drop(lines);
                     self.shared.queued.fetch_sub(n, Ordering::AcqRel);
@@ -813,12 +818,17 @@ impl Writer {
         self.flush();
         match open_path(&path) {
             Ok(file) => {
-                // The buffer was just flushed: nothing of the old file is lost with it.
                 let old = std::mem::replace(
                     &mut self.out,
                     BufWriter::with_capacity(BATCH_BYTES, Sink::File(file)),
                 );
-                drop(old.into_parts());
+                // Whatever the flush could not write (a full disk) is lost with the old
+                // file: counted, not silently.
+                let (_, unwritten) = old.into_parts();
+                if let Ok(unwritten) = unwritten {
+                    let lost = unwritten.iter().filter(|&&b| b == b'\n').count();
+                    self.shared.count_dropped(lost);
+                }
                 tracing::info!(path = %path.display(), "access log reopened");
             }
             Err(e) => {
