@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::echo::TUTORIAL_ECHO_CLIENT;
 use super::harness::{
-    backends, closed_within, connect, echo_roundtrip, have_tool, metric_value, payload,
+    backends, closed_within, connect, echo_once, echo_roundtrip, have_tool, metric_value, payload,
     python_client, skip_or_fail, Server, WHARF,
 };
 
@@ -444,6 +444,59 @@ fn over_tls_the_program_gets_plaintext_and_the_client_s_identity() {
         let mut rest = Vec::new();
         let _ = tls.read_to_end(&mut rest);
         assert!(rest.is_empty(), "{backend}: {rest:?}");
+        assert_nothing_left(server.pid(), &[]);
+    }
+}
+
+/// One worker serving an echo service beside a process service whose programs flood stderr
+/// with blank lines (about 2 s each).
+fn flood_beside_echo_config() -> String {
+    let flood = "import os, time\nend = time.time() + 2\nwhile time.time() < end:\n    os.write(2, b'\\n' * 65536)";
+    let options = argv(&["python3", "-c", flood]);
+    format!(
+        "[server]\nworkers = 1\nshutdown_grace = \"5s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.flood]\nplugin = \"process\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.flood.options]\n{options}\n"
+    )
+}
+
+#[test]
+fn a_program_flooding_stderr_with_blank_lines_does_not_stall_its_worker() {
+    if !python_or_skip() {
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(&flood_beside_echo_config(), backend);
+        let mut echo = connect(server.addr("echo"));
+        assert_eq!(echo_once(&mut echo, b"warm"), b"warm");
+        // Two flooding programs, on the only worker.
+        let floods: Vec<TcpStream> = (0..2).map(|_| connect(server.addr("flood"))).collect();
+        server.wait_metric("wharf_process_running", &[("service", "flood")], 2.0);
+        let started = Instant::now();
+        let mut worst = Duration::ZERO;
+        let mut rounds = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            let sent = Instant::now();
+            assert_eq!(echo_once(&mut echo, b"ping"), b"ping", "{backend}");
+            worst = worst.max(sent.elapsed());
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Generous for a noisy 2-core machine; the stall this guards against was seconds.
+        assert!(
+            worst < Duration::from_millis(500),
+            "{backend}: an echo round trip took {worst:?} beside the flood ({rounds} rounds)"
+        );
+        drop(floods);
+        // The log got the burst and the rate, not millions of lines; the drops were counted.
+        server.wait_log("lines dropped", 1, Duration::from_secs(10));
+        assert!(
+            server.log_count("process stderr") < 2000,
+            "{backend}: {} stderr lines logged",
+            server.log_count("process stderr")
+        );
         assert_nothing_left(server.pid(), &[]);
     }
 }

@@ -289,6 +289,10 @@ async fn relay<C: Conn>(
     // After a server stop: SIGTERM sent, SIGKILL due at this instant.
     let mut kill_at: Option<Instant> = None;
     loop {
+        // Readiness waits do not count against tokio's cooperative budget: a program that
+        // keeps a pipe full (say, newlines to stderr as fast as it can) would otherwise keep
+        // this task running forever and stall every other connection of the worker.
+        tokio::task::consume_budget().await;
         let pending = written < to_child.len();
         // Unbiased: a program flooding stderr cannot starve its stdout, nor one side the other.
         let event = tokio::select! {
