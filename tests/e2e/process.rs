@@ -500,3 +500,95 @@ fn a_program_flooding_stderr_with_blank_lines_does_not_stall_its_worker() {
         assert_nothing_left(server.pid(), &[]);
     }
 }
+
+#[test]
+fn sessions_where_nothing_moves_end_at_idle_timeout() {
+    let options = argv(&["sleep", "1000"]);
+    for backend in backends() {
+        let server = Server::start(
+            &config(&[("sleepy", &options, "idle_timeout = \"2s\"")]),
+            backend,
+        );
+        let addr = server.addr("sleepy");
+        // One client sends 4 MB the program never reads, then stops sending (its writer
+        // blocks once the pipe and socket buffers are full).
+        let mut stuffer = connect(addr);
+        let writer = {
+            let mut s = stuffer.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = s.write_all(&payload(4 << 20, 3));
+            })
+        };
+        // Another finishes sending at once and waits for an answer that never comes.
+        let mut quiet = connect(addr);
+        quiet.shutdown(std::net::Shutdown::Write).unwrap();
+        server.wait_metric("wharf_process_running", &[("service", "sleepy")], 2.0);
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut quiet, Duration::from_secs(8)),
+            "{backend}"
+        );
+        assert!(
+            closed_within(&mut stuffer, Duration::from_secs(8)),
+            "{backend}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(6),
+            "{backend}: idle sessions ended after {waited:?} (idle_timeout 2s)"
+        );
+        writer.join().unwrap();
+        server.wait_metric("wharf_process_running", &[("service", "sleepy")], 0.0);
+        server.wait_metric(
+            "wharf_requests_total",
+            &labels("sleepy", backend, "idle"),
+            2.0,
+        );
+        assert_nothing_left(server.pid(), &[]);
+    }
+}
+
+#[test]
+fn descriptors_wharf_inherited_do_not_reach_programs() {
+    let options = argv(&["ls", "/proc/self/fd"]);
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two descriptors it creates (close-on-exec: only the dup below
+    // is inherited).
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let stray = fds[0];
+    let server = Server::start_custom(
+        &config(&[("lister", &options, "")]),
+        &["--backend", "epoll"],
+        &[],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 is async-signal-safe; it leaves fd 9 without close-on-exec, as a
+            // careless parent (a shell) would.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(stray, 9) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    )
+    .unwrap();
+    let mut listed = String::new();
+    connect(server.addr("lister"))
+        .read_to_string(&mut listed)
+        .unwrap();
+    let open: Vec<&str> = listed.split_whitespace().collect();
+    // 0-2 are the connection's pipes; 3 is the directory ls is reading.
+    assert_eq!(
+        open,
+        ["0", "1", "2", "3"],
+        "the program inherited {listed:?}"
+    );
+    // SAFETY: closing the two descriptors pipe2 made.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
