@@ -72,15 +72,24 @@ pub fn kill_and_reap(child: &mut Child, registered: Registered) -> io::Result<Ex
     child.wait()
 }
 
-/// [`kill_and_reap`] for a caller that must not block (a connection's task being dropped): the
-/// leader is reaped at once if it is already gone, else by a short-lived thread.
-pub fn kill_and_reap_detached(mut child: Child, registered: Registered) {
+/// [`kill_and_reap`] for a caller that must not block (a connection's task, on a worker): the
+/// leader is reaped at once if it is already gone (its status returned), else by a
+/// short-lived thread (`None`).
+pub fn kill_and_reap_detached(mut child: Child, registered: Registered) -> Option<ExitStatus> {
     crate::program::signal_group(registered.pgid(), libc::SIGKILL);
     drop(registered);
-    if matches!(child.try_wait(), Ok(None)) {
-        let reaper = std::thread::Builder::new().name("wharf-reaper".into());
-        if let Err(e) = reaper.spawn(move || child.wait()) {
-            tracing::warn!(error = %e, "cannot start a thread to reap a killed child");
+    match child.try_wait() {
+        Ok(Some(status)) => Some(status),
+        Ok(None) => {
+            let reaper = std::thread::Builder::new().name("wharf-reaper".into());
+            if let Err(e) = reaper.spawn(move || child.wait()) {
+                tracing::warn!(error = %e, "cannot start a thread to reap a killed child");
+            }
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reap a killed child");
+            None
         }
     }
 }

@@ -186,6 +186,16 @@ impl Context {
         }
     }
 
+    /// The service's `idle_timeout` (`None` when it is `0s`, or outside a server): for a
+    /// plugin that also moves bytes the connection does not see (a program's pipes) and so
+    /// must end an idle session itself.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match &self.scope {
+            Scope::Served(ticket) => ticket.gate().idle_timeout(),
+            Scope::Detached(_) => None,
+        }
+    }
+
     /// The service's config name (`"detached"` outside a server).
     pub fn service(&self) -> &str {
         match &self.scope {

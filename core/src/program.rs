@@ -12,7 +12,9 @@
 //!   applies [`set_nice`];
 //! - **watching a child without reaping it** ([`pidfd_open`], [`exited_unreaped`]), so its
 //!   process group can be killed while the group id is still ours (the order
-//!   [`crate::children::kill_and_reap`] keeps).
+//!   [`crate::children::kill_and_reap`] keeps);
+//! - **nothing inherited by accident** ([`close_inherited_on_exec`]): descriptors wharf itself
+//!   inherited from whatever started it are never passed on to the programs.
 
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -212,6 +214,46 @@ pub fn exited_unreaped(pid: libc::pid_t) -> bool {
 pub fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
     // SAFETY: signalling a process group the caller started and whose leader is not reaped.
     unsafe { libc::kill(-pgid, signal) };
+}
+
+/// Marks every descriptor from 3 up close-on-exec, so that nothing wharf inherited from what
+/// started it (a shell's stray descriptors, say) reaches the programs it runs. Call first
+/// thing at startup, before any thread or descriptor of wharf's own exists. The systemd
+/// socket-activation descriptors are among them, which is what activation wants anyway (it
+/// marks the ones it claims close-on-exec too); close-on-exec closes nothing in wharf itself.
+/// Uses `close_range(2)` (Linux 5.11), else walks `/proc/self/fd`.
+pub fn close_inherited_on_exec() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if done {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Collected first: the directory's own descriptor is among the entries while it is read.
+    let fds: Vec<RawFd> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= 3)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only read and set the close-on-exec flag; a descriptor
+        // closed meanwhile (the directory's) makes them fail harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::echo::TUTORIAL_ECHO_CLIENT;
 use super::harness::{
-    backends, closed_within, connect, echo_roundtrip, have_tool, metric_value, payload,
+    backends, closed_within, connect, echo_once, echo_roundtrip, have_tool, metric_value, payload,
     python_client, skip_or_fail, Server, WHARF,
 };
 
@@ -445,5 +445,150 @@ fn over_tls_the_program_gets_plaintext_and_the_client_s_identity() {
         let _ = tls.read_to_end(&mut rest);
         assert!(rest.is_empty(), "{backend}: {rest:?}");
         assert_nothing_left(server.pid(), &[]);
+    }
+}
+
+/// One worker serving an echo service beside a process service whose programs flood stderr
+/// with blank lines (about 2 s each).
+fn flood_beside_echo_config() -> String {
+    let flood = "import os, time\nend = time.time() + 2\nwhile time.time() < end:\n    os.write(2, b'\\n' * 65536)";
+    let options = argv(&["python3", "-c", flood]);
+    format!(
+        "[server]\nworkers = 1\nshutdown_grace = \"5s\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [services.echo]\nplugin = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.flood]\nplugin = \"process\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.flood.options]\n{options}\n"
+    )
+}
+
+#[test]
+fn a_program_flooding_stderr_with_blank_lines_does_not_stall_its_worker() {
+    if !python_or_skip() {
+        return;
+    }
+    for backend in backends() {
+        let server = Server::start(&flood_beside_echo_config(), backend);
+        let mut echo = connect(server.addr("echo"));
+        assert_eq!(echo_once(&mut echo, b"warm"), b"warm");
+        // Two flooding programs, on the only worker.
+        let floods: Vec<TcpStream> = (0..2).map(|_| connect(server.addr("flood"))).collect();
+        server.wait_metric("wharf_process_running", &[("service", "flood")], 2.0);
+        let started = Instant::now();
+        let mut worst = Duration::ZERO;
+        let mut rounds = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            let sent = Instant::now();
+            assert_eq!(echo_once(&mut echo, b"ping"), b"ping", "{backend}");
+            worst = worst.max(sent.elapsed());
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Generous for a noisy 2-core machine; the stall this guards against was seconds.
+        assert!(
+            worst < Duration::from_millis(500),
+            "{backend}: an echo round trip took {worst:?} beside the flood ({rounds} rounds)"
+        );
+        drop(floods);
+        // The log got the burst and the rate, not millions of lines; the drops were counted.
+        server.wait_log("lines dropped", 1, Duration::from_secs(10));
+        assert!(
+            server.log_count("process stderr") < 2000,
+            "{backend}: {} stderr lines logged",
+            server.log_count("process stderr")
+        );
+        assert_nothing_left(server.pid(), &[]);
+    }
+}
+
+#[test]
+fn sessions_where_nothing_moves_end_at_idle_timeout() {
+    let options = argv(&["sleep", "1000"]);
+    for backend in backends() {
+        let server = Server::start(
+            &config(&[("sleepy", &options, "idle_timeout = \"2s\"")]),
+            backend,
+        );
+        let addr = server.addr("sleepy");
+        // One client sends 4 MB the program never reads, then stops sending (its writer
+        // blocks once the pipe and socket buffers are full).
+        let mut stuffer = connect(addr);
+        let writer = {
+            let mut s = stuffer.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = s.write_all(&payload(4 << 20, 3));
+            })
+        };
+        // Another finishes sending at once and waits for an answer that never comes.
+        let mut quiet = connect(addr);
+        quiet.shutdown(std::net::Shutdown::Write).unwrap();
+        server.wait_metric("wharf_process_running", &[("service", "sleepy")], 2.0);
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut quiet, Duration::from_secs(8)),
+            "{backend}"
+        );
+        assert!(
+            closed_within(&mut stuffer, Duration::from_secs(8)),
+            "{backend}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_secs(6),
+            "{backend}: idle sessions ended after {waited:?} (idle_timeout 2s)"
+        );
+        writer.join().unwrap();
+        server.wait_metric("wharf_process_running", &[("service", "sleepy")], 0.0);
+        server.wait_metric(
+            "wharf_requests_total",
+            &labels("sleepy", backend, "idle"),
+            2.0,
+        );
+        assert_nothing_left(server.pid(), &[]);
+    }
+}
+
+#[test]
+fn descriptors_wharf_inherited_do_not_reach_programs() {
+    let options = argv(&["ls", "/proc/self/fd"]);
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two descriptors it creates (close-on-exec: only the dup below
+    // is inherited).
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let stray = fds[0];
+    let server = Server::start_custom(
+        &config(&[("lister", &options, "")]),
+        &["--backend", "epoll"],
+        &[],
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: dup2 is async-signal-safe; it leaves fd 9 without close-on-exec, as a
+            // careless parent (a shell) would.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(stray, 9) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    )
+    .unwrap();
+    let mut listed = String::new();
+    connect(server.addr("lister"))
+        .read_to_string(&mut listed)
+        .unwrap();
+    let open: Vec<&str> = listed.split_whitespace().collect();
+    // 0-2 are the connection's pipes; 3 is the directory ls is reading.
+    assert_eq!(
+        open,
+        ["0", "1", "2", "3"],
+        "the program inherited {listed:?}"
+    );
+    // SAFETY: closing the two descriptors pipe2 made.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
     }
 }

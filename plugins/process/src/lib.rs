@@ -187,6 +187,7 @@ enum Ending {
 /// What woke the session up.
 enum Event {
     Deadline,
+    Idle,
     Stopping,
     KillNow,
     Exited,
@@ -288,11 +289,23 @@ async fn relay<C: Conn>(
     let mut client_done = false;
     // After a server stop: SIGTERM sent, SIGKILL due at this instant.
     let mut kill_at: Option<Instant> = None;
+    // The last time a byte moved, either way, on the connection or a pipe: the session ends
+    // (outcome `idle`) `idle_timeout` after it. The connection's own idle timer only runs
+    // while one of its reads or writes waits, which is not the case while client bytes wait
+    // for a program that does not read them, nor after the client finished sending.
+    let idle_timeout = cx.idle_timeout();
+    let mut last_progress = Instant::now();
     loop {
+        // Readiness waits do not count against tokio's cooperative budget: a program that
+        // keeps a pipe full (say, newlines to stderr as fast as it can) would otherwise keep
+        // this task running forever and stall every other connection of the worker.
+        tokio::task::consume_budget().await;
         let pending = written < to_child.len();
         // Unbiased: a program flooding stderr cannot starve its stdout, nor one side the other.
         let event = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => Event::Deadline,
+            _ = tokio::time::sleep_until(last_progress + idle_timeout.unwrap_or_default()),
+                if idle_timeout.is_some() => Event::Idle,
             _ = cx.stopping(), if kill_at.is_none() => Event::Stopping,
             _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
                 Event::KillNow
@@ -306,8 +319,15 @@ async fn relay<C: Conn>(
             ready = conn.readable(), if !client_done && !pending => Event::ClientReadable(ready),
             _ = tokio::time::sleep(CLIENT_CHECK), if client_done => Event::ClientCheck,
         };
+        if matches!(
+            event,
+            Event::Stdout(Ok(1..)) | Event::Stderr(Ok(1..)) | Event::StdinWritten(Ok(1..))
+        ) {
+            last_progress = Instant::now();
+        }
         match event {
             Event::Deadline => return Ending::TimedOut,
+            Event::Idle => return Ending::Idle,
             Event::Stopping => {
                 // Ask the program to finish; what it still writes reaches the client.
                 child.signal(libc::SIGTERM);
@@ -371,8 +391,11 @@ async fn relay<C: Conn>(
                         client_done = true;
                         child.stdin = None;
                     }
-                    Ok(Some(_)) if child.stdin.is_none() => to_child.clear(),
-                    Ok(Some(_)) => {}
+                    Ok(Some(_)) if child.stdin.is_none() => {
+                        last_progress = Instant::now();
+                        to_child.clear();
+                    }
+                    Ok(Some(_)) => last_progress = Instant::now(),
                     Err(e) => return client_error(&e),
                 }
             }
@@ -407,8 +430,9 @@ async fn stop<C: Conn>(
         child.signal(libc::SIGTERM);
         let _ = tokio::time::timeout(KILL_GRACE, child.exited()).await;
     }
-    // The rest of the group is killed now, whatever it is doing, and the leader reaped.
-    let status = child.finish();
+    // The rest of the group is killed now, whatever it is doing, and the leader reaped
+    // (waited for through its pidfd, never by blocking the worker).
+    let status = child.finish().await;
     // Every writer of the group is dead: what is left in the pipes is all there is.
     if let Some(err) = child.stderr.take() {
         let mut buf = Vec::with_capacity(4096);

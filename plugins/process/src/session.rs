@@ -5,7 +5,8 @@
 //! pipes, and a pidfd that becomes readable when the leader exits), not `tokio::process`:
 //! that works the same on both backends (the io_uring workers run tokio-uring, itself on a
 //! tokio reactor), needs no SIGCHLD handler, and leaves the reap to us, so the whole group is
-//! killed while its id is still ours ([`wharf_core::children::kill_and_reap`]).
+//! killed while its id is still ours (the order [`wharf_core::children::kill_and_reap`] keeps),
+//! without a blocking `wait()` on the worker ([`Child::finish`]).
 //!
 //! A [`Child`] that is dropped with its program still running (the session's task was
 //! aborted at the end of a drain, or a spawn finished after its connection was gone) kills
@@ -23,6 +24,10 @@ use wharf_core::program::{self, Launch};
 
 /// How often exit is checked where pidfds are missing (kernels before 5.3).
 const EXIT_POLL: Duration = Duration::from_millis(20);
+
+/// Longest a session waits for its program's leader to exit after SIGKILL before leaving the
+/// reap to a thread (SIGKILL is prompt unless the process is stuck in the kernel).
+pub const REAP_WAIT: Duration = Duration::from_secs(2);
 
 /// A started program, not registered with any reactor yet (it is made on a blocking thread
 /// and handed to a worker). Dropped unadopted (its connection went away while it started),
@@ -160,14 +165,21 @@ impl Child {
         }
     }
 
-    /// Kills what is left of the group and reaps the leader. Call once the leader has exited
-    /// (the wait is then immediate); returns its status.
-    pub fn finish(&mut self) -> io::Result<ExitStatus> {
-        let (mut child, registered) = self
+    /// Kills what is left of the group and reaps the leader; returns its status. The wait for
+    /// the leader is asynchronous (its pidfd, or polling), bounded by [`REAP_WAIT`]: a leader
+    /// that is still there then (stuck in the kernel, state D) is handed to a reaper thread
+    /// ([`children::kill_and_reap_detached`]) and the session goes on without its status.
+    pub async fn finish(&mut self) -> io::Result<ExitStatus> {
+        // SIGKILL while the leader is unreaped: the group id is still ours.
+        self.signal(libc::SIGKILL);
+        let _ = tokio::time::timeout(REAP_WAIT, self.exited()).await;
+        let (child, registered) = self
             .leader
             .take()
             .ok_or_else(|| io::Error::other("already reaped"))?;
-        children::kill_and_reap(&mut child, registered)
+        children::kill_and_reap_detached(child, registered).ok_or_else(|| {
+            io::Error::other("the program did not exit after SIGKILL: reaped in the background")
+        })
     }
 }
 

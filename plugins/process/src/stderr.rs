@@ -8,8 +8,13 @@
 //! - a line longer than [`MAX_LINE`] bytes is logged cut at that length, the rest of it
 //!   dropped; at most one partial line is held;
 //! - lines are logged at most [`LINES_PER_SECOND`] a second after a burst of [`BURST`]; the
-//!   lines over that are dropped and counted, and the count is logged when the session ends
-//!   (or when logging resumes).
+//!   lines over that are dropped and counted, and the count is logged at most once every
+//!   [`DROPPED_REPORT_EVERY`] (and when the session ends), so the warning adds at most one
+//!   line a second to the budget;
+//! - while the rate allows no line, a chunk is not split into lines at all: its newlines are
+//!   counted (with `memchr`, which scans a word at a time) and everything up to the last one
+//!   dropped, so a program writing nothing but newlines costs a scan per chunk, not work per
+//!   line.
 
 use std::time::Duration;
 
@@ -21,6 +26,8 @@ pub const MAX_LINE: usize = 1024;
 pub const LINES_PER_SECOND: u32 = 50;
 /// Lines a session may log at once before the rate applies.
 pub const BURST: u32 = 200;
+/// Shortest time between two "lines dropped" warnings of one session.
+pub const DROPPED_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Splits one child's stderr into log lines.
 pub struct StderrLog {
@@ -35,6 +42,8 @@ pub struct StderrLog {
     refilled: Instant,
     /// Lines dropped by the rate limit and not reported yet.
     dropped: u64,
+    /// When the last "lines dropped" warning was logged.
+    reported: Option<Instant>,
 }
 
 impl StderrLog {
@@ -48,32 +57,42 @@ impl StderrLog {
             tokens: f64::from(BURST),
             refilled: Instant::now(),
             dropped: 0,
+            reported: None,
         }
     }
 
     /// Takes a chunk read from the pipe.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
-            let newline = bytes.iter().position(|&b| b == b'\n');
-            let (part, rest) = match newline {
-                Some(i) => (&bytes[..i], Some(&bytes[i + 1..])),
-                None => (bytes, None),
+            let Some(newline) = memchr::memchr(b'\n', bytes) else {
+                self.collect(bytes);
+                break;
             };
-            if !self.cut {
-                let room = MAX_LINE - self.line.len();
-                if part.len() > room {
-                    self.line.extend_from_slice(&part[..room]);
-                    self.cut = true;
-                } else {
-                    self.line.extend_from_slice(part);
-                }
+            if !self.refill() {
+                // No line may be logged now: the current line and every whole line of the
+                // chunk are dropped uncollected; only what follows the last newline is kept.
+                let last = memchr::memrchr(b'\n', bytes).unwrap_or(newline);
+                self.dropped += memchr::memchr_iter(b'\n', &bytes[..=last]).count() as u64;
+                self.line.clear();
+                self.cut = false;
+                bytes = &bytes[last + 1..];
+                continue;
             }
-            match rest {
-                Some(rest) => {
-                    self.emit();
-                    bytes = rest;
-                }
-                None => break,
+            self.collect(&bytes[..newline]);
+            self.emit();
+            bytes = &bytes[newline + 1..];
+        }
+    }
+
+    /// Adds `part` (holding no newline) to the current line, up to [`MAX_LINE`] bytes.
+    fn collect(&mut self, part: &[u8]) {
+        if !self.cut {
+            let room = MAX_LINE - self.line.len();
+            if part.len() > room {
+                self.line.extend_from_slice(&part[..room]);
+                self.cut = true;
+            } else {
+                self.line.extend_from_slice(part);
             }
         }
     }
@@ -83,7 +102,7 @@ impl StderrLog {
         if !self.line.is_empty() || self.cut {
             self.emit();
         }
-        self.report_dropped();
+        self.report_dropped(true);
     }
 
     /// Logs the collected line, if the rate allows.
@@ -95,7 +114,7 @@ impl StderrLog {
             self.dropped += 1;
             return;
         }
-        self.report_dropped();
+        self.report_dropped(false);
         let (service, pid) = (&self.service, self.pid);
         // `{:?}`: the line is the program's output, control characters and all.
         if cut {
@@ -105,8 +124,15 @@ impl StderrLog {
         }
     }
 
-    fn report_dropped(&mut self) {
-        if self.dropped > 0 {
+    /// Logs the count of dropped lines, if any, at most once per [`DROPPED_REPORT_EVERY`]
+    /// unless `now_anyway` (the session ended).
+    fn report_dropped(&mut self, now_anyway: bool) {
+        let now = Instant::now();
+        let due = self
+            .reported
+            .is_none_or(|at| now.duration_since(at) >= DROPPED_REPORT_EVERY);
+        if self.dropped > 0 && (due || now_anyway) {
+            self.reported = Some(now);
             let (service, pid, dropped) = (&self.service, self.pid, self.dropped);
             tracing::warn!(
                 service,
@@ -118,7 +144,18 @@ impl StderrLog {
         }
     }
 
+    /// Takes a token for one line; `false` (and nothing taken) if the rate allows none now.
     fn take_token(&mut self) -> bool {
+        if self.refill() {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds the tokens earned since the last refill; whether one is available.
+    fn refill(&mut self) -> bool {
         let now = Instant::now();
         let elapsed = now
             .duration_since(self.refilled)
@@ -126,12 +163,7 @@ impl StderrLog {
         self.refilled = now;
         self.tokens = (self.tokens + elapsed.as_secs_f64() * f64::from(LINES_PER_SECOND))
             .min(f64::from(BURST));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens >= 1.0
     }
 
     /// Lines dropped and not reported yet (for tests).
@@ -175,6 +207,35 @@ mod tests {
             log.feed(&b"line\n".repeat(BURST as usize + 1000));
             // Roughly the burst is logged (plus what the clock refilled meanwhile).
             assert!(log.pending_dropped() >= 900, "{}", log.pending_dropped());
+            log.finish();
+            assert_eq!(log.pending_dropped(), 0);
+        });
+    }
+
+    #[test]
+    fn blank_lines_past_the_budget_are_counted_without_being_collected() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut log = StderrLog::new("t", 1);
+            log.feed(&b"\n".repeat(BURST as usize));
+            assert_eq!(log.pending_dropped(), 0, "the burst is logged");
+            log.tokens = 0.0;
+            let started = std::time::Instant::now();
+            for _ in 0..200 {
+                log.feed(&[b'\n'; 65536]);
+            }
+            log.feed(b"\npartial");
+            // A few tokens may have been earned meanwhile; nearly every line is dropped.
+            assert!(log.pending_dropped() >= 200 * 65536 - 1000);
+            assert_eq!(
+                log.line, b"partial",
+                "the line after the last newline is kept"
+            );
+            // 13 million lines: a word-at-a-time scan, not a line at a time.
+            assert!(started.elapsed() < std::time::Duration::from_secs(2));
             log.finish();
             assert_eq!(log.pending_dropped(), 0);
         });
