@@ -10,6 +10,7 @@
 # Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 conns=${1:-64}
 duration=${2:-5}
 cargo build --release -q -p wharf
@@ -21,14 +22,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 for plugin in echo http-hello; do
   for variant in plain access-log proxy-v2 per-source; do
     cfg="$work/$plugin-$variant.toml"
-    {
-      printf '[server]\nworkers = 1\n'
-      [ "$variant" = access-log ] && printf '[access_log]\npath = "%s/access.log"\n' "$work"
-      printf '[services.s]\nplugin = "%s"\nlisten = "127.0.0.1:%s"\n' "$plugin" "$port"
-      [ "$variant" = proxy-v2 ] && printf 'proxy_protocol = "v2"\ntrusted_proxies = ["127.0.0.1/32"]\n'
-      [ "$variant" = per-source ] && printf 'max_connections_per_source = 1000\nmax_connection_rate = 100000\nmax_connection_rate_per_source = 100000\n'
-      [ "$plugin" = echo ] && printf '[services.s.options]\ntransform = "none"\n'
-    } >"$cfg"
+    edge_config "$variant" "$plugin" "$port" "$work" >"$cfg"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/out" \
       "$bin" serve --config "$cfg" >/dev/null 2>"$work/log" &
     vpid=$!

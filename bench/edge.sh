@@ -29,27 +29,6 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"; kill $(jobs -p) 2>/dev/null || true' EXIT
 port=17100
 
-# config VARIANT PLUGIN: writes the config and prints its path.
-config() {
-  local cfg="$dir/$1-$2.toml"
-  {
-    echo "[server]"
-    echo "workers = 1"
-    if [ "$1" = access-log ]; then
-      printf '[access_log]\npath = "%s/access.log"\n' "$dir"
-    fi
-    echo "[services.s]"
-    echo "plugin = \"$2\""
-    echo "listen = \"127.0.0.1:$port\""
-    case $1 in
-      proxy-v2) printf 'proxy_protocol = "v2"\ntrusted_proxies = ["127.0.0.1/32"]\n' ;;
-      per-source) printf 'max_connections_per_source = 1000\nmax_connection_rate = 100000\nmax_connection_rate_per_source = 100000\n' ;;
-    esac
-    if [ "$2" = echo ]; then printf '[services.s.options]\ntransform = "none"\n'; fi
-  } >"$cfg"
-  echo "$cfg"
-}
-
 ulimit -n 65536 2>/dev/null || true
 variants=(plain access-log proxy-v2 per-source)
 for round in $(seq "$rounds"); do
@@ -57,7 +36,9 @@ for round in $(seq "$rounds"); do
     for c in "${conns[@]}"; do
       for variant in "${variants[@]}"; do
         rm -f "$dir/access.log"
-        WHARF_LOG=warn taskset -c 0 "$bin" serve --config "$(config "$variant" "$plugin")" &
+        cfg="$dir/$variant-$plugin.toml"
+        edge_config "$variant" "$plugin" "$port" "$dir" >"$cfg"
+        WHARF_LOG=warn taskset -c 0 "$bin" serve --config "$cfg" &
         pid=$!
         wait_for_port "$port"
         extra=()

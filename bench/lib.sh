@@ -36,3 +36,18 @@ print(json.dumps({"server": server, "mode": mode, "rps": rps, "p50_us": lat("50"
                   "server_cpu_us_per_req": (after - before) * 1e6 / total if total else None}))
 PY
 }
+
+# Prints the one-service config of an edge-feature variant (bench/edge.sh,
+# bench/edge-instructions.sh): edge_config VARIANT PLUGIN PORT DIR, where VARIANT is plain,
+# access-log (to DIR/access.log), proxy-v2 or per-source (limits on, not tripped).
+edge_config() {
+  local variant=$1 plugin=$2 port=$3 dir=$4
+  printf '[server]\nworkers = 1\n'
+  [ "$variant" = access-log ] && printf '[access_log]\npath = "%s/access.log"\n' "$dir"
+  printf '[services.s]\nplugin = "%s"\nlisten = "127.0.0.1:%s"\n' "$plugin" "$port"
+  case $variant in
+    proxy-v2) printf 'proxy_protocol = "v2"\ntrusted_proxies = ["127.0.0.1/32"]\n' ;;
+    per-source) printf 'max_connections_per_source = 1000\nmax_connection_rate = 100000\nmax_connection_rate_per_source = 100000\n' ;;
+  esac
+  if [ "$plugin" = echo ]; then printf '[services.s.options]\ntransform = "none"\n'; fi
+}

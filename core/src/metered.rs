@@ -273,38 +273,40 @@ impl<C: Conn> Conn for Metered<C> {
     }
 }
 
+/// A metered in-memory pipe on a paused clock, for this module's tests and those of the
+/// framework's readers that run before the plugin ([`crate::proxy`]).
+#[cfg(test)]
+pub(crate) fn paused_pipe(
+    idle_timeout: Duration,
+    test: impl AsyncFnOnce(Metered<crate::testing::MemConn>, crate::testing::Client),
+) {
+    let labels = crate::metrics::ServiceLabels {
+        service: "t".into(),
+        plugin: "echo".into(),
+        backend: "test".into(),
+    };
+    let metrics = Arc::new(ServiceMetrics::register(&labels, &[], false));
+    // The clock only moves when everything is waiting.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let (conn, client) = crate::testing::pipe();
+        test(Metered::new(conn, metrics, Some(idle_timeout)), client).await;
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::ServiceLabels;
-    use crate::testing::{self, Client, MemConn};
+    use crate::testing::{Client, MemConn};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
-    fn metered(conn: MemConn) -> Metered<MemConn> {
-        let labels = ServiceLabels {
-            service: "t".into(),
-            plugin: "echo".into(),
-            backend: "test".into(),
-        };
-        Metered::new(
-            conn,
-            Arc::new(ServiceMetrics::register(&labels, &[], false)),
-            Some(TIMEOUT),
-        )
-    }
-
-    /// Runs `test` on a local runtime whose clock only moves when everything is waiting.
     fn paused(test: impl AsyncFnOnce(Metered<MemConn>, Client)) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
-            let (conn, client) = testing::pipe();
-            test(metered(conn), client).await;
-        });
+        paused_pipe(TIMEOUT, test);
     }
 
     async fn read(conn: &mut Metered<MemConn>) -> io::Result<usize> {

@@ -356,11 +356,9 @@ async fn read_until_parsed<C: Conn>(
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::{ServiceLabels, ServiceMetrics};
-    use crate::testing::{self, Client, MemConn};
+    use crate::testing::{Client, MemConn};
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -372,31 +370,10 @@ mod tests {
         }
     }
 
-    fn metered(conn: MemConn) -> Metered<MemConn> {
-        let labels = ServiceLabels {
-            service: "t".into(),
-            plugin: "echo".into(),
-            backend: "test".into(),
-        };
-        // An idle timeout longer than the header's: the header deadline is what is tested.
-        Metered::new(
-            conn,
-            Arc::new(ServiceMetrics::register(&labels, &[], false)),
-            Some(Duration::from_secs(60)),
-        )
-    }
-
-    /// Runs `test` on a local runtime whose clock only moves when everything is waiting.
+    /// A metered pipe whose idle timeout is longer than the header's: the header deadline is
+    /// what is tested.
     fn paused(test: impl AsyncFnOnce(Metered<MemConn>, Client)) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
-            let (conn, client) = testing::pipe();
-            test(metered(conn), client).await;
-        });
+        crate::metered::paused_pipe(Duration::from_secs(60), test);
     }
 
     /// Writes `bytes` (one write), then reads the header with `versions`.
