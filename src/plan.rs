@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::Path;
 
 use figment::value::{Dict, Value};
 use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, ServiceConfig};
+use wharf_core::listen::Listen;
 use wharf_core::tls::files::LoadedTls;
 
 use crate::registry::{BuiltService, Registry};
@@ -90,17 +90,24 @@ pub fn load_parts(
 fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigError>> {
     let (config, mut errors) = source.resolve();
     let mut services = Vec::new();
-    let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
+    let mut addresses: HashMap<Listen, String> = HashMap::new();
     if let Some(metrics) = &config.metrics {
-        addresses.insert(metrics.listen, "metrics.listen".into());
+        addresses.insert(Listen::Tcp(metrics.listen), "metrics.listen".into());
     }
 
     for (name, svc) in &config.services {
-        if svc.listen.port() != 0 {
-            let key = format!("services.{name}.listen");
-            if let Some(other) = addresses.insert(svc.listen, key.clone()) {
+        let key = format!("services.{name}.listen");
+        if !svc.listen.is_ephemeral() {
+            if let Some(other) = addresses.insert(svc.listen.clone(), key.clone()) {
                 errors.push(source.value_error_at(&key, format!("already used by {other}")));
             }
+        }
+        if !matches!(svc.listen, Listen::Tcp(_)) {
+            errors.push(source.value_error_at(
+                &key,
+                format!("{} listeners are not supported yet", svc.listen.kind()),
+            ));
+            continue;
         }
         let Some(plugin) = registry.get(&svc.plugin) else {
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
@@ -273,7 +280,7 @@ mod tests {
         assert!(!plan.services.is_empty());
         for s in &plan.services {
             assert!(
-                s.config.listen.ip().is_loopback(),
+                s.config.listen.is_local(),
                 "{} binds {}",
                 s.name,
                 s.config.listen

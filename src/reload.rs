@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tracing::warn;
 use wharf_core::config::Config;
+use wharf_core::listen::Listen;
 
 use crate::plan::PlannedService;
 
@@ -38,7 +39,7 @@ pub struct ServiceKey {
     /// The config name.
     pub name: String,
     /// `listen` as configured (port 0 stays 0).
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// Every setting, framework-level and the plugin's resolved options, and the content of
     /// its TLS files (a digest).
     pub fingerprint: String,
@@ -66,7 +67,7 @@ impl ServiceKey {
         }
         ServiceKey {
             name: svc.name.clone(),
-            listen: svc.config.listen,
+            listen: svc.config.listen.clone(),
             fingerprint,
             files,
         }
@@ -106,7 +107,7 @@ pub enum Step {
 /// new sockets first, then handler swaps, then closures, so nothing that continues has a gap.
 /// `bound` is the address each running service's socket actually has (a port-0 service's port,
 /// so pinning it to that port keeps the socket).
-pub fn diff(running: &[ServiceKey], bound: &[SocketAddr], new: &[ServiceKey]) -> Vec<Step> {
+pub fn diff(running: &[ServiceKey], bound: &[Listen], new: &[ServiceKey]) -> Vec<Step> {
     let mut taken = vec![false; running.len()];
     let mut placed: Vec<Option<Step>> = vec![None; new.len()];
 
@@ -128,7 +129,7 @@ pub fn diff(running: &[ServiceKey], bound: &[SocketAddr], new: &[ServiceKey]) ->
     // A fixed address another service is leaving (renamed, or addresses swapped): inherit its
     // socket rather than close and re-bind it. Port 0 means "any port", never a shared one.
     for (n, key) in new.iter().enumerate() {
-        if placed[n].is_some() || key.listen.port() == 0 {
+        if placed[n].is_some() || key.listen.is_ephemeral() {
             continue;
         }
         let found = running.iter().enumerate().find(|(r, old)| {
@@ -358,8 +359,8 @@ mod tests {
     }
 
     /// Sockets bound where configured (no port 0).
-    fn bound(running: &[ServiceKey]) -> Vec<SocketAddr> {
-        running.iter().map(|k| k.listen).collect()
+    fn bound(running: &[ServiceKey]) -> Vec<Listen> {
+        running.iter().map(|k| k.listen.clone()).collect()
     }
 
     #[test]

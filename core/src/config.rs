@@ -17,6 +17,7 @@ use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::listen::Listen;
 use crate::net::Cidr;
 
 /// The whole resolved configuration.
@@ -199,8 +200,9 @@ pub struct MetricsConfig {
 pub struct ServiceConfig {
     /// Registered plugin name.
     pub plugin: String,
-    /// Address to listen on.
-    pub listen: SocketAddr,
+    /// Where clients reach it: a TCP address, `unix:/path` or `unix:@name`, or `udp:IP:port`
+    /// (see [`Listen`]).
+    pub listen: Listen,
     /// Connections open at once; more are closed at accept and counted as rejected.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -1743,7 +1745,7 @@ mod tests {
                 "test.toml: services.e.idle_timeout = \"soon\": expected a duration like \"30s\" \
                  or \"1m 30s\"",
                 "test.toml: services.e.listen = \"nowhere\": expected an IP address with port, \
-                 like \"127.0.0.1:7000\"",
+                 like \"127.0.0.1:7000\", or unix:/path/to.sock, unix:@name, udp:IP:port",
                 "test.toml: services.e.max_blocking = -1: expected a non-negative integer",
                 "test.toml: services.e.max_connections = \"lots\": expected a non-negative \
                  integer, found a string",
@@ -1843,7 +1845,8 @@ mod tests {
         assert_eq!(
             first_error("WHARF_SERVICES__E__LISTEN", "nowhere"),
             "environment variable WHARF_SERVICES__E__LISTEN: services.e.listen: \
-             expected an IP address with port, like \"127.0.0.1:7000\""
+             expected an IP address with port, like \"127.0.0.1:7000\", or \
+             unix:/path/to.sock, unix:@name, udp:IP:port"
         );
         // A service created by the environment alone: its errors name the variable.
         let error = first_error("WHARF_SERVICES__NEW__LISTEN", "127.0.0.1:2");

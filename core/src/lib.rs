@@ -2,6 +2,7 @@
 //!
 //! The layout follows the data path of one connection:
 //!
+//! - [`listen`]: the `listen` address of a service: TCP, Unix-domain or UDP.
 //! - [`net`]: listening sockets (one `SO_REUSEPORT` socket per worker), CIDR rules, and which
 //!   client a peer address counts as.
 //! - [`backend`]: what an IO mechanism (epoll, io_uring) must provide: a worker runtime, a
@@ -46,6 +47,7 @@ pub mod context;
 pub mod exit_status;
 pub mod framing;
 pub mod gate;
+pub mod listen;
 pub mod metered;
 pub mod metrics;
 pub mod net;

@@ -34,6 +34,7 @@ use crate::access_log::{self, ConnBytes, ConnOutcome, ServiceLog, Who};
 use crate::backend::{Backend, Listener};
 use crate::context::{ConnLog, Context, Proxied};
 use crate::gate::{Rejection, ServiceGate};
+use crate::listen::ListenSocket;
 use crate::metered::Metered;
 use crate::proxy::{self, Header};
 use crate::service::DynService;
@@ -76,7 +77,7 @@ pub struct WorkerService<B: Backend> {
     /// Which slot the socket belongs to.
     pub slot: SlotId,
     /// This worker's socket for the slot (bound, listening and non-blocking already).
-    pub socket: std::net::TcpListener,
+    pub socket: ListenSocket,
     /// What serves it.
     pub handler: HandlerOf<B>,
 }
@@ -205,7 +206,8 @@ struct Slots<B: Backend> {
 
 impl<B: Backend> Slots<B> {
     fn start(&mut self, s: WorkerService<B>) -> io::Result<()> {
-        let listener = B::listener(s.socket).map_err(|e| {
+        let ListenSocket::Tcp(socket) = s.socket;
+        let listener = B::listener(socket).map_err(|e| {
             let msg = format!("worker {}: cannot adopt listening socket: {e}", self.id);
             io::Error::new(e.kind(), msg)
         })?;

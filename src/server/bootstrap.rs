@@ -10,6 +10,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 
+use wharf_core::listen::{Listen, ListenSocket};
 use wharf_core::net::bind_reuseport_group;
 
 use super::ServeError;
@@ -19,9 +20,9 @@ use crate::plan::{Plan, PlannedService};
 /// One service's listening socket, one descriptor per worker.
 pub(super) struct BoundService {
     /// The address it actually has (port 0 resolved, or the activated socket's).
-    pub addr: SocketAddr,
+    pub addr: Listen,
     /// One descriptor per worker.
-    pub group: Vec<TcpListener>,
+    pub group: Vec<ListenSocket>,
     /// It came from systemd, which keeps its own copy open.
     pub activated: bool,
 }
@@ -39,7 +40,7 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
     let mut activated = Activated::from_env().map_err(ServeError::failure)?;
     let mut services = Vec::with_capacity(plan.services.len());
     for svc in &plan.services {
-        let bound = match activated.take(&svc.name, Some(svc.config.listen)) {
+        let bound = match activated.take(&svc.name, svc.config.listen.tcp()) {
             Some(socket) => share_activated(socket, workers).map_err(|e| {
                 ServeError::failure(format!("socket activation: {}: {e}", svc.name))
             })?,
@@ -56,7 +57,7 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
             Some(socket)
         }
         (Some(addr), None) => {
-            Some(bind_metrics(addr).map_err(|e| bind_error(plan, "metrics.listen", addr, &e))?)
+            Some(bind_metrics(addr).map_err(|e| bind_error(plan, "metrics.listen", &addr, &e))?)
         }
         (None, Some(_)) => {
             return Err(ServeError::failure(
@@ -89,8 +90,8 @@ fn share_activated(socket: TcpListener, workers: usize) -> io::Result<BoundServi
         .collect::<io::Result<Vec<_>>>()?;
     group.iter().try_for_each(|s| s.set_nonblocking(true))?;
     Ok(BoundService {
-        addr: socket.local_addr()?,
-        group,
+        addr: Listen::Tcp(socket.local_addr()?),
+        group: group.into_iter().map(ListenSocket::Tcp).collect(),
         activated: true,
     })
 }
@@ -101,17 +102,21 @@ pub(super) fn bind_service(
     svc: &PlannedService,
     workers: usize,
 ) -> Result<BoundService, ServeError> {
-    bind_reuseport_group(svc.config.listen, workers)
+    // The plan admits TCP listeners only (so far): anything else was reported there.
+    let Listen::Tcp(addr) = svc.config.listen else {
+        unreachable!("the plan admits only TCP listeners")
+    };
+    bind_reuseport_group(addr, workers)
         .and_then(|group| {
             Ok(BoundService {
-                addr: group[0].local_addr()?,
-                group,
+                addr: Listen::Tcp(group[0].local_addr()?),
+                group: group.into_iter().map(ListenSocket::Tcp).collect(),
                 activated: false,
             })
         })
         .map_err(|e| {
             let key = format!("services.{}.listen", svc.name);
-            bind_error(plan, &key, svc.config.listen, &e)
+            bind_error(plan, &key, &svc.config.listen, &e)
         })
 }
 
@@ -126,7 +131,7 @@ const ADDRESS_IN_USE_HINT: &str = "(another process is listening there)";
 
 /// A bind error located at its config key, with a hint; an address in use gets its own exit
 /// status.
-fn bind_error(plan: &Plan, key: &str, addr: SocketAddr, e: &io::Error) -> ServeError {
+fn bind_error(plan: &Plan, key: &str, addr: &dyn std::fmt::Display, e: &io::Error) -> ServeError {
     let in_use = format!(" {ADDRESS_IN_USE_HINT}");
     let hint = match e.kind() {
         io::ErrorKind::AddrInUse => in_use.as_str(),

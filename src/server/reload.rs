@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +28,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use wharf_core::config::ConfigError;
 use wharf_core::gate::ServiceGate;
+use wharf_core::listen::Listen;
 use wharf_core::worker::{Change, Control, SlotId};
 
 use super::bootstrap::{bind_service, BoundService};
@@ -122,7 +122,7 @@ impl<B: CompiledBackend> Running<B> {
     /// Returns what changed, as logged.
     async fn apply(&mut self, plan: Plan, started: Instant) -> Result<String, ApplyError> {
         let running: Vec<ServiceKey> = self.services.iter().map(|s| s.key.clone()).collect();
-        let bound: Vec<SocketAddr> = self.services.iter().map(|s| s.bound).collect();
+        let bound: Vec<Listen> = self.services.iter().map(|s| s.bound.clone()).collect();
         let new: Vec<ServiceKey> = plan.services.iter().map(ServiceKey::of).collect();
         let steps = reload::diff(&running, &bound, &new);
 
@@ -192,7 +192,7 @@ impl<B: CompiledBackend> Running<B> {
             if let Step::Start { new } = *step {
                 let svc = &plan.services[new];
                 let bound = bind_service(plan, svc, self.workers.len()).map_err(|e| {
-                    ApplyError::Unchanged(self.explain_overlap(e.to_string(), svc.config.listen))
+                    ApplyError::Unchanged(self.explain_overlap(e.to_string(), &svc.config.listen))
                 })?;
                 sockets.insert(new, bound);
             }
@@ -223,7 +223,7 @@ impl<B: CompiledBackend> Running<B> {
                 Step::Swap { running, new } => {
                     let svc = &plan.services[new];
                     let old = &self.services[running];
-                    let (slot, bound, activated) = (old.slot, old.bound, old.activated);
+                    let (slot, bound, activated) = (old.slot, old.bound.clone(), old.activated);
                     batch.retired.push(Arc::clone(&old.gate));
                     batch
                         .summary
@@ -253,7 +253,7 @@ impl<B: CompiledBackend> Running<B> {
                     let Some(socket) = sockets.remove(&new) else {
                         continue; // every Start was bound by bind_new
                     };
-                    let addr = socket.addr;
+                    let addr = socket.addr.clone();
                     let (service, started) = self.start_service(svc, socket);
                     for (c, started) in batch.per_worker.iter_mut().zip(started) {
                         c.push(Change::Start(started));
@@ -318,19 +318,27 @@ impl<B: CompiledBackend> Running<B> {
     /// Adds to a bind error when the address overlaps a socket of this very process (the
     /// same port on a wildcard and a specific address, or the metrics listener): that is not
     /// "another process", and only a restart can move between them.
-    fn explain_overlap(&self, msg: String, wanted: SocketAddr) -> String {
-        let overlaps = |have: SocketAddr| {
-            have.port() == wanted.port()
-                && (have.ip() == wanted.ip()
-                    || have.ip().is_unspecified()
-                    || wanted.ip().is_unspecified())
+    fn explain_overlap(&self, msg: String, wanted: &Listen) -> String {
+        let overlaps = |have: &Listen| match (have, wanted) {
+            (Listen::Tcp(have), Listen::Tcp(wanted)) | (Listen::Udp(have), Listen::Udp(wanted)) => {
+                have.port() == wanted.port()
+                    && (have.ip() == wanted.ip()
+                        || have.ip().is_unspecified()
+                        || wanted.ip().is_unspecified())
+            }
+            (have, wanted) => have == wanted,
         };
         let ours = self
             .services
             .iter()
-            .map(|s| (s.key.name.as_str(), s.bound))
-            .chain(self.config.metrics.as_ref().map(|m| ("metrics", m.listen)))
-            .find(|(_, have)| overlaps(*have));
+            .map(|s| (s.key.name.as_str(), s.bound.clone()))
+            .chain(
+                self.config
+                    .metrics
+                    .as_ref()
+                    .map(|m| ("metrics", Listen::Tcp(m.listen))),
+            )
+            .find(|(_, have)| overlaps(have));
         match ours {
             Some((name, have)) => format!(
                 "{msg}; it overlaps `{name}` on {have} in this process: moving between \

@@ -5,7 +5,6 @@
 //! It is built once the sockets are bound ([`super::bootstrap`]), changed only by a reload
 //! ([`super::reload`]: what happens on SIGHUP), and drained at the end ([`super::drain`]).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use tracing::info;
 use wharf_core::access_log::AccessLog;
 use wharf_core::config::Config;
 use wharf_core::gate::ServiceGate;
+use wharf_core::listen::Listen;
 use wharf_core::metrics::ServiceLabels;
 use wharf_core::net::Cidr;
 use wharf_core::tls::TlsSettings;
@@ -31,7 +31,7 @@ use crate::status::{Board, ServiceFacts};
 pub(super) struct RunningService {
     pub key: ServiceKey,
     /// The address its socket actually has (port 0 resolved, or the activated socket's).
-    pub bound: SocketAddr,
+    pub bound: Listen,
     pub slot: SlotId,
     /// The generation serving new connections.
     pub gate: Arc<ServiceGate>,
