@@ -16,12 +16,29 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::BorrowedFd;
 
 /// The result of an owned-buffer operation: the outcome, and the buffer handed back.
 ///
 /// On error the returned buffer may be a different (possibly empty) allocation, because the
 /// original can still be owned by a cancelled kernel operation.
 pub type BufResult<T> = (io::Result<T>, Vec<u8>);
+
+/// What one [`Conn::try_splice_to_pipe`] or [`Conn::try_splice_from_pipe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spliced {
+    /// This many bytes moved.
+    Moved(usize),
+    /// The source is at its end: the client finished sending (to a pipe), or every writer of
+    /// the pipe closed it (from a pipe).
+    Ended,
+    /// The connection is not ready (nothing to read, or no room to send): wait with
+    /// [`Conn::readable`] or [`Conn::writable`].
+    ConnNotReady,
+    /// The pipe is not ready (full when splicing into it, empty when splicing from it): wait
+    /// for the pipe.
+    PipeNotReady,
+}
 
 /// One client connection.
 ///
@@ -119,6 +136,35 @@ pub trait Conn {
             sent += n as u64;
         }
         Ok(sent)
+    }
+
+    /// Waits until a write would not block. Cancel-safe; it may wake spuriously. For the
+    /// splice calls below. The default says `Unsupported`.
+    async fn writable(&mut self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Whether the connection's bytes can move to and from pipes with `splice(2)`, in the
+    /// kernel, without passing through a buffer of ours: true for a plain socket on a backend
+    /// that drives its readiness (epoll), false for TLS (the bytes on the wire are not the
+    /// plugin's), io_uring (blocking sockets; tokio-uring has no splice operation) and the
+    /// in-memory pipe. When false, the splice calls say `Unsupported`: copy instead.
+    fn can_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes the client sent into `pipe` (a non-blocking pipe's write end)
+    /// without waiting, in the kernel. Counted like a read.
+    fn try_splice_to_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        let _ = (pipe, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Moves up to `len` bytes from `pipe` (a non-blocking pipe's read end) to the client
+    /// without waiting, in the kernel. Counted like a write.
+    fn try_splice_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        let _ = (pipe, len);
+        Err(io::ErrorKind::Unsupported.into())
     }
 
     /// Shuts down the sending side (TCP FIN); the peer sees end of stream.

@@ -62,7 +62,7 @@ pub mod tls;
 pub mod worker;
 
 pub use async_trait::async_trait;
-pub use conn::{BufResult, Conn};
+pub use conn::{BufResult, Conn, Spliced};
 pub use context::Context;
 pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use service::{DynService, Service};

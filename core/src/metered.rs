@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::ConnBytes;
-use crate::conn::{BufResult, Conn};
+use crate::conn::{BufResult, Conn, Spliced};
 use crate::metrics::ServiceMetrics;
 
 /// Largest piece of a file sent (and counted) at once.
@@ -254,6 +255,41 @@ impl<C: Conn> Conn for Metered<C> {
             }
             None => self.inner.readable().await,
         }
+    }
+
+    /// Bounded by the idle timeout like a write.
+    async fn writable(&mut self) -> io::Result<()> {
+        match &mut self.idle {
+            Some(idle) => {
+                let op = async { (self.inner.writable().await, Vec::new()) };
+                idle.bound(std::pin::pin!(op)).await.0
+            }
+            None => self.inner.writable().await,
+        }
+    }
+
+    /// Not while handed-back bytes wait: they must reach the plugin first, through reads.
+    fn can_splice(&self) -> bool {
+        self.unread.len() == self.unread_from && self.inner.can_splice()
+    }
+
+    fn try_splice_to_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        if self.unread.len() > self.unread_from {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let res = self.inner.try_splice_to_pipe(pipe, len);
+        if let Ok(Spliced::Moved(n)) = res {
+            self.count_received(n as u64);
+        }
+        res
+    }
+
+    fn try_splice_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        let res = self.inner.try_splice_from_pipe(pipe, len);
+        if let Ok(Spliced::Moved(n)) = res {
+            self.count_sent(n as u64);
+        }
+        res
     }
 
     fn local_addr(&self) -> Option<std::net::SocketAddr> {

@@ -7,12 +7,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wharf_core::backend::sys::{self, no_spare_capacity};
+use wharf_core::backend::sys::{self, no_spare_capacity, SpliceDirection};
 use wharf_core::backend::{Backend, Listener};
-use wharf_core::conn::{BufResult, Conn};
+use wharf_core::conn::{BufResult, Conn, Spliced};
 
 /// The tokio/epoll backend.
 pub struct Epoll;
@@ -129,7 +129,44 @@ impl Conn for TcpConn {
         Ok(sent)
     }
 
+    async fn writable(&mut self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    fn can_splice(&self) -> bool {
+        true
+    }
+
+    fn try_splice_to_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        self.splice(pipe, SpliceDirection::ToPipe, len)
+    }
+
+    fn try_splice_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        self.splice(pipe, SpliceDirection::FromPipe, len)
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         AsyncWriteExt::shutdown(&mut self.stream).await
+    }
+}
+
+impl TcpConn {
+    /// One splice under the socket's readiness: a socket found not ready clears it, so the
+    /// next `readable`/`writable` waits for the kernel.
+    fn splice(
+        &self,
+        pipe: BorrowedFd<'_>,
+        direction: SpliceDirection,
+        len: usize,
+    ) -> io::Result<Spliced> {
+        let (sock, pipe) = (self.stream.as_raw_fd(), pipe.as_raw_fd());
+        let interest = match direction {
+            SpliceDirection::ToPipe => tokio::io::Interest::READABLE,
+            SpliceDirection::FromPipe => tokio::io::Interest::WRITABLE,
+        };
+        sys::conn_not_ready(
+            self.stream
+                .try_io(interest, || sys::splice_step(sock, pipe, direction, len)),
+        )
     }
 }

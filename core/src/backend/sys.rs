@@ -1,11 +1,13 @@
 //! Socket helpers for backend implementations (not for plugins): what the epoll and io_uring
 //! [`Conn`]s share, straight on file descriptors. A plugin never needs these: it sees only
-//! [`Conn`] and [`Context`](crate::Context).
+//! [`Conn`] and [`Context`](crate::Context) (the one exception: [`pipe_ready_now`], for a
+//! plugin that splices to its own pipes).
 
 use std::io;
 
 #[cfg(doc)]
 use crate::conn::Conn;
+use crate::conn::Spliced;
 
 /// The error every [`Conn`] implementation returns for a read into a full buffer.
 pub fn no_spare_capacity() -> io::Error {
@@ -141,6 +143,93 @@ fn poll_now(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::c_short {
 
 /// Most bytes one `sendfile(2)` call moves (the kernel's own per-call limit).
 pub const SENDFILE_MAX: u64 = 0x7fff_f000;
+
+/// Which way [`splice_step`] moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceDirection {
+    /// From the socket into the pipe (what the client sent).
+    ToPipe,
+    /// From the pipe to the socket (to the client).
+    FromPipe,
+}
+
+/// One non-blocking `splice(2)` of up to `len` bytes between the socket `sock` and `pipe`,
+/// classified for [`Conn::try_splice_to_pipe`](crate::Conn::try_splice_to_pipe) and
+/// [`Conn::try_splice_from_pipe`](crate::Conn::try_splice_from_pipe). It fails with
+/// `WouldBlock` only when the *socket* is the side not ready, so a backend can run it under
+/// its reactor's readiness for the socket (tokio's `try_io`), which clears that readiness on
+/// `WouldBlock`; a pipe not ready is [`Spliced::PipeNotReady`] (told apart with a zero-timeout
+/// `poll(2)` of the pipe) and leaves the socket's readiness alone.
+///
+/// The socket must be non-blocking (a blocking socket could make the call wait).
+pub fn splice_step(
+    sock: std::os::fd::RawFd,
+    pipe: std::os::fd::RawFd,
+    direction: SpliceDirection,
+    len: usize,
+) -> io::Result<Spliced> {
+    let (from, to) = match direction {
+        SpliceDirection::ToPipe => (sock, pipe),
+        SpliceDirection::FromPipe => (pipe, sock),
+    };
+    let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+    let n = loop {
+        // SAFETY: both descriptors are open for the call; no offsets (sockets and pipes have
+        // none).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                flags,
+            )
+        };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                let pipe_ready = pipe_ready_now(pipe, direction == SpliceDirection::ToPipe);
+                return if pipe_ready {
+                    Err(err)
+                } else {
+                    Ok(Spliced::PipeNotReady)
+                };
+            }
+            _ => return Err(err),
+        }
+    };
+    Ok(if n == 0 {
+        Spliced::Ended
+    } else {
+        Spliced::Moved(n)
+    })
+}
+
+/// Whether an operation on a pipe end would not block now: a write (`writable`: there is
+/// room, or the reader is gone and a write fails at once) or a read (bytes, or end of stream).
+/// A zero-timeout `poll(2)`.
+pub fn pipe_ready_now(pipe: std::os::fd::RawFd, writable: bool) -> bool {
+    let events = if writable {
+        libc::POLLOUT
+    } else {
+        libc::POLLIN
+    };
+    poll_now(pipe, events) & (events | GONE) != 0
+}
+
+/// Maps the `WouldBlock` of a [`splice_step`] run under the socket's readiness to
+/// [`Spliced::ConnNotReady`].
+pub fn conn_not_ready(res: io::Result<Spliced>) -> io::Result<Spliced> {
+    match res {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Spliced::ConnNotReady),
+        other => other,
+    }
+}
 
 /// One `sendfile(2)` call: up to `count` bytes of `file` from `*offset` (advanced by the
 /// kernel) to the socket `sock`.

@@ -30,6 +30,7 @@ pub mod stderr;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use wharf_core::program::{self, Credentials, Launch};
-use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service, Spliced};
 
 use session::Child;
 use stderr::StderrLog;
@@ -194,6 +195,10 @@ enum Event {
     Stdout(io::Result<usize>),
     Stderr(io::Result<usize>),
     StdinWritten(io::Result<usize>),
+    /// Splicing: stdout has bytes (or its end) for the client.
+    StdoutReady(io::Result<()>),
+    /// Splicing: stdin, full before, has room again.
+    StdinRoom,
     ClientReadable(io::Result<()>),
     ClientCheck,
 }
@@ -287,6 +292,8 @@ async fn relay<C: Conn>(
     let mut from_child: Vec<u8> = Vec::with_capacity(CHUNK);
     let mut err_buf: Vec<u8> = Vec::with_capacity(4096);
     let mut client_done = false;
+    // Splicing: the client's bytes wait for room in stdin.
+    let mut stdin_full = false;
     // After a server stop: SIGTERM sent, SIGKILL due at this instant.
     let mut kill_at: Option<Instant> = None;
     // The last time a byte moved, either way, on the connection or a pipe: the session ends
@@ -301,6 +308,9 @@ async fn relay<C: Conn>(
         // this task running forever and stall every other connection of the worker.
         tokio::task::consume_budget().await;
         let pending = written < to_child.len();
+        // Bytes move in the kernel (splice) when the connection allows it, else through
+        // `to_child` and `from_child`.
+        let splicing = conn.can_splice();
         // Unbiased: a program flooding stderr cannot starve its stdout, nor one side the other.
         let event = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => Event::Deadline,
@@ -312,11 +322,19 @@ async fn relay<C: Conn>(
             }
             _ = child.exited() => Event::Exited,
             read = read_opt(child.stderr.as_ref(), &mut err_buf) => Event::Stderr(read),
-            read = read_opt(child.stdout.as_ref(), &mut from_child) => Event::Stdout(read),
+            read = read_opt(child.stdout.as_ref(), &mut from_child), if !splicing => {
+                Event::Stdout(read)
+            }
+            ready = ready_opt(child.stdout.as_ref(), false), if splicing => {
+                Event::StdoutReady(ready)
+            }
+            _ = ready_opt(child.stdin.as_ref(), true), if stdin_full => Event::StdinRoom,
             wrote = write_opt(child.stdin.as_ref(), &to_child[written..]), if pending => {
                 Event::StdinWritten(wrote)
             }
-            ready = conn.readable(), if !client_done && !pending => Event::ClientReadable(ready),
+            ready = conn.readable(), if !client_done && !pending && !stdin_full => {
+                Event::ClientReadable(ready)
+            }
             _ = tokio::time::sleep(CLIENT_CHECK), if client_done => Event::ClientCheck,
         };
         if matches!(
@@ -345,7 +363,7 @@ async fn relay<C: Conn>(
                 log.feed(&err_buf);
                 err_buf.clear();
             }
-            Event::Stdout(Ok(0)) | Event::Stdout(Err(_)) => {
+            Event::Stdout(Ok(0)) | Event::Stdout(Err(_)) | Event::StdoutReady(Err(_)) => {
                 // The program is done writing: the client sees end of stream.
                 child.stdout = None;
                 *shut = true;
@@ -368,6 +386,24 @@ async fn relay<C: Conn>(
                 }
                 from_child = buf;
             }
+            Event::StdoutReady(Ok(())) => {
+                let Some(stdout) = child.stdout.as_ref() else {
+                    continue;
+                };
+                match splice_stdout(conn, stdout.get_ref().as_fd(), deadline).await {
+                    Ok(StdoutSplice::Moved) => last_progress = Instant::now(),
+                    Ok(StdoutSplice::NotReady) => {}
+                    Ok(StdoutSplice::Ended) => {
+                        child.stdout = None;
+                        *shut = true;
+                        if conn.shutdown().await.is_err() {
+                            return Ending::ClientLeft;
+                        }
+                    }
+                    Err(ending) => return ending,
+                }
+            }
+            Event::StdinRoom => stdin_full = false,
             Event::StdinWritten(Ok(n)) => {
                 written += n;
                 if written == to_child.len() {
@@ -382,6 +418,25 @@ async fn relay<C: Conn>(
                 written = 0;
             }
             Event::ClientReadable(Err(e)) => return client_error(&e),
+            Event::ClientReadable(Ok(())) if splicing && child.stdin.is_some() => {
+                let res = match child.stdin.as_ref() {
+                    Some(stdin) => conn.try_splice_to_pipe(stdin.get_ref().as_fd(), CHUNK),
+                    None => continue,
+                };
+                match res {
+                    Ok(Spliced::Moved(_)) => last_progress = Instant::now(),
+                    Ok(Spliced::ConnNotReady) => {}
+                    Ok(Spliced::PipeNotReady) => stdin_full = true,
+                    Ok(Spliced::Ended) => {
+                        client_done = true;
+                        child.stdin = None;
+                    }
+                    // The program closed its stdin: what the client sends from now on is
+                    // read and dropped (the copying path).
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => child.stdin = None,
+                    Err(e) => return client_error(&e),
+                }
+            }
             Event::ClientReadable(Ok(())) => {
                 to_child.reserve_exact(CHUNK);
                 match conn.try_read(&mut to_child) {
@@ -404,6 +459,39 @@ async fn relay<C: Conn>(
                     return Ending::ClientLeft;
                 }
             }
+        }
+    }
+}
+
+/// What one splice of stdout to the client did.
+enum StdoutSplice {
+    Moved,
+    /// The pipe was empty after all.
+    NotReady,
+    /// The program closed its stdout.
+    Ended,
+}
+
+/// Moves what the program wrote to the client in the kernel, waiting (until `deadline`, and
+/// within the connection's idle timeout) while the client's socket has no room.
+async fn splice_stdout<C: Conn>(
+    conn: &mut C,
+    stdout: BorrowedFd<'_>,
+    deadline: Instant,
+) -> Result<StdoutSplice, Ending> {
+    loop {
+        match conn.try_splice_from_pipe(stdout, CHUNK) {
+            Ok(Spliced::Moved(_)) => return Ok(StdoutSplice::Moved),
+            Ok(Spliced::PipeNotReady) => return Ok(StdoutSplice::NotReady),
+            Ok(Spliced::Ended) => return Ok(StdoutSplice::Ended),
+            Ok(Spliced::ConnNotReady) => {
+                match tokio::time::timeout_at(deadline, conn.writable()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(client_error(&e)),
+                    Err(_) => return Err(Ending::TimedOut),
+                }
+            }
+            Err(e) => return Err(client_error(&e)),
         }
     }
 }
@@ -473,6 +561,17 @@ async fn read_opt(
 ) -> io::Result<usize> {
     match pipe {
         Some(pipe) => session::read_pipe(pipe, buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Readiness of a pipe that may be closed already (then it never completes).
+async fn ready_opt(
+    pipe: Option<&tokio::io::unix::AsyncFd<std::fs::File>>,
+    writable: bool,
+) -> io::Result<()> {
+    match pipe {
+        Some(pipe) => session::pipe_ready(pipe, writable).await,
         None => std::future::pending().await,
     }
 }

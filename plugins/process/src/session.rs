@@ -19,6 +19,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
+use wharf_core::backend::sys;
 use wharf_core::children::{self, Registered};
 use wharf_core::program::{self, Launch};
 
@@ -233,6 +234,25 @@ pub async fn read_pipe(pipe: &AsyncFd<File>, buf: &mut Vec<u8>) -> io::Result<us
             // Not ready after all: the guard cleared the readiness; wait again.
             Err(_would_block) => buf.truncate(start),
         }
+    }
+}
+
+/// Waits until the pipe is ready for a read (`writable` false) or a write (true) that does not
+/// block, for a splice that moves the bytes itself. The reactor's readiness is checked against
+/// the pipe (a zero-timeout poll) and cleared when stale, so a splice that found the pipe not
+/// ready makes the next wait wait for the kernel.
+pub async fn pipe_ready(pipe: &AsyncFd<File>, writable: bool) -> io::Result<()> {
+    let interest = if writable {
+        tokio::io::Interest::WRITABLE
+    } else {
+        tokio::io::Interest::READABLE
+    };
+    loop {
+        let mut guard = pipe.ready(interest).await?;
+        if sys::pipe_ready_now(pipe.as_raw_fd(), writable) {
+            return Ok(());
+        }
+        guard.clear_ready();
     }
 }
 
