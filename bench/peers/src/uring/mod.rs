@@ -24,7 +24,12 @@
 //! future, and the slot lives until the operation's final completion. Dropping an unfinished
 //! operation marks its slot orphaned and submits `ASYNC_CANCEL`; the completions that still
 //! come release what they carry (a provided buffer goes back to the ring, an accepted socket
-//! is closed, a direct descriptor gets a `CLOSE`) and the final one frees the slot.
+//! is closed, a direct descriptor gets a `CLOSE`) and the final one frees the slot. When the
+//! driver itself goes (its runtime shuts down), it first cancels every in-flight request
+//! synchronously (`IORING_REGISTER_SYNC_CANCEL`), so no memory is freed under the kernel.
+//! Running out of provided buffers ends a multishot receive with `ENOBUFS`: the receiver lets
+//! the other tasks run (they give buffers back) and re-arms; any multishot operation that
+//! ends without `IORING_CQE_F_MORE` is re-armed by its next caller; `EINTR`/`EAGAIN` retry.
 
 pub mod bufring;
 pub mod net;
@@ -190,15 +195,6 @@ fn build_ring(features: &Features) -> io::Result<(IoUring, bool, &'static str)> 
             Ok(ring) => return Ok((ring, true, "SINGLE_ISSUER+DEFER_TASKRUN+TASKRUN_FLAG")),
             Err(e) => eprintln!("uring: DEFER_TASKRUN refused ({e}); falling back to COOP_TASKRUN"),
         }
-    }
-    if std::env::var_os("URING_PLAIN").is_some() {
-        return Ok((
-            IoUring::builder()
-                .setup_cqsize(cq)
-                .build(features.ring_entries)?,
-            false,
-            "none",
-        ));
     }
     match IoUring::builder()
         .setup_single_issuer()
@@ -544,6 +540,24 @@ impl Inner {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing a ring cancels its requests asynchronously, and the slots' buffers and the
+        // buffer ring are freed right after this: cancel everything synchronously first, so
+        // the kernel is done with that memory before it goes.
+        let ring = self.ring.get_mut();
+        let timeout = types::Timespec::new().sec(1);
+        match ring
+            .submitter()
+            .register_sync_cancel(Some(timeout), types::CancelBuilder::any())
+        {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => eprintln!("uring: cancelling in-flight operations at shutdown: {e}"),
+        }
     }
 }
 
