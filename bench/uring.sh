@@ -31,26 +31,14 @@ port=17100
 cfg=$(mktemp)
 errlog=$(mktemp)
 trap 'rm -f "$cfg" "$errlog"; kill $(jobs -p) 2>/dev/null || true' EXIT
-cat >"$cfg" <<TOML
-[server]
-workers = 1
-[metrics]
-listen = "127.0.0.1:0"
-[services.echo]
-plugin = "echo"
-listen = "127.0.0.1:$port"
-[services.echo.options]
-transform = "none"
-TOML
+echo_config "$port" >"$cfg"
 
 start_server() {
   : >"$errlog"
   case $1 in
-    tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
-    wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
-    wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
     uring-all) taskset -c 0 "$bin/uring-echo" "127.0.0.1:$port" >/dev/null 2>"$errlog" & ;;
     uring-no-*) taskset -c 0 "$bin/uring-echo" "127.0.0.1:$port" "--${1#uring-}" >/dev/null 2>"$errlog" & ;;
+    *) start_echo_server "$1" "$bin" "$cfg" "$port" || exit 1; return ;;
   esac
   server_pid=$!
   wait_for_port "$port" || exit 1

@@ -9,7 +9,7 @@
 //! `wharf_bench_peers::uring`, and tokio timers alongside (a 1 s heartbeat, and
 //! `--idle-timeout`, which drops a pending receive: the cancellation path).
 //!
-//! Usage: uring-echo [ADDR] [--no-multishot] [--no-direct] [--no-bufring] [--no-defer]
+//! Usage: `uring-echo [ADDR] [--no-multishot] [--no-direct] [--no-bufring] [--no-defer]`
 //! Prints `listening on ADDR` when ready; on SIGTERM or SIGINT prints the driver's counters
 //! as one JSON line on stderr and exits.
 

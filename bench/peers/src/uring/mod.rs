@@ -324,6 +324,27 @@ impl Driver {
         })
     }
 
+    /// The next completion of the multishot operation kept in `op`, arming it with the SQE
+    /// `arm` builds first when there is none or the kernel has ended it (a re-arm, counted).
+    /// `Ok(None)`: the kernel ended it just now; call again to re-arm.
+    pub(crate) async fn next_multishot(
+        &self,
+        op: &mut Option<Op>,
+        kind: OpKind,
+        arm: impl FnOnce() -> squeue::Entry,
+    ) -> io::Result<Option<Completion>> {
+        if op.as_ref().is_none_or(Op::is_finished) {
+            if op.take().is_some() {
+                self.count(|s| s.multishot_rearms += 1);
+            }
+            *op = Some(self.start(kind, arm(), None)?);
+        }
+        match op.as_mut() {
+            Some(op) => Ok(op.next().await),
+            None => Ok(None),
+        }
+    }
+
     /// Submits an operation whose completion nobody waits for (a close, a cancel).
     pub(crate) fn fire_and_forget(&self, sqe: squeue::Entry) {
         if let Err(e) = self.inner.push(sqe.user_data(UNTRACKED)) {

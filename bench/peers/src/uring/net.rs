@@ -50,16 +50,13 @@ impl Listener {
     /// Binds `addr` (SO_REUSEADDR + SO_REUSEPORT, backlog 1024, TCP_NODELAY, which accepted
     /// sockets inherit: a direct descriptor cannot be given socket options by fd).
     pub fn bind(driver: &Driver, addr: SocketAddr) -> io::Result<Listener> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
+        let socket = crate::reuseport_listener(addr)?;
+        // Set on the listener, inherited by accepted sockets: a direct descriptor cannot be
+        // given socket options by fd.
         socket.set_nodelay(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
+        // The ring waits for the listener itself; a non-blocking one could make an accept
+        // complete with EAGAIN instead of waiting.
+        socket.set_nonblocking(false)?;
         let local = socket
             .local_addr()?
             .as_socket()
@@ -86,22 +83,21 @@ impl Listener {
         let direct = self.driver.settings().direct;
         loop {
             let c = if self.driver.settings().multishot_accept {
-                if self.accepts.as_ref().is_none_or(Op::is_finished) {
-                    if self.accepts.take().is_some() {
-                        self.driver.count(|s| s.multishot_rearms += 1);
-                    }
+                let socket = self.socket.as_raw_fd();
+                let arm = || {
                     // Direct descriptors are not in the fd table, so no CLOEXEC (the kernel
                     // refuses the flag with a file index).
-                    let sqe = opcode::AcceptMulti::new(types::Fd(self.socket.as_raw_fd()))
+                    opcode::AcceptMulti::new(types::Fd(socket))
                         .allocate_file_index(direct)
                         .flags(if direct { 0 } else { libc::SOCK_CLOEXEC })
-                        .build();
-                    self.accepts = Some(self.driver.start(OpKind::Accept { direct }, sqe, None)?);
-                }
-                let Some(op) = self.accepts.as_mut() else {
-                    continue;
+                        .build()
                 };
-                match op.next().await {
+                let kind = OpKind::Accept { direct };
+                match self
+                    .driver
+                    .next_multishot(&mut self.accepts, kind, arm)
+                    .await?
+                {
                     Some(c) => c,
                     None => continue,
                 }
@@ -192,24 +188,17 @@ impl Conn {
         }
         loop {
             let c = if settings.multishot_recv {
-                if self.recv.as_ref().is_none_or(Op::is_finished) {
-                    if self.recv.take().is_some() {
-                        self.driver.count(|s| s.multishot_rearms += 1);
-                    }
-                    let group = self.driver.with_buffers(|b| b.group()).unwrap_or(0);
-                    let sqe =
-                        on_socket!(&self.socket, |fd| opcode::RecvMulti::new(fd, group).build());
-                    match self.driver.start(OpKind::Recv, sqe, None) {
-                        Ok(op) => self.recv = Some(op),
-                        Err(e) => return (Err(e), buf),
-                    }
-                }
-                let Some(op) = self.recv.as_mut() else {
-                    continue;
-                };
-                match op.next().await {
-                    Some(c) => c,
-                    None => continue,
+                let group = self.driver.with_buffers(|b| b.group()).unwrap_or(0);
+                let socket = &self.socket;
+                let arm = || on_socket!(socket, |fd| opcode::RecvMulti::new(fd, group).build());
+                match self
+                    .driver
+                    .next_multishot(&mut self.recv, OpKind::Recv, arm)
+                    .await
+                {
+                    Ok(Some(c)) => c,
+                    Ok(None) => continue,
+                    Err(e) => return (Err(e), buf),
                 }
             } else {
                 let (group, size) = self
