@@ -12,8 +12,10 @@
 //! pushed in one turn of the scheduler goes to the kernel in one `io_uring_enter`. That same
 //! call reaps the completions, which are dispatched by `user_data` (a slab key) to the waiting
 //! task's waker. When nothing is to be submitted the driver sleeps in tokio's epoll on the
-//! ring's fd, or with DEFER_TASKRUN on an eventfd registered with the ring (the ring fd does
-//! not signal deferred work; this is why DEFER_TASKRUN hung under tokio-uring).
+//! ring's fd, or with DEFER_TASKRUN on an eventfd registered with the ring, which the kernel
+//! signals when it queues deferred work (completions are then only posted inside an enter
+//! with GETEVENTS, which tokio-uring's run loop never passes: it only calls `submit()`,
+//! and waits on the ring fd; the likely reason DEFER_TASKRUN hung there).
 //!
 //! Features ([`Features`]) each fall back, logged on stderr, when the kernel refuses them:
 //! SINGLE_ISSUER + DEFER_TASKRUN (else COOP_TASKRUN + TASKRUN_FLAG), a provided-buffer ring,
