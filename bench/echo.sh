@@ -27,28 +27,7 @@ out="bench-results/echo-$(date +%Y%m%d-%H%M%S).jsonl"
 port=17000
 cfg=$(mktemp)
 trap 'rm -f "$cfg"; kill $(jobs -p) 2>/dev/null || true' EXIT
-cat >"$cfg" <<TOML
-[server]
-workers = 1
-[metrics]
-listen = "127.0.0.1:0"
-[services.echo]
-plugin = "echo"
-listen = "127.0.0.1:$port"
-[services.echo.options]
-transform = "none"
-TOML
-
-start_server() {
-  case $1 in
-    tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
-    wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
-    wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
-    wharf-before) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend epoll & ;;
-  esac
-  server_pid=$!
-  wait_for_port "$port" || exit 1
-}
+echo_config "$port" >"$cfg"
 
 ulimit -n 65536 2>/dev/null || true
 for round in $(seq "$rounds"); do
@@ -56,7 +35,7 @@ for round in $(seq "$rounds"); do
     servers=(tokio-baseline wharf-epoll wharf-io_uring)
     [ -z "${OLD_WHARF:-}" ] || servers+=(wharf-before)
     for server in "${servers[@]}"; do
-      start_server "$server"
+      start_echo_server "$server" "$bin" "$cfg" "$port" || exit 1
       taskset -c 1 "$bin/echo-load" "127.0.0.1:$port" --connections "$c" --size 128 \
         --duration "$duration" --server-pid "$server_pid" --label "$server" | tee -a "$out"
       stop_server "$server_pid"

@@ -51,3 +51,27 @@ edge_config() {
   esac
   if [ "$plugin" = echo ]; then printf '[services.s.options]\ntransform = "none"\n'; fi
 }
+
+# Prints the config wharf's echo runs use (bench/echo.sh, bench/uring.sh): one worker, metrics
+# on, one echo service (transform none) on 127.0.0.1:PORT. echo_config PORT
+echo_config() {
+  printf '[server]\nworkers = 1\n[metrics]\nlisten = "127.0.0.1:0"\n'
+  printf '[services.echo]\nplugin = "echo"\nlisten = "127.0.0.1:%s"\n' "$1"
+  printf '[services.echo.options]\ntransform = "none"\n'
+}
+
+# Starts one of the echo servers the scripts compare in the background, pinned to CPU 0, and
+# waits for its port: start_echo_server NAME BIN_DIR CONFIG PORT, NAME one of tokio-baseline,
+# wharf-epoll, wharf-io_uring, wharf-before ($OLD_WHARF). Sets server_pid.
+start_echo_server() {
+  local name=$1 bin=$2 cfg=$3 port=$4
+  case $name in
+    tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
+    wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
+    wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
+    wharf-before) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend epoll & ;;
+    *) echo "unknown server $name" >&2; return 1 ;;
+  esac
+  server_pid=$!
+  wait_for_port "$port"
+}

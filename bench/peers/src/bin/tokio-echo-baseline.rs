@@ -12,16 +12,7 @@ fn main() -> std::io::Result<()> {
         .unwrap_or_else(|| "127.0.0.1:7000".into())
         .parse()
         .expect("address");
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
+    let socket = wharf_bench_peers::reuseport_listener(addr)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
