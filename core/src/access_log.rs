@@ -630,7 +630,10 @@ fn debug_assert_key(key: &str) {
 /// `extend_from_slice` per part, the calls and checks were a third of a line's cost).
 #[inline(always)]
 fn append<const N: usize>(out: &mut Vec<u8>, parts: [&[u8]; N]) {
-    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let total = parts
+        .iter()
+        .try_fold(0usize, |total, part| total.checked_add(part.len()))
+        .expect("an access log line fits in memory");
     out.reserve(total);
     let mut len = out.len();
     let base = out.as_mut_ptr();
@@ -706,48 +709,38 @@ fn has_byte(word: u64, byte: u8) -> bool {
 
 /// Whether `bytes` can be written in JSON quotes as they are: printable ASCII other than `"`
 /// and `\` (non-ASCII goes the slow way: C1 controls and invisible formatting characters are
-/// escaped). Eight bytes at a time, then one table lookup per byte.
+/// escaped).
 #[inline]
 fn plain_json(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let w = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
-        if w & lanes(0x80) != 0
-            || has_below(w, 0x20)
-            || has_byte(w, 0x7f)
-            || has_byte(w, b'"')
-            || has_byte(w, b'\\')
-        {
-            return false;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .all(|&b| BYTE_CLASS[usize::from(b)] & JSON_ESCAPES == 0)
+    plain(bytes, JSON_ESCAPES, |w| {
+        has_below(w, 0x20) || has_byte(w, b'"') || has_byte(w, b'\\')
+    })
 }
 
 /// Whether `bytes` can be a logfmt value unquoted: printable ASCII other than space, `"`, `=`
-/// and `\`. Eight bytes at a time, then one table lookup per byte.
+/// and `\`.
 #[inline]
 fn plain_logfmt(bytes: &[u8]) -> bool {
+    plain(bytes, LOGFMT_QUOTES, |w| {
+        has_below(w, 0x21) || has_byte(w, b'"') || has_byte(w, b'=') || has_byte(w, b'\\')
+    })
+}
+
+/// Whether no byte of `bytes` is non-ASCII, DEL, or found by `special` (eight bytes at a
+/// time), then, for the last few bytes, has a bit of `class` in [`BYTE_CLASS`].
+#[inline(always)]
+fn plain(bytes: &[u8], class: u8, special: impl Fn(u64) -> bool) -> bool {
     let mut words = bytes.chunks_exact(8);
     for word in &mut words {
         let w = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
-        if w & lanes(0x80) != 0
-            || has_below(w, 0x21)
-            || has_byte(w, 0x7f)
-            || has_byte(w, b'"')
-            || has_byte(w, b'=')
-            || has_byte(w, b'\\')
-        {
+        if w & lanes(0x80) != 0 || has_byte(w, 0x7f) || special(w) {
             return false;
         }
     }
     words
         .remainder()
         .iter()
-        .all(|&b| BYTE_CLASS[usize::from(b)] & LOGFMT_QUOTES == 0)
+        .all(|&b| BYTE_CLASS[usize::from(b)] & class == 0)
 }
 
 /// [`BYTE_CLASS`] bit: JSON escapes the byte, or it starts a character that is looked at
