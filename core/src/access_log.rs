@@ -13,7 +13,17 @@
 //! line, no lock, no cross-thread wakeup per line). A batch is handed to the writer thread when
 //! it holds [`BATCH_BYTES`] or `min(buffer_lines, BATCH_LINES)` lines, or [`BATCH_WINDOW`]
 //! after its first line (a local task per worker, [`flush_batches`], waits for that). The
-//! writer thread appends batches to a `BufWriter` and flushes when it has nothing left to do.
+//! writer thread writes each batch with one `write_all`, unbuffered (a batch is already large;
+//! a buffer would only copy it again).
+//!
+//! Formatting a line is kept to a few hundred instructions (an http-hello request line: see
+//! BENCHMARKS.md, "Edge features"): the constant start of a service's lines (keys, separators,
+//! `event`, `service`, `plugin`) is rendered once per service with a slot for the time, and a
+//! connection's client fields once per connection, so a line begins with two copies; the time
+//! is one `clock_gettime` with the text up to the second cached per thread; each field is
+//! appended with one capacity check and short copies done inline (no `memcpy` call per
+//! piece); numbers below 1000 are written by hand, durations in fixed point; a value is
+//! checked eight bytes at a time and copied as it is unless it needs escaping or quoting.
 //!
 //! **A worker never waits for the writer.** Lines handed over and not yet written are at most
 //! `buffer_lines`; a batch that does not fit is dropped whole and its lines are counted in
@@ -36,7 +46,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -173,7 +183,7 @@ impl AccessLog {
         };
         let path = (!is_stderr(&config.path)).then(|| config.path.clone());
         let writer = Writer {
-            out: BufWriter::with_capacity(BATCH_BYTES, sink),
+            out: sink,
             path,
             shared: Arc::clone(&shared),
             failing: false,
@@ -211,16 +221,12 @@ impl AccessLog {
         if !enabled {
             return None;
         }
-        let mut prefix = Vec::new();
-        let mut fields = Fields {
-            out: &mut prefix,
-            format: self.shared.format,
-        };
-        fields.str("service", service);
-        fields.str("plugin", plugin);
+        let format = self.shared.format;
         Some(ServiceLog(Arc::new(ServiceLogInner {
             shared: Arc::clone(&self.shared),
-            prefix: prefix.into_boxed_slice(),
+            request_head: Head::render(format, "request", service, plugin),
+            connection_head: Head::render(format, "connection", service, plugin),
+            batch_lines: self.shared.capacity.min(BATCH_LINES),
         })))
     }
 }
@@ -232,8 +238,52 @@ pub struct ServiceLog(Arc<ServiceLogInner>);
 
 struct ServiceLogInner {
     shared: Arc<Shared>,
-    /// `service` and `plugin`, formatted (each with its leading separator).
-    prefix: Box<[u8]>,
+    /// The start of this service's request lines, rendered once.
+    request_head: Head,
+    /// The start of its connection lines.
+    connection_head: Head,
+    /// Lines after which a batch is handed over: `min(buffer_lines, BATCH_LINES)`.
+    batch_lines: usize,
+}
+
+/// The constant start of one kind of line of one service, rendered when the service starts:
+/// `{"time":"<24 bytes>","event":"request","service":"web","plugin":"http-hello"` (logfmt:
+/// `time=<24 bytes> event=request service=web plugin=http-hello`). A line copies it whole and
+/// writes the time into its slot, so a line's keys, separators and the service's own fields
+/// cost one copy instead of a dozen appends and three escape scans.
+struct Head {
+    bytes: Box<[u8]>,
+    /// Where the time's [`TIME_LEN`] bytes go.
+    time_at: usize,
+}
+
+/// Bytes of a line's time: `2025-12-01T02:38:04.007Z`.
+const TIME_LEN: usize = 24;
+
+impl Head {
+    fn render(format: AccessLogFormat, event: &str, service: &str, plugin: &str) -> Head {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(match format {
+            AccessLogFormat::Json => b"{\"time\":\"",
+            AccessLogFormat::Logfmt => b"time=",
+        });
+        let time_at = bytes.len();
+        bytes.extend_from_slice(&[b'0'; TIME_LEN]);
+        if format == AccessLogFormat::Json {
+            bytes.push(b'"');
+        }
+        let mut fields = Fields {
+            out: &mut bytes,
+            format,
+        };
+        fields.str("event", event);
+        fields.str("service", service);
+        fields.str("plugin", plugin);
+        Head {
+            bytes: bytes.into_boxed_slice(),
+            time_at,
+        }
+    }
 }
 
 /// The facts about a connection every line of it carries.
@@ -246,108 +296,121 @@ pub struct Who<'a> {
     pub identity: Option<&'a str>,
 }
 
+/// Most bytes the framework's own fields after `who` take: outcome and reason words, three
+/// numbers, a duration, the line's end. Reserved with the line, so that they never grow the
+/// batch piecemeal (a plugin's fields reserve their own).
+const FRAMEWORK_FIELDS_BOUND: usize = 160;
+
+/// A connection's client fields (`client`, `proxy`, `identity`) formatted for one service's
+/// log, after the start of its request lines: what every line of the connection begins with,
+/// made once per connection by [`ServiceLog::who`].
+pub struct ClientFields {
+    /// The service's request line start (with its time slot), then the client fields.
+    request_start: Box<[u8]>,
+    /// Where the client fields begin in `request_start`.
+    who_at: usize,
+}
+
+impl ClientFields {
+    fn who(&self) -> &[u8] {
+        &self.request_start[self.who_at..]
+    }
+}
+
 impl ServiceLog {
     /// `client`, `proxy` and `identity` formatted for this log: a connection's context makes
     /// them once, for all its lines.
-    pub fn who(&self, who: &Who<'_>) -> Box<[u8]> {
-        let mut out = Vec::with_capacity(64);
+    pub fn who(&self, who: &Who<'_>) -> ClientFields {
+        let head = &self.0.request_head.bytes;
+        let mut out = Vec::with_capacity(head.len() + 64);
+        out.extend_from_slice(head);
         Fields {
             out: &mut out,
             format: self.0.shared.format,
         }
         .who(who);
-        out.into_boxed_slice()
+        ClientFields {
+            request_start: out.into_boxed_slice(),
+            who_at: head.len(),
+        }
     }
 
     /// Writes the line of a connection that ended with `outcome` after `duration`, having
     /// read `bytes_in` and written `bytes_out`; `who` is from [`ServiceLog::who`].
     pub fn connection(
         &self,
-        who: &[u8],
+        who: &ClientFields,
         outcome: ConnOutcome,
         duration: Duration,
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        self.line(
-            "connection",
-            |f| f.out.extend_from_slice(who),
-            |f| {
-                f.str("outcome", outcome.as_str());
-                f.u64("bytes_in", bytes_in);
-                f.u64("bytes_out", bytes_out);
-                f.duration("duration_ms", duration);
-            },
-        );
+        let head = &self.0.connection_head;
+        self.line(&head.bytes, who.who(), head.time_at, |f| {
+            f.word("outcome", outcome.as_str());
+            f.u64("bytes_in", bytes_in);
+            f.u64("bytes_out", bytes_out);
+            f.duration("duration_ms", duration);
+        });
     }
 
     /// Writes the line of a connection refused at admission for `reason`.
     pub fn refused(&self, who: &Who<'_>, reason: &str) {
-        self.line(
-            "connection",
-            |f| f.who(who),
-            |f| {
-                f.str("outcome", ConnOutcome::Refused.as_str());
-                f.str("reason", reason);
-            },
-        );
+        let head = &self.0.connection_head;
+        self.line(&head.bytes, &[], head.time_at, |f| {
+            f.who(who);
+            f.word("outcome", ConnOutcome::Refused.as_str());
+            f.str("reason", reason);
+        });
     }
 
     /// Writes the line of a request that ended with `outcome` after `duration`, with the
     /// plugin's own `fields`; `who` is from [`ServiceLog::who`].
+    #[inline]
     pub fn request(
         &self,
-        who: &[u8],
+        who: &ClientFields,
         outcome: &str,
         duration: Duration,
         fields: impl FnOnce(&mut Fields<'_>),
     ) {
-        self.line(
-            "request",
-            |f| f.out.extend_from_slice(who),
-            |f| {
-                f.str("outcome", outcome);
-                f.duration("duration_ms", duration);
-                fields(f);
-            },
-        );
+        // The request head and the client fields are one copy.
+        self.line(&who.request_start, &[], self.0.request_head.time_at, |f| {
+            f.str("outcome", outcome);
+            f.duration("duration_ms", duration);
+            fields(f);
+        });
     }
 
-    /// Formats one line into this thread's batch: time, event, service, plugin, then what
-    /// `who` and `rest` add.
-    fn line(
-        &self,
-        event: &str,
-        who: impl FnOnce(&mut Fields<'_>),
-        rest: impl FnOnce(&mut Fields<'_>),
-    ) {
-        let shared = &self.0.shared;
+    /// Formats one line into this thread's batch: `head` with the time in its slot at
+    /// `time_at`, `who`, then what `rest` adds.
+    #[inline]
+    fn line(&self, head: &[u8], who: &[u8], time_at: usize, rest: impl FnOnce(&mut Fields<'_>)) {
+        let inner = &*self.0;
+        let shared = &inner.shared;
         BATCH.with(|batch| {
             let mut batch = batch.borrow_mut();
+            let batch = &mut *batch;
             batch.adopt(shared);
             let format = shared.format;
-            let time = batch.clock.format_now();
             let buf = &mut batch.buf;
-            match format {
-                AccessLogFormat::Json => buf.extend_from_slice(b"{\"time\":\""),
-                AccessLogFormat::Logfmt => buf.extend_from_slice(b"time="),
+            buf.reserve(head.len() + who.len() + FRAMEWORK_FIELDS_BOUND);
+            let start = buf.len();
+            buf.extend_from_slice(head);
+            let time = &mut buf[start + time_at..][..TIME_LEN];
+            batch
+                .clock
+                .write_now(time.try_into().expect("the time slot"));
+            if !who.is_empty() {
+                buf.extend_from_slice(who);
             }
-            buf.extend_from_slice(&time);
-            if format == AccessLogFormat::Json {
-                buf.push(b'"');
-            }
-            let mut f = Fields { out: buf, format };
-            f.str("event", event);
-            f.out.extend_from_slice(&self.0.prefix);
-            who(&mut f);
-            rest(&mut f);
+            rest(&mut Fields { out: buf, format });
             match format {
                 AccessLogFormat::Json => buf.extend_from_slice(b"}\n"),
                 AccessLogFormat::Logfmt => buf.push(b'\n'),
             }
             batch.lines += 1;
-            let full =
-                batch.lines >= shared.capacity.min(BATCH_LINES) || batch.buf.len() >= BATCH_BYTES;
+            let full = batch.lines >= inner.batch_lines || batch.buf.len() >= BATCH_BYTES;
             if full || !batch.flusher_waits() {
                 batch.hand_over();
             }
@@ -366,59 +429,153 @@ pub struct Fields<'a> {
 
 impl Fields<'_> {
     /// A text field.
+    #[inline(always)]
     pub fn str(&mut self, key: &'static str, value: &str) {
-        self.key(key);
+        debug_assert_key(key);
+        let bytes = value.as_bytes();
+        match self.format {
+            AccessLogFormat::Json if bytes.len() <= MAX_VALUE_BYTES && plain_json(bytes) => {
+                self.plain_str(key, bytes);
+            }
+            AccessLogFormat::Logfmt
+                if !bytes.is_empty() && bytes.len() <= MAX_VALUE_BYTES && plain_logfmt(bytes) =>
+            {
+                self.plain_str(key, bytes);
+            }
+            _ => self.escaped(key, value),
+        }
+    }
+
+    /// A text field from bytes the client sent that should be UTF-8 (a request's method or
+    /// path as read): written as [`Fields::str`] writes them when they are UTF-8, as `?` when
+    /// they are not. Spares the caller a UTF-8 check: the scan for bytes to escape is one.
+    #[inline(always)]
+    pub fn bytes(&mut self, key: &'static str, value: &[u8]) {
+        let plain = match self.format {
+            AccessLogFormat::Json => value.len() <= MAX_VALUE_BYTES && plain_json(value),
+            AccessLogFormat::Logfmt => {
+                !value.is_empty() && value.len() <= MAX_VALUE_BYTES && plain_logfmt(value)
+            }
+        };
+        match plain {
+            // Printable ASCII: UTF-8, nothing to escape or quote.
+            true => self.plain_str(key, value),
+            false => self.str(key, std::str::from_utf8(value).unwrap_or("?")),
+        }
+    }
+
+    /// A text field whose value was found plain (printable ASCII, nothing to escape or, in
+    /// logfmt, to quote).
+    #[inline(always)]
+    fn plain_str(&mut self, key: &'static str, value: &[u8]) {
         match self.format {
             AccessLogFormat::Json => {
-                self.out.push(b'"');
-                escape_into(self.out, value);
-                self.out.push(b'"');
+                append(self.out, [b",\"", key.as_bytes(), b"\":\"", value, b"\""]);
+            }
+            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"=", value]),
+        }
+    }
+
+    /// A text field whose value needs escaping or quoting (or cutting): the slow path of
+    /// [`Fields::str`], kept out of line.
+    #[cold]
+    #[inline(never)]
+    fn escaped(&mut self, key: &'static str, value: &str) {
+        self.key(key);
+        self.out.push(b'"');
+        escape_into(self.out, value);
+        self.out.push(b'"');
+    }
+
+    /// A text field whose value the framework chose from its own words (an outcome): nothing
+    /// to escape, nothing to quote.
+    #[inline]
+    fn word(&mut self, key: &'static str, value: &'static str) {
+        debug_assert!(
+            !value.is_empty() && plain_json(value.as_bytes()) && plain_logfmt(value.as_bytes()),
+            "not a plain word: {value:?}"
+        );
+        debug_assert_key(key);
+        match self.format {
+            AccessLogFormat::Json => {
+                append(
+                    self.out,
+                    [b",\"", key.as_bytes(), b"\":\"", value.as_bytes(), b"\""],
+                );
             }
             AccessLogFormat::Logfmt => {
-                let plain = !value.is_empty()
-                    && value.len() <= MAX_VALUE_BYTES
-                    && value
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
-                if plain {
-                    self.out.extend_from_slice(value.as_bytes());
-                } else {
-                    self.out.push(b'"');
-                    escape_into(self.out, value);
-                    self.out.push(b'"');
-                }
+                append(self.out, [b" ", key.as_bytes(), b"=", value.as_bytes()])
             }
         }
     }
 
+    /// A field whose value needs no quoting or escaping in either format: a number, its
+    /// `digits` then `suffix`.
+    #[inline(always)]
+    fn bare(&mut self, key: &'static str, digits: &[u8], suffix: &[u8]) {
+        debug_assert_key(key);
+        match self.format {
+            AccessLogFormat::Json => {
+                append(self.out, [b",\"", key.as_bytes(), b"\":", digits, suffix]);
+            }
+            AccessLogFormat::Logfmt => {
+                append(self.out, [b" ", key.as_bytes(), b"=", digits, suffix])
+            }
+        }
+    }
+
+    /// A number then `suffix`: below 1000 (a status, most durations) by hand, larger ones with
+    /// `itoa`.
+    #[inline(always)]
+    fn number(&mut self, key: &'static str, value: u64, suffix: &[u8]) {
+        let mut small = [0u8; 3];
+        let mut large = itoa::Buffer::new();
+        let digits: &[u8] = if value < 10 {
+            small[0] = b'0' + value as u8;
+            &small[..1]
+        } else if value < 100 {
+            small[0] = b'0' + (value / 10) as u8;
+            small[1] = b'0' + (value % 10) as u8;
+            &small[..2]
+        } else if value < 1000 {
+            small[0] = b'0' + (value / 100) as u8;
+            small[1] = b'0' + (value / 10 % 10) as u8;
+            small[2] = b'0' + (value % 10) as u8;
+            &small
+        } else {
+            large.format(value).as_bytes()
+        };
+        self.bare(key, digits, suffix);
+    }
+
     /// An unsigned number.
+    #[inline]
     pub fn u64(&mut self, key: &'static str, value: u64) {
-        self.key(key);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self.number(key, value, b"");
     }
 
     /// A signed number.
+    #[inline]
     pub fn i64(&mut self, key: &'static str, value: i64) {
-        self.key(key);
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self.bare(key, itoa::Buffer::new().format(value).as_bytes(), b"");
     }
 
-    /// A duration in milliseconds, to the microsecond (`1.234`).
+    /// A duration in milliseconds, to the microsecond (`1.234`), in fixed point (no `u128`,
+    /// no float).
+    #[inline]
     fn duration(&mut self, key: &'static str, value: Duration) {
-        self.key(key);
-        let micros = value.as_micros().min(u64::MAX as u128) as u64;
-        let mut digits = itoa::Buffer::new();
-        self.out
-            .extend_from_slice(digits.format(micros / 1000).as_bytes());
-        let frac = micros % 1000;
-        self.out.extend_from_slice(&[
+        let micros = value
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::from(value.subsec_micros()));
+        let frac = (micros % 1000) as u16;
+        let frac = [
             b'.',
             b'0' + (frac / 100) as u8,
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
-        ]);
+        ];
+        self.number(key, micros / 1000, &frac);
     }
 
     /// `client`, then `proxy` and `identity` when there are.
@@ -446,28 +603,169 @@ impl Fields<'_> {
         }
     }
 
+    /// The key and its separators: `,"key":` or ` key=`.
     fn key(&mut self, key: &'static str) {
-        debug_assert!(
-            !key.is_empty()
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
-            "access log keys are lowercase words: {key:?}"
-        );
+        debug_assert_key(key);
         match self.format {
-            AccessLogFormat::Json => {
-                self.out.extend_from_slice(b",\"");
-                self.out.extend_from_slice(key.as_bytes());
-                self.out.extend_from_slice(b"\":");
-            }
-            AccessLogFormat::Logfmt => {
-                self.out.push(b' ');
-                self.out.extend_from_slice(key.as_bytes());
-                self.out.push(b'=');
-            }
+            AccessLogFormat::Json => append(self.out, [b",\"", key.as_bytes(), b"\":"]),
+            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"="]),
         }
     }
 }
+
+/// Keys are chosen in code: lowercase words (digits and `_` allowed), never escaped.
+#[inline(always)]
+fn debug_assert_key(key: &str) {
+    debug_assert!(
+        !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "access log keys are lowercase words: {key:?}"
+    );
+}
+
+/// Appends `parts` to `out` with one capacity check, copying short parts with a few loads
+/// and stores instead of a `memcpy` call each (a line is a dozen parts of a few bytes: with
+/// `extend_from_slice` per part, the calls and checks were a third of a line's cost).
+#[inline(always)]
+fn append<const N: usize>(out: &mut Vec<u8>, parts: [&[u8]; N]) {
+    let total = parts
+        .iter()
+        .try_fold(0usize, |total, part| total.checked_add(part.len()))
+        .expect("an access log line fits in memory");
+    out.reserve(total);
+    let mut len = out.len();
+    let base = out.as_mut_ptr();
+    for part in parts {
+        // SAFETY: `reserve(total)` made room for all the parts after the first `len` bytes,
+        // and `part` cannot lie inside `out` (borrowed shared while `out` is borrowed
+        // mutably).
+        unsafe { copy_short(part, base.add(len)) };
+        len += part.len();
+    }
+    // SAFETY: `reserve` made the capacity at least `len`, and every byte up to `len` was
+    // written, before (by `out` itself) or above.
+    unsafe { out.set_len(len) };
+}
+
+/// Copies `src` to `dst`: up to 16 bytes with two (possibly overlapping) unaligned loads and
+/// stores, longer with `copy_nonoverlapping`.
+///
+/// # Safety
+///
+/// `dst` must be valid for writing `src.len()` bytes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_short(src: &[u8], dst: *mut u8) {
+    use std::ptr::{read_unaligned, write_unaligned};
+    let n = src.len();
+    let s = src.as_ptr();
+    // SAFETY (all branches): every read is within `src` (offsets below `n`, each access
+    // within the `n` bytes), every write within the `n` bytes at `dst`, per the contract.
+    unsafe {
+        if n > 16 {
+            std::ptr::copy_nonoverlapping(s, dst, n);
+        } else if n >= 8 {
+            let head = read_unaligned(s.cast::<u64>());
+            let tail = read_unaligned(s.add(n - 8).cast::<u64>());
+            write_unaligned(dst.cast::<u64>(), head);
+            write_unaligned(dst.add(n - 8).cast::<u64>(), tail);
+        } else if n >= 4 {
+            let head = read_unaligned(s.cast::<u32>());
+            let tail = read_unaligned(s.add(n - 4).cast::<u32>());
+            write_unaligned(dst.cast::<u32>(), head);
+            write_unaligned(dst.add(n - 4).cast::<u32>(), tail);
+        } else if n > 0 {
+            // 1 to 3 bytes: first, middle, last (some the same byte).
+            *dst = *s;
+            *dst.add(n / 2) = *s.add(n / 2);
+            *dst.add(n - 1) = *s.add(n - 1);
+        }
+    }
+}
+
+/// A byte repeated in each of a word's 8 lanes.
+const fn lanes(byte: u8) -> u64 {
+    u64::from_ne_bytes([byte; 8])
+}
+
+/// Whether a lane of `word` is zero.
+#[inline(always)]
+fn has_zero(word: u64) -> bool {
+    word.wrapping_sub(lanes(1)) & !word & lanes(0x80) != 0
+}
+
+/// Whether a lane of `word` is below `limit` (at most 0x80).
+#[inline(always)]
+fn has_below(word: u64, limit: u8) -> bool {
+    word.wrapping_sub(lanes(limit)) & !word & lanes(0x80) != 0
+}
+
+/// Whether a lane of `word` equals `byte`.
+#[inline(always)]
+fn has_byte(word: u64, byte: u8) -> bool {
+    has_zero(word ^ lanes(byte))
+}
+
+/// Whether `bytes` can be written in JSON quotes as they are: printable ASCII other than `"`
+/// and `\` (non-ASCII goes the slow way: C1 controls and invisible formatting characters are
+/// escaped).
+#[inline]
+fn plain_json(bytes: &[u8]) -> bool {
+    plain(bytes, JSON_ESCAPES, |w| {
+        has_below(w, 0x20) || has_byte(w, b'"') || has_byte(w, b'\\')
+    })
+}
+
+/// Whether `bytes` can be a logfmt value unquoted: printable ASCII other than space, `"`, `=`
+/// and `\`.
+#[inline]
+fn plain_logfmt(bytes: &[u8]) -> bool {
+    plain(bytes, LOGFMT_QUOTES, |w| {
+        has_below(w, 0x21) || has_byte(w, b'"') || has_byte(w, b'=') || has_byte(w, b'\\')
+    })
+}
+
+/// Whether no byte of `bytes` is non-ASCII, DEL, or found by `special` (eight bytes at a
+/// time), then, for the last few bytes, has a bit of `class` in [`BYTE_CLASS`].
+#[inline(always)]
+fn plain(bytes: &[u8], class: u8, special: impl Fn(u64) -> bool) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+        if w & lanes(0x80) != 0 || has_byte(w, 0x7f) || special(w) {
+            return false;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .all(|&b| BYTE_CLASS[usize::from(b)] & class == 0)
+}
+
+/// [`BYTE_CLASS`] bit: JSON escapes the byte, or it starts a character that is looked at
+/// closer (non-ASCII).
+const JSON_ESCAPES: u8 = 1;
+/// [`BYTE_CLASS`] bit: a logfmt value with the byte is quoted.
+const LOGFMT_QUOTES: u8 = 2;
+
+/// What each byte needs, by the bits above (for the bytes [`plain_json`] and
+/// [`plain_logfmt`] look at one by one).
+static BYTE_CLASS: [u8; 256] = {
+    let mut class = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        if byte < 0x20 || byte >= 0x7f || byte == b'"' || byte == b'\\' {
+            class[b] |= JSON_ESCAPES;
+        }
+        if !byte.is_ascii_graphic() || byte == b'"' || byte == b'=' || byte == b'\\' {
+            class[b] |= LOGFMT_QUOTES;
+        }
+        b += 1;
+    }
+    class
+};
 
 /// Appends `value` escaped (JSON string rules, which logfmt's quoted values share), cut at
 /// [`MAX_VALUE_BYTES`].
@@ -604,7 +902,10 @@ impl Batch {
             })
             .is_ok();
         if fits {
-            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(4096));
+            // The next batch starts as large as this one was (a busy worker's batches are
+            // full: one allocation each, no growing by copies), and small after a quiet one.
+            let next = (self.buf.len() + self.buf.len() / 8).clamp(4096, BATCH_BYTES + 4096);
+            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(next));
             if shared.writer.send(Message::Lines(lines, n)).is_err() {
                 shared.queued.fetch_sub(n, Ordering::AcqRel);
                 shared.count_dropped(n);
@@ -678,42 +979,59 @@ struct Clock {
 }
 
 impl Clock {
-    /// The wall clock now, formatted: read with one `clock_gettime` and no `Duration`
-    /// arithmetic (this runs once per line on a worker: `SystemTime::now` and
-    /// `duration_since` cost about 300 instructions more).
-    fn format_now(&mut self) -> [u8; 24] {
+    /// Writes the wall clock now: read with one `clock_gettime` (the vDSO's, no system call)
+    /// and no `Duration` arithmetic (`SystemTime::now` and `duration_since` cost about 300
+    /// instructions more); within a second only the milliseconds are computed.
+    fn write_now(&mut self, out: &mut [u8; TIME_LEN]) {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
         if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) } != 0 {
-            return self.format(SystemTime::now());
+            return self.write(SystemTime::now(), out);
         }
         let second = u64::try_from(ts.tv_sec).unwrap_or(0);
         let millis = u32::try_from(ts.tv_nsec / 1_000_000).unwrap_or(0);
-        self.format_parts(second, millis)
+        self.write_parts(second, millis, out);
     }
 
-    fn format(&mut self, now: SystemTime) -> [u8; 24] {
+    fn write(&mut self, now: SystemTime, out: &mut [u8; TIME_LEN]) {
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        self.format_parts(since.as_secs(), since.subsec_millis())
+        self.write_parts(since.as_secs(), since.subsec_millis(), out);
     }
 
-    fn format_parts(&mut self, second: u64, ms: u32) -> [u8; 24] {
+    fn write_parts(&mut self, second: u64, ms: u32, out: &mut [u8; TIME_LEN]) {
         if second != self.second || self.prefix[0] == 0 {
-            let text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second))
-                .to_string();
-            self.prefix.copy_from_slice(&text.as_bytes()[..19]);
-            self.second = second;
+            self.new_second(second);
         }
-        let mut out = [0u8; 24];
         out[..19].copy_from_slice(&self.prefix);
         out[19] = b'.';
-        out[20] = b'0' + (ms / 100) as u8;
+        out[20] = b'0' + (ms / 100 % 10) as u8;
         out[21] = b'0' + (ms / 10 % 10) as u8;
         out[22] = b'0' + (ms % 10) as u8;
         out[23] = b'Z';
+    }
+
+    #[cold]
+    fn new_second(&mut self, second: u64) {
+        let text =
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second)).to_string();
+        self.prefix.copy_from_slice(&text.as_bytes()[..19]);
+        self.second = second;
+    }
+
+    #[cfg(test)]
+    fn format(&mut self, now: SystemTime) -> [u8; TIME_LEN] {
+        let mut out = [0; TIME_LEN];
+        self.write(now, &mut out);
+        out
+    }
+
+    #[cfg(test)]
+    fn format_now(&mut self) -> [u8; TIME_LEN] {
+        let mut out = [0; TIME_LEN];
+        self.write_now(&mut out);
         out
     }
 }
@@ -743,7 +1061,9 @@ impl Write for Sink {
 
 /// The writer thread's state.
 struct Writer {
-    out: BufWriter<Sink>,
+    /// Written to with one `write_all` per batch, unbuffered: a batch is already up to
+    /// [`BATCH_BYTES`] of whole lines, and a buffer would only copy it once more.
+    out: Sink,
     /// The file's path (`None`: standard error, never reopened).
     path: Option<PathBuf>,
     shared: Arc<Shared>,
@@ -757,7 +1077,7 @@ impl Writer {
             let message = match rx.try_recv() {
                 Ok(m) => m,
                 Err(mpsc::TryRecvError::Empty) => {
-                    // Nothing waiting: what was written reaches the file now.
+                    // Nothing waiting: what was written reaches its destination now.
                     self.flush();
                     match rx.recv() {
                         Ok(m) => m,
@@ -815,20 +1135,12 @@ impl Writer {
         let Some(path) = self.path.clone() else {
             return;
         };
+        // Every batch handed over before is written (or, failing, counted as dropped): the
+        // old file holds whole lines only.
         self.flush();
         match open_path(&path) {
             Ok(file) => {
-                let old = std::mem::replace(
-                    &mut self.out,
-                    BufWriter::with_capacity(BATCH_BYTES, Sink::File(file)),
-                );
-                // Whatever the flush could not write (a full disk) is lost with the old
-                // file: counted, not silently.
-                let (_, unwritten) = old.into_parts();
-                if let Ok(unwritten) = unwritten {
-                    let lost = unwritten.iter().filter(|&&b| b == b'\n').count();
-                    self.shared.count_dropped(lost);
-                }
+                self.out = Sink::File(file);
                 tracing::info!(path = %path.display(), "access log reopened");
             }
             Err(e) => {
@@ -902,6 +1214,128 @@ mod tests {
             " plain=/a/b.txt space=\"a b\" eq=\"k=v\" empty=\"\" quote=\"say \\\"hi\\\"\\nnext=1\" \
              utf8=\"é\""
         );
+    }
+
+    #[test]
+    fn the_word_scans_agree_with_the_byte_table_for_every_byte_and_position() {
+        // The 8-byte scans against the definition, one byte at a time: each byte value at
+        // each position of a value long enough for two words and a remainder.
+        let mut value = [b'a'; 19];
+        for position in 0..value.len() {
+            for byte in 0..=255u8 {
+                value[position] = byte;
+                let json = value
+                    .iter()
+                    .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+                let logfmt = value
+                    .iter()
+                    .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
+                assert_eq!(plain_json(&value), json, "byte {byte:#x} at {position}");
+                assert_eq!(plain_logfmt(&value), logfmt, "byte {byte:#x} at {position}");
+            }
+            value[position] = b'a';
+        }
+    }
+
+    #[test]
+    fn appends_of_every_short_length_copy_exactly() {
+        let source: Vec<u8> = (0..40u8).collect();
+        for first in 0..=source.len() {
+            for second in [0, 1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33] {
+                let mut out = b"x".to_vec();
+                append(&mut out, [&source[..first], b"-", &source[..second]]);
+                let mut expected = b"x".to_vec();
+                expected.extend_from_slice(&source[..first]);
+                expected.push(b'-');
+                expected.extend_from_slice(&source[..second]);
+                assert_eq!(out, expected, "{first} then {second}");
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_whole_on_both_sides_of_the_fast_path() {
+        let got = line(AccessLogFormat::Json, |f| {
+            for n in [0, 7, 10, 99, 100, 200, 999, 1000, 65_535, u64::MAX] {
+                f.u64("n", n);
+            }
+            f.i64("s", i64::MIN);
+        });
+        assert_eq!(
+            got,
+            ",\"n\":0,\"n\":7,\"n\":10,\"n\":99,\"n\":100,\"n\":200,\"n\":999,\"n\":1000,\
+             \"n\":65535,\"n\":18446744073709551615,\"s\":-9223372036854775808"
+        );
+    }
+
+    #[test]
+    fn a_line_is_its_service_head_the_time_and_the_fields_in_both_formats() {
+        for format in [AccessLogFormat::Json, AccessLogFormat::Logfmt] {
+            let path = temp_path(&format!("shape-{format:?}.log"));
+            let _ = std::fs::remove_file(&path);
+            let cfg = config(&path, format, 100);
+            let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+            let service = log.for_service("web", "http-hello", true).unwrap();
+            let who = Who {
+                client: "[::1]:4000".parse().unwrap(),
+                proxy: None,
+                identity: Some("bob smith"),
+            };
+            let conn = service.who(&who);
+            service.request(&conn, "ok", Duration::from_micros(1_234), |f| {
+                f.str("method", "GET");
+                f.str("target", "/a b");
+                f.u64("status", 200);
+            });
+            service.connection(&conn, ConnOutcome::Timeout, Duration::from_secs(3), 5, 6);
+            service.refused(&who, "per_source");
+            flush_thread();
+            log.stop(Duration::from_secs(5));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 3, "{text}");
+            let (start, time_at) = match format {
+                AccessLogFormat::Json => ("{\"time\":\"", 9),
+                AccessLogFormat::Logfmt => ("time=", 5),
+            };
+            let mut rests = Vec::new();
+            for l in &lines {
+                assert!(l.starts_with(start), "{l}");
+                let time = &l[time_at..time_at + TIME_LEN];
+                humantime::parse_rfc3339(time).unwrap();
+                rests.push(&l[time_at + TIME_LEN..]);
+            }
+            let expected: [&str; 3] = match format {
+                AccessLogFormat::Json => [
+                    "\",\"event\":\"request\",\"service\":\"web\",\"plugin\":\"http-hello\",\
+                     \"client\":\"[::1]:4000\",\"identity\":\"bob smith\",\"outcome\":\"ok\",\
+                     \"duration_ms\":1.234,\"method\":\"GET\",\"target\":\"/a b\",\"status\":200}",
+                    "\",\"event\":\"connection\",\"service\":\"web\",\"plugin\":\"http-hello\",\
+                     \"client\":\"[::1]:4000\",\"identity\":\"bob smith\",\"outcome\":\"timeout\",\
+                     \"bytes_in\":5,\"bytes_out\":6,\"duration_ms\":3000.000}",
+                    "\",\"event\":\"connection\",\"service\":\"web\",\"plugin\":\"http-hello\",\
+                     \"client\":\"[::1]:4000\",\"identity\":\"bob smith\",\"outcome\":\"refused\",\
+                     \"reason\":\"per_source\"}",
+                ],
+                AccessLogFormat::Logfmt => [
+                    " event=request service=web plugin=http-hello client=[::1]:4000 \
+                     identity=\"bob smith\" outcome=ok duration_ms=1.234 method=GET \
+                     target=\"/a b\" status=200",
+                    " event=connection service=web plugin=http-hello client=[::1]:4000 \
+                     identity=\"bob smith\" outcome=timeout bytes_in=5 bytes_out=6 \
+                     duration_ms=3000.000",
+                    " event=connection service=web plugin=http-hello client=[::1]:4000 \
+                     identity=\"bob smith\" outcome=refused reason=per_source",
+                ],
+            };
+            assert_eq!(rests, expected);
+            if format == AccessLogFormat::Json {
+                for l in &lines {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap();
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::access_log::{ConnBytes, ConnOutcome, Fields, ServiceLog, Who};
+use crate::access_log::{ClientFields, ConnBytes, ConnOutcome, Fields, ServiceLog, Who};
 use crate::conn::{BufResult, Conn};
 use crate::gate::Ticket;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
@@ -65,7 +65,7 @@ pub(crate) struct ConnLog {
     bytes: Rc<ConnBytes>,
     outcome: Cell<Option<ConnOutcome>>,
     /// Client, proxy and identity, formatted at the first line for all the others.
-    who: OnceCell<Box<[u8]>>,
+    who: OnceCell<ClientFields>,
 }
 
 impl ConnLog {
@@ -125,7 +125,7 @@ impl Context {
 
     /// The client's fields of `log`'s lines, formatted once (the identity, if any, is set
     /// by the TLS handshake before the plugin runs, so before any line).
-    fn who<'a>(&self, log: &'a ConnLog) -> &'a [u8] {
+    fn who<'a>(&self, log: &'a ConnLog) -> &'a ClientFields {
         log.who.get_or_init(|| {
             log.service.who(&Who {
                 client: self.peer,

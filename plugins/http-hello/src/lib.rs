@@ -122,12 +122,13 @@ struct Session {
 /// written.
 #[derive(Default)]
 struct RequestLog {
-    /// Methods and targets of `notes`, one after the other.
-    text: String,
+    /// Methods and targets of `notes`, one after the other, as the client sent them (the log
+    /// checks them for UTF-8 as it scans them for escaping).
+    text: Vec<u8>,
     notes: Vec<Note>,
     /// Method and target of the request whose body is being discarded, split at
     /// `pending_method`.
-    pending: String,
+    pending: Vec<u8>,
     pending_method: usize,
 }
 
@@ -142,30 +143,34 @@ struct Note {
 /// What of a request target the access log keeps: the path alone. The query string and
 /// `;` path parameters often carry secrets (tokens, session ids), and an absolute-form target
 /// (`http://user:password@host/path`) names credentials and a host: only its path is kept.
-fn loggable_path(target: &str) -> &str {
-    let absolute = (!target.starts_with('/'))
-        .then(|| target.find("://"))
+fn loggable_path(target: &[u8]) -> &[u8] {
+    let absolute = (target.first() != Some(&b'/'))
+        .then(|| target.windows(3).position(|w| w == b"://"))
         .flatten();
     let path = match absolute {
         Some(scheme_end) => {
             let rest = &target[scheme_end + 3..];
-            rest.find('/').map_or("/", |slash| &rest[slash..])
+            rest.iter()
+                .position(|&b| b == b'/')
+                .map_or(&b"/"[..], |slash| &rest[slash..])
         }
         None => target,
     };
-    let end = path.find(['?', ';', '#']).unwrap_or(path.len());
+    let end = path
+        .iter()
+        .position(|&b| matches!(b, b'?' | b';' | b'#'))
+        .unwrap_or(path.len());
     &path[..end]
 }
 
 impl RequestLog {
-    /// Notes a request answered with `status` whose method and target are `method_target`
-    /// split at `method_len`.
-    fn note(&mut self, method_target: (&str, &str), status: u16) {
+    /// Notes a request answered with `status` whose method and target are `method_target`.
+    fn note(&mut self, method_target: (&[u8], &[u8]), status: u16) {
         let (method, target) = method_target;
         let start = self.text.len();
-        self.text.push_str(method);
+        self.text.extend_from_slice(method);
         let middle = self.text.len();
-        self.text.push_str(loggable_path(target));
+        self.text.extend_from_slice(loggable_path(target));
         self.notes.push(Note {
             method: start..middle,
             target: middle..self.text.len(),
@@ -174,11 +179,11 @@ impl RequestLog {
     }
 
     /// Keeps the method and target of a request whose response waits for its body.
-    fn hold(&mut self, method_target: (&str, &str)) {
+    fn hold(&mut self, method_target: (&[u8], &[u8])) {
         self.pending.clear();
-        self.pending.push_str(method_target.0);
+        self.pending.extend_from_slice(method_target.0);
         self.pending_method = self.pending.len();
-        self.pending.push_str(method_target.1);
+        self.pending.extend_from_slice(method_target.1);
     }
 
     /// Notes the held request, answered with `status`.
@@ -191,17 +196,18 @@ impl RequestLog {
 
     /// Records every noted request (its metrics and its line), then forgets them.
     fn record(&mut self, cx: &Context, elapsed: Duration) {
+        let text = &self.text;
         for note in self.notes.drain(..) {
             let outcome = match note.status {
                 200..=399 => OK,
                 500.. => SERVER_ERROR,
                 _ => CLIENT_ERROR,
             };
-            let text = &self.text;
             cx.record_request_with(outcome, elapsed, |f| {
                 if !note.method.is_empty() {
-                    f.str("method", &text[note.method]);
-                    f.str("target", &text[note.target]);
+                    // Not UTF-8 (the parser lets obs-text through in a target): logged as `?`.
+                    f.bytes("method", &text[note.method]);
+                    f.bytes("target", &text[note.target]);
                 }
                 f.u64("status", note.status.into());
             });
@@ -211,9 +217,11 @@ impl RequestLog {
 }
 
 /// The method and target of a parsed head, from the buffer it was parsed in.
-fn method_target<'a>(buf: &'a [u8], head: &request::Head) -> (&'a str, &'a str) {
-    let text = |(start, end): (usize, usize)| std::str::from_utf8(&buf[start..end]).unwrap_or("?");
-    (text(head.method), text(head.target))
+fn method_target<'a>(buf: &'a [u8], head: &request::Head) -> (&'a [u8], &'a [u8]) {
+    (
+        &buf[head.method.0..head.method.1],
+        &buf[head.target.0..head.target.1],
+    )
 }
 
 /// A response owed for a request whose body is still arriving.
@@ -252,7 +260,7 @@ impl HttpHello {
             batch.error = Some(status);
             batch.close = true;
             if let Some(log) = log {
-                log.note(("", ""), Status::code(status));
+                log.note((b"", b""), Status::code(status));
             }
         };
         loop {
