@@ -12,6 +12,9 @@
 #   a process service running `cat`, against the same load to the echo plugin (a direct
 #   socket copy inside wharf). On epoll the bytes move with splice(2); on io_uring they are
 #   copied through wharf.
+# - one stream of 256 MiB each way through `cat` (a Python client sending and reading at
+#   once), the way a real pipe-through service is used: MB/s, and wharf's CPU per GB from
+#   /proc (what splice saves shows here: the bytes never enter wharf).
 # Prints one JSON line per measurement; wharf's CPU (not the programs') per session, or per
 # GB moved one way.
 set -euo pipefail
@@ -60,6 +63,24 @@ for round in $(seq "$rounds"); do
     load "$pid" 127.0.0.1:17601 --new-conn --size 1 -c 8 >"$work/sessions.json"
     load "$pid" 127.0.0.1:17601 --size 262144 -c 4 >"$work/cat.json"
     load "$pid" 127.0.0.1:17602 --size 262144 -c 4 >"$work/copy.json"
+    python3 - "$pid" <<'PY' >"$work/stream.json"
+import json, socket, sys, threading, time
+pid = int(sys.argv[1]); n = 256 << 20
+def cpu():
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / 100  # utime + stime, in clock ticks of 10 ms
+s = socket.create_connection(("127.0.0.1", 17601)); chunk = b"x" * (1 << 20); got = [0]
+def reader():
+    buf = bytearray(1 << 20)
+    while (k := s.recv_into(buf)):
+        got[0] += k
+t = threading.Thread(target=reader); c0 = cpu(); t0 = time.monotonic(); t.start()
+for _ in range(n >> 20):
+    s.sendall(chunk)
+s.shutdown(socket.SHUT_WR); t.join(); dt = time.monotonic() - t0; c1 = cpu()
+assert got[0] == n, got[0]
+print(json.dumps({"mb_per_s": n / dt / 1e6, "wharf_cpu_s_per_gb": (c1 - c0) / (n / 1e9)}))
+PY
     stop_server "$pid"
     python3 - "$round" "$backend" "$work" <<'PY'
 import json, sys
@@ -78,6 +99,7 @@ def row(name, per):
         out["wharf_cpu_s_per_gb"] = us * 1e-6 / 262144 * 1e9 if us else None
     print(json.dumps(out))
 row("sessions", "session"); row("cat", "mb"); row("copy", "mb")
+print(json.dumps({"round": int(round_), "backend": backend, "load": "stream-through-cat", **json.load(open(f"{work}/stream.json"))}))
 PY
   done
   # The floor: fork and exec only, no socket and no relay, on the same CPU.
