@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -46,9 +46,45 @@ pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<Tc
         .collect()
 }
 
+/// Binds `count` UDP sockets to `addr` with `SO_REUSEPORT` (the kernel spreads datagrams over
+/// them by source address and port), probing a given port first like
+/// [`bind_reuseport_group`].
+pub fn bind_reuseport_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    if addr.port() != 0 {
+        let probe = new_udp_socket(addr)?;
+        probe.bind(&addr.into())?;
+    }
+    let mut addr = addr;
+    (0..count.max(1))
+        .map(|_| {
+            let socket = new_udp_socket(addr)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+fn new_udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    new_socket_of(addr, Type::DGRAM, Protocol::UDP)
+}
+
 fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
+    new_socket_of(addr, Type::STREAM, Protocol::TCP)
+}
+
+fn new_socket_of(addr: SocketAddr, kind: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
+    // TCP: rebinding past TIME_WAIT. On UDP, SO_REUSEADDR would let any other socket that
+    // sets it share the port (and the exclusive probe would always pass): never there.
+    if kind == Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
     if addr.is_ipv6() {
         // `[::]` means IPv6 only; dual-stack surprises nobody when it is explicit.
         socket.set_only_v6(true)?;
@@ -232,6 +268,15 @@ mod tests {
         assert_ne!(port, 0);
         assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port));
         let again = bind_reuseport_group(group[0].local_addr().unwrap(), 1);
+        assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn udp_reuseport_group_shares_one_port_and_detects_conflicts() {
+        let group = bind_reuseport_udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert!(group.iter().all(|s| s.local_addr().unwrap() == addr));
+        let again = bind_reuseport_udp_group(addr, 1);
         assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
     }
 }
