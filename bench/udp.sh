@@ -12,6 +12,7 @@
 # datagram; then the ratios. Raw JSON lines go to bench-results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 rounds=${1:-5}
 duration=${2:-5}
 senders=${3:-4}
@@ -62,8 +63,7 @@ for round in $(seq "$rounds"); do
       --window "$window" --duration "$duration" --warmup 1 --server-pid "$server_pid" --json |
       python3 -c 'import json,sys; d=json.load(sys.stdin); d["label"]=sys.argv[1]; print(json.dumps(d))' "$server" |
       tee -a "$out"
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
+    stop_server "$server_pid"
   done
   echo "round $round done" >&2
 done

@@ -254,14 +254,7 @@ pub fn run(command: BenchCommand) -> i32 {
     procstat::raise_fd_limit(spec.connections as u64 + 64);
     let result = load::run(&spec);
     let report = Report::new(&spec, &result);
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => eprintln!("wharf: error: cannot render the report as JSON: {e}"),
-        }
-    } else {
-        print!("{}", report.to_text());
-    }
+    print_report(args.json, &report, || report.to_text());
     if report.requests > report.failed {
         0
     } else {
@@ -285,6 +278,18 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .into_iter()
         .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
         .unwrap_or(first))
+}
+
+/// Prints a run's report: as one JSON object with `json`, else as `text` makes it.
+fn print_report<R: serde::Serialize>(json: bool, report: &R, text: impl FnOnce() -> String) {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("wharf: error: cannot render the report as JSON: {e}"),
+        }
+    } else {
+        print!("{}", text());
+    }
 }
 
 fn usage(message: &str) -> i32 {

@@ -164,11 +164,12 @@ pub fn main(args: UdpArgs) -> i32 {
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         return usage("--rate must be a positive number of datagrams per second");
     }
-    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 86_400.0)
-        || !(args.warmup.is_finite() && (0.0..=86_400.0).contains(&args.warmup))
-        || args.timeout == 0
-    {
-        return usage("--duration (more than 0), --warmup and --timeout (ms, at least 1) are out of range");
+    let duration_ok = args.duration.is_finite() && args.duration > 0.0 && args.duration <= 86_400.0;
+    let warmup_ok = args.warmup.is_finite() && (0.0..=86_400.0).contains(&args.warmup);
+    if !duration_ok || !warmup_ok || args.timeout == 0 {
+        return usage(
+            "--duration (more than 0), --warmup and --timeout (ms, at least 1) are out of range",
+        );
     }
     let server_pids = if args.server_pid.is_empty() {
         procstat::listening_pids(addr)
@@ -176,14 +177,7 @@ pub fn main(args: UdpArgs) -> i32 {
         args.server_pid.clone()
     };
     let report = run(&args, addr, &server_pids);
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => eprintln!("wharf: error: cannot render the report as JSON: {e}"),
-        }
-    } else {
-        print!("{}", report.to_text());
-    }
+    crate::print_report(args.json, &report, || report.to_text());
     if report.answered > 0 {
         0
     } else {
@@ -216,9 +210,16 @@ fn run(args: &UdpArgs, addr: SocketAddr, server_pids: &[u32]) -> UdpReport {
                     SocketAddr::V6(_) => "[::]:0",
                 })?;
                 socket.connect(addr)?;
+                let sender = Sender {
+                    socket,
+                    datagram: vec![b'x'; size],
+                    reply: vec![0u8; size.max(2048)],
+                    timeout,
+                    clock,
+                };
                 Ok::<_, std::io::Error>(match interval {
-                    None => closed_loop(&socket, size, window, timeout, clock, &stop),
-                    Some(every) => open_loop(&socket, size, every, timeout, clock, &stop),
+                    None => sender.closed_loop(window, &stop),
+                    Some(every) => sender.open_loop(every, &stop),
                 })
             })
         })
@@ -241,14 +242,16 @@ fn run(args: &UdpArgs, addr: SocketAddr, server_pids: &[u32]) -> UdpReport {
     let server_cpu = server_before
         .zip(server_after)
         .map(|(b, a)| a.saturating_sub(b));
-    let h = &total.latency_ns;
-    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     UdpReport {
         protocol: "udp-echo",
         addr: addr.to_string(),
         senders: args.senders,
         size: args.size,
-        mode: if args.rate.is_some() { "open" } else { "closed" },
+        mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
         window: args.window,
         target_rate: args.rate,
         timeout_ms: args.timeout,
@@ -260,14 +263,7 @@ fn run(args: &UdpArgs, addr: SocketAddr, server_pids: &[u32]) -> UdpReport {
         loss_ratio: total.lost as f64 / (total.sent.max(1)) as f64,
         late: total.late,
         datagrams_per_sec: total.answered as f64 / secs,
-        latency_us: Latency {
-            p50: us(0.5),
-            p90: us(0.9),
-            p99: us(0.99),
-            p999: us(0.999),
-            max: h.max() as f64 / 1000.0,
-            mean: h.mean() / 1000.0,
-        },
+        latency_us: Latency::of(&total.latency_ns),
         server: server_cpu.map(|cpu| ServerCpu {
             pids: server_pids.to_vec(),
             cores: cpu.as_secs_f64() / secs,
@@ -291,126 +287,135 @@ fn read_stamp(reply: &[u8]) -> Option<(u64, u64)> {
     Some((seq, at))
 }
 
-fn closed_loop(
-    socket: &UdpSocket,
-    size: usize,
-    window: usize,
+/// One sending thread's socket, buffers and settings.
+struct Sender {
+    socket: UdpSocket,
+    datagram: Vec<u8>,
+    reply: Vec<u8>,
     timeout: Duration,
     clock: Clock,
-    stop: &AtomicBool,
-) -> Tally {
-    let mut tally = Tally::new();
-    let mut datagram = vec![b'x'; size];
-    let mut reply = vec![0u8; size.max(2048)];
-    let _ = socket.set_read_timeout(Some(timeout));
-    let mut next_seq = 0u64;
-    // Sequence numbers below this belong to a window already counted lost.
-    let mut current_from = 0u64;
-    // (send time) of the datagrams in flight, for the loss count.
-    let mut in_flight: Vec<u64> = Vec::with_capacity(window);
-    let send = |seq: u64, datagram: &mut [u8], tally: &mut Tally| {
-        let now = clock.now();
-        stamp(datagram, seq, now);
-        if socket.send(datagram).is_ok() && clock.in_window(now) {
-            tally.sent += 1;
-        }
-        now
-    };
-    while !stop.load(Ordering::Relaxed) {
-        if in_flight.is_empty() {
-            current_from = next_seq;
-            for _ in 0..window {
-                in_flight.push(send(next_seq, &mut datagram, &mut tally));
-                next_seq += 1;
-            }
-        }
-        match socket.recv(&mut reply) {
-            Ok(n) => {
-                let Some((seq, at)) = read_stamp(&reply[..n]) else {
-                    continue;
-                };
-                if seq < current_from {
-                    if clock.in_window(at) {
-                        tally.late += 1;
-                    }
-                    continue;
-                }
-                if let Some(i) = in_flight.iter().position(|&t| t == at) {
-                    in_flight.swap_remove(i);
-                }
-                if clock.in_window(at) {
-                    tally.answered += 1;
-                    let _ = tally.latency_ns.record(clock.now().saturating_sub(at).max(1));
-                }
-                in_flight.push(send(next_seq, &mut datagram, &mut tally));
-                next_seq += 1;
-            }
-            Err(_) => {
-                // Nothing for a whole timeout: what is in flight is lost.
-                tally.lost += in_flight.iter().filter(|&&t| clock.in_window(t)).count() as u64;
-                in_flight.clear();
-            }
-        }
-    }
-    tally
 }
 
-fn open_loop(
-    socket: &UdpSocket,
-    size: usize,
-    every: Duration,
-    timeout: Duration,
-    clock: Clock,
-    stop: &AtomicBool,
-) -> Tally {
-    let mut tally = Tally::new();
-    let mut datagram = vec![b'x'; size];
-    let mut reply = vec![0u8; size.max(2048)];
-    let _ = socket.set_nonblocking(true);
-    let every = every.as_nanos().max(1) as u64;
-    let timeout_ns = timeout.as_nanos() as u64;
-    let mut due = clock.now();
-    let mut seq = 0u64;
-    let mut answered_in_window = 0u64;
-    let mut stopped_at = None;
-    loop {
-        let now = clock.now();
-        match stopped_at {
-            None if stop.load(Ordering::Relaxed) => stopped_at = Some(now),
-            // After the stop, wait one timeout for the last replies.
-            Some(t) if now > t + timeout_ns => break,
-            _ => {}
-        }
-        while stopped_at.is_none() && due <= now {
-            stamp(&mut datagram, seq, due);
-            if socket.send(&datagram).is_ok() && clock.in_window(due) {
+impl Sender {
+    fn closed_loop(self, window: usize, stop: &AtomicBool) -> Tally {
+        let Sender {
+            socket,
+            mut datagram,
+            mut reply,
+            timeout,
+            clock,
+        } = self;
+        let mut tally = Tally::new();
+        let _ = socket.set_read_timeout(Some(timeout));
+        let mut next_seq = 0u64;
+        // Sequence numbers below this belong to a window already counted lost.
+        let mut current_from = 0u64;
+        // (send time) of the datagrams in flight, for the loss count.
+        let mut in_flight: Vec<u64> = Vec::with_capacity(window);
+        let send = |seq: u64, datagram: &mut [u8], tally: &mut Tally| {
+            let now = clock.now();
+            stamp(datagram, seq, now);
+            if socket.send(datagram).is_ok() && clock.in_window(now) {
                 tally.sent += 1;
             }
-            seq += 1;
-            due += every;
-        }
-        while let Ok(n) = socket.recv(&mut reply) {
-            if let Some((_, at)) = read_stamp(&reply[..n]) {
-                let late = clock.now().saturating_sub(at);
-                if !clock.in_window(at) {
-                    continue;
+            now
+        };
+        while !stop.load(Ordering::Relaxed) {
+            if in_flight.is_empty() {
+                current_from = next_seq;
+                for _ in 0..window {
+                    in_flight.push(send(next_seq, &mut datagram, &mut tally));
+                    next_seq += 1;
                 }
-                if late > timeout_ns {
-                    tally.late += 1;
-                } else {
-                    answered_in_window += 1;
-                    let _ = tally.latency_ns.record(late.max(1));
+            }
+            match socket.recv(&mut reply) {
+                Ok(n) => {
+                    let Some((seq, at)) = read_stamp(&reply[..n]) else {
+                        continue;
+                    };
+                    if seq < current_from {
+                        if clock.in_window(at) {
+                            tally.late += 1;
+                        }
+                        continue;
+                    }
+                    if let Some(i) = in_flight.iter().position(|&t| t == at) {
+                        in_flight.swap_remove(i);
+                    }
+                    if clock.in_window(at) {
+                        tally.answered += 1;
+                        let _ = tally
+                            .latency_ns
+                            .record(clock.now().saturating_sub(at).max(1));
+                    }
+                    in_flight.push(send(next_seq, &mut datagram, &mut tally));
+                    next_seq += 1;
+                }
+                Err(_) => {
+                    // Nothing for a whole timeout: what is in flight is lost.
+                    tally.lost += in_flight.iter().filter(|&&t| clock.in_window(t)).count() as u64;
+                    in_flight.clear();
                 }
             }
         }
-        let wait = due.saturating_sub(clock.now()).min(200_000);
-        if wait > 0 {
-            std::thread::sleep(Duration::from_nanos(wait));
-        }
+        tally
     }
-    tally.answered = answered_in_window;
-    tally.lost = tally.sent.saturating_sub(answered_in_window);
-    tally
+
+    fn open_loop(self, every: Duration, stop: &AtomicBool) -> Tally {
+        let Sender {
+            socket,
+            mut datagram,
+            mut reply,
+            timeout,
+            clock,
+        } = self;
+        let mut tally = Tally::new();
+        let _ = socket.set_nonblocking(true);
+        let every = every.as_nanos().max(1) as u64;
+        let timeout_ns = timeout.as_nanos() as u64;
+        let mut due = clock.now();
+        let mut seq = 0u64;
+        let mut answered_in_window = 0u64;
+        let mut stopped_at = None;
+        loop {
+            let now = clock.now();
+            match stopped_at {
+                None if stop.load(Ordering::Relaxed) => stopped_at = Some(now),
+                // After the stop, wait one timeout for the last replies.
+                Some(t) if now > t + timeout_ns => break,
+                _ => {}
+            }
+            while stopped_at.is_none() && due <= now {
+                stamp(&mut datagram, seq, due);
+                if socket.send(&datagram).is_ok() && clock.in_window(due) {
+                    tally.sent += 1;
+                }
+                seq += 1;
+                due += every;
+            }
+            while let Ok(n) = socket.recv(&mut reply) {
+                if let Some((_, at)) = read_stamp(&reply[..n]) {
+                    let late = clock.now().saturating_sub(at);
+                    if !clock.in_window(at) {
+                        continue;
+                    }
+                    if late > timeout_ns {
+                        tally.late += 1;
+                    } else {
+                        answered_in_window += 1;
+                        let _ = tally.latency_ns.record(late.max(1));
+                    }
+                }
+            }
+            let wait = due.saturating_sub(clock.now()).min(200_000);
+            if wait > 0 {
+                std::thread::sleep(Duration::from_nanos(wait));
+            }
+        }
+        tally.answered = answered_in_window;
+        tally.lost = tally.sent.saturating_sub(answered_in_window);
+        tally
+    }
 }
 
 impl UdpReport {

@@ -71,6 +71,10 @@ impl<S: DatagramService> DatagramService for Arc<S> {
     }
 }
 
+/// How a plugin's instance becomes the framework's datagram service
+/// ([`Plugin::DATAGRAMS`](crate::Plugin::DATAGRAMS)): [`erase`].
+pub type Erase<P> = fn(Arc<P>) -> Arc<dyn DatagramService>;
+
 /// `service` as the framework holds it: what [`Plugin::DATAGRAMS`](crate::Plugin::DATAGRAMS)
 /// names for a plugin that answers datagrams.
 pub fn erase<S: DatagramService>(service: Arc<S>) -> Arc<dyn DatagramService> {

@@ -68,6 +68,6 @@ pub mod worker;
 pub use async_trait::async_trait;
 pub use conn::{BufResult, Conn};
 pub use context::Context;
-pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use datagram::{Datagram, DatagramService, Replies};
+pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use service::{DynService, Service};

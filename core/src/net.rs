@@ -24,14 +24,31 @@ const BACKLOG: i32 = 1024;
 /// probe's port, once released, could be picked by another process (two servers sharing one
 /// port, each getting some of the other's connections).
 pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+    bind_group(addr, count, new_socket)
+}
+
+/// Binds `count` UDP sockets to `addr` with `SO_REUSEPORT` (the kernel spreads datagrams over
+/// them by source address and port), probing a given port first like
+/// [`bind_reuseport_group`].
+pub fn bind_reuseport_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    bind_group(addr, count, new_udp_socket)
+}
+
+/// The shared body of the two: probe, bind every socket to the port the first one got, listen
+/// (streams), non-blocking.
+fn bind_group<T: From<Socket>>(
+    addr: SocketAddr,
+    count: usize,
+    new: fn(SocketAddr) -> io::Result<Socket>,
+) -> io::Result<Vec<T>> {
     if addr.port() != 0 {
-        let probe = new_socket(addr)?;
+        let probe = new(addr)?;
         probe.bind(&addr.into())?;
     }
     let mut addr = addr;
     (0..count.max(1))
         .map(|_| {
-            let socket = new_socket(addr)?;
+            let socket = new(addr)?;
             socket.set_reuse_port(true)?;
             socket.bind(&addr.into())?;
             // The first socket resolves port 0; the others join the port it got.
@@ -39,31 +56,9 @@ pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<Tc
                 .local_addr()?
                 .as_socket()
                 .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
-            socket.listen(BACKLOG)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket.into())
-        })
-        .collect()
-}
-
-/// Binds `count` UDP sockets to `addr` with `SO_REUSEPORT` (the kernel spreads datagrams over
-/// them by source address and port), probing a given port first like
-/// [`bind_reuseport_group`].
-pub fn bind_reuseport_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
-    if addr.port() != 0 {
-        let probe = new_udp_socket(addr)?;
-        probe.bind(&addr.into())?;
-    }
-    let mut addr = addr;
-    (0..count.max(1))
-        .map(|_| {
-            let socket = new_udp_socket(addr)?;
-            socket.set_reuse_port(true)?;
-            socket.bind(&addr.into())?;
-            addr = socket
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+            if socket.r#type()? == Type::STREAM {
+                socket.listen(BACKLOG)?;
+            }
             socket.set_nonblocking(true)?;
             Ok(socket.into())
         })

@@ -8,9 +8,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use std::sync::Arc;
-
+#[cfg(doc)]
 use crate::datagram::DatagramService;
+use crate::datagram::Erase;
 use crate::service::Service;
 
 /// A registrable protocol.
@@ -36,7 +36,7 @@ pub trait Plugin: Service + Sized {
     /// `Some(wharf_core::datagram::erase::<Self>)` for a plugin that implements
     /// [`DatagramService`]. `None` (the default): stream connections only, and a `udp:`
     /// address is a config error.
-    const DATAGRAMS: Option<fn(Arc<Self>) -> Arc<dyn DatagramService>> = None;
+    const DATAGRAMS: Option<Erase<Self>> = None;
 
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;

@@ -509,6 +509,34 @@ impl Drop for Client {
     }
 }
 
+/// Has `service` answer one datagram of `payload` from `peer`, as the framework's datagram
+/// loop does (same reply buffers and limits: replies beyond the datagram's size are refused);
+/// returns the replies and their destinations.
+pub fn answer_datagram<S: crate::datagram::DatagramService>(
+    service: &S,
+    payload: &[u8],
+    peer: SocketAddr,
+) -> Vec<(Vec<u8>, SocketAddr)> {
+    use crate::datagram::{AnswerBatch, Packet, Packets, MAX_REPLIES};
+    let incoming = [Packet {
+        buf: payload.to_vec(),
+        peer,
+    }];
+    let mut outgoing = Packets::new(MAX_REPLIES, payload.len());
+    let mut batch = AnswerBatch {
+        incoming: &incoming,
+        admitted: &[true],
+        outgoing: &mut outgoing,
+        refused: 0,
+    };
+    service.answer_batch(&mut batch);
+    outgoing
+        .filled()
+        .iter()
+        .map(|p| (p.buf.clone(), p.peer))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,32 +576,4 @@ mod tests {
             );
         });
     }
-}
-
-/// Has `service` answer one datagram of `payload` from `peer`, as the framework's datagram
-/// loop does (same reply buffers and limits: replies beyond the datagram's size are refused);
-/// returns the replies and their destinations.
-pub fn answer_datagram<S: crate::datagram::DatagramService>(
-    service: &S,
-    payload: &[u8],
-    peer: SocketAddr,
-) -> Vec<(Vec<u8>, SocketAddr)> {
-    use crate::datagram::{AnswerBatch, Packet, Packets, MAX_REPLIES};
-    let incoming = [Packet {
-        buf: payload.to_vec(),
-        peer,
-    }];
-    let mut outgoing = Packets::new(MAX_REPLIES, payload.len());
-    let mut batch = AnswerBatch {
-        incoming: &incoming,
-        admitted: &[true],
-        outgoing: &mut outgoing,
-        refused: 0,
-    };
-    service.answer_batch(&mut batch);
-    outgoing
-        .filled()
-        .iter()
-        .map(|p| (p.buf.clone(), p.peer))
-        .collect()
 }

@@ -3,7 +3,7 @@
 //!
 //! Each worker has its own `SO_REUSEPORT` UDP socket per UDP service (bound by the main thread
 //! with [`crate::net::bind_reuseport_udp_group`]), so the kernel spreads datagrams over the
-//! workers by source address and port. The loop ([`datagram_loop`]) receives a *batch*
+//! workers by source address and port. The loop (`datagram_loop`) receives a *batch*
 //! (everything queued, up to [`BATCH`] datagrams, per wakeup), admits each datagram, has the
 //! plugin answer the admitted ones ([`crate::datagram`]: one dynamic call per batch), and
 //! sends the replies as a batch. Memory is fixed per socket: two sets of [`BATCH`] buffers of

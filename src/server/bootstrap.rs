@@ -125,11 +125,10 @@ pub(super) fn bind_service(
         // The plan refuses Unix listeners (so far).
         Listen::Unix(_) => unreachable!("the plan admits no Unix listener"),
     };
-    bound
-        .map_err(|e| {
-            let key = format!("services.{}.listen", svc.name);
-            bind_error(plan, &key, &svc.config.listen, &e)
-        })
+    bound.map_err(|e| {
+        let key = format!("services.{}.listen", svc.name);
+        bind_error(plan, &key, &svc.config.listen, &e)
+    })
 }
 
 fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {

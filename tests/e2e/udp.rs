@@ -53,7 +53,14 @@ fn exchange(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8
             assert_eq!(from, to, "the reply comes from the service's address");
             Some(buf[..n].to_vec())
         }
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
         Err(e) => panic!("recv_from: {e}"),
     }
 }
@@ -102,7 +109,11 @@ fn python_sendto_recvfrom_gets_each_datagram_back_transformed_on_both_backends()
         server.wait_metric("wharf_datagrams_sent_total", &labels(&server, &[]), 3.0);
         server.wait_metric("wharf_received_bytes_total", &labels(&server, &[]), 24.0);
         server.wait_metric("wharf_sent_bytes_total", &labels(&server, &[]), 24.0);
-        for reason in ["allow_from", "max_datagram_rate_per_source", "amplification"] {
+        for reason in [
+            "allow_from",
+            "max_datagram_rate_per_source",
+            "amplification",
+        ] {
             assert_eq!(dropped(&server, reason), 0.0, "{backend} {reason}");
         }
     }
@@ -121,7 +132,11 @@ fn socat_gets_its_datagram_back() {
             b"from socat\n",
         );
         assert!(out.status.success(), "{backend}: {out:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "FROM SOCAT\n", "{backend}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "FROM SOCAT\n",
+            "{backend}"
+        );
     }
 }
 
@@ -244,18 +259,27 @@ fn reload_keeps_changes_and_removes_a_udp_address_and_stop_ends_the_loop() {
         let mut server = Server::start(&udp_config(""), backend);
         let addr = server.addr("udp");
         let client = client_on("127.0.0.1", Duration::from_secs(2));
-        assert_eq!(exchange(&client, addr, b"one").as_deref(), Some(&b"ONE"[..]));
+        assert_eq!(
+            exchange(&client, addr, b"one").as_deref(),
+            Some(&b"ONE"[..])
+        );
         let fixed = udp_config("").replace("udp:127.0.0.1:0", &format!("udp:{addr}"));
 
         // Kept: same settings, same socket.
         server.rewrite_config(&fixed);
         server.expect_reload("configuration reloaded");
-        assert_eq!(exchange(&client, addr, b"two").as_deref(), Some(&b"TWO"[..]));
+        assert_eq!(
+            exchange(&client, addr, b"two").as_deref(),
+            Some(&b"TWO"[..])
+        );
 
         // Changed: the new transform answers the next datagram, on the same socket.
         server.rewrite_config(&fixed.replace("transform = \"upper\"", "transform = \"none\""));
         server.expect_reload("configuration reloaded");
-        assert_eq!(exchange(&client, addr, b"three").as_deref(), Some(&b"three"[..]));
+        assert_eq!(
+            exchange(&client, addr, b"three").as_deref(),
+            Some(&b"three"[..])
+        );
 
         // Removed: nothing answers, and the port is free (every worker's socket closed,
         // an io_uring receive in flight included).
@@ -267,7 +291,10 @@ fn reload_keeps_changes_and_removes_a_udp_address_and_stop_ends_the_loop() {
             match UdpSocket::bind(addr) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > deadline => {
-                    panic!("{backend}: {addr} still bound after removal: {e}\n{}", server.log())
+                    panic!(
+                        "{backend}: {addr} still bound after removal: {e}\n{}",
+                        server.log()
+                    )
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -277,7 +304,10 @@ fn reload_keeps_changes_and_removes_a_udp_address_and_stop_ends_the_loop() {
         // Added back at the same address, then a clean stop.
         server.rewrite_config(&fixed);
         server.expect_reload("configuration reloaded");
-        assert_eq!(exchange(&client, addr, b"four").as_deref(), Some(&b"FOUR"[..]));
+        assert_eq!(
+            exchange(&client, addr, b"four").as_deref(),
+            Some(&b"FOUR"[..])
+        );
         server.signal(libc::SIGTERM);
         let status = server.wait(Duration::from_secs(10));
         assert!(
@@ -331,9 +361,47 @@ fn check_refuses_udp_for_stream_only_plugins_and_stream_only_settings() {
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     let line_after = |plugin: &str| {
-        let at = lines.iter().position(|l| l.starts_with(&format!("{plugin}:")));
-        at.and_then(|i| lines.get(i + 1)).copied().unwrap_or_default()
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{plugin}:")));
+        at.and_then(|i| lines.get(i + 1))
+            .copied()
+            .unwrap_or_default()
     };
-    assert!(line_after("echo").contains("answers datagrams too"), "{text}");
+    assert!(
+        line_after("echo").contains("answers datagrams too"),
+        "{text}"
+    );
     assert!(!line_after("http-hello").contains("datagrams"), "{text}");
+}
+
+#[test]
+fn bench_udp_echo_counts_answers_and_the_losses_a_rate_limit_causes() {
+    let json = |server: &Server, extra: &[&str]| {
+        let addr = server.addr("udp").to_string();
+        let out = Command::new(WHARF)
+            .args(["bench", "udp-echo", &addr, "--senders", "2", "-d", "1"])
+            .args(["--warmup", "0.2", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
+        let n = |k: &str| value[k].as_f64().unwrap_or_else(|| panic!("{k} in {text}"));
+        (n("sent"), n("answered"), n("lost"))
+    };
+    let open = Server::start(&udp_config("max_datagram_rate_per_source = 0"), "epoll");
+    let (sent, answered, lost) = json(&open, &["--timeout", "2000"]);
+    assert!(answered > 0.0 && lost == 0.0, "{sent} {answered} {lost}");
+    assert!(sent - answered <= 2.0, "{sent} {answered}");
+
+    // 20 per second from this one source: the rest is lost, and counted so.
+    let limited = Server::start(&udp_config("max_datagram_rate_per_source = 20"), "epoll");
+    let (sent, answered, lost) = json(&limited, &["--timeout", "100"]);
+    assert!(
+        answered > 0.0 && answered <= 20.0 + 20.0 * 1.5,
+        "{answered}"
+    );
+    assert!(lost > 0.0, "{sent} {answered} {lost}");
 }

@@ -10,12 +10,11 @@
 //! stays bounded.
 
 use std::io;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use wharf_core::{
-    buffer, Conn, Context, Datagram, DatagramService, OptionDoc, Plugin, PluginError, Replies,
-    Service,
+    buffer, datagram, Conn, Context, Datagram, DatagramService, OptionDoc, Plugin, PluginError,
+    Replies, Service,
 };
 
 /// `[services.<name>.options]` of an echo service.
@@ -91,8 +90,7 @@ impl Plugin for Echo {
     const NAME: &'static str = "echo";
     const DESCRIPTION: &'static str =
         "RFC 862 stream echo and UDP echo; `transform = \"upper\"` uppercases ASCII";
-    const DATAGRAMS: Option<fn(Arc<Self>) -> Arc<dyn DatagramService>> =
-        Some(wharf_core::datagram::erase::<Self>);
+    const DATAGRAMS: Option<datagram::Erase<Self>> = Some(datagram::erase::<Self>);
     const OPTIONS: &'static [OptionDoc] = &[OptionDoc {
         name: "transform",
         kind: r#""none" | "upper""#,

@@ -3,7 +3,7 @@
 //! per thread, `recv_from` then `send_to`, a 64 KiB buffer). wharf's UDP echo must reach 0.95x
 //! of its datagrams per second per worker (BENCHMARKS.md, "UDP echo").
 //!
-//! Usage: tokio-udp-echo-baseline 127.0.0.1:6970 [threads]
+//! Usage: `tokio-udp-echo-baseline 127.0.0.1:6970 [THREADS]`
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
