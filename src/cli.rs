@@ -408,6 +408,9 @@ fn effective_config(plan: &plan::Plan) -> String {
 fn print_plugins(registry: &Registry) {
     for p in registry.iter() {
         println!("{}: {}", p.name, p.description);
+        if p.datagrams {
+            println!("    answers datagrams too: listen = \"udp:IP:port\" serves UDP");
+        }
         let defaults = (p.defaults)();
         for opt in p.options {
             let default = defaults

@@ -12,7 +12,7 @@ use wharf_core::config::{BackendChoice, Config, ConfigError, ConfigSource, Servi
 use wharf_core::listen::Listen;
 use wharf_core::tls::files::LoadedTls;
 
-use crate::registry::{BuiltService, Registry};
+use crate::registry::{BuiltService, PluginEntry, Registry};
 
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../configs/default.toml");
@@ -102,7 +102,7 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
                 errors.push(source.value_error_at(&key, format!("already used by {other}")));
             }
         }
-        if !matches!(svc.listen, Listen::Tcp(_)) {
+        if matches!(svc.listen, Listen::Unix(_)) {
             errors.push(source.value_error_at(
                 &key,
                 format!("{} listeners are not supported yet", svc.listen.kind()),
@@ -113,6 +113,10 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;
         };
+        if let Err(e) = check_datagrams(&source, name, svc, plugin) {
+            errors.push(e);
+            continue;
+        }
         let tls = load_tls(&source, name, svc, plugin.alpn).unwrap_or_else(|e| {
             errors.extend(e);
             None
@@ -192,6 +196,26 @@ fn load_tls(
                 .map(|e| source.error_at(&format!("services.{name}.tls.{}", e.key), e.message))
                 .collect()
         })
+}
+
+/// A `udp:` address needs a plugin that answers datagrams.
+fn check_datagrams(
+    source: &ConfigSource,
+    name: &str,
+    svc: &ServiceConfig,
+    plugin: &PluginEntry,
+) -> Result<(), ConfigError> {
+    if svc.listen.is_stream() || plugin.datagrams {
+        return Ok(());
+    }
+    Err(source.value_error_at(
+        &format!("services.{name}.listen"),
+        format!(
+            "plugin `{}` serves stream connections only, not UDP datagrams (plugins that \
+             answer datagrams say so in `wharf plugins`)",
+            plugin.name
+        ),
+    ))
 }
 
 fn unknown_plugin(

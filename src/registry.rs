@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use wharf_core::config::{ConfigError, ConfigSource, SECRET_PLACEHOLDER};
 use wharf_core::tls::{Tls, TlsSettings};
-use wharf_core::{OptionDoc, Plugin};
+use wharf_core::{DatagramService, OptionDoc, Plugin};
 
 use crate::backends::ServiceInstances;
 
@@ -38,6 +38,8 @@ pub struct PluginEntry {
     pub outcomes: &'static [&'static str],
     /// ALPN protocols offered over TLS when `tls.alpn` is absent ([`Plugin::ALPN`]).
     pub alpn: &'static [&'static str],
+    /// Whether it answers datagrams, so it can serve a `udp:` address ([`Plugin::DATAGRAMS`]).
+    pub datagrams: bool,
     /// The default options (`Options::default()`) as a TOML table, secrets replaced by
     /// [`SECRET_PLACEHOLDER`]: what `wharf plugins` shows as each option's default.
     pub defaults: fn() -> toml::Table,
@@ -56,6 +58,8 @@ pub struct BuiltService {
     pub shown_options: toml::Table,
     /// The plugin's request outcomes, registered as metric series at startup.
     pub outcomes: &'static [&'static str],
+    /// The instance as a UDP service answers datagrams with it, if the plugin can.
+    pub datagrams: Option<Arc<dyn DatagramService>>,
     /// The same instance once more, for [`BuiltService::inherit_from`] across a reload.
     pub instance: Instance,
     inherit: fn(&dyn Any, &dyn Any),
@@ -117,6 +121,7 @@ impl Registry {
                 options: P::OPTIONS,
                 outcomes: P::OUTCOMES,
                 alpn: P::ALPN,
+                datagrams: P::DATAGRAMS.is_some(),
                 defaults: || shown::<P>(&P::Options::default()).0,
                 build: build::<P>,
             },
@@ -181,6 +186,7 @@ fn build<P: Plugin>(
     })?;
     let instance = Arc::new(instance);
     let plugin = Arc::clone(&instance);
+    let datagrams = P::DATAGRAMS.map(|erase| erase(Arc::clone(&instance)));
     Ok(BuiltService {
         instances: ServiceInstances::of(&instance),
         instance,
@@ -191,6 +197,7 @@ fn build<P: Plugin>(
         options: rendered,
         shown_options: shown,
         outcomes: P::OUTCOMES,
+        datagrams,
     })
 }
 

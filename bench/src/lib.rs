@@ -9,6 +9,7 @@
 //! - [`load`]: the engine (client threads, closed and open loop, the measurement window).
 //! - [`pacer`]: microsecond-precise send times for the open loop.
 //! - [`report`]: figures of one run, as text and JSON.
+//! - [`udp`]: `bench udp-echo`, its own engine (datagrams, loss, no connections).
 //! - [`swap`]: starts `wharf serve` under each backend and interleaves the runs.
 //! - [`chart`]: the SVG chart of a swap.
 //! - [`tls`]: client-side TLS (`--tls`), shared with `wharf client`.
@@ -28,6 +29,7 @@ pub mod protocol;
 pub mod report;
 pub mod swap;
 pub mod tls;
+pub mod udp;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub enum BenchCommand {
     Exec(TargetArgs),
     /// Load a file-get service: download `--path` (with `--verify`, check every MD5).
     Get(TargetArgs),
+    /// Load a UDP echo service: datagrams of `--size` bytes from `--senders` sockets, loss
+    /// counted (no reply within `--timeout`).
+    UdpEcho(udp::UdpArgs),
     /// Compare backends: start the service under each backend in turn and run the same loads
     /// against each, interleaved; prints a table, writes results.json and an SVG chart.
     Swap(swap::SwapArgs),
@@ -222,6 +227,7 @@ pub fn run(command: BenchCommand) -> i32 {
         BenchCommand::Exec(a) => (Protocol::Exec, a),
         BenchCommand::Get(a) => (Protocol::Get, a),
         BenchCommand::Swap(a) => return swap::main(a),
+        BenchCommand::UdpEcho(a) => return udp::main(a),
     };
     let addr = match resolve(&args.addr) {
         Ok(a) => a,
@@ -248,14 +254,7 @@ pub fn run(command: BenchCommand) -> i32 {
     procstat::raise_fd_limit(spec.connections as u64 + 64);
     let result = load::run(&spec);
     let report = Report::new(&spec, &result);
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => eprintln!("wharf: error: cannot render the report as JSON: {e}"),
-        }
-    } else {
-        print!("{}", report.to_text());
-    }
+    print_report(args.json, &report, || report.to_text());
     if report.requests > report.failed {
         0
     } else {
@@ -279,6 +278,18 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .into_iter()
         .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
         .unwrap_or(first))
+}
+
+/// Prints a run's report: as one JSON object with `json`, else as `text` makes it.
+fn print_report<R: serde::Serialize>(json: bool, report: &R, text: impl FnOnce() -> String) {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("wharf: error: cannot render the report as JSON: {e}"),
+        }
+    } else {
+        print!("{}", text());
+    }
 }
 
 fn usage(message: &str) -> i32 {

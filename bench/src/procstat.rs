@@ -173,11 +173,18 @@ pub fn listening_pids(addr: SocketAddr) -> Vec<u32> {
     pids
 }
 
-/// Socket inodes listening on `addr`'s port, on its address or a wildcard, from /proc/net/tcp*.
+/// Socket inodes listening on `addr`'s port, on its address or a wildcard: TCP listeners from
+/// /proc/net/tcp*, and unconnected (bound) UDP sockets from /proc/net/udp*.
 fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
-    const LISTEN: &str = "0A";
+    // TCP_LISTEN, and TCP_CLOSE: the state of a bound, unconnected UDP socket.
+    const TABLES: [(&str, &str); 4] = [
+        ("/proc/net/tcp", "0A"),
+        ("/proc/net/tcp6", "0A"),
+        ("/proc/net/udp", "07"),
+        ("/proc/net/udp6", "07"),
+    ];
     let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for (table, listening) in TABLES {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
@@ -189,7 +196,7 @@ fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
             let Some((ip_hex, port_hex)) = local.split_once(':') else {
                 continue;
             };
-            if *state != LISTEN || u16::from_str_radix(port_hex, 16).ok() != Some(addr.port()) {
+            if *state != listening || u16::from_str_radix(port_hex, 16).ok() != Some(addr.port()) {
                 continue;
             }
             let wildcard = ip_hex.bytes().all(|b| b == b'0');

@@ -66,6 +66,31 @@ pub struct Latency {
     pub mean: f64,
 }
 
+impl Latency {
+    /// The percentiles of `h` (in nanoseconds); zeros when it is empty.
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency {
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+                mean: 0.0,
+            };
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            p50: us(h.value_at_quantile(0.5)),
+            p90: us(h.value_at_quantile(0.9)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerCpu {
     pub pids: Vec<u32>,
@@ -78,27 +103,7 @@ pub struct ServerCpu {
 impl Report {
     pub fn new(spec: &LoadSpec, result: &LoadResult) -> Report {
         let secs = result.elapsed.as_secs_f64().max(1e-9);
-        let h = &result.latency_ns;
-        let us = |ns: u64| ns as f64 / 1000.0;
-        let latency = if h.is_empty() {
-            Latency {
-                p50: 0.0,
-                p90: 0.0,
-                p99: 0.0,
-                p999: 0.0,
-                max: 0.0,
-                mean: 0.0,
-            }
-        } else {
-            Latency {
-                p50: us(h.value_at_quantile(0.5)),
-                p90: us(h.value_at_quantile(0.9)),
-                p99: us(h.value_at_quantile(0.99)),
-                p999: us(h.value_at_quantile(0.999)),
-                max: us(h.max()),
-                mean: h.mean() / 1000.0,
-            }
-        };
+        let latency = Latency::of(&result.latency_ns);
         let server = result.server_cpu.map(|cpu| ServerCpu {
             pids: spec.server_pids.clone(),
             cores: cpu.as_secs_f64() / secs,

@@ -1,7 +1,8 @@
 //! What an IO mechanism must provide to run wharf's workers.
 //!
 //! A backend is a runtime to run one worker on the current thread, a listener type made from a
-//! bound std socket, and the [`Conn`] its listener accepts. Everything else (admission, metering,
+//! bound std socket, the [`Conn`] its listener accepts, and a UDP socket type
+//! ([`crate::udp::DatagramSocket`]). Everything else (admission, metering,
 //! idle timeouts, draining) is shared code in [`crate::worker`], so swapping backends changes the
 //! IO path and nothing else.
 //!
@@ -28,8 +29,14 @@ pub trait Backend: 'static {
     /// running when `fut` returns are dropped, which closes their connections.
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output>;
 
+    /// Its UDP socket ([`crate::udp`]).
+    type Datagrams: crate::udp::DatagramSocket;
+
     /// Adopts a bound, listening, non-blocking socket. Called inside [`Backend::block_on`].
     fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
+
+    /// Adopts a bound, non-blocking UDP socket. Called inside [`Backend::block_on`].
+    fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<Self::Datagrams>;
 }
 
 /// A listening socket of some backend.

@@ -248,6 +248,18 @@ pub struct ServiceConfig {
     /// /64, so rotating addresses inside it does not dodge a per-source limit).
     #[serde(default = "default_source_prefix_v6")]
     pub source_prefix_v6: u8,
+    /// UDP services: the largest datagram answered, in bytes; larger ones are dropped and
+    /// counted (`reason="max_datagram_size"`). Each worker holds two batches of buffers this
+    /// size per UDP socket.
+    #[serde(default = "crate::udp::default_max_datagram_size")]
+    pub max_datagram_size: usize,
+    /// UDP services: datagrams per second answered from one source (a token bucket with a
+    /// burst of one second's worth); `0`: no bound. On by default: see `crate::udp`.
+    #[serde(default = "crate::udp::default_max_datagram_rate_per_source")]
+    pub max_datagram_rate_per_source: u32,
+    /// UDP services: datagrams per second the whole service answers; absent: no bound.
+    #[serde(default)]
+    pub max_datagram_rate: Option<u32>,
     /// Whether this service writes to the access log (when `[access_log]` is configured).
     #[serde(default = "default_true")]
     pub access_log: bool,
@@ -658,6 +670,7 @@ impl ConfigSource {
         errors.extend(self.check_bounds(&server, &services));
         errors.extend(self.check_tls(&services));
         errors.extend(self.check_edge(access_log.as_ref(), &services));
+        errors.extend(crate::udp::check_config(self, &services));
         let config = Config {
             server,
             metrics,

@@ -28,6 +28,7 @@ use crate::net::Cidr;
 use crate::proxy::ProxySettings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::sources::{SourceHold, SourceLimits};
+use crate::udp::DatagramLimits;
 
 /// Why a connection was refused; the value of the `reason` label. The order is that of
 /// [`rejected::ADMISSION`].
@@ -72,6 +73,8 @@ pub struct ServiceGate {
     metrics: Arc<ServiceMetrics>,
     /// Blocking-pool jobs of this service, bounded by `max_blocking`.
     blocking: BlockingBudget,
+    /// A UDP service's datagram limits and series ([`crate::udp`]); `None` for streams.
+    datagrams: Option<DatagramLimits>,
 }
 
 impl ServiceGate {
@@ -92,6 +95,10 @@ impl ServiceGate {
         ));
         let blocking =
             BlockingBudget::new(config.max_blocking, &labels, previous.map(|p| &p.blocking));
+        let datagrams = (!config.listen.is_stream()).then(|| {
+            let previous = previous.and_then(|p| p.datagrams.as_ref());
+            DatagramLimits::new(&labels, config, previous)
+        });
         Arc::new(ServiceGate {
             labels,
             allow_from: config.allow_from.clone(),
@@ -103,7 +110,13 @@ impl ServiceGate {
             retire: shutdown::channel().0,
             metrics,
             blocking,
+            datagrams,
         })
+    }
+
+    /// A UDP service's datagram limits; `None` for a stream service.
+    pub fn datagrams(&self) -> Option<&DatagramLimits> {
+        self.datagrams.as_ref()
     }
 
     /// Retires this generation (a reload replaced or removed it): its connections finish what
@@ -189,7 +202,7 @@ impl ServiceGate {
         }
     }
 
-    fn check_allowed(&self, client: IpAddr) -> Result<(), Rejection> {
+    pub(crate) fn check_allowed(&self, client: IpAddr) -> Result<(), Rejection> {
         if self.allow_from.is_empty() || self.allow_from.iter().any(|net| net.contains(client)) {
             Ok(())
         } else {

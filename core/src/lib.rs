@@ -21,6 +21,8 @@
 //! - [`service`], [`conn`] and [`context`]: what a plugin author meets: `serve(conn, cx)`,
 //!   the transport, and what the framework knows and offers about the connection (peer, drain
 //!   signal, request metrics, blocking jobs).
+//! - [`datagram`] and [`udp`]: UDP services: what a plugin answering datagrams implements,
+//!   and the datagram loop, admission and reflection limits every backend runs.
 //! - [`framing`]: lines, length-prefixed frames and exact reads over a [`Conn`], drain-aware.
 //! - [`plugin`]: how a plugin names itself and declares typed options.
 //! - [`config`]: the figment-based config model and its error reporting.
@@ -44,6 +46,7 @@ pub mod command;
 pub mod config;
 pub mod conn;
 pub mod context;
+pub mod datagram;
 pub mod exit_status;
 pub mod framing;
 pub mod gate;
@@ -59,10 +62,12 @@ pub mod shutdown;
 pub mod sources;
 pub mod testing;
 pub mod tls;
+pub mod udp;
 pub mod worker;
 
 pub use async_trait::async_trait;
 pub use conn::{BufResult, Conn, Spliced};
 pub use context::Context;
+pub use datagram::{Datagram, DatagramService, Replies};
 pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use service::{DynService, Service};

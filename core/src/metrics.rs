@@ -41,6 +41,13 @@ pub mod names {
     pub const TLS_HANDSHAKES: &str = "wharf_tls_handshakes_total";
     /// Histogram: time from accept to an established TLS session (TLS services only).
     pub const TLS_HANDSHAKE_DURATION: &str = "wharf_tls_handshake_duration_seconds";
+    /// Counter: datagrams a UDP service received (dropped ones included).
+    pub const DATAGRAMS_RECEIVED: &str = "wharf_datagrams_received_total";
+    /// Counter: datagrams a UDP service sent (replies).
+    pub const DATAGRAMS_SENT: &str = "wharf_datagrams_sent_total";
+    /// Counter, label `reason` ([`super::dropped`]): datagrams not answered, or replies not
+    /// sent.
+    pub const DATAGRAMS_DROPPED: &str = "wharf_datagrams_dropped_total";
 }
 
 /// Registers HELP text and units for the framework's metrics. Call once after installing a
@@ -90,6 +97,19 @@ pub fn describe() {
         Unit::Seconds,
         "Time from accept to an established TLS session (waiting for a handshake slot \
          included), for successful handshakes."
+    );
+    describe_counter!(
+        names::DATAGRAMS_RECEIVED,
+        "Datagrams a UDP service received, dropped ones included (their bytes count in \
+         wharf_received_bytes_total)."
+    );
+    describe_counter!(
+        names::DATAGRAMS_SENT,
+        "Datagrams a UDP service sent (their bytes count in wharf_sent_bytes_total)."
+    );
+    describe_counter!(
+        names::DATAGRAMS_DROPPED,
+        "Datagrams a UDP service did not answer, and replies it did not send, by reason."
     );
     describe_histogram!(
         names::REQUEST_DURATION,
@@ -191,6 +211,66 @@ pub mod handshake {
         PROTOCOL,
         OTHER,
     ];
+}
+
+/// The `reason` label values of `wharf_datagrams_dropped_total`: a fixed set.
+pub mod dropped {
+    /// The sender is outside `allow_from`.
+    pub const NOT_ALLOWED: &str = "allow_from";
+    /// The sender's port is 0 or a well-known service port (reflection loops), or its address
+    /// cannot send (unspecified, broadcast, multicast).
+    pub const REFLECTION: &str = "reflection";
+    /// The sender's source is over `max_datagram_rate_per_source`.
+    pub const RATE_PER_SOURCE: &str = "max_datagram_rate_per_source";
+    /// The service is over `max_datagram_rate`.
+    pub const RATE: &str = "max_datagram_rate";
+    /// Larger than `max_datagram_size`.
+    pub const OVERSIZED: &str = "max_datagram_size";
+    /// A reply the plugin tried that was larger than the datagram (or one too many).
+    pub const AMPLIFICATION: &str = "amplification";
+    /// A reply the socket refused to send.
+    pub const SEND_ERROR: &str = "send_error";
+    /// Every value, registered at startup so each series exists from the first scrape.
+    pub const ALL: [&str; 7] = [
+        NOT_ALLOWED,
+        REFLECTION,
+        RATE_PER_SOURCE,
+        RATE,
+        OVERSIZED,
+        AMPLIFICATION,
+        SEND_ERROR,
+    ];
+}
+
+/// Handles for one UDP service generation's datagram series (its bytes go to the service's
+/// `wharf_received_bytes_total` and `wharf_sent_bytes_total`, like a stream service's).
+pub struct DatagramSeries {
+    /// `wharf_datagrams_received_total`.
+    pub received: Counter,
+    /// `wharf_datagrams_sent_total`.
+    pub sent: Counter,
+    /// `wharf_datagrams_dropped_total{reason}`, in [`dropped::ALL`] order.
+    pub dropped: [Counter; dropped::ALL.len()],
+}
+
+impl DatagramSeries {
+    /// Registers (and zeroes) the datagram series of the service labelled `labels`.
+    pub fn register(labels: &ServiceLabels) -> Self {
+        let series = DatagramSeries {
+            received: metrics::counter!(names::DATAGRAMS_RECEIVED, labels.with(&[])),
+            sent: metrics::counter!(names::DATAGRAMS_SENT, labels.with(&[])),
+            dropped: dropped::ALL.map(|reason| {
+                metrics::counter!(names::DATAGRAMS_DROPPED, labels.with(&[("reason", reason)]))
+            }),
+        };
+        for c in [&series.received, &series.sent]
+            .into_iter()
+            .chain(&series.dropped)
+        {
+            c.increment(0);
+        }
+        series
+    }
 }
 
 /// Handles for one service generation's connection, byte and request series.

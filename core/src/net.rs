@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -24,14 +24,31 @@ const BACKLOG: i32 = 1024;
 /// probe's port, once released, could be picked by another process (two servers sharing one
 /// port, each getting some of the other's connections).
 pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+    bind_group(addr, count, new_socket)
+}
+
+/// Binds `count` UDP sockets to `addr` with `SO_REUSEPORT` (the kernel spreads datagrams over
+/// them by source address and port), probing a given port first like
+/// [`bind_reuseport_group`].
+pub fn bind_reuseport_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    bind_group(addr, count, new_udp_socket)
+}
+
+/// The shared body of the two: probe, bind every socket to the port the first one got, listen
+/// (streams), non-blocking.
+fn bind_group<T: From<Socket>>(
+    addr: SocketAddr,
+    count: usize,
+    new: fn(SocketAddr) -> io::Result<Socket>,
+) -> io::Result<Vec<T>> {
     if addr.port() != 0 {
-        let probe = new_socket(addr)?;
+        let probe = new(addr)?;
         probe.bind(&addr.into())?;
     }
     let mut addr = addr;
     (0..count.max(1))
         .map(|_| {
-            let socket = new_socket(addr)?;
+            let socket = new(addr)?;
             socket.set_reuse_port(true)?;
             socket.bind(&addr.into())?;
             // The first socket resolves port 0; the others join the port it got.
@@ -39,16 +56,30 @@ pub fn bind_reuseport_group(addr: SocketAddr, count: usize) -> io::Result<Vec<Tc
                 .local_addr()?
                 .as_socket()
                 .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
-            socket.listen(BACKLOG)?;
+            if socket.r#type()? == Type::STREAM {
+                socket.listen(BACKLOG)?;
+            }
             socket.set_nonblocking(true)?;
             Ok(socket.into())
         })
         .collect()
 }
 
+fn new_udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    new_socket_of(addr, Type::DGRAM, Protocol::UDP)
+}
+
 fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
+    new_socket_of(addr, Type::STREAM, Protocol::TCP)
+}
+
+fn new_socket_of(addr: SocketAddr, kind: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))?;
+    // TCP: rebinding past TIME_WAIT. On UDP, SO_REUSEADDR would let any other socket that
+    // sets it share the port (and the exclusive probe would always pass): never there.
+    if kind == Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
     if addr.is_ipv6() {
         // `[::]` means IPv6 only; dual-stack surprises nobody when it is explicit.
         socket.set_only_v6(true)?;
@@ -232,6 +263,15 @@ mod tests {
         assert_ne!(port, 0);
         assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port));
         let again = bind_reuseport_group(group[0].local_addr().unwrap(), 1);
+        assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn udp_reuseport_group_shares_one_port_and_detects_conflicts() {
+        let group = bind_reuseport_udp_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert!(group.iter().all(|s| s.local_addr().unwrap() == addr));
+        let again = bind_reuseport_udp_group(addr, 1);
         assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
     }
 }

@@ -1,6 +1,6 @@
 //! How a protocol becomes a named, configurable plugin.
 //!
-//! A plugin is a [`Service`] plus a name, a one-line description and a typed options struct.
+//! A plugin is a [`Service`] (and, to serve UDP, a [`DatagramService`]) plus a name, a one-line description and a typed options struct.
 //! The options struct is deserialized with `deny_unknown_fields` from
 //! `[services.<name>.options]`, so a typo is an error that names the key, not a silent default.
 //! Options that hold secrets are declared ([`Plugin::SECRETS`]) so that nothing prints them.
@@ -8,6 +8,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+#[cfg(doc)]
+use crate::datagram::DatagramService;
+use crate::datagram::Erase;
 use crate::service::Service;
 
 /// A registrable protocol.
@@ -29,6 +32,11 @@ pub trait Plugin: Service + Sized {
     /// The ALPN protocols the service offers when it speaks TLS and its config names none
     /// (`tls.alpn`), in preference order, e.g. `&["http/1.1"]`. Empty: no ALPN.
     const ALPN: &'static [&'static str] = &[];
+    /// Whether the plugin also answers datagrams, so that it can serve a `udp:` address:
+    /// `Some(wharf_core::datagram::erase::<Self>)` for a plugin that implements
+    /// [`DatagramService`]. `None` (the default): stream connections only, and a `udp:`
+    /// address is a config error.
+    const DATAGRAMS: Option<Erase<Self>> = None;
 
     /// The typed options. Use `#[serde(deny_unknown_fields, default)]`.
     type Options: DeserializeOwned + Serialize + Default;

@@ -242,6 +242,92 @@ impl SourceLimits {
     }
 }
 
+/// Slots per row of a UDP service's per-source rate table (128 KiB in all).
+pub const DATAGRAM_SLOTS_PER_ROW: usize = 1 << 12;
+
+/// A UDP service's datagram rates, `max_datagram_rate_per_source` and `max_datagram_rate`:
+/// the same GCRA cells and count-min table as connections' (see the module doc), charged per
+/// datagram. The table is fixed at [`DATAGRAM_SLOTS_PER_ROW`] slots per row (a datagram holds
+/// nothing open, so only the rate cells are used), made once per service and shared by its
+/// generations across reloads, like the whole-service cell.
+pub struct DatagramRates {
+    shared: Arc<DatagramShared>,
+    service_rate: Option<Rate>,
+    per_source: Option<Rate>,
+    prefix_v6: u8,
+}
+
+struct DatagramShared {
+    epoch: Instant,
+    service_tat: AtomicU64,
+    table: SourceTable,
+}
+
+/// Why [`DatagramRates::admit_at`] refused a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateExceeded {
+    /// Its source is over `max_datagram_rate_per_source`.
+    PerSource,
+    /// The service is over `max_datagram_rate`.
+    Service,
+}
+
+impl DatagramRates {
+    /// Rates per second (`None`: no bound); `previous` is the generation this one replaces,
+    /// whose cells carry over.
+    pub fn new(
+        service: Option<u32>,
+        per_source: Option<u32>,
+        prefix_v6: u8,
+        previous: Option<&DatagramRates>,
+    ) -> Self {
+        let shared = previous.map_or_else(
+            || {
+                Arc::new(DatagramShared {
+                    epoch: Instant::now(),
+                    service_tat: AtomicU64::new(0),
+                    table: SourceTable::new(DATAGRAM_SLOTS_PER_ROW),
+                })
+            },
+            |p| Arc::clone(&p.shared),
+        );
+        DatagramRates {
+            shared,
+            service_rate: service.map(Rate::per_second),
+            per_source: per_source.map(Rate::per_second),
+            prefix_v6,
+        }
+    }
+
+    /// Time since the rates were first made: read once per batch of datagrams.
+    pub fn now(&self) -> Duration {
+        self.shared.epoch.elapsed()
+    }
+
+    /// Whether a datagram from `client` at `now` is within its source's rate, then the
+    /// service's (taking a token from each). The source is judged first, so that a flood from
+    /// one source does not spend the whole service's rate.
+    pub fn admit_at(&self, client: IpAddr, now: Duration) -> Result<(), RateExceeded> {
+        let now = nanos(now);
+        if let Some(rate) = &self.per_source {
+            let table = &self.shared.table;
+            let slots = table.slots_of(Source::with_prefix_v6(client, self.prefix_v6));
+            table
+                .take_rate(slots, rate, now)
+                .map_err(|_| RateExceeded::PerSource)?;
+        }
+        match &self.service_rate {
+            Some(rate) if !rate.take(&self.shared.service_tat, now) => Err(RateExceeded::Service),
+            _ => Ok(()),
+        }
+    }
+
+    /// The per-source table's memory.
+    pub fn table_bytes(&self) -> usize {
+        self.shared.table.bytes()
+    }
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -697,5 +783,25 @@ mod tests {
         assert_eq!(SourceTable::width_for(1), MIN_SLOTS_PER_ROW);
         assert_eq!(SourceTable::width_for(10_000), 16_384);
         assert_eq!(SourceTable::width_for(usize::MAX), MAX_SLOTS_PER_ROW);
+    }
+
+    #[test]
+    fn datagram_rates_bound_each_source_and_the_service() {
+        let rates = DatagramRates::new(Some(5), Some(3), 64, None);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t = Duration::from_millis(1);
+        let from_a: Vec<_> = (0..5).map(|_| rates.admit_at(a, t)).collect();
+        assert_eq!(&from_a[..3], &[Ok(()), Ok(()), Ok(())]);
+        assert_eq!(&from_a[3..], &[Err(RateExceeded::PerSource); 2]);
+        // A's flood did not spend the service's rate: B still gets its burst.
+        assert_eq!(rates.admit_at(b, t), Ok(()));
+        assert_eq!(rates.admit_at(b, t), Ok(()));
+        assert_eq!(rates.admit_at(b, t), Err(RateExceeded::Service));
+        // A second later both have tokens again; a reload keeps the cells.
+        let next = DatagramRates::new(Some(5), Some(3), 64, Some(&rates));
+        assert_eq!(next.admit_at(a, t), Err(RateExceeded::PerSource));
+        assert_eq!(next.admit_at(a, t + SEC), Ok(()));
+        assert_eq!(next.table_bytes(), rates.table_bytes());
     }
 }

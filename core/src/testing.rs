@@ -42,6 +42,9 @@
 //! });
 //! ```
 //!
+//! Datagram services ([`crate::datagram`]) are tested with [`answer_datagram`]: one datagram
+//! in, the replies out, through the framework's own reply buffers and limits.
+//!
 //! Each direction holds at most `capacity` bytes, so backpressure is observable: a service that
 //! stops reading while its output is not consumed leaves the client's writes pending.
 
@@ -504,6 +507,34 @@ impl Drop for Client {
         s.to_server.close_writer();
         s.to_client.close_reader();
     }
+}
+
+/// Has `service` answer one datagram of `payload` from `peer`, as the framework's datagram
+/// loop does (same reply buffers and limits: replies beyond the datagram's size are refused);
+/// returns the replies and their destinations.
+pub fn answer_datagram<S: crate::datagram::DatagramService>(
+    service: &S,
+    payload: &[u8],
+    peer: SocketAddr,
+) -> Vec<(Vec<u8>, SocketAddr)> {
+    use crate::datagram::{AnswerBatch, Packet, Packets, MAX_REPLIES};
+    let incoming = [Packet {
+        buf: payload.to_vec(),
+        peer,
+    }];
+    let mut outgoing = Packets::new(MAX_REPLIES, payload.len());
+    let mut batch = AnswerBatch {
+        incoming: &incoming,
+        admitted: &[true],
+        outgoing: &mut outgoing,
+        refused: 0,
+    };
+    service.answer_batch(&mut batch);
+    outgoing
+        .filled()
+        .iter()
+        .map(|p| (p.buf.clone(), p.peer))
+        .collect()
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use crate::access_log::{self, ConnBytes, ConnOutcome, ServiceLog, Who};
 use crate::backend::{Backend, Listener};
 use crate::context::{ConnLog, Context, Proxied};
+use crate::datagram::DatagramService;
 use crate::gate::{Rejection, ServiceGate};
 use crate::listen::ListenSocket;
 use crate::metered::Metered;
@@ -57,6 +58,8 @@ pub struct Handler<C> {
     pub service: Arc<dyn DynService<Metered<C>>>,
     /// The access log, when the service writes one.
     pub access_log: Option<ServiceLog>,
+    /// What answers a UDP service's datagrams ([`crate::udp`]); `None` for stream services.
+    pub datagrams: Option<Arc<dyn DatagramService>>,
 }
 
 impl<C> Clone for Handler<C> {
@@ -65,6 +68,7 @@ impl<C> Clone for Handler<C> {
             gate: Arc::clone(&self.gate),
             service: Arc::clone(&self.service),
             access_log: self.access_log.clone(),
+            datagrams: self.datagrams.clone(),
         }
     }
 }
@@ -206,15 +210,25 @@ struct Slots<B: Backend> {
 
 impl<B: Backend> Slots<B> {
     fn start(&mut self, s: WorkerService<B>) -> io::Result<()> {
-        let ListenSocket::Tcp(socket) = s.socket;
-        let listener = B::listener(socket).map_err(|e| {
+        let adopt_error = |e: io::Error| {
             let msg = format!("worker {}: cannot adopt listening socket: {e}", self.id);
             io::Error::new(e.kind(), msg)
-        })?;
+        };
         let (tx, rx) = watch::channel(Some(s.handler));
+        let task = match s.socket {
+            ListenSocket::Tcp(socket) => {
+                let listener = B::listener(socket).map_err(adopt_error)?;
+                let accept = accept_loop(listener, rx, self.tracker.clone(), self.shutdown.clone());
+                tokio::task::spawn_local(accept)
+            }
+            ListenSocket::Udp(socket) => {
+                let socket = B::datagram_socket(socket).map_err(adopt_error)?;
+                let datagrams = crate::udp::datagram_loop(socket, rx, self.shutdown.clone());
+                tokio::task::spawn_local(datagrams)
+            }
+        };
         self.handlers.insert(s.slot, tx);
-        let accept = accept_loop(listener, rx, self.tracker.clone(), self.shutdown.clone());
-        self.loops.push(tokio::task::spawn_local(accept));
+        self.loops.push(task);
         Ok(())
     }
 
@@ -516,7 +530,7 @@ fn log_conn_error(peer: &SocketAddr, e: &io::Error) {
 /// ENOMEM): retrying at once would spin. Per-connection errors (the peer reset before we
 /// accepted) are retried immediately.
 #[derive(Default)]
-struct AcceptBackoff {
+pub(crate) struct AcceptBackoff {
     current: Option<Duration>,
 }
 
@@ -524,11 +538,11 @@ impl AcceptBackoff {
     const FIRST: Duration = Duration::from_millis(5);
     const MAX: Duration = Duration::from_secs(1);
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = None;
     }
 
-    fn on_error(&mut self, e: &io::Error, service: &str) -> Option<Duration> {
+    pub(crate) fn on_error(&mut self, e: &io::Error, service: &str) -> Option<Duration> {
         if matches!(
             e.kind(),
             io::ErrorKind::ConnectionAborted

@@ -11,7 +11,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 
 use wharf_core::listen::{Listen, ListenSocket};
-use wharf_core::net::bind_reuseport_group;
+use wharf_core::net::{bind_reuseport_group, bind_reuseport_udp_group};
 
 use super::ServeError;
 use crate::activation::Activated;
@@ -40,7 +40,12 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
     let mut activated = Activated::from_env().map_err(ServeError::failure)?;
     let mut services = Vec::with_capacity(plan.services.len());
     for svc in &plan.services {
-        let bound = match activated.take(&svc.name, svc.config.listen.tcp()) {
+        // Socket activation passes stream sockets; a UDP service binds its own.
+        let passed = match svc.config.listen.is_stream() {
+            true => activated.take(&svc.name, svc.config.listen.tcp()),
+            false => None,
+        };
+        let bound = match passed {
             Some(socket) => share_activated(socket, workers).map_err(|e| {
                 ServeError::failure(format!("socket activation: {}: {e}", svc.name))
             })?,
@@ -102,22 +107,28 @@ pub(super) fn bind_service(
     svc: &PlannedService,
     workers: usize,
 ) -> Result<BoundService, ServeError> {
-    // The plan admits TCP listeners only (so far): anything else was reported there.
-    let Listen::Tcp(addr) = svc.config.listen else {
-        unreachable!("the plan admits only TCP listeners")
-    };
-    bind_reuseport_group(addr, workers)
-        .and_then(|group| {
+    let bound = match svc.config.listen {
+        Listen::Tcp(addr) => bind_reuseport_group(addr, workers).and_then(|group| {
             Ok(BoundService {
                 addr: Listen::Tcp(group[0].local_addr()?),
                 group: group.into_iter().map(ListenSocket::Tcp).collect(),
                 activated: false,
             })
-        })
-        .map_err(|e| {
-            let key = format!("services.{}.listen", svc.name);
-            bind_error(plan, &key, &svc.config.listen, &e)
-        })
+        }),
+        Listen::Udp(addr) => bind_reuseport_udp_group(addr, workers).and_then(|group| {
+            Ok(BoundService {
+                addr: Listen::Udp(group[0].local_addr()?),
+                group: group.into_iter().map(ListenSocket::Udp).collect(),
+                activated: false,
+            })
+        }),
+        // The plan refuses Unix listeners (so far).
+        Listen::Unix(_) => unreachable!("the plan admits no Unix listener"),
+    };
+    bound.map_err(|e| {
+        let key = format!("services.{}.listen", svc.name);
+        bind_error(plan, &key, &svc.config.listen, &e)
+    })
 }
 
 fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -115,6 +115,7 @@ impl<B: CompiledBackend> Running<B> {
             gate,
             service,
             access_log,
+            datagrams: svc.built.datagrams.clone(),
         }
     }
 

@@ -230,7 +230,8 @@ fn parse_startup(lines: &[String]) -> (HashMap<String, SocketAddr>, Option<Socke
         };
         if line.contains("listening service=") {
             if let (Some(name), Some(addr)) = (field("service"), field("listen")) {
-                services.insert(name, addr.parse().unwrap());
+                // A UDP service's address is its IP address and port too.
+                services.insert(name, addr.trim_start_matches("udp:").parse().unwrap());
                 backend = field("backend").unwrap_or_default();
             }
         }

@@ -1,7 +1,8 @@
 //! The epoll backend: tokio's readiness-based IO.
 //!
 //! Each worker is a current-thread tokio runtime with a `LocalSet` (connection tasks are not
-//! `Send` and never migrate) and its own `SO_REUSEPORT` listener. Reads go straight into the
+//! `Send` and never migrate) and its own `SO_REUSEPORT` listener (and UDP socket, for UDP
+//! services). Reads go straight into the
 //! spare capacity of the caller's buffer, so owned-buffer IO costs nothing extra here.
 
 use std::future::Future;
@@ -13,6 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_core::backend::sys::{self, no_spare_capacity, SpliceDirection};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn, Spliced};
+use wharf_core::datagram::Packets;
+use wharf_core::udp::DatagramSocket;
 
 /// The tokio/epoll backend.
 pub struct Epoll;
@@ -20,6 +23,7 @@ pub struct Epoll;
 impl Backend for Epoll {
     const NAME: &'static str = "epoll";
     type Listener = TcpListener;
+    type Datagrams = UdpSocket;
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -33,6 +37,65 @@ impl Backend for Epoll {
 
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
         Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
+    }
+
+    fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
+        Ok(UdpSocket(tokio::net::UdpSocket::from_std(socket)?))
+    }
+}
+
+/// A worker's UDP socket: one readiness wait per batch, then `recvfrom` until the queue is
+/// empty (or the batch full); replies with `sendto`, waiting for writability only when the
+/// send buffer is full.
+pub struct UdpSocket(tokio::net::UdpSocket);
+
+impl DatagramSocket for UdpSocket {
+    async fn recv_batch(&mut self, into: &mut Packets) -> io::Result<()> {
+        loop {
+            while let Some(packet) = into.next_free() {
+                match self.0.try_recv_buf_from(&mut packet.buf) {
+                    Ok((_, peer)) => {
+                        packet.peer = peer;
+                        into.commit();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if into.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            if !into.is_empty() {
+                return Ok(());
+            }
+            self.0.readable().await?;
+        }
+    }
+
+    async fn send_batch(&mut self, from: &mut Packets) -> (usize, u64) {
+        let (mut sent, mut bytes) = (0, 0);
+        for packet in from.filled() {
+            loop {
+                match self.0.try_send_to(&packet.buf, packet.peer) {
+                    Ok(n) => {
+                        sent += 1;
+                        bytes += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if self.0.writable().await.is_ok() {
+                            continue;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {}
+                }
+                break;
+            }
+        }
+        (sent, bytes)
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 

@@ -17,6 +17,8 @@ use tokio_uring::buf::BoundedBuf;
 use wharf_core::backend::sys::{self, no_spare_capacity};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn};
+use wharf_core::datagram::Packets;
+use wharf_core::udp::DatagramSocket;
 
 /// Submission queue entries per worker ring.
 const RING_ENTRIES: u32 = 1024;
@@ -27,6 +29,7 @@ pub struct IoUring;
 impl Backend for IoUring {
     const NAME: &'static str = "io_uring";
     type Listener = TcpListener;
+    type Datagrams = UdpSocket;
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
         let rt = match tokio_uring::Runtime::new(&runtime_builder(true)) {
@@ -42,6 +45,63 @@ impl Backend for IoUring {
     fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
         socket.set_nonblocking(true)?;
         Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
+    }
+
+    fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
+        // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
+        socket.set_nonblocking(false)?;
+        Ok(UdpSocket(tokio_uring::net::UdpSocket::from_std(socket)))
+    }
+}
+
+/// A worker's UDP socket: one ring receive (`recvmsg` with an owned buffer, through
+/// tokio-uring's `recv_from`) waits for the first datagram of a batch; what else is queued is
+/// taken without waiting (`recvfrom` with `MSG_DONTWAIT`, which never blocks the ring's
+/// thread); replies go out as ring sends (`sendmsg`, through `send_to`), one after the other. Multishot receives (one submission, many completions, from a provided
+/// buffer ring) would save the resubmission, but tokio-uring 0.5 offers neither multishot
+/// `recvmsg` nor buffer rings for UDP.
+pub struct UdpSocket(tokio_uring::net::UdpSocket);
+
+impl DatagramSocket for UdpSocket {
+    async fn recv_batch(&mut self, into: &mut Packets) -> io::Result<()> {
+        let Some(packet) = into.next_free() else {
+            return Ok(());
+        };
+        let buf = std::mem::take(&mut packet.buf);
+        let (res, buf) = self.0.recv_from(buf).await;
+        packet.buf = buf;
+        packet.peer = res?.1;
+        into.commit();
+        let fd = self.0.as_raw_fd();
+        while let Some(packet) = into.next_free() {
+            match sys::recv_from_now(fd, &mut packet.buf) {
+                Ok(Some(peer)) => {
+                    packet.peer = peer;
+                    into.commit();
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, from: &mut Packets) -> (usize, u64) {
+        let (mut sent, mut bytes) = (0, 0);
+        for packet in from.filled_mut() {
+            // The ring owns the buffer while the send is in flight, and gives it back.
+            let buf = std::mem::take(&mut packet.buf);
+            let (res, buf) = self.0.send_to(buf, packet.peer).await;
+            packet.buf = buf;
+            if let Ok(n) = res {
+                sent += 1;
+                bytes += n as u64;
+            }
+        }
+        (sent, bytes)
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 

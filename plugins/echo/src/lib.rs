@@ -1,6 +1,10 @@
-//! The echo plugin: RFC 862 stream echo, optionally uppercasing (the tutorial's server).
+//! The echo plugin: RFC 862 echo over streams and datagrams, optionally uppercasing (the
+//! tutorial's server).
 //!
-//! No framing: bytes are echoed as they arrive, so chunking cannot matter. The loop reads, then
+//! Over UDP (`listen = "udp:..."`) each datagram comes back to its sender as one datagram,
+//! transformed the same way; the framework's reflection limits apply ([`wharf_core::udp`]).
+//!
+//! Over streams there is no framing: bytes are echoed as they arrive, so chunking cannot matter. The loop reads, then
 //! writes everything it read before reading again, so a client that sends without reading
 //! stalls the server after one buffer: backpressure reaches the client's TCP window and memory
 //! stays bounded.
@@ -8,7 +12,10 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
-use wharf_core::{buffer, Conn, Context, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{
+    buffer, datagram, Conn, Context, Datagram, DatagramService, OptionDoc, Plugin, PluginError,
+    Replies, Service,
+};
 
 /// `[services.<name>.options]` of an echo service.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -67,10 +74,23 @@ impl Service for Echo {
     }
 }
 
+/// RFC 862's UDP echo: the datagram back to its sender.
+impl DatagramService for Echo {
+    fn answer(&self, datagram: Datagram<'_>, replies: &mut Replies<'_>) {
+        // Same size as the datagram: within its reply budget, so never refused.
+        if let Ok(reply) = replies.push(datagram.payload) {
+            if self.transform == Transform::Upper {
+                reply.make_ascii_uppercase();
+            }
+        }
+    }
+}
+
 impl Plugin for Echo {
     const NAME: &'static str = "echo";
     const DESCRIPTION: &'static str =
-        "RFC 862 stream echo; `transform = \"upper\"` uppercases ASCII";
+        "RFC 862 stream echo and UDP echo; `transform = \"upper\"` uppercases ASCII";
+    const DATAGRAMS: Option<datagram::Erase<Self>> = Some(datagram::erase::<Self>);
     const OPTIONS: &'static [OptionDoc] = &[OptionDoc {
         name: "transform",
         kind: r#""none" | "upper""#,
@@ -176,6 +196,20 @@ mod tests {
             assert_eq!(out.len(), accepted);
             server.await.unwrap().unwrap();
         });
+    }
+
+    #[test]
+    fn datagrams_come_back_to_their_sender_transformed() {
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        let upper = testing::answer_datagram(&Echo::new(Transform::Upper), b"hi \xff z", peer);
+        assert_eq!(upper, [(b"HI \xff Z".to_vec(), peer)]);
+        let same = testing::answer_datagram(&Echo::new(Transform::None), b"hi", peer);
+        assert_eq!(same, [(b"hi".to_vec(), peer)]);
+        assert_eq!(
+            testing::answer_datagram(&Echo::default(), b"", peer),
+            [(Vec::new(), peer)],
+            "an empty datagram gets an empty one back"
+        );
     }
 
     #[test]
