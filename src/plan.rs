@@ -102,7 +102,7 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
                 errors.push(source.value_error_at(&key, format!("already used by {other}")));
             }
         }
-        if !matches!(svc.listen, Listen::Tcp(_)) {
+        if matches!(svc.listen, Listen::Udp(_)) {
             errors.push(source.value_error_at(
                 &key,
                 format!("{} listeners are not supported yet", svc.listen.kind()),

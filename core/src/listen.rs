@@ -95,6 +95,8 @@ impl Listen {
 pub enum ListenSocket {
     /// A TCP listener (one per worker, `SO_REUSEPORT`).
     Tcp(std::net::TcpListener),
+    /// A Unix-domain stream listener (every worker has a descriptor of the same socket).
+    Unix(std::os::unix::net::UnixListener),
 }
 
 impl ListenSocket {
@@ -102,6 +104,7 @@ impl ListenSocket {
     pub fn local_listen(&self) -> std::io::Result<Listen> {
         match self {
             ListenSocket::Tcp(s) => s.local_addr().map(Listen::Tcp),
+            ListenSocket::Unix(s) => crate::unix::listen_of(&s.local_addr()?),
         }
     }
 }
