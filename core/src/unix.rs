@@ -76,11 +76,13 @@ impl<'de> Deserialize<'de> for SocketMode {
 }
 
 /// Makes a relative socket path relative to `dir` (the config file's directory), like the
-/// other file paths of a config.
+/// other file paths of a config, and absolute: logs, `wharf check` and the status page then
+/// name the file wherever they are read, and `wharf bench` finds the server by it.
 pub fn resolve_path(listen: &mut Listen, dir: &Path) {
     if let Listen::Unix(UnixName::Path(path)) = listen {
         if path.is_relative() {
-            *path = dir.join(&*path);
+            let joined = dir.join(&*path);
+            *path = std::path::absolute(&joined).unwrap_or(joined);
         }
     }
 }
@@ -185,6 +187,35 @@ pub fn listen_of(addr: &std::os::unix::net::SocketAddr) -> io::Result<Listen> {
         ))),
         None => Err(io::Error::other("the Unix socket has no name")),
     }
+}
+
+/// One line on a Unix service's socket and peers for `wharf check` (`None` for other kinds).
+pub fn describe(svc: &ServiceConfig) -> Option<String> {
+    let Listen::Unix(name) = &svc.listen else {
+        return None;
+    };
+    let ids = |ids: &[u32]| match ids {
+        [] => "any".to_string(),
+        ids => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+    };
+    let file = match name {
+        UnixName::Abstract(_) => "abstract (no file, no permissions)".to_string(),
+        UnixName::Path(_) => format!(
+            "mode {}, group {}",
+            svc.socket_mode.unwrap_or(SocketMode(DEFAULT_SOCKET_MODE)),
+            svc.socket_group.as_deref().unwrap_or("(wharf's own)")
+        ),
+    };
+    let peers = if svc.allow_uids.is_empty() && svc.allow_gids.is_empty() {
+        "any peer that can connect".to_string()
+    } else {
+        format!(
+            "allow_uids = {}, allow_gids = {}",
+            ids(&svc.allow_uids),
+            ids(&svc.allow_gids)
+        )
+    };
+    Some(format!("unix socket: {file}; peers: {peers}"))
 }
 
 /// A bound Unix-domain listener and, for a file-system socket, the guard that removes its file.

@@ -31,3 +31,4 @@ mod status;
 mod tls;
 mod tls_clients;
 mod tls_config;
+mod unix;
