@@ -156,7 +156,9 @@ impl WorkloadArgs {
                 size => Workload::echo(size),
             },
             Protocol::Http => {
-                let host = addr.tcp().map_or_else(|| "localhost".into(), |a| a.to_string());
+                let host = addr
+                    .tcp()
+                    .map_or_else(|| "localhost".into(), |a| a.to_string());
                 Workload::http(&host, self.path.as_deref().unwrap_or("/"))
             }
             Protocol::Exec => {
@@ -241,8 +243,7 @@ pub fn run(command: BenchCommand) -> i32 {
         Ok(tls) => tls,
         Err(e) => return usage(&e),
     };
-    if matches!(spec.addr, Target::Unix(_)) && (spec.tls.is_some() || args.send_proxy.is_some())
-    {
+    if matches!(spec.addr, Target::Unix(_)) && (spec.tls.is_some() || args.send_proxy.is_some()) {
         return usage("--tls and --send-proxy are for TCP addresses, not unix:");
     }
     spec.new_conn = args.new_conn;

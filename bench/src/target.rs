@@ -61,10 +61,11 @@ impl Target {
 
     /// A `unix:` address, parsed; `None` when `addr` is not one.
     pub fn parse_unix(addr: &str) -> Option<Result<Target, String>> {
-        addr.starts_with("unix:").then(|| match addr.parse::<Listen>()? {
-            Listen::Unix(name) => Ok(Target::Unix(name)),
-            _ => Err(format!("{addr}: not a Unix socket address")),
-        })
+        addr.starts_with("unix:")
+            .then(|| match addr.parse::<Listen>()? {
+                Listen::Unix(name) => Ok(Target::Unix(name)),
+                _ => Err(format!("{addr}: not a Unix socket address")),
+            })
     }
 }
 

@@ -9,10 +9,10 @@
 //! [`sys`] holds the socket helpers the two built-in backends share (non-blocking `recv`,
 //! `poll`-based peer checks, `sendfile`): support for backend authors, not plugin API.
 
-use std::future::Future;
-use std::io;
 use crate::conn::Conn;
 use crate::peer::Peer;
+use std::future::Future;
+use std::io;
 
 pub mod sys;
 

@@ -196,7 +196,11 @@ pub fn describe(svc: &ServiceConfig) -> Option<String> {
     };
     let ids = |ids: &[u32]| match ids {
         [] => "any".to_string(),
-        ids => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+        ids => ids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
     };
     let file = match name {
         UnixName::Abstract(_) => "abstract (no file, no permissions)".to_string(),

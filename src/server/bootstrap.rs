@@ -57,7 +57,10 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
     }
     let metrics_addr = plan.config.metrics.as_ref().map(|m| m.listen);
     let metrics_listen = metrics_addr.map(Listen::Tcp);
-    let metrics = match (metrics_addr, activated.take("metrics", metrics_listen.as_ref())) {
+    let metrics = match (
+        metrics_addr,
+        activated.take("metrics", metrics_listen.as_ref()),
+    ) {
         (Some(_), Some(ListenSocket::Unix(_))) => {
             return Err(ServeError::failure(
                 "socket activation: the `metrics` socket is a Unix-domain socket; the metrics \

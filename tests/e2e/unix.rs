@@ -144,12 +144,15 @@ fn every_stream_plugin_serves_over_unix_sockets_and_the_files_go_at_exit() {
         let mut server = Server::start(&config, backend);
         for name in ["echo.sock", "files.sock", "exec.sock", "env.sock"] {
             let meta = std::fs::symlink_metadata(sock(name)).unwrap();
-            assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{name}: default mode");
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o660,
+                "{name}: default mode"
+            );
         }
-        assert!(server.log().contains(&format!(
-            "listen=unix:{}",
-            sock("echo.sock").display()
-        )));
+        assert!(server
+            .log()
+            .contains(&format!("listen=unix:{}", sock("echo.sock").display())));
 
         // echo: a Rust client, Python's AF_UNIX, socat.
         let mut s = connect_unix(&sock("echo.sock"));
@@ -167,7 +170,11 @@ fn every_stream_plugin_serves_over_unix_sockets_and_the_files_go_at_exit() {
                 .arg("http://localhost/")
                 .output()
                 .unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello, World", "{backend}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "Hello, World",
+                "{backend}"
+            );
         }
         // file-get and exec: `wharf client` speaks unix: addresses.
         let files_addr = format!("unix:{}", sock("files.sock").display());
@@ -178,7 +185,11 @@ fn every_stream_plugin_serves_over_unix_sockets_and_the_files_go_at_exit() {
         std::fs::remove_file(dir.0.join("got")).unwrap();
         let exec_addr = format!("unix:{}", sock("exec.sock").display());
         let (code, out, err) = wharf_client(&dir.0, &["exec", &exec_addr, "--", "hello"]);
-        assert_eq!((code, out.as_str()), (0, "hi from exec\n"), "{backend}: {err}");
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hi from exec\n"),
+            "{backend}: {err}"
+        );
         // process: the program learns its client's credentials (UCSPI's unixserver names).
         if let Some(out) = python_unix(&toml_str(&sock("env.sock")), "") {
             // SAFETY: no preconditions.
@@ -187,7 +198,11 @@ fn every_stream_plugin_serves_over_unix_sockets_and_the_files_go_at_exit() {
             assert_eq!(lines[0], "PROTO=UNIX", "{out}");
             assert_eq!(lines[1], format!("UNIXREMOTEUID={uid}"), "{out}");
             assert_eq!(lines[2], format!("UNIXREMOTEGID={gid}"), "{out}");
-            let pid: u32 = lines[3].strip_prefix("UNIXREMOTEPID=").unwrap().parse().unwrap();
+            let pid: u32 = lines[3]
+                .strip_prefix("UNIXREMOTEPID=")
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!(pid > 1, "{out}");
             assert_eq!(lines[4], "TCPREMOTEIP=-", "{out}");
         }
@@ -236,8 +251,16 @@ fn allow_uids_refuses_another_user_and_counts_it() {
     for backend in backends() {
         let server = Server::start(&config, backend);
         assert_eq!(socat(&path, "root\n", None), "ROOT\n", "{backend}");
-        assert_eq!(socat(&path, "nobody\n", Some(65534)), "", "{backend}: refused");
-        let labels = [("service", "echo"), ("plugin", "echo"), ("backend", backend)];
+        assert_eq!(
+            socat(&path, "nobody\n", Some(65534)),
+            "",
+            "{backend}: refused"
+        );
+        let labels = [
+            ("service", "echo"),
+            ("plugin", "echo"),
+            ("backend", backend),
+        ];
         let mut rejected = labels.to_vec();
         rejected.push(("reason", "allow_uids"));
         server.wait_metric("wharf_connections_rejected_total", &rejected, 1.0);
@@ -252,7 +275,11 @@ fn socket_mode_and_group_are_applied_to_the_file() {
     let path = dir.0.join("echo.sock");
     // Root may give the file any group; anyone else, only one of their own.
     // SAFETY: no preconditions.
-    let group = if running_as_root() { 65534 } else { unsafe { libc::getegid() } };
+    let group = if running_as_root() {
+        65534
+    } else {
+        unsafe { libc::getegid() }
+    };
     let keys = format!(
         "socket_mode = \"0640\"\nsocket_group = \"{group}\"\nlisten = \"unix:{}\"\n",
         path.display()
@@ -372,23 +399,24 @@ fn systemd_socket_activation_passes_a_unix_socket() {
                 }
             })
         };
-        let mut server = Server::start_wrapped(
-            &config,
-            &wrapper,
-            &["--backend", backend],
-            &[],
-            |c| {
+        let mut server =
+            Server::start_wrapped(&config, &wrapper, &["--backend", backend], &[], |c| {
                 c.stdout(Stdio::null());
-            },
-        )
-        .unwrap_or_else(|e| panic!("{backend}: {e}"));
-        assert_eq!(echo_unix(&mut first.join().unwrap(), b"first\n"), b"FIRST\n");
+            })
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        assert_eq!(
+            echo_unix(&mut first.join().unwrap(), b"first\n"),
+            b"FIRST\n"
+        );
         assert_eq!(echo_unix(&mut connect_unix(&path), b"more\n"), b"MORE\n");
         assert!(!server.log().contains("removing a stale socket file"));
         // The file is systemd's: wharf leaves it when it stops.
         server.signal(libc::SIGTERM);
         assert!(server.wait(Duration::from_secs(20)).is_some());
-        assert!(path.exists(), "{backend}: systemd's socket file was removed");
+        assert!(
+            path.exists(),
+            "{backend}: systemd's socket file was removed"
+        );
         drop(server);
         let _ = std::fs::remove_file(&path);
     }
