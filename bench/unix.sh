@@ -4,13 +4,16 @@
 #
 #   bench/unix.sh [WHARF] [ROUNDS] [SECONDS] [CONNECTIONS]
 #
-# One worker (server CPU per request is then one thread's), each backend in turn; per round
-# every (protocol, kind) pair runs once, so drift on a shared machine hits all pairs alike.
+# One worker pinned to CPU 0, the load generator to CPU 1 (when taskset exists; see "The
+# machine" in BENCHMARKS.md); each backend in turn; per round every (protocol, kind) pair runs
+# once, so drift on a shared machine hits all pairs alike.
 set -euo pipefail
 WHARF=${1:-target/release/wharf}
 ROUNDS=${2:-5}
 SECONDS_EACH=${3:-3}
 CONNECTIONS=${4:-16}
+pin_server=(); pin_client=()
+if command -v taskset >/dev/null; then pin_server=(taskset -c 0); pin_client=(taskset -c 1); fi
 dir=$(mktemp -d)
 trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$dir"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -33,14 +36,14 @@ listen = "$web_tcp"
 plugin = "http-hello"
 listen = "unix:$dir/web.sock"
 TOML
-  "$WHARF" serve --config "$dir/wharf.toml" 2>"$dir/log" &
+  "${pin_server[@]}" "$WHARF" serve --config "$dir/wharf.toml" 2>"$dir/log" &
   server=$!
   for _ in $(seq 50); do [ -S "$dir/web.sock" ] && break; sleep 0.1; done
   for round in $(seq "$ROUNDS"); do
     for pair in "echo $echo_tcp tcp" "echo unix:$dir/echo.sock unix" \
                 "http $web_tcp tcp" "http unix:$dir/web.sock unix"; do
       set -- $pair
-      "$WHARF" bench "$1" "$2" --connections "$CONNECTIONS" --duration "$SECONDS_EACH" \
+      "${pin_client[@]}" "$WHARF" bench "$1" "$2" --connections "$CONNECTIONS" --duration "$SECONDS_EACH" \
         --warmup 1 --json > "$dir/$backend-$1-$3-$round.json"
     done
   done

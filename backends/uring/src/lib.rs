@@ -15,7 +15,9 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use tokio_uring::buf::BoundedBuf;
 use wharf_core::backend::sys::{self, no_spare_capacity};
+use wharf_core::backend::sys::StreamKind;
 use wharf_core::backend::{Backend, Listener};
+use wharf_core::on_stream;
 use wharf_core::conn::{BufResult, Conn};
 use wharf_core::peer::{peer_credentials, Peer};
 
@@ -170,26 +172,7 @@ impl Listener for StreamListener {
 }
 
 /// The socket of an accepted connection.
-enum Stream {
-    Tcp(tokio_uring::net::TcpStream),
-    Unix(tokio_uring::net::UnixStream),
-}
-
-/// Runs the same expression on either kind of stream.
-macro_rules! on_stream {
-    ($stream:expr, $s:ident => $body:expr) => {
-        match $stream {
-            Stream::Tcp($s) => $body,
-            Stream::Unix($s) => $body,
-        }
-    };
-}
-
-impl AsRawFd for Stream {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        on_stream!(self, s => s.as_raw_fd())
-    }
-}
+type Stream = StreamKind<tokio_uring::net::TcpStream, tokio_uring::net::UnixStream>;
 
 /// An accepted connection (TCP or Unix-domain).
 pub struct StreamConn {
