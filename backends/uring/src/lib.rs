@@ -14,11 +14,10 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use tokio_uring::buf::BoundedBuf;
-use wharf_core::backend::sys::{self, no_spare_capacity};
-use wharf_core::backend::sys::StreamKind;
+use wharf_core::backend::sys::{self, no_spare_capacity, StreamKind};
 use wharf_core::backend::{Backend, Listener};
-use wharf_core::on_stream;
 use wharf_core::conn::{BufResult, Conn};
+use wharf_core::on_stream;
 use wharf_core::peer::{peer_credentials, Peer};
 
 /// Submission queue entries per worker ring.
