@@ -459,4 +459,30 @@ fn wharf_check_refuses_keys_that_cannot_apply_to_the_listen_kind() {
         assert!(!out.status.success(), "{keys}");
         assert!(err.contains(key) && err.contains(message), "{keys}: {err}");
     }
+    // A valid one: `wharf check` shows the socket's settings, relative to the config's directory.
+    let config = "[services.echo]\nplugin = \"echo\"\nlisten = \"unix:run/echo.sock\"\n\
+                  socket_mode = \"0640\"\nallow_uids = [0, 1000]\n";
+    let path = dir.write("w.toml", config);
+    let out = Command::new(WHARF)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let socket = dir.0.join("run/echo.sock");
+    assert!(
+        text.contains(&format!("listen = unix:{}", socket.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("unix socket: mode 0640, group (wharf's own); peers: allow_uids = 0, 1000"),
+        "{text}"
+    );
+    let out = Command::new(WHARF).arg("plugins").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("listens on: TCP (IP:port), unix:/path, unix:@name"),
+        "{text}"
+    );
 }

@@ -643,8 +643,8 @@ impl Plugin for Exec {
         OptionDoc {
             name: "auth_failures_per_minute",
             kind: "integer",
-            help: "failed `auth` attempts per source address (IPv6: /64) and minute, after a \
-                   burst of 5; beyond it tokens are not even checked",
+            help: "failed `auth` attempts per source address (IPv6: /64; on a Unix socket: per \
+                   uid) and minute, after a burst of 5; beyond it tokens are not even checked",
         },
     ];
     const OUTCOMES: &'static [&'static str] = &[
