@@ -425,6 +425,10 @@ fn systemd_socket_activation_passes_a_unix_socket() {
 #[test]
 fn wharf_check_refuses_keys_that_cannot_apply_to_the_listen_kind() {
     let dir = TempDir::new();
+    let check = |path: &Path| {
+        let mut cmd = Command::new(WHARF);
+        cmd.args(["check", "--config"]).arg(path).output().unwrap()
+    };
     let cases = [
         (
             "listen = \"unix:/run/x.sock\"\nallow_from = [\"10.0.0.0/8\"]\n",
@@ -449,12 +453,7 @@ fn wharf_check_refuses_keys_that_cannot_apply_to_the_listen_kind() {
     ];
     for (keys, key, message) in cases {
         let config = format!("[services.echo]\nplugin = \"echo\"\n{keys}");
-        let path = dir.write("w.toml", &config);
-        let out = Command::new(WHARF)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = check(&dir.write("w.toml", &config));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{keys}");
         assert!(err.contains(key) && err.contains(message), "{keys}: {err}");
@@ -462,12 +461,7 @@ fn wharf_check_refuses_keys_that_cannot_apply_to_the_listen_kind() {
     // A valid one: `wharf check` shows the socket's settings, relative to the config's directory.
     let config = "[services.echo]\nplugin = \"echo\"\nlisten = \"unix:run/echo.sock\"\n\
                   socket_mode = \"0640\"\nallow_uids = [0, 1000]\n";
-    let path = dir.write("w.toml", config);
-    let out = Command::new(WHARF)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&dir.write("w.toml", config));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     let socket = dir.0.join("run/echo.sock");
