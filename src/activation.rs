@@ -6,13 +6,19 @@
 //! sd_listen_fds(3) describes. A service uses the passed socket named like the service, or else
 //! the one bound to its `listen` address (one `wharf.socket` unit listing every address names all
 //! its sockets `wharf.socket`), instead of binding; likewise `metrics` for the metrics endpoint.
+//! TCP sockets (`ListenStream=127.0.0.1:7000`) and Unix-domain stream sockets
+//! (`ListenStream=/run/wharf/x.sock`, matched by path, or `@name`) are taken; systemd owns a Unix
+//! socket's file (wharf neither replaces nor removes it).
 //! The variables are removed once read so that no child inherits them.
 //!
 //! The bind phase of `wharf serve` ([`crate::server`]'s `bootstrap`) takes sockets from here
 //! before binding anything itself.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+
+use wharf_core::listen::{Listen, ListenSocket};
 
 /// First descriptor passed (SD_LISTEN_FDS_START).
 const FIRST_FD: RawFd = 3;
@@ -20,12 +26,12 @@ const FIRST_FD: RawFd = 3;
 /// The sockets passed to this process: name, socket, the address it is bound to.
 #[derive(Default)]
 pub struct Activated {
-    sockets: Vec<(String, TcpListener, Option<SocketAddr>)>,
+    sockets: Vec<(String, ListenSocket, Option<Listen>)>,
 }
 
 impl Activated {
     /// Takes the sockets systemd passed to this process (none when not socket-activated).
-    /// A socket that is not a listening TCP socket is an error.
+    /// A socket that is not a listening TCP or Unix-domain stream socket is an error.
     pub fn from_env() -> Result<Activated, String> {
         let pid = std::env::var("LISTEN_PID").ok();
         let count = std::env::var("LISTEN_FDS").ok();
@@ -46,7 +52,7 @@ impl Activated {
         let names: Vec<String> = names
             .map(|n| n.split(':').map(str::to_string).collect())
             .unwrap_or_default();
-        let mut sockets: Vec<(String, TcpListener, Option<SocketAddr>)> = Vec::new();
+        let mut sockets = Vec::new();
         for i in 0..count {
             let fd = FIRST_FD + i;
             // Unnamed sockets (no LISTEN_FDNAMES) are matched by address only.
@@ -55,22 +61,27 @@ impl Activated {
                 .filter(|n| !n.is_empty())
                 .cloned()
                 .unwrap_or_else(|| "unknown".into());
-            check_listening_tcp(fd)
+            let domain = check_listening_stream(fd)
                 .map_err(|e| format!("socket activation: {name} (fd {fd}): {e}"))?;
             // SAFETY: systemd passed this descriptor to us (LISTEN_PID is our pid) and nothing
             // else in the process owns it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: fcntl on a descriptor we own; children must not inherit it.
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            let socket = TcpListener::from(owned);
-            let addr = socket.local_addr().ok();
+            let socket = if domain == libc::AF_UNIX {
+                ListenSocket::Unix(UnixListener::from(owned))
+            } else {
+                ListenSocket::Tcp(TcpListener::from(owned))
+            };
+            let addr = socket.local_listen().ok();
             sockets.push((name, socket, addr));
         }
         Ok(Activated { sockets })
     }
 
-    /// The socket named `name`, or else the one bound to `addr`; each is taken once.
-    pub fn take(&mut self, name: &str, addr: Option<SocketAddr>) -> Option<TcpListener> {
+    /// The socket named `name`, or else the one bound to `addr` (a TCP address, a Unix
+    /// socket's path or abstract name); each is taken once.
+    pub fn take(&mut self, name: &str, addr: Option<&Listen>) -> Option<ListenSocket> {
         let at = self
             .sockets
             .iter()
@@ -78,7 +89,7 @@ impl Activated {
             .or_else(|| {
                 self.sockets
                     .iter()
-                    .position(|(_, _, a)| a.is_some() && *a == addr)
+                    .position(|(_, _, a)| a.is_some() && a.as_ref() == addr)
             })?;
         Some(self.sockets.remove(at).1)
     }
@@ -95,8 +106,8 @@ impl Activated {
     }
 }
 
-/// An error unless `fd` is a listening stream socket.
-fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
+/// An error unless `fd` is a listening stream socket, TCP/IP or Unix-domain; its domain.
+fn check_listening_stream(fd: RawFd) -> Result<libc::c_int, String> {
     let get = |option| {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -119,11 +130,12 @@ fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
     if get(libc::SO_TYPE)? != libc::SOCK_STREAM {
         return Err("not a stream socket".into());
     }
-    if !matches!(get(libc::SO_DOMAIN)?, libc::AF_INET | libc::AF_INET6) {
-        return Err("not a TCP/IP socket (a unix socket? use an address in ListenStream=)".into());
+    let domain = get(libc::SO_DOMAIN)?;
+    if !matches!(domain, libc::AF_INET | libc::AF_INET6 | libc::AF_UNIX) {
+        return Err("neither a TCP/IP nor a Unix-domain socket".into());
     }
     if get(libc::SO_ACCEPTCONN)? != 1 {
         return Err("not a listening socket".into());
     }
-    Ok(())
+    Ok(domain)
 }

@@ -79,7 +79,7 @@ enum Command {
 enum ClientCommand {
     /// Send text to an echo service and print what comes back: the words given, or stdin.
     Echo {
-        /// Service address, e.g. 127.0.0.1:6969.
+        /// Service address, e.g. 127.0.0.1:6969, or unix:/path/to.sock (unix:@name: abstract).
         addr: String,
         #[command(flatten)]
         tls: TlsArgs,
@@ -89,7 +89,7 @@ enum ClientCommand {
     /// Run a command on an exec service: the one given after `--`, or each line of stdin.
     /// Exit status: the command's, 124 on timeout, 126 when refused, 1 on errors.
     Exec {
-        /// Service address, e.g. 127.0.0.1:8000.
+        /// Service address, e.g. 127.0.0.1:8000, or unix:/path/to.sock (unix:@name: abstract).
         addr: String,
         #[command(flatten)]
         tls: TlsArgs,
@@ -102,7 +102,7 @@ enum ClientCommand {
     },
     /// Download a file from a file-get service, verified by MD5 before it gets its name.
     Get {
-        /// Service address, e.g. 127.0.0.1:9999.
+        /// Service address, e.g. 127.0.0.1:9999, or unix:/path/to.sock (unix:@name: abstract).
         addr: String,
         #[command(flatten)]
         tls: TlsArgs,
@@ -117,7 +117,7 @@ enum ClientCommand {
     },
     /// List a directory of a file-get service.
     List {
-        /// Service address, e.g. 127.0.0.1:9999.
+        /// Service address, e.g. 127.0.0.1:9999, or unix:/path/to.sock (unix:@name: abstract).
         addr: String,
         #[command(flatten)]
         tls: TlsArgs,
@@ -309,6 +309,9 @@ fn print_plan(plan: &plan::Plan) {
         if let (Some(tls), Some(loaded)) = (&c.tls, &svc.tls) {
             println!("    {}", describe_tls(tls, loaded));
         }
+        if let Some(unix) = wharf_core::unix::describe(c) {
+            println!("    {unix}");
+        }
         let options = toml::to_string(&svc.built.shown_options).unwrap_or_default();
         for line in options.lines() {
             println!("    {line}");
@@ -408,6 +411,8 @@ fn effective_config(plan: &plan::Plan) -> String {
 fn print_plugins(registry: &Registry) {
     for p in registry.iter() {
         println!("{}: {}", p.name, p.description);
+        // Every stream plugin serves both stream kinds of `listen`.
+        println!("    listens on: TCP (IP:port), unix:/path, unix:@name");
         if p.datagrams {
             println!("    answers datagrams too: listen = \"udp:IP:port\" serves UDP");
         }

@@ -13,14 +13,13 @@
 //! otherwise print an exec refusal as a listing, and `client get` an echo as a refusal.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use wharf_bench::tls::ClientTls;
 use wharf_plugin_exec::refusals;
 
 mod transport;
-use transport::Transport;
+use transport::{Socket, Transport};
 
 /// Largest exec result or listing held in memory.
 const MAX_RESULT: u64 = 256 * 1024 * 1024;
@@ -42,12 +41,11 @@ pub enum Reply {
 }
 
 impl CommandClient {
-    /// Connects to `addr` (host:port), with a TLS handshake when `tls` is given.
+    /// Connects to `addr` (`host:port`, `unix:/path` or `unix:@name`), with a TLS handshake
+    /// when `tls` is given.
     pub fn connect(addr: &str, tls: Option<&ClientTls>) -> io::Result<Self> {
-        let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
-        let stream = TcpStream::connect(&addrs[..])?;
+        let stream = Socket::connect(addr)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.set_nodelay(true)?;
         Ok(CommandClient {
             stream: Transport::new(stream, tls)?,
         })

@@ -102,13 +102,6 @@ fn build(source: ConfigSource, registry: &Registry) -> Result<Plan, Vec<ConfigEr
                 errors.push(source.value_error_at(&key, format!("already used by {other}")));
             }
         }
-        if matches!(svc.listen, Listen::Unix(_)) {
-            errors.push(source.value_error_at(
-                &key,
-                format!("{} listeners are not supported yet", svc.listen.kind()),
-            ));
-            continue;
-        }
         let Some(plugin) = registry.get(&svc.plugin) else {
             errors.push(unknown_plugin(&source, registry, name, &svc.plugin));
             continue;

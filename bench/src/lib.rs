@@ -28,6 +28,7 @@ pub mod procstat;
 pub mod protocol;
 pub mod report;
 pub mod swap;
+pub mod target;
 pub mod tls;
 pub mod udp;
 
@@ -40,6 +41,7 @@ use clap::{Args, Subcommand};
 use load::LoadSpec;
 use protocol::{Protocol, Workload};
 use report::Report;
+use target::Target;
 
 /// Longest `--duration` or `--warmup` (a day).
 const MAX_SECONDS: f64 = 86_400.0;
@@ -69,7 +71,7 @@ pub enum BenchCommand {
 /// `wharf bench <protocol> ADDR ...`
 #[derive(Args)]
 pub struct TargetArgs {
-    /// Server address, e.g. 127.0.0.1:6969.
+    /// Server address, e.g. 127.0.0.1:6969, or unix:/path/to.sock (unix:@name: abstract).
     addr: String,
     /// Concurrent connections.
     #[arg(long, short = 'c', default_value_t = 64)]
@@ -134,7 +136,7 @@ pub struct WorkloadArgs {
 
 impl WorkloadArgs {
     /// The workload against `addr`, or a usage error.
-    fn workload(&self, protocol: Protocol, addr: SocketAddr) -> Result<Workload, String> {
+    fn workload(&self, protocol: Protocol, addr: &Target) -> Result<Workload, String> {
         if self.pipeline == 0 {
             return Err("--pipeline must be at least 1".into());
         }
@@ -159,7 +161,10 @@ impl WorkloadArgs {
                 size => Workload::echo(size),
             },
             Protocol::Http => {
-                Workload::http(&addr.to_string(), self.path.as_deref().unwrap_or("/"))
+                let host = addr
+                    .tcp()
+                    .map_or_else(|| "localhost".into(), |a| a.to_string());
+                Workload::http(&host, self.path.as_deref().unwrap_or("/"))
             }
             Protocol::Exec => {
                 if self.command.trim().is_empty() || self.command.contains('\n') {
@@ -184,7 +189,7 @@ impl WorkloadArgs {
     fn spec(
         &self,
         protocol: Protocol,
-        addr: SocketAddr,
+        addr: Target,
         connections: usize,
         duration: f64,
     ) -> Result<LoadSpec, String> {
@@ -196,7 +201,7 @@ impl WorkloadArgs {
                 "--duration must be more than 0 and at most {MAX_SECONDS} seconds"
             ));
         }
-        let workload = self.workload(protocol, addr)?;
+        let workload = self.workload(protocol, &addr)?;
         Ok(LoadSpec {
             addr,
             workload: Arc::new(workload),
@@ -244,10 +249,13 @@ pub fn run(command: BenchCommand) -> i32 {
         Ok(tls) => tls,
         Err(e) => return usage(&e),
     };
+    if matches!(spec.addr, Target::Unix(_)) && (spec.tls.is_some() || args.send_proxy.is_some()) {
+        return usage("--tls and --send-proxy are for TCP addresses, not unix:");
+    }
     spec.new_conn = args.new_conn;
     spec.send_proxy = args.send_proxy;
     spec.server_pids = if args.server_pid.is_empty() {
-        procstat::listening_pids(addr)
+        spec.addr.listening_pids()
     } else {
         args.server_pid.clone()
     };
@@ -265,19 +273,23 @@ pub fn run(command: BenchCommand) -> i32 {
     }
 }
 
-/// The address to load: the first of `addr`'s addresses that accepts a connection (a name
-/// such as `localhost` may resolve to ::1 first while the server listens on 127.0.0.1), else
-/// the first one, whose failures the run then reports.
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// The address to load: a `unix:` socket as written, or the first of `addr`'s addresses that
+/// accepts a connection (a name such as `localhost` may resolve to ::1 first while the server
+/// listens on 127.0.0.1), else the first one, whose failures the run then reports.
+fn resolve(addr: &str) -> Result<Target, String> {
+    if let Some(unix) = Target::parse_unix(addr) {
+        return unix;
+    }
     let all: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
         .collect();
     let first = *all.first().ok_or_else(|| format!("{addr}: no address"))?;
-    Ok(all
-        .into_iter()
-        .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
-        .unwrap_or(first))
+    Ok(Target::Tcp(
+        all.into_iter()
+            .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
+            .unwrap_or(first),
+    ))
 }
 
 /// Prints a run's report: as one JSON object with `json`, else as `text` makes it.

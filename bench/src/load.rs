@@ -33,6 +33,8 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::target::{Stream, Target};
+
 use super::pacer::Pacer;
 use super::procstat::{self, CpuClock};
 use super::protocol::{Step, Workload, ACK};
@@ -54,7 +56,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// One load run.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
-    pub addr: SocketAddr,
+    pub addr: Target,
     pub workload: Arc<Workload>,
     pub connections: usize,
     /// Client threads (each with its own runtime); connections are spread evenly.
@@ -438,39 +440,22 @@ impl Connection {
             .map(|tls| tokio_rustls::TlsConnector::from(tls.config.clone()));
         loop {
             let opened_at = Instant::now();
-            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.spec.addr));
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.spec.addr.connect());
             let failure = match connect.await {
-                Ok(Ok(mut stream)) => {
-                    let _ = stream.set_nodelay(true);
+                Ok(Ok(stream)) => {
                     (received.start, received.end) = (0, 0);
-                    let ended = match self.send_proxy_header(&mut stream).await {
-                        Err(e) => e,
-                        Ok(()) => match (&connector, &spec.tls) {
-                            (Some(connector), Some(tls)) => {
-                                let handshake = connector.connect(tls.server_name.clone(), stream);
-                                match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
-                                    Ok(Ok(stream)) => {
-                                        self.opened();
-                                        let (rd, wr) = tokio::io::split(stream);
-                                        self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                            .await
-                                    }
-                                    Ok(Err(e)) => ConnError::Retry(
-                                        tls.explain(&e, true, &[])
-                                            .unwrap_or_else(|| io_error("TLS handshake", &e)),
-                                    ),
-                                    Err(_) => ConnError::Retry(format!(
-                                        "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
-                                    )),
-                                }
-                            }
-                            _ => {
-                                self.opened();
-                                let (rd, wr) = stream.split();
-                                self.exchanges(rd, wr, opened_at, &batch, &mut received)
-                                    .await
-                            }
-                        },
+                    let ended = match stream {
+                        Stream::Tcp(stream) => {
+                            let tls = connector.as_ref().zip(spec.tls.as_ref());
+                            self.over_tcp(stream, tls, opened_at, &batch, &mut received)
+                                .await
+                        }
+                        Stream::Unix(mut stream) => {
+                            self.opened();
+                            let (rd, wr) = stream.split();
+                            self.exchanges(rd, wr, opened_at, &batch, &mut received)
+                                .await
+                        }
                     };
                     self.tally.borrow_mut().waiting[self.slot] = None;
                     match ended {
@@ -489,6 +474,41 @@ impl Connection {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
+        }
+    }
+
+    /// One TCP connection: the PROXY header and the TLS handshake when asked for, then the
+    /// exchanges.
+    async fn over_tcp(
+        &mut self,
+        mut stream: TcpStream,
+        tls: Option<(&tokio_rustls::TlsConnector, &crate::tls::ClientTls)>,
+        opened_at: Instant,
+        batch: &[u8],
+        received: &mut Received,
+    ) -> ConnError {
+        if let Err(e) = self.send_proxy_header(&mut stream).await {
+            return e;
+        }
+        let Some((connector, tls)) = tls else {
+            self.opened();
+            let (rd, wr) = stream.split();
+            return self.exchanges(rd, wr, opened_at, batch, received).await;
+        };
+        let handshake = connector.connect(tls.server_name.clone(), stream);
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(stream)) => {
+                self.opened();
+                let (rd, wr) = tokio::io::split(stream);
+                self.exchanges(rd, wr, opened_at, batch, received).await
+            }
+            Ok(Err(e)) => ConnError::Retry(
+                tls.explain(&e, true, &[])
+                    .unwrap_or_else(|| io_error("TLS handshake", &e)),
+            ),
+            Err(_) => ConnError::Retry(format!(
+                "TLS handshake: no answer within {CONNECT_TIMEOUT:?}"
+            )),
         }
     }
 

@@ -132,7 +132,35 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// The local processes that hold a socket listening on `addr` (every process sharing it:
 /// nginx's workers, all of wharf's). Empty when the server is remote or not visible to us.
 pub fn listening_pids(addr: SocketAddr) -> Vec<u32> {
-    let inodes = listening_inodes(addr);
+    pids_holding(&listening_inodes(addr))
+}
+
+/// The local processes that hold a Unix-domain socket listening at `name` (a path, or `@name`
+/// for the abstract namespace, as /proc/net/unix writes it).
+pub fn unix_listening_pids(name: &str) -> Vec<u32> {
+    pids_holding(&unix_listening_inodes(name))
+}
+
+/// Socket inodes listening at the Unix socket `name`, from /proc/net/unix (`St` 01, flag
+/// `__SO_ACCEPTCON`).
+fn unix_listening_inodes(name: &str) -> Vec<u64> {
+    const ACCEPTCON: u32 = 0x10000;
+    let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let listening = flags & ACCEPTCON != 0 && *f.get(4)? == "0001";
+            (listening && *f.get(7)? == name).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// The local processes holding one of the sockets `inodes`.
+fn pids_holding(inodes: &[u64]) -> Vec<u32> {
     if inodes.is_empty() {
         return Vec::new();
     }
@@ -253,6 +281,13 @@ mod tests {
         assert!(resident_kib(std::process::id()).is_some_and(|kib| kib > 0));
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(listening_pids(other.local_addr().unwrap()).is_empty());
+        let path = std::env::temp_dir().join(format!("wharf-procstat-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(unix_listening_inodes(path.to_str().unwrap()).len(), 1);
+        assert!(unix_listening_inodes("/nowhere.sock").is_empty());
+        drop(unix);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -137,7 +137,7 @@ fn run(args: SwapArgs) -> Result<(), String> {
     // Workload mistakes (--pipeline with exec...) are reported before any server starts.
     work.spec(
         args.plugin,
-        SocketAddr::from(([127, 0, 0, 1], 1)),
+        crate::target::Target::Tcp(SocketAddr::from(([127, 0, 0, 1], 1))),
         1,
         args.duration,
     )?;
@@ -214,7 +214,12 @@ fn run(args: SwapArgs) -> Result<(), String> {
     for repetition in 1..=args.repeat {
         for &connections in &args.connections {
             for server in servers.iter_mut() {
-                let mut spec = work.spec(args.plugin, server.addr, connections, args.duration)?;
+                let mut spec = work.spec(
+                    args.plugin,
+                    crate::target::Target::Tcp(server.addr),
+                    connections,
+                    args.duration,
+                )?;
                 spec.client_cpus = client_cpus.clone();
                 spec.server_pids = vec![server.child.id()];
                 let result = load::run(&spec);

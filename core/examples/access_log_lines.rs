@@ -31,7 +31,7 @@ fn main() {
     let log = AccessLog::start(&config, access_log::open(&config).unwrap()).unwrap();
     let service = log.for_service("s", "http-hello", true).unwrap();
     let who = service.who(&Who {
-        client: "127.0.0.1:45678".parse().unwrap(),
+        client: wharf_core::Peer::Ip("127.0.0.1:45678".parse().unwrap()),
         proxy: None,
         identity: None,
     });

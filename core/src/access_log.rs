@@ -58,6 +58,7 @@ use metrics::Counter;
 use tokio::sync::Notify;
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::peer::Peer;
 
 /// Counter: access log lines dropped (the writer was behind by `buffer_lines`, or a write
 /// failed).
@@ -289,9 +290,9 @@ impl Head {
 /// The facts about a connection every line of it carries.
 pub struct Who<'a> {
     /// The client (after PROXY protocol).
-    pub client: SocketAddr,
+    pub client: Peer,
     /// The proxy, when a PROXY header named the client.
-    pub proxy: Option<SocketAddr>,
+    pub proxy: Option<Peer>,
     /// The TLS identity.
     pub identity: Option<&'a str>,
 }
@@ -578,14 +579,30 @@ impl Fields<'_> {
         self.number(key, micros / 1000, &frac);
     }
 
-    /// `client`, then `proxy` and `identity` when there are.
+    /// `client`, then `proxy` and `identity` when there are. A Unix-domain peer (the client,
+    /// or the proxy that named it) is written `unix`, followed by its `uid`, `gid` and `pid`.
     fn who(&mut self, who: &Who<'_>) {
-        self.addr("client", who.client);
+        self.peer("client", who.client);
         if let Some(proxy) = who.proxy {
-            self.addr("proxy", proxy);
+            self.peer("proxy", proxy);
         }
         if let Some(identity) = who.identity {
             self.str("identity", identity);
+        }
+    }
+
+    /// A peer: its address, or `unix` and its credentials.
+    fn peer(&mut self, key: &'static str, peer: Peer) {
+        match peer {
+            Peer::Ip(addr) => self.addr(key, addr),
+            Peer::Unix(credentials) => {
+                self.str(key, "unix");
+                self.u64("uid", credentials.uid.into());
+                self.u64("gid", credentials.gid.into());
+                if let Some(pid) = credentials.pid {
+                    self.u64("pid", pid.into());
+                }
+            }
         }
     }
 
@@ -1277,7 +1294,7 @@ mod tests {
             let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
             let service = log.for_service("web", "http-hello", true).unwrap();
             let who = Who {
-                client: "[::1]:4000".parse().unwrap(),
+                client: crate::Peer::Ip("[::1]:4000".parse().unwrap()),
                 proxy: None,
                 identity: Some("bob smith"),
             };
@@ -1397,8 +1414,8 @@ mod tests {
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
         let service = log.for_service("web", "http-hello", true).unwrap();
         let who = Who {
-            client: "127.0.0.1:4000".parse().unwrap(),
-            proxy: Some("10.0.0.1:5000".parse().unwrap()),
+            client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
+            proxy: Some(Peer::Ip("10.0.0.1:5000".parse().unwrap())),
             identity: Some("alice"),
         };
         let who = service.who(&who);
@@ -1449,7 +1466,7 @@ mod tests {
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
         let service = log.for_service("echo", "echo", true).unwrap();
         let who = Who {
-            client: "[::1]:4000".parse().unwrap(),
+            client: Peer::Ip("[::1]:4000".parse().unwrap()),
             proxy: None,
             identity: None,
         };

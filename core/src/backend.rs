@@ -1,7 +1,8 @@
 //! What an IO mechanism must provide to run wharf's workers.
 //!
 //! A backend is a runtime to run one worker on the current thread, a listener type made from a
-//! bound std socket, the [`Conn`] its listener accepts, and a UDP socket type
+//! bound std socket (TCP or Unix-domain: one listener type, one [`Conn`] type for both, so a
+//! plugin instance serves either), the [`Conn`] its listener accepts, and a UDP socket type
 //! ([`crate::udp::DatagramSocket`]). Everything else (admission, metering,
 //! idle timeouts, draining) is shared code in [`crate::worker`], so swapping backends changes the
 //! IO path and nothing else.
@@ -9,11 +10,10 @@
 //! [`sys`] holds the socket helpers the two built-in backends share (non-blocking `recv`,
 //! `poll`-based peer checks, `sendfile`): support for backend authors, not plugin API.
 
+use crate::conn::Conn;
+use crate::peer::Peer;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-
-use crate::conn::Conn;
 
 pub mod sys;
 
@@ -35,6 +35,10 @@ pub trait Backend: 'static {
     /// Adopts a bound, listening, non-blocking socket. Called inside [`Backend::block_on`].
     fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
 
+    /// Adopts a bound, listening, non-blocking Unix-domain stream socket, likewise. Its
+    /// connections are the same [`Listener::Conn`] type as TCP ones.
+    fn unix_listener(socket: std::os::unix::net::UnixListener) -> io::Result<Self::Listener>;
+
     /// Adopts a bound, non-blocking UDP socket. Called inside [`Backend::block_on`].
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<Self::Datagrams>;
 }
@@ -45,6 +49,8 @@ pub trait Listener: 'static {
     /// The connections it accepts.
     type Conn: Conn + 'static;
 
-    /// Accepts one connection (with `TCP_NODELAY` set: request/response protocols want it).
-    async fn accept(&self) -> io::Result<(Self::Conn, SocketAddr)>;
+    /// Accepts one connection (TCP ones with `TCP_NODELAY` set: request/response protocols
+    /// want it), with who connected: the client's address, or a Unix peer's credentials
+    /// ([`crate::peer::peer_credentials`]).
+    async fn accept(&self) -> io::Result<(Self::Conn, Peer)>;
 }

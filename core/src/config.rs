@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::listen::Listen;
 use crate::net::Cidr;
+use crate::unix::SocketMode;
 
 /// The whole resolved configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -220,6 +221,21 @@ pub struct ServiceConfig {
     /// service; empty allows every client the TLS settings accept. Needs `tls.client_ca`.
     #[serde(default)]
     pub allow_identities: Vec<String>,
+    /// Unix-domain listeners: the socket file's permission bits, in octal (`"0660"`, the
+    /// default: the owner and the file's group may connect). Not for `unix:@name`.
+    #[serde(default)]
+    pub socket_mode: Option<SocketMode>,
+    /// Unix-domain listeners: the group the socket file is given (a name or a numeric ID), so
+    /// that its members may connect; absent: wharf's own group. Not for `unix:@name`.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Unix-domain listeners: user IDs of the peers admitted (`SO_PEERCRED`); a peer passes if
+    /// its uid is here or its gid is in `allow_gids`. Both empty: every peer that can connect.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Unix-domain listeners: group IDs of the peers admitted (the peer's primary group).
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
     /// PROXY protocol: connections from `trusted_proxies` must start with a header of this
     /// version naming the real client, which then counts as the peer for everything
     /// (`allow_from`, per-source limits, logs, plugins). Absent: off.
@@ -654,6 +670,7 @@ impl ConfigSource {
                             if let Some(tls) = &mut svc.tls {
                                 tls.resolve_paths(&self.base_dir);
                             }
+                            crate::unix::resolve_path(&mut svc.listen, &self.base_dir);
                             services.insert(name.clone(), svc);
                         }
                         Err(e) => errors.extend(e),
@@ -745,8 +762,10 @@ impl ConfigSource {
         }
         for (name, svc) in services {
             let key = |k: &str| format!("services.{name}.{k}");
+            let unix = matches!(svc.listen, Listen::Unix(_));
             match (svc.proxy_protocol, svc.trusted_proxies.is_empty()) {
-                (Some(_), true) => errors.push(self.error_at(
+                // On a Unix socket, who may send a header is who may connect (checked below).
+                (Some(_), true) if !unix => errors.push(self.error_at(
                     &key("trusted_proxies"),
                     "required with proxy_protocol: the proxies allowed to name a client (anyone \
                      else could claim any address)"
@@ -787,6 +806,9 @@ impl ConfigSource {
             if !(1..=128).contains(&svc.source_prefix_v6) {
                 errors
                     .push(self.value_error_at(&key("source_prefix_v6"), "must be 1..=128".into()));
+            }
+            for (k, message) in crate::unix::check_service(svc) {
+                errors.push(self.error_at(&key(k), message));
             }
         }
         errors

@@ -8,9 +8,10 @@
 //! without the facts about the connection moving with it.
 //!
 //! The client's identity ([`Context::identity`]) is what a verified TLS client certificate
-//! names; plugins authorize with it. Behind a load balancer with `proxy_protocol`,
-//! [`Context::peer_addr`] is the client its PROXY header named, and [`Context::proxy_addr`] the
-//! balancer.
+//! names; plugins authorize with it. The client itself is a [`Peer`]: an IP address, or on a
+//! Unix-domain socket the connecting process's credentials ([`Context::peer_credentials`]).
+//! Behind a load balancer with `proxy_protocol`, [`Context::peer`] is the client its PROXY
+//! header named, and [`Context::proxy`] the balancer.
 //!
 //! With the access log on for the service, the context also carries the connection's line
 //! ([`crate::access_log`]): written when the context drops, with the outcome the worker set
@@ -30,21 +31,22 @@ use std::time::Duration;
 use crate::access_log::{ClientFields, ConnBytes, ConnOutcome, Fields, ServiceLog, Who};
 use crate::conn::{BufResult, Conn};
 use crate::gate::Ticket;
+use crate::peer::{Peer, PeerCredentials};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// How a connection came through a proxy: the proxy (the TCP peer) and the destination its
 /// PROXY header named.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Proxied {
-    pub(crate) by: SocketAddr,
+    pub(crate) by: Peer,
     pub(crate) destination: Option<SocketAddr>,
 }
 
 /// What the framework knows about one connection and offers to the plugin serving it.
 pub struct Context {
-    peer: SocketAddr,
-    /// The TCP peer when it is a proxy whose PROXY header named `peer`.
-    proxy: Option<SocketAddr>,
+    peer: Peer,
+    /// The connected peer when it is a proxy whose PROXY header named `peer`.
+    proxy: Option<Peer>,
     /// The address the client connected to on the proxy, as its PROXY header named it.
     destination: Option<SocketAddr>,
     scope: Scope,
@@ -98,7 +100,7 @@ impl Context {
     /// a PROXY header named `peer`.
     /// `log` is its access log state, when the service writes one.
     pub(crate) fn served(
-        peer: SocketAddr,
+        peer: Peer,
         proxied: Option<Proxied>,
         ticket: Ticket,
         log: Option<ConnLog>,
@@ -138,21 +140,39 @@ impl Context {
     /// A context outside any server, for a client at `peer`: never stopping, requests
     /// recorded nowhere, blocking jobs on tokio's blocking pool. To stop it or read what was
     /// recorded, make it from a [`Detached`] instead.
-    pub fn detached(peer: SocketAddr) -> Context {
+    pub fn detached(peer: impl Into<Peer>) -> Context {
         Detached::new().context(peer)
     }
 
-    /// The client's address: the TCP peer, or, on a service with `proxy_protocol`, the
-    /// address the trusted proxy's header named. Every framework decision (`allow_from`,
-    /// per-source limits, logs) uses this one.
-    pub fn peer_addr(&self) -> SocketAddr {
+    /// The client: the connected peer (a TCP address, or a Unix peer's credentials), or, on
+    /// a service with `proxy_protocol`, the address the trusted proxy's header named. Every
+    /// framework decision (`allow_from`, `allow_uids`, per-source limits, logs) uses this one.
+    pub fn peer(&self) -> Peer {
         self.peer
     }
 
-    /// The proxy the connection came through (the TCP peer) when a PROXY header named the
-    /// client; `None` for a direct connection.
-    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+    /// The client's IP address and port ([`Context::peer`] when it is an IP client); `None`
+    /// for a local process on a Unix socket, which has no address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.socket_addr()
+    }
+
+    /// The credentials of the process at the other end of a Unix-domain socket
+    /// (`SO_PEERCRED`, taken at accept): the client, or the proxy when a PROXY header named
+    /// the client. `None` on TCP.
+    pub fn peer_credentials(&self) -> Option<PeerCredentials> {
+        self.proxy.unwrap_or(self.peer).credentials()
+    }
+
+    /// The proxy the connection came through (the connected peer) when a PROXY header named
+    /// the client; `None` for a direct connection.
+    pub fn proxy(&self) -> Option<Peer> {
         self.proxy
+    }
+
+    /// The proxy's IP address, when the connection came through one over TCP.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.and_then(|p| p.socket_addr())
     }
 
     /// The address the client connected to on the proxy, when a PROXY header named it (what
@@ -385,9 +405,9 @@ impl Detached {
     }
 
     /// A context for a client at `peer` that reports here.
-    pub fn context(&self, peer: SocketAddr) -> Context {
+    pub fn context(&self, peer: impl Into<Peer>) -> Context {
         Context {
-            peer,
+            peer: peer.into(),
             proxy: None,
             destination: None,
             drain: RefCell::new(self.0.stop.subscribe()),

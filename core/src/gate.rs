@@ -4,9 +4,11 @@
 //! limits every plugin gets, counts the outcome, and hands out a [`Ticket`] that keeps the
 //! connection counted as active until it is dropped. Admission has two steps, because behind a
 //! load balancer the client's address is known only once its PROXY header is read:
-//! [`ServiceGate::admit`] at accept, on the TCP peer (trusted proxy or `allow_from`,
-//! `max_connection_rate`, `max_connections`), then [`Ticket::admit_client`] on the client's
-//! address (`allow_from` behind a proxy, the per-source limits of [`crate::sources`]).
+//! [`ServiceGate::admit`] at accept, on the connected peer (trusted proxy or `allow_from`, or
+//! a Unix peer's credentials against `allow_uids`/`allow_gids`; `max_connection_rate`,
+//! `max_connections`), then [`Ticket::admit_client`] on the client's address (`allow_from`
+//! behind a proxy, the per-source limits of [`crate::sources`]; a Unix client has no source
+//! address, so per-source limits do not apply to it).
 //! Without PROXY protocol both run at accept, before any task is spawned. It also owns the generation's metric handles ([`crate::metrics`]), blocking
 //! threads ([`crate::blocking`]) and drain signal, which the connection's
 //! [`Context`](crate::Context) and [`Metered`](crate::metered::Metered) transport use.
@@ -25,6 +27,7 @@ use crate::blocking::BlockingBudget;
 use crate::config::ServiceConfig;
 use crate::metrics::{rejected, ServiceLabels, ServiceMetrics};
 use crate::net::Cidr;
+use crate::peer::{Peer, PeerCredentials};
 use crate::proxy::ProxySettings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::sources::{SourceHold, SourceLimits};
@@ -47,6 +50,8 @@ pub enum Rejection {
     Rate,
     /// The client's source is over `max_connection_rate_per_source`.
     RatePerSource,
+    /// A Unix-domain peer outside `allow_uids` and `allow_gids`.
+    Credentials,
 }
 
 impl Rejection {
@@ -60,6 +65,9 @@ impl Rejection {
 pub struct ServiceGate {
     labels: ServiceLabels,
     allow_from: Vec<Cidr>,
+    /// Unix-domain peers admitted by user and group ID (both empty: every peer).
+    allow_uids: Vec<u32>,
+    allow_gids: Vec<u32>,
     /// PROXY protocol: who may send a header, which versions, how fast.
     proxy: Option<ProxySettings>,
     max_connections: usize,
@@ -102,6 +110,8 @@ impl ServiceGate {
         Arc::new(ServiceGate {
             labels,
             allow_from: config.allow_from.clone(),
+            allow_uids: config.allow_uids.clone(),
+            allow_gids: config.allow_gids.clone(),
             proxy: ProxySettings::of(config),
             max_connections: config.max_connections,
             sources: SourceLimits::new(config, previous.map(|p| &p.sources)),
@@ -163,12 +173,14 @@ impl ServiceGate {
         self.proxy.as_ref()
     }
 
-    /// Admission, first step, at accept: whether a connection from the TCP peer `peer` may
-    /// be held open at all. Checks, in order: the peer is a trusted proxy (PROXY protocol on)
-    /// or inside `allow_from` (off), `max_connection_rate`, `max_connections`. The ticket
-    /// counts the connection as open; [`Ticket::admit_client`] is the second step, once the
-    /// client's address is known.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Rejection> {
+    /// Admission, first step, at accept: whether a connection from the connected `peer` may
+    /// be held open at all. Checks, in order: a TCP peer is a trusted proxy (PROXY protocol
+    /// on) or inside `allow_from` (off), a Unix peer's credentials are allowed (and it may
+    /// then send a PROXY header: the socket's permissions and `allow_uids` say who can
+    /// connect); then `max_connection_rate`, `max_connections`. The ticket counts the
+    /// connection as open; [`Ticket::admit_client`] is the second step, once the client is
+    /// known.
+    pub fn admit(self: &Arc<Self>, peer: &Peer) -> Result<Ticket, Rejection> {
         let result = self.check_peer(peer).and_then(|()| {
             self.sources.admit_service()?;
             self.open
@@ -194,11 +206,26 @@ impl ServiceGate {
         }
     }
 
-    fn check_peer(&self, peer: IpAddr) -> Result<(), Rejection> {
+    fn check_peer(&self, peer: &Peer) -> Result<(), Rejection> {
+        let peer = match peer {
+            Peer::Ip(addr) => addr.ip(),
+            Peer::Unix(credentials) => return self.check_credentials(credentials),
+        };
         match &self.proxy {
             Some(proxy) if !proxy.trusts(peer) => Err(Rejection::ProxyProtocol),
             Some(_) => Ok(()),
             None => self.check_allowed(peer),
+        }
+    }
+
+    /// `allow_uids`/`allow_gids`: a peer whose uid is in one or whose gid is in the other
+    /// passes; with both empty, every peer does.
+    fn check_credentials(&self, peer: &PeerCredentials) -> Result<(), Rejection> {
+        let open = self.allow_uids.is_empty() && self.allow_gids.is_empty();
+        if open || self.allow_uids.contains(&peer.uid) || self.allow_gids.contains(&peer.gid) {
+            Ok(())
+        } else {
+            Err(Rejection::Credentials)
         }
     }
 
@@ -228,17 +255,22 @@ impl Ticket {
         &self.gate
     }
 
-    /// Admission, second step: whether `client` (the TCP peer, or the address a PROXY header
-    /// named) may be served. Checks `allow_from` (if the first step did not already, on the
-    /// same address), `max_connection_rate_per_source` and `max_connections_per_source`, then
-    /// counts the connection as accepted. On `Err` the rejection is counted; drop the ticket.
-    pub fn admit_client(&mut self, client: IpAddr) -> Result<(), Rejection> {
+    /// Admission, second step: whether `client` (the connected peer, or the address a PROXY
+    /// header named) may be served. Checks `allow_from` (if the first step did not already,
+    /// on the same address), `max_connection_rate_per_source` and
+    /// `max_connections_per_source` (an IP client only: a Unix peer has no source address),
+    /// then counts the connection as accepted. On `Err` the rejection is counted; drop the
+    /// ticket.
+    pub fn admit_client(&mut self, client: &Peer) -> Result<(), Rejection> {
         let gate = &self.gate;
-        let result = match gate.proxy {
-            Some(_) => gate.check_allowed(client),
-            None => Ok(()),
-        }
-        .and_then(|()| gate.sources.admit_source(client));
+        let result = match client.ip() {
+            None => Ok(None),
+            Some(ip) => match gate.proxy {
+                Some(_) => gate.check_allowed(ip),
+                None => Ok(()),
+            }
+            .and_then(|()| gate.sources.admit_source(ip)),
+        };
         match result {
             Ok(hold) => {
                 self.source = hold;

@@ -5,6 +5,9 @@
 //! - [`listen`]: the `listen` address of a service: TCP, Unix-domain or UDP.
 //! - [`net`]: listening sockets (one `SO_REUSEPORT` socket per worker), CIDR rules, and which
 //!   client a peer address counts as.
+//! - [`peer`]: who is at the other end: an IP address, or a Unix peer's credentials.
+//! - [`unix`]: Unix-domain listeners: the socket file bound safely, its mode and group, its
+//!   removal, and the config rules of Unix services.
 //! - [`backend`]: what an IO mechanism (epoll, io_uring) must provide: a worker runtime, a
 //!   [`backend::Listener`] and a [`Conn`]; [`backend::sys`] holds the socket helpers backend
 //!   implementations share (not plugin API).
@@ -54,6 +57,7 @@ pub mod listen;
 pub mod metered;
 pub mod metrics;
 pub mod net;
+pub mod peer;
 pub mod plugin;
 pub mod program;
 pub mod proxy;
@@ -63,11 +67,13 @@ pub mod sources;
 pub mod testing;
 pub mod tls;
 pub mod udp;
+pub mod unix;
 pub mod worker;
 
 pub use async_trait::async_trait;
 pub use conn::{BufResult, Conn, Spliced};
 pub use context::Context;
 pub use datagram::{Datagram, DatagramService, Replies};
+pub use peer::{Peer, PeerCredentials};
 pub use plugin::{OptionDoc, Plugin, PluginError};
 pub use service::{DynService, Service};

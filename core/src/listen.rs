@@ -97,6 +97,8 @@ pub enum ListenSocket {
     Tcp(std::net::TcpListener),
     /// A UDP socket (one per worker, `SO_REUSEPORT`).
     Udp(std::net::UdpSocket),
+    /// A Unix-domain stream listener (every worker has a descriptor of the same socket).
+    Unix(std::os::unix::net::UnixListener),
 }
 
 impl ListenSocket {
@@ -105,6 +107,7 @@ impl ListenSocket {
         match self {
             ListenSocket::Tcp(s) => s.local_addr().map(Listen::Tcp),
             ListenSocket::Udp(s) => s.local_addr().map(Listen::Udp),
+            ListenSocket::Unix(s) => crate::unix::listen_of(&s.local_addr()?),
         }
     }
 }

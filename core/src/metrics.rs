@@ -163,14 +163,17 @@ pub mod rejected {
     pub const RATE: &str = "max_connection_rate";
     /// The client's source is over `max_connection_rate_per_source`.
     pub const RATE_PER_SOURCE: &str = "max_connection_rate_per_source";
+    /// A Unix-domain peer whose uid is outside `allow_uids` and gid outside `allow_gids`.
+    pub const CREDENTIALS: &str = "allow_uids";
     /// The reasons of [`crate::gate::Rejection`], in its order: registered for every service.
-    pub const ADMISSION: [&str; 6] = [
+    pub const ADMISSION: [&str; 7] = [
         NOT_ALLOWED,
         TOO_MANY,
         PROXY_PROTOCOL,
         PER_SOURCE,
         RATE,
         RATE_PER_SOURCE,
+        CREDENTIALS,
     ];
 }
 

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Listen backlog for every service socket.
-const BACKLOG: i32 = 1024;
+pub(crate) const BACKLOG: i32 = 1024;
 
 /// Binds `count` listening sockets to `addr` with `SO_REUSEPORT`.
 ///
@@ -97,12 +97,23 @@ pub enum Source {
     V4(u32),
     /// An IPv6 address with the bits past its prefix cleared.
     V6(u128),
+    /// A local user on a Unix-domain socket, by uid: every process of one user is one source.
+    User(u32),
 }
 
 impl Source {
     /// The source `ip` counts as, IPv6 grouped by /64.
     pub fn of(ip: IpAddr) -> Source {
         Source::with_prefix_v6(ip, 64)
+    }
+
+    /// The source a peer counts as: its IP address's (IPv6 grouped by /64), or a Unix peer's
+    /// user.
+    pub fn of_peer(peer: &crate::peer::Peer) -> Source {
+        match peer {
+            crate::peer::Peer::Ip(addr) => Source::of(addr.ip()),
+            crate::peer::Peer::Unix(credentials) => Source::User(credentials.uid),
+        }
     }
 
     /// The source `ip` counts as, IPv6 grouped by its first `prefix_v6` bits (0 groups every

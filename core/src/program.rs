@@ -112,7 +112,7 @@ fn lookup_user(user: &str) -> Result<(u32, u32), String> {
 }
 
 /// A group's id, by name or number.
-fn lookup_group(group: &str) -> Result<u32, String> {
+pub fn lookup_group(group: &str) -> Result<u32, String> {
     let name = CString::new(group).map_err(|_| format!("`{group}`: contains NUL"))?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: a zeroed group is a valid out-parameter.

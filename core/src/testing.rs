@@ -236,7 +236,7 @@ pub struct MemConn {
 
 impl MemConn {
     /// Pretends the client connects from `peer` (what the context's
-    /// [`Context::peer_addr`] says).
+    /// [`Context::peer`] says).
     pub fn with_peer(mut self, peer: SocketAddr) -> Self {
         self.peer = peer;
         self

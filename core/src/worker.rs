@@ -1,7 +1,8 @@
 //! The worker: what every backend runs on each of its threads.
 //!
-//! One worker runs one accept loop per listener *slot* on its own `SO_REUSEPORT` socket (a slot
-//! is one service's listening address; the main thread numbers them). An accepted connection is
+//! One worker runs one accept loop per listener *slot* on its own `SO_REUSEPORT` socket, or its
+//! own descriptor of a shared one (a Unix-domain socket, a socket systemd passed) (a slot is
+//! one service's listening address; the main thread numbers them). An accepted connection is
 //! admitted by the slot's current [`Handler`] (a service generation's gate and instance), wrapped
 //! in [`Metered`], given its [`Context`], and served on a local task.
 //!
@@ -21,7 +22,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,7 @@ use crate::datagram::DatagramService;
 use crate::gate::{Rejection, ServiceGate};
 use crate::listen::ListenSocket;
 use crate::metered::Metered;
+use crate::peer::Peer;
 use crate::proxy::{self, Header};
 use crate::service::DynService;
 use crate::shutdown::{ConnTracker, Shutdown};
@@ -215,11 +216,13 @@ impl<B: Backend> Slots<B> {
             io::Error::new(e.kind(), msg)
         };
         let (tx, rx) = watch::channel(Some(s.handler));
+        let (tracker, shutdown) = (self.tracker.clone(), self.shutdown.clone());
+        let accept =
+            |listener, rx| tokio::task::spawn_local(accept_loop(listener, rx, tracker, shutdown));
         let task = match s.socket {
-            ListenSocket::Tcp(socket) => {
-                let listener = B::listener(socket).map_err(adopt_error)?;
-                let accept = accept_loop(listener, rx, self.tracker.clone(), self.shutdown.clone());
-                tokio::task::spawn_local(accept)
+            ListenSocket::Tcp(socket) => accept(B::listener(socket).map_err(adopt_error)?, rx),
+            ListenSocket::Unix(socket) => {
+                accept(B::unix_listener(socket).map_err(adopt_error)?, rx)
             }
             ListenSocket::Udp(socket) => {
                 let socket = B::datagram_socket(socket).map_err(adopt_error)?;
@@ -326,18 +329,18 @@ fn serve<C: crate::conn::Conn + 'static>(
     handler: &Handler<C>,
     admitted: &Admitted,
     conn: C,
-    peer: SocketAddr,
+    peer: Peer,
     tracker: &ConnTracker,
 ) {
     let gate = &handler.gate;
     let log = handler.access_log.as_ref();
-    let mut ticket = match gate.admit(peer.ip()) {
+    let mut ticket = match gate.admit(&peer) {
         Ok(ticket) => ticket,
         Err(reason) => return refused(gate, log, peer, None, reason),
     };
     let proxied = gate.proxy().is_some();
     if !proxied {
-        if let Err(reason) = ticket.admit_client(peer.ip()) {
+        if let Err(reason) = ticket.admit_client(&peer) {
             return refused(gate, log, peer, None, reason);
         }
     }
@@ -366,11 +369,11 @@ fn serve<C: crate::conn::Conn + 'static>(
                         Header::Proxied {
                             client,
                             destination,
-                        } => (client, Some(destination)),
+                        } => (Peer::Ip(client), Some(destination)),
                         // The proxy's own health check: served as itself.
                         Header::Local => (peer, None),
                     };
-                    if let Err(reason) = ticket.admit_client(client.ip()) {
+                    if let Err(reason) = ticket.admit_client(&client) {
                         return refused(&gate, service_log, client, Some(peer), reason);
                     }
                     let by = peer;
@@ -408,8 +411,8 @@ fn serve<C: crate::conn::Conn + 'static>(
 fn refused(
     gate: &ServiceGate,
     log: Option<&ServiceLog>,
-    client: SocketAddr,
-    proxy: Option<SocketAddr>,
+    client: Peer,
+    proxy: Option<Peer>,
     reason: Rejection,
 ) {
     debug!(service = gate.service(), %client, reason = reason.as_str(), "connection rejected");
@@ -419,7 +422,7 @@ fn refused(
 }
 
 /// The facts of a connection that has no context (refused).
-fn who(client: SocketAddr, proxy: Option<SocketAddr>) -> Who<'static> {
+fn who(client: Peer, proxy: Option<Peer>) -> Who<'static> {
     Who {
         client,
         proxy,
@@ -521,7 +524,7 @@ impl Drop for Registration {
     }
 }
 
-fn log_conn_error(peer: &SocketAddr, e: &io::Error) {
+fn log_conn_error(peer: &Peer, e: &io::Error) {
     // Clients vanishing or idling out are everyday events, not server problems.
     debug!(%peer, error = %e, "connection ended with an error");
 }

@@ -1,4 +1,5 @@
-//! The byte stream under every `wharf client`: plain TCP, or TLS over it (`--tls`).
+//! The byte stream under every `wharf client`: a TCP or Unix-domain socket ([`Socket`]:
+//! `host:port`, `unix:/path`, `unix:@name`), plain or with TLS over it (`--tls`).
 //!
 //! TLS here is rustls on a blocking socket. Not `rustls::StreamOwned`: `client echo` reads on
 //! one thread while another sends (so a long stdin never waits for the answer to be read), and
@@ -13,7 +14,8 @@
 //! `wharf_bench::tls`, shared with `wharf bench --tls`.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,17 +28,95 @@ const HEAD: usize = 64;
 /// it decrypts to always fits rustls's receive buffer.
 const RECORD: usize = 16 * 1024 + 256;
 
+/// A connected stream socket: TCP, or Unix-domain.
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Runs the same expression on either kind of socket.
+macro_rules! on_socket {
+    ($socket:expr, $s:ident => $body:expr) => {
+        match $socket {
+            Socket::Tcp($s) => $body,
+            Socket::Unix($s) => $body,
+        }
+    };
+}
+
+impl Socket {
+    /// Connects to `addr`: `host:port`, or a Unix socket as `wharf serve`'s `listen` writes
+    /// it (`unix:/run/wharf/x.sock`, `unix:@name`).
+    pub fn connect(addr: &str) -> io::Result<Socket> {
+        if addr.starts_with("unix:") {
+            let listen: wharf_core::listen::Listen = addr
+                .parse()
+                .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let wharf_core::listen::Listen::Unix(name) = listen else {
+                unreachable!("a unix: address parses as a Unix name")
+            };
+            return Ok(Socket::Unix(match name {
+                wharf_core::listen::UnixName::Path(path) => UnixStream::connect(path)?,
+                wharf_core::listen::UnixName::Abstract(name) => {
+                    use std::os::linux::net::SocketAddrExt;
+                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                    UnixStream::connect_addr(&addr)?
+                }
+            }));
+        }
+        let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
+        let stream = TcpStream::connect(&addrs[..])?;
+        stream.set_nodelay(true)?;
+        Ok(Socket::Tcp(stream))
+    }
+
+    fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        on_socket!(self, s => s.set_read_timeout(timeout))
+    }
+
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        on_socket!(self, s => s.set_nonblocking(nonblocking))
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        on_socket!(self, s => s.shutdown(how))
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        on_socket!(*self, s => (&*s).read(buf))
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        on_socket!(*self, s => (&*s).write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection to a service, plain or TLS; clones share it (one may read while another
 /// writes).
 pub enum Transport {
-    Plain(TcpStream),
+    Plain(Socket),
     Tls(TlsStream),
 }
 
 impl Transport {
     /// Wraps a connected socket: as it is, or after a completed TLS handshake (a failed one
     /// is one line saying what failed).
-    pub fn new(tcp: TcpStream, tls: Option<&ClientTls>) -> io::Result<Transport> {
+    pub fn new(tcp: Socket, tls: Option<&ClientTls>) -> io::Result<Transport> {
         Ok(match tls {
             None => Transport::Plain(tcp),
             Some(tls) => Transport::Tls(TlsStream::handshake(tcp, tls)?),
@@ -55,7 +135,7 @@ impl Transport {
         })
     }
 
-    fn tcp(&self) -> &TcpStream {
+    fn tcp(&self) -> &Socket {
         match self {
             Transport::Plain(tcp) => tcp,
             Transport::Tls(tls) => &tls.tcp,
@@ -84,7 +164,7 @@ impl Transport {
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Transport::Plain(tcp) => tcp.read(buf),
+            Transport::Plain(tcp) => (&*tcp).read(buf),
             Transport::Tls(tls) => tls.read(buf),
         }
     }
@@ -93,14 +173,14 @@ impl Read for Transport {
 impl Write for Transport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Transport::Plain(tcp) => tcp.write(buf),
+            Transport::Plain(tcp) => (&*tcp).write(buf),
             Transport::Tls(tls) => tls.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Transport::Plain(tcp) => tcp.flush(),
+            Transport::Plain(tcp) => (&*tcp).flush(),
             Transport::Tls(_) => Ok(()), // every write goes out whole
         }
     }
@@ -109,7 +189,7 @@ impl Write for Transport {
 /// A TLS connection over a blocking socket; see the module doc for how its handles share it.
 pub struct TlsStream {
     shared: Arc<Shared>,
-    tcp: TcpStream,
+    tcp: Socket,
     /// This handle's buffer for ciphertext read from the socket (allocated on first read).
     raw: Vec<u8>,
 }
@@ -123,7 +203,7 @@ struct Shared {
 }
 
 impl TlsStream {
-    fn handshake(tcp: TcpStream, tls: &ClientTls) -> io::Result<TlsStream> {
+    fn handshake(tcp: Socket, tls: &ClientTls) -> io::Result<TlsStream> {
         let mut conn = ClientConnection::new(tls.config.clone(), tls.server_name.clone())
             .map_err(io::Error::other)?;
         let mut wire = Recording {
@@ -242,13 +322,13 @@ fn explained(tls: &ClientTls, e: io::Error, handshaking: bool, answer: &[u8]) ->
 /// The socket during the handshake, keeping the first bytes the server sends: quoted when
 /// they turn out not to be TLS.
 struct Recording<'a> {
-    tcp: &'a TcpStream,
+    tcp: &'a Socket,
     head: Vec<u8>,
 }
 
 impl Read for Recording<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.tcp.read(buf)?;
+        let n = { self.tcp }.read(buf)?;
         let keep = n.min(HEAD.saturating_sub(self.head.len()));
         self.head.extend_from_slice(&buf[..keep]);
         Ok(n)
@@ -257,10 +337,10 @@ impl Read for Recording<'_> {
 
 impl Write for Recording<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
+        { self.tcp }.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.tcp.flush()
+        Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! Phase 1 of `wharf serve`: take every listening socket, before any worker starts.
 //!
-//! Each service's address is bound once per worker (`SO_REUSEPORT`), or taken from the sockets
-//! systemd passed (socket activation, [`crate::activation`]); then the metrics listener. Doing
+//! Each service's TCP address is bound once per worker (`SO_REUSEPORT`), a Unix-domain socket
+//! once for all of them ([`wharf_core::unix`]: stale files, mode and group), or either is taken
+//! from the sockets systemd passed (socket activation, [`crate::activation`]); then the metrics
+//! listener. Doing
 //! it all on the main thread first makes a busy port a one-line error (exit status
 //! [`ADDRESS_IN_USE`](wharf_core::exit_status::ADDRESS_IN_USE)) with nothing half-running.
 //! A reload binds its new addresses with [`bind_service`] too ([`super::reload`]). The workers
@@ -9,9 +11,11 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 
-use wharf_core::listen::{Listen, ListenSocket};
+use wharf_core::listen::{Listen, ListenSocket, UnixName};
 use wharf_core::net::{bind_reuseport_group, bind_reuseport_udp_group};
+use wharf_core::unix::{self, SocketFile};
 
 use super::ServeError;
 use crate::activation::Activated;
@@ -25,6 +29,9 @@ pub(super) struct BoundService {
     pub group: Vec<ListenSocket>,
     /// It came from systemd, which keeps its own copy open.
     pub activated: bool,
+    /// A Unix socket's file, removed once the last holder lets go (exit, or a reload that
+    /// removes or moves the service).
+    pub file: Option<Arc<SocketFile>>,
 }
 
 /// Every socket `wharf serve` starts with.
@@ -42,7 +49,7 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
     for svc in &plan.services {
         // Socket activation passes stream sockets; a UDP service binds its own.
         let passed = match svc.config.listen.is_stream() {
-            true => activated.take(&svc.name, svc.config.listen.tcp()),
+            true => activated.take(&svc.name, Some(&svc.config.listen)),
             false => None,
         };
         let bound = match passed {
@@ -54,8 +61,18 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
         services.push(bound);
     }
     let metrics_addr = plan.config.metrics.as_ref().map(|m| m.listen);
-    let metrics = match (metrics_addr, activated.take("metrics", metrics_addr)) {
-        (Some(_), Some(socket)) => {
+    let metrics_listen = metrics_addr.map(Listen::Tcp);
+    let metrics = match (
+        metrics_addr,
+        activated.take("metrics", metrics_listen.as_ref()),
+    ) {
+        (Some(_), Some(ListenSocket::Unix(_) | ListenSocket::Udp(_))) => {
+            return Err(ServeError::failure(
+                "socket activation: the `metrics` socket is not a TCP socket; the metrics \
+                 endpoint listens on TCP",
+            ))
+        }
+        (Some(_), Some(ListenSocket::Tcp(socket))) => {
             socket
                 .set_nonblocking(true)
                 .map_err(|e| ServeError::failure(format!("socket activation: metrics: {e}")))?;
@@ -89,16 +106,69 @@ pub(super) fn bind_all(plan: &Plan, workers: usize) -> Result<Bound, ServeError>
 }
 
 /// One socket systemd passed, shared by every worker (each accepts on its own descriptor).
-fn share_activated(socket: TcpListener, workers: usize) -> io::Result<BoundService> {
-    let group = (0..workers)
-        .map(|_| socket.try_clone())
-        .collect::<io::Result<Vec<_>>>()?;
-    group.iter().try_for_each(|s| s.set_nonblocking(true))?;
+fn share_activated(socket: ListenSocket, workers: usize) -> io::Result<BoundService> {
     Ok(BoundService {
-        addr: Listen::Tcp(socket.local_addr()?),
-        group: group.into_iter().map(ListenSocket::Tcp).collect(),
+        addr: socket.local_listen()?,
+        group: share(socket, workers)?,
         activated: true,
+        file: None,
     })
+}
+
+/// One descriptor of `socket` per worker, non-blocking.
+fn share(socket: ListenSocket, workers: usize) -> io::Result<Vec<ListenSocket>> {
+    (0..workers.max(1))
+        .map(|_| {
+            let copy = match &socket {
+                ListenSocket::Tcp(s) => ListenSocket::Tcp(s.try_clone()?),
+                ListenSocket::Unix(s) => ListenSocket::Unix(s.try_clone()?),
+                ListenSocket::Udp(s) => ListenSocket::Udp(s.try_clone()?),
+            };
+            match &copy {
+                ListenSocket::Tcp(s) => s.set_nonblocking(true)?,
+                ListenSocket::Unix(s) => s.set_nonblocking(true)?,
+                ListenSocket::Udp(s) => s.set_nonblocking(true)?,
+            }
+            Ok(copy)
+        })
+        .collect()
+}
+
+/// Binds a Unix-domain service's socket (see [`wharf_core::unix::bind`]), shared by every
+/// worker.
+fn bind_unix(
+    plan: &Plan,
+    svc: &PlannedService,
+    name: &UnixName,
+    workers: usize,
+) -> Result<BoundService, ServeError> {
+    let key = |k: &str| format!("services.{}.{k}", svc.name);
+    let gid = match &svc.config.socket_group {
+        None => None,
+        Some(group) => Some(wharf_core::program::lookup_group(group).map_err(|e| {
+            ServeError::failure(plan.source.error_at(&key("socket_group"), e).to_string())
+        })?),
+    };
+    let settings = unix::FileSettings {
+        mode: svc.config.socket_mode,
+        gid,
+    };
+    unix::bind(name, settings)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => io::Error::other(format!(
+                "{e} (no permission to create the socket file in its directory?)"
+            )),
+            _ => e,
+        })
+        .and_then(|bound| {
+            Ok(BoundService {
+                addr: svc.config.listen.clone(),
+                group: share(ListenSocket::Unix(bound.listener), workers)?,
+                activated: false,
+                file: bound.file.map(Arc::new),
+            })
+        })
+        .map_err(|e| bind_error(plan, &key("listen"), &svc.config.listen, &e))
 }
 
 /// Binds `svc`'s address for every worker; errors name the config key.
@@ -107,23 +177,24 @@ pub(super) fn bind_service(
     svc: &PlannedService,
     workers: usize,
 ) -> Result<BoundService, ServeError> {
-    let bound = match svc.config.listen {
-        Listen::Tcp(addr) => bind_reuseport_group(addr, workers).and_then(|group| {
+    let bound = match &svc.config.listen {
+        Listen::Unix(name) => return bind_unix(plan, svc, name, workers),
+        Listen::Tcp(addr) => bind_reuseport_group(*addr, workers).and_then(|group| {
             Ok(BoundService {
                 addr: Listen::Tcp(group[0].local_addr()?),
                 group: group.into_iter().map(ListenSocket::Tcp).collect(),
                 activated: false,
+                file: None,
             })
         }),
-        Listen::Udp(addr) => bind_reuseport_udp_group(addr, workers).and_then(|group| {
+        Listen::Udp(addr) => bind_reuseport_udp_group(*addr, workers).and_then(|group| {
             Ok(BoundService {
                 addr: Listen::Udp(group[0].local_addr()?),
                 group: group.into_iter().map(ListenSocket::Udp).collect(),
                 activated: false,
+                file: None,
             })
         }),
-        // The plan refuses Unix listeners (so far).
-        Listen::Unix(_) => unreachable!("the plan admits no Unix listener"),
     };
     bound.map_err(|e| {
         let key = format!("services.{}.listen", svc.name);

@@ -245,6 +245,7 @@ impl<B: CompiledBackend> Running<B> {
                         slot,
                         gate: handler.gate,
                         activated,
+                        file: old.file.clone(),
                         instance: Arc::clone(&svc.built.instance),
                     });
                 }

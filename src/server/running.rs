@@ -17,6 +17,7 @@ use wharf_core::listen::Listen;
 use wharf_core::metrics::ServiceLabels;
 use wharf_core::net::Cidr;
 use wharf_core::tls::TlsSettings;
+use wharf_core::unix::SocketFile;
 use wharf_core::worker::{ControlSender, HandlerOf, SlotId, WorkerService};
 
 use super::bootstrap::BoundService;
@@ -37,6 +38,9 @@ pub(super) struct RunningService {
     pub gate: Arc<ServiceGate>,
     /// Its socket came from systemd, which keeps its own copy open.
     pub activated: bool,
+    /// A Unix socket's file: removed when the last holder (this, its clones in a reload's
+    /// next set) is dropped, so a reload that removes or moves the service removes it.
+    pub file: Option<Arc<SocketFile>>,
     /// The plugin instance of that generation, which a replacing one inherits bounds from.
     pub instance: Instance,
 }
@@ -143,6 +147,7 @@ impl<B: CompiledBackend> Running<B> {
             slot,
             gate: handler.gate,
             activated: bound.activated,
+            file: bound.file,
             instance: Arc::clone(&svc.built.instance),
         };
         (service, per_worker)

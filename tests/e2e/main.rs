@@ -32,3 +32,4 @@ mod tls;
 mod tls_clients;
 mod tls_config;
 mod udp;
+mod unix;

@@ -162,7 +162,7 @@ fn status_json_counts_known_traffic_exactly_on_both_backends() {
         let rejections = |allow_from: u64| {
             json!({"allow_from": allow_from, "max_connections": 0, "proxy_protocol": 0,
                    "max_connections_per_source": 0, "max_connection_rate": 0,
-                   "max_connection_rate_per_source": 0})
+                   "max_connection_rate_per_source": 0, "allow_uids": 0})
         };
         let no_rejections = rejections(0);
         let echo = service(&doc, "echo");

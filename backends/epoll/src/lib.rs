@@ -1,20 +1,23 @@
 //! The epoll backend: tokio's readiness-based IO.
 //!
 //! Each worker is a current-thread tokio runtime with a `LocalSet` (connection tasks are not
-//! `Send` and never migrate) and its own `SO_REUSEPORT` listener (and UDP socket, for UDP
-//! services). Reads go straight into the
+//! `Send` and never migrate) and its own `SO_REUSEPORT` listener (or a clone of the one
+//! Unix-domain listener every worker shares; and a UDP socket, for UDP services). Reads go
+//! straight into the
 //! spare capacity of the caller's buffer, so owned-buffer IO costs nothing extra here.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wharf_core::backend::sys::{self, no_spare_capacity, SpliceDirection};
+use wharf_core::backend::sys::{self, no_spare_capacity, SpliceDirection, StreamKind};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn, Spliced};
 use wharf_core::datagram::Packets;
+use wharf_core::on_stream;
+use wharf_core::peer::{peer_credentials, Peer};
 use wharf_core::udp::DatagramSocket;
 
 /// The tokio/epoll backend.
@@ -22,7 +25,7 @@ pub struct Epoll;
 
 impl Backend for Epoll {
     const NAME: &'static str = "epoll";
-    type Listener = TcpListener;
+    type Listener = StreamListener;
     type Datagrams = UdpSocket;
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
@@ -35,8 +38,16 @@ impl Backend for Epoll {
         Ok(out)
     }
 
-    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
-        Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
+    fn listener(socket: std::net::TcpListener) -> io::Result<StreamListener> {
+        Ok(StreamListener::Tcp(tokio::net::TcpListener::from_std(
+            socket,
+        )?))
+    }
+
+    fn unix_listener(socket: std::os::unix::net::UnixListener) -> io::Result<StreamListener> {
+        Ok(StreamListener::Unix(tokio::net::UnixListener::from_std(
+            socket,
+        )?))
     }
 
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
@@ -99,25 +110,44 @@ impl DatagramSocket for UdpSocket {
     }
 }
 
-/// A worker's listening socket.
-pub struct TcpListener(tokio::net::TcpListener);
+/// A worker's listening socket: TCP or Unix-domain.
+pub enum StreamListener {
+    /// A TCP listener.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix-domain stream listener.
+    Unix(tokio::net::UnixListener),
+}
 
-impl Listener for TcpListener {
-    type Conn = TcpConn;
+impl Listener for StreamListener {
+    type Conn = StreamConn;
 
-    async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
-        let (stream, peer) = self.0.accept().await?;
-        stream.set_nodelay(true)?;
-        Ok((TcpConn { stream }, peer))
+    async fn accept(&self) -> io::Result<(StreamConn, Peer)> {
+        match self {
+            StreamListener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                stream.set_nodelay(true)?;
+                let stream = Stream::Tcp(stream);
+                Ok((StreamConn { stream }, Peer::Ip(peer)))
+            }
+            StreamListener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                let credentials = peer_credentials(stream.as_fd())?;
+                let stream = Stream::Unix(stream);
+                Ok((StreamConn { stream }, Peer::Unix(credentials)))
+            }
+        }
     }
 }
 
-/// An accepted connection.
-pub struct TcpConn {
-    stream: tokio::net::TcpStream,
+/// The socket of an accepted connection.
+type Stream = StreamKind<tokio::net::TcpStream, tokio::net::UnixStream>;
+
+/// An accepted connection (TCP or Unix-domain).
+pub struct StreamConn {
+    stream: Stream,
 }
 
-impl Drop for TcpConn {
+impl Drop for StreamConn {
     fn drop(&mut self) {
         // End the connection for the peer now, whatever else may still refer to the socket
         // (nothing in wharf duplicates it today; this keeps it that way for the peer).
@@ -126,18 +156,18 @@ impl Drop for TcpConn {
     }
 }
 
-impl Conn for TcpConn {
+impl Conn for StreamConn {
     async fn read(&mut self, mut buf: Vec<u8>) -> BufResult<usize> {
         if buf.len() == buf.capacity() {
             return (Err(no_spare_capacity()), buf);
         }
         // `read_buf` fills spare capacity only; it never grows a Vec that has room.
-        let res = self.stream.read_buf(&mut buf).await;
+        let res = on_stream!(&mut self.stream, s => s.read_buf(&mut buf).await);
         (res, buf)
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
-        let res = self.stream.write(&buf[from..]).await;
+        let res = on_stream!(&mut self.stream, s => s.write(&buf[from..]).await);
         (res, buf)
     }
 
@@ -145,7 +175,7 @@ impl Conn for TcpConn {
         if buf.len() == buf.capacity() {
             return Err(no_spare_capacity());
         }
-        match self.stream.try_read_buf(buf) {
+        match on_stream!(&self.stream, s => s.try_read_buf(buf)) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -153,11 +183,15 @@ impl Conn for TcpConn {
     }
 
     async fn readable(&mut self) -> io::Result<()> {
-        self.stream.readable().await
+        on_stream!(&self.stream, s => s.readable().await)
     }
 
+    /// The TCP address connected to; `None` on a Unix socket.
     fn local_addr(&self) -> Option<SocketAddr> {
-        self.stream.local_addr().ok()
+        match &self.stream {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
     }
 
     fn peer_closed(&self) -> bool {
@@ -177,10 +211,10 @@ impl Conn for TcpConn {
         let mut sent = 0u64;
         let fd = self.stream.as_raw_fd();
         while sent < len {
-            self.stream.writable().await?;
-            let once = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+            on_stream!(&self.stream, s => s.writable().await)?;
+            let once = on_stream!(&self.stream, s => s.try_io(tokio::io::Interest::WRITABLE, || {
                 sys::sendfile_once(fd, file, &mut off, len - sent)
-            });
+            }));
             match once {
                 Ok(0) => break, // the file is shorter than promised
                 Ok(n) => sent += n as u64,
@@ -193,7 +227,7 @@ impl Conn for TcpConn {
     }
 
     async fn writable(&mut self) -> io::Result<()> {
-        self.stream.writable().await
+        on_stream!(&self.stream, s => s.writable().await)
     }
 
     fn can_splice(&self) -> bool {
@@ -209,11 +243,11 @@ impl Conn for TcpConn {
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
-        AsyncWriteExt::shutdown(&mut self.stream).await
+        on_stream!(&mut self.stream, s => AsyncWriteExt::shutdown(s).await)
     }
 }
 
-impl TcpConn {
+impl StreamConn {
     /// One splice under the socket's readiness: a socket found not ready clears it, so the
     /// next `readable`/`writable` waits for the kernel.
     fn splice(
@@ -227,9 +261,8 @@ impl TcpConn {
             SpliceDirection::ToPipe => tokio::io::Interest::READABLE,
             SpliceDirection::FromPipe => tokio::io::Interest::WRITABLE,
         };
-        sys::conn_not_ready(
-            self.stream
-                .try_io(interest, || sys::splice_step(sock, pipe, direction, len)),
-        )
+        sys::conn_not_ready(on_stream!(&self.stream, s => {
+            s.try_io(interest, || sys::splice_step(sock, pipe, direction, len))
+        }))
     }
 }

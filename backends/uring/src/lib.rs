@@ -11,13 +11,15 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use tokio_uring::buf::BoundedBuf;
-use wharf_core::backend::sys::{self, no_spare_capacity};
+use wharf_core::backend::sys::{self, no_spare_capacity, StreamKind};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn};
 use wharf_core::datagram::Packets;
+use wharf_core::on_stream;
+use wharf_core::peer::{peer_credentials, Peer};
 use wharf_core::udp::DatagramSocket;
 
 /// Submission queue entries per worker ring.
@@ -28,7 +30,7 @@ pub struct IoUring;
 
 impl Backend for IoUring {
     const NAME: &'static str = "io_uring";
-    type Listener = TcpListener;
+    type Listener = StreamListener;
     type Datagrams = UdpSocket;
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
@@ -42,9 +44,18 @@ impl Backend for IoUring {
         Ok(rt.block_on(fut))
     }
 
-    fn listener(socket: std::net::TcpListener) -> io::Result<TcpListener> {
+    fn listener(socket: std::net::TcpListener) -> io::Result<StreamListener> {
         socket.set_nonblocking(true)?;
-        Ok(TcpListener(tokio::net::TcpListener::from_std(socket)?))
+        Ok(StreamListener::Tcp(tokio::net::TcpListener::from_std(
+            socket,
+        )?))
+    }
+
+    fn unix_listener(socket: std::os::unix::net::UnixListener) -> io::Result<StreamListener> {
+        socket.set_nonblocking(true)?;
+        Ok(StreamListener::Unix(tokio::net::UnixListener::from_std(
+            socket,
+        )?))
     }
 
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
@@ -174,8 +185,13 @@ fn is_root() -> bool {
 /// tokio-uring runs on) and served through the ring: accepting is not the hot path, and an
 /// io_uring accept cannot be cancelled with tokio-uring 0.5 (a dropped operation stays armed),
 /// so a stopped listener could only be silenced by `shutdown(2)`, which would also stop a
-/// socket shared with systemd (socket activation).
-pub struct TcpListener(tokio::net::TcpListener);
+/// socket shared with systemd (socket activation), or by every worker (a Unix socket).
+pub enum StreamListener {
+    /// A TCP listener.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix-domain stream listener.
+    Unix(tokio::net::UnixListener),
+}
 
 /// tokio-uring does not cancel an operation whose future is dropped: the kernel keeps it in
 /// flight, and the op keeps the socket open. `shutdown(2)` completes pending operations (a
@@ -186,40 +202,51 @@ fn complete_pending_ops(fd: std::os::fd::RawFd) {
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
-impl Listener for TcpListener {
-    type Conn = TcpConn;
+impl Listener for StreamListener {
+    type Conn = StreamConn;
 
-    async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
-        let (stream, peer) = self.0.accept().await?;
-        let stream = stream.into_std()?;
+    async fn accept(&self) -> io::Result<(StreamConn, Peer)> {
         // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
-        stream.set_nonblocking(false)?;
-        stream.set_nodelay(true)?;
-        let stream = tokio_uring::net::TcpStream::from_std(stream);
-        Ok((
-            TcpConn {
-                readiness: sys::ReadReadiness::default(),
-                stream,
-            },
-            peer,
-        ))
+        let (stream, peer) = match self {
+            StreamListener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                stream.set_nodelay(true)?;
+                let stream = Stream::Tcp(tokio_uring::net::TcpStream::from_std(stream));
+                (stream, Peer::Ip(peer))
+            }
+            StreamListener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                let stream = stream.into_std()?;
+                let credentials = peer_credentials(stream.as_fd())?;
+                stream.set_nonblocking(false)?;
+                let stream = Stream::Unix(tokio_uring::net::UnixStream::from_std(stream));
+                (stream, Peer::Unix(credentials))
+            }
+        };
+        let readiness = sys::ReadReadiness::default();
+        Ok((StreamConn { readiness, stream }, peer))
     }
 }
 
-/// An accepted connection.
-pub struct TcpConn {
+/// The socket of an accepted connection.
+type Stream = StreamKind<tokio_uring::net::TcpStream, tokio_uring::net::UnixStream>;
+
+/// An accepted connection (TCP or Unix-domain).
+pub struct StreamConn {
     /// Declared before `stream`: deregistered before the socket closes.
     readiness: sys::ReadReadiness,
-    stream: tokio_uring::net::TcpStream,
+    stream: Stream,
 }
 
-impl Drop for TcpConn {
+impl Drop for StreamConn {
     fn drop(&mut self) {
         complete_pending_ops(self.stream.as_raw_fd());
     }
 }
 
-impl Conn for TcpConn {
+impl Conn for StreamConn {
     async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
         if buf.len() == buf.capacity() {
             return (Err(no_spare_capacity()), buf);
@@ -229,12 +256,12 @@ impl Conn for TcpConn {
         // half of an HTTP head. A slice from `len` reads into the spare capacity and advances
         // `len` by what arrived, as the trait specifies.
         let len = buf.len();
-        let (res, slice) = self.stream.read(buf.slice(len..)).await;
+        let (res, slice) = on_stream!(&self.stream, s => s.read(buf.slice(len..)).await);
         (res, slice.into_inner())
     }
 
     async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
-        let (res, slice) = self.stream.write(buf.slice(from..)).submit().await;
+        let (res, slice) = on_stream!(&self.stream, s => s.write(buf.slice(from..)).submit().await);
         (res, slice.into_inner())
     }
 
@@ -248,7 +275,11 @@ impl Conn for TcpConn {
         self.readiness.readable(self.stream.as_raw_fd()).await
     }
 
+    /// The TCP address connected to; `None` on a Unix socket.
     fn local_addr(&self) -> Option<SocketAddr> {
+        if let Stream::Unix(_) = self.stream {
+            return None;
+        }
         // SAFETY: the stream's descriptor is open while `self` is borrowed.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
         sys::local_addr(fd)
@@ -273,6 +304,6 @@ impl Conn for TcpConn {
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
-        self.stream.shutdown(std::net::Shutdown::Write)
+        on_stream!(&self.stream, s => s.shutdown(std::net::Shutdown::Write))
     }
 }

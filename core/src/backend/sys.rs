@@ -9,6 +9,34 @@ use std::io;
 use crate::conn::Conn;
 use crate::conn::Spliced;
 
+/// A socket of one of the two stream kinds a backend serves: the shape of each backend's
+/// connection (and listener) type, which must be one type for TCP and Unix-domain alike.
+/// [`on_stream!`](crate::on_stream) runs the same code on either.
+pub enum StreamKind<T, U> {
+    /// A TCP socket.
+    Tcp(T),
+    /// A Unix-domain stream socket.
+    Unix(U),
+}
+
+impl<T: std::os::fd::AsRawFd, U: std::os::fd::AsRawFd> std::os::fd::AsRawFd for StreamKind<T, U> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        crate::on_stream!(self, s => s.as_raw_fd())
+    }
+}
+
+/// Runs the same expression on either kind of a [`StreamKind`]:
+/// `on_stream!(&self.stream, s => s.readable().await)`.
+#[macro_export]
+macro_rules! on_stream {
+    ($stream:expr, $s:ident => $body:expr) => {
+        match $stream {
+            $crate::backend::sys::StreamKind::Tcp($s) => $body,
+            $crate::backend::sys::StreamKind::Unix($s) => $body,
+        }
+    };
+}
+
 /// The error every [`Conn`] implementation returns for a read into a full buffer.
 pub fn no_spare_capacity() -> io::Error {
     io::Error::new(

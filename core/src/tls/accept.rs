@@ -173,7 +173,7 @@ impl<S: Service> Service for Tls<S> {
             Ok(tls) => tls,
             Err(result) => {
                 record.record(result);
-                debug!(peer = %cx.peer_addr(), result, "TLS handshake did not complete");
+                debug!(peer = %cx.peer(), result, "TLS handshake did not complete");
                 return Ok(());
             }
         };
@@ -194,7 +194,7 @@ impl<S: Service> Service for Tls<S> {
             }
             info!(
                 service = cx.service(),
-                peer = %cx.peer_addr(),
+                peer = %cx.peer(),
                 identity = cx.identity().unwrap_or("(none)"),
                 "connection refused: identity not in allow_identities"
             );

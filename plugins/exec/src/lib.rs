@@ -270,7 +270,7 @@ impl Service for Exec {
             };
             let started = Instant::now();
             if !authenticated {
-                let (text, accepted) = self.authenticate(&line, cx.peer_addr());
+                let (text, accepted) = self.authenticate(&line, &cx.peer());
                 let more = send_framed(&mut conn, &mut reader, text.as_bytes().to_vec()).await?;
                 if !accepted {
                     // `auth` only: never the token, nor a first line that was not a login.
@@ -314,7 +314,7 @@ impl Service for Exec {
 impl Exec {
     /// Checks an `auth <token>` line in constant time, unless `peer`'s source has used up its
     /// failures; counts and logs (rate-limited, never the token) every failure.
-    fn authenticate(&self, line: &str, peer: std::net::SocketAddr) -> (&'static str, bool) {
+    fn authenticate(&self, line: &str, peer: &wharf_core::Peer) -> (&'static str, bool) {
         let Some(expected) = &self.token else {
             return ("ok", true);
         };
@@ -322,7 +322,7 @@ impl Exec {
             return (refusals::AUTH_REQUIRED, false);
         };
         let throttle = &self.limits().throttle;
-        if !throttle.allowed(peer.ip()) {
+        if !throttle.allowed(peer) {
             throttle.failed(peer, true);
             return (refusals::AUTH_THROTTLED, false);
         }
@@ -500,7 +500,7 @@ fn log_command(cx: &Context, line: &str, executed: &Executed) {
     };
     let command = policy::printable(command, 256);
     let identity = cx.identity().unwrap_or("-");
-    let (service, peer, outcome) = (cx.service(), cx.peer_addr(), executed.outcome);
+    let (service, peer, outcome) = (cx.service(), cx.peer(), executed.outcome);
     match executed.audit {
         Audit::Ran => {
             tracing::info!(service, %peer, identity, ?command, outcome, "exec: command")
@@ -643,8 +643,8 @@ impl Plugin for Exec {
         OptionDoc {
             name: "auth_failures_per_minute",
             kind: "integer",
-            help: "failed `auth` attempts per source address (IPv6: /64) and minute, after a \
-                   burst of 5; beyond it tokens are not even checked",
+            help: "failed `auth` attempts per source address (IPv6: /64; on a Unix socket: per \
+                   uid) and minute, after a burst of 5; beyond it tokens are not even checked",
         },
     ];
     const OUTCOMES: &'static [&'static str] = &[

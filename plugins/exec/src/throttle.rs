@@ -1,8 +1,8 @@
 //! Slowing token guessing: a per-source budget of failed `auth` attempts, and a rate-limited
 //! log of failures.
 //!
-//! Without it one client could try ~900 tokens a second. Each source (an IPv4 address, or an
-//! IPv6 /64, so one host cannot rotate through its addresses) has a bucket of failures that
+//! Without it one client could try ~900 tokens a second. Each source (an IPv4 address, an
+//! IPv6 /64, so one host cannot rotate through its addresses, or a local user on a Unix socket) has a bucket of failures that
 //! refills at `auth_failures_per_minute`; an `auth` line from a source whose bucket is empty is
 //! refused without the token even being compared, so guessing from one source runs at that
 //! rate however many connections it opens. Other sources have their own buckets: an attacker
@@ -13,7 +13,7 @@
 //! [`LOG_EVERY`], with the count of failures not logged since.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use wharf_core::peer::Peer;
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -65,20 +65,20 @@ impl AuthThrottle {
     }
 
     /// Whether `peer` may have its token checked now (it has failures left).
-    pub fn allowed(&self, peer: IpAddr) -> bool {
+    pub fn allowed(&self, peer: &Peer) -> bool {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state
             .sources
-            .get(&Source::of(peer))
+            .get(&Source::of_peer(peer))
             .is_none_or(|b| b.refilled(Instant::now(), self.rate, self.capacity) >= 1.0)
     }
 
     /// Counts one failure of `peer` (a wrong token, or a refusal because it had none left)
     /// and logs it, rate-limited.
-    pub fn failed(&self, peer: SocketAddr, throttled: bool) {
+    pub fn failed(&self, peer: &Peer, throttled: bool) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = Source::of(peer.ip());
+        let key = Source::of_peer(peer);
         if !state.sources.contains_key(&key) && state.sources.len() >= MAX_SOURCES {
             self.make_room(&mut state.sources, now);
         }
@@ -134,8 +134,8 @@ impl AuthThrottle {
 mod tests {
     use super::*;
 
-    fn peer(ip: &str) -> SocketAddr {
-        SocketAddr::new(ip.parse().unwrap(), 1234)
+    fn peer(ip: &str) -> Peer {
+        Peer::Ip(std::net::SocketAddr::new(ip.parse().unwrap(), 1234))
     }
 
     #[test]
@@ -143,18 +143,31 @@ mod tests {
         let t = AuthThrottle::new(60);
         let a = peer("192.0.2.1");
         for _ in 0..BURST as usize {
-            assert!(t.allowed(a.ip()));
-            t.failed(a, false);
+            assert!(t.allowed(&a));
+            t.failed(&a, false);
         }
-        assert!(!t.allowed(a.ip()));
-        assert!(t.allowed("192.0.2.2".parse().unwrap()));
+        assert!(!t.allowed(&a));
+        assert!(t.allowed(&peer("192.0.2.2")));
         // The same IPv6 /64 is one source.
         let v6 = peer("2001:db8::1");
         for _ in 0..BURST as usize {
-            t.failed(v6, false);
+            t.failed(&v6, false);
         }
-        assert!(!t.allowed("2001:db8::ffff".parse().unwrap()));
-        assert!(t.allowed("2001:db8:0:1::1".parse().unwrap()));
+        assert!(!t.allowed(&peer("2001:db8::ffff")));
+        assert!(t.allowed(&peer("2001:db8:0:1::1")));
+        // Local users on a Unix socket: one source per uid, whatever the process.
+        let unix = |uid, pid| {
+            Peer::Unix(wharf_core::PeerCredentials {
+                uid,
+                gid: 0,
+                pid: Some(pid),
+            })
+        };
+        for pid in 0..BURST as u32 {
+            t.failed(&unix(1000, pid), false);
+        }
+        assert!(!t.allowed(&unix(1000, 99)));
+        assert!(t.allowed(&unix(1001, 1)));
     }
 
     #[test]
@@ -162,7 +175,7 @@ mod tests {
         let t = AuthThrottle::new(1);
         for i in 0..(MAX_SOURCES as u32 + 100) {
             let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
-            t.failed(SocketAddr::new(ip.into(), 1), false);
+            t.failed(&Peer::Ip(std::net::SocketAddr::new(ip.into(), 1)), false);
         }
         let state = t.state.lock().unwrap();
         assert!(state.sources.len() <= MAX_SOURCES);

@@ -213,7 +213,7 @@ impl Service for FileGet {
                     // The line is client input, bounded by the framing, escaped by `{:?}`.
                     tracing::debug!(
                         service = cx.service(),
-                        peer = %cx.peer_addr(),
+                        peer = %cx.peer(),
                         identity = cx.identity().unwrap_or("-"),
                         request = ?line,
                         outcome = label,

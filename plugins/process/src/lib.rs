@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use wharf_core::program::{self, Credentials, Launch};
-use wharf_core::{Conn, Context, OptionDoc, Plugin, PluginError, Service, Spliced};
+use wharf_core::{Conn, Context, OptionDoc, Peer, Plugin, PluginError, Service, Spliced};
 
 use session::Child;
 use stderr::StderrLog;
@@ -63,6 +63,9 @@ pub const UCSPI_VARIABLES: &[&str] = &[
     "TCPREMOTEPORT",
     "TCPLOCALIP",
     "TCPLOCALPORT",
+    "UNIXREMOTEUID",
+    "UNIXREMOTEGID",
+    "UNIXREMOTEPID",
     "TLS_IDENTITY",
 ];
 
@@ -144,32 +147,45 @@ impl Process {
     }
 }
 
-/// The UCSPI environment of a session (djb's `tcpserver` names): `PROTO=TCP`, the client's
-/// address (`cx.peer_addr()`, which is the PROXY-protocol client when the service has
-/// `proxy_protocol`), the local address when the connection knows it, and `TLS_IDENTITY` when
-/// a verified TLS client certificate named the client.
+/// The UCSPI environment of a session (djb's `tcpserver` and `unixserver` names). For an IP
+/// client (`cx.peer()`, which is the PROXY-protocol client when the service has
+/// `proxy_protocol`): `PROTO=TCP`, its address, and the local address when the connection
+/// knows it. For a local process on a Unix socket: `PROTO=UNIX` and its credentials,
+/// `UNIXREMOTEUID`, `UNIXREMOTEGID` and `UNIXREMOTEPID` (when visible). `TLS_IDENTITY` when a
+/// verified TLS client certificate named the client.
 pub fn ucspi_env(
-    peer: SocketAddr,
+    peer: Peer,
     local: Option<SocketAddr>,
     identity: Option<&str>,
 ) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("PROTO".to_string(), "TCP".to_string()),
-        (
-            "TCPREMOTEIP".to_string(),
-            peer.ip().to_canonical().to_string(),
-        ),
-        ("TCPREMOTEPORT".to_string(), peer.port().to_string()),
-    ];
-    if let Some(local) = local {
-        env.push((
-            "TCPLOCALIP".to_string(),
-            local.ip().to_canonical().to_string(),
-        ));
-        env.push(("TCPLOCALPORT".to_string(), local.port().to_string()));
-    }
+    let var = |name: &str, value: String| (name.to_string(), value);
+    let mut env = match peer {
+        Peer::Ip(peer) => {
+            let mut env = vec![
+                var("PROTO", "TCP".into()),
+                var("TCPREMOTEIP", peer.ip().to_canonical().to_string()),
+                var("TCPREMOTEPORT", peer.port().to_string()),
+            ];
+            if let Some(local) = local {
+                env.push(var("TCPLOCALIP", local.ip().to_canonical().to_string()));
+                env.push(var("TCPLOCALPORT", local.port().to_string()));
+            }
+            env
+        }
+        Peer::Unix(credentials) => {
+            let mut env = vec![
+                var("PROTO", "UNIX".into()),
+                var("UNIXREMOTEUID", credentials.uid.to_string()),
+                var("UNIXREMOTEGID", credentials.gid.to_string()),
+            ];
+            if let Some(pid) = credentials.pid {
+                env.push(var("UNIXREMOTEPID", pid.to_string()));
+            }
+            env
+        }
+    };
     if let Some(identity) = identity {
-        env.push(("TLS_IDENTITY".to_string(), identity.to_string()));
+        env.push(var("TLS_IDENTITY", identity.to_string()));
     }
     env
 }
@@ -207,7 +223,7 @@ enum Event {
 impl Service for Process {
     async fn serve<C: Conn + 'static>(&self, mut conn: C, cx: &Context) -> io::Result<()> {
         let started = Instant::now();
-        let (service, peer) = (cx.service(), cx.peer_addr());
+        let (service, peer) = (cx.service(), cx.peer());
         let Ok(slot) = Arc::clone(self.slots()).try_acquire_owned() else {
             tracing::debug!(service, %peer, "process: max_concurrent programs running, refused");
             cx.record_request(outcome::BUSY, started.elapsed());
@@ -651,7 +667,8 @@ impl Plugin for Process {
             name: "env",
             kind: "table of strings",
             help: "the program's environment besides the UCSPI variables (PROTO, TCPREMOTEIP, \
-                   TCPREMOTEPORT, TCPLOCALIP, TCPLOCALPORT, TLS_IDENTITY); nothing is inherited",
+                   TCPREMOTEPORT, TCPLOCALIP, TCPLOCALPORT, UNIXREMOTEUID, UNIXREMOTEGID, \
+                   UNIXREMOTEPID, TLS_IDENTITY); nothing is inherited",
         },
         OptionDoc {
             name: "cwd",

@@ -175,7 +175,7 @@ fn a_client_that_leaves_ends_the_session() {
     testing::block_on(async {
         let (conn, client) = testing::pipe();
         let detached = wharf_core::context::Detached::new();
-        let cx = detached.context("127.0.0.1:1".parse().unwrap());
+        let cx = detached.context("127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap());
         let served = tokio::task::spawn_local(async move { svc.serve(conn, &cx).await });
         let out = client.read(64).await;
         let pgid: i32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
