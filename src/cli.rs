@@ -411,11 +411,11 @@ fn effective_config(plan: &plan::Plan) -> String {
 fn print_plugins(registry: &Registry) {
     for p in registry.iter() {
         println!("{}: {}", p.name, p.description);
-        // Every stream plugin serves both stream kinds of `listen`.
-        println!("    listens on: TCP (IP:port), unix:/path, unix:@name");
         if p.datagrams {
             println!("    answers datagrams too: listen = \"udp:IP:port\" serves UDP");
         }
+        // Every stream plugin serves both stream kinds of `listen`.
+        println!("    listens on: TCP (IP:port), unix:/path, unix:@name");
         let defaults = (p.defaults)();
         for opt in p.options {
             let default = defaults

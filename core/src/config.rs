@@ -1235,9 +1235,7 @@ fn describe_kind(kind: &figment::error::Kind, secret: bool) -> String {
                 expected.join(", ")
             )
         }
-        Kind::UnknownField(found, expected) => {
-            format!("unknown key `{found}`; valid keys: {}", expected.join(", "))
-        }
+        Kind::UnknownField(found, expected) => unknown_key(found, expected),
         Kind::MissingField(name) => format!("missing required key `{name}`"),
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
             let expected = in_user_terms(expected);
@@ -1257,6 +1255,47 @@ fn describe_kind(kind: &figment::error::Kind, secret: bool) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// Most valid keys listed after an unknown one; a section with more (a service has about 30)
+/// names the nearest instead, so the error stays one readable line.
+const MAX_KEYS_LISTED: usize = 8;
+
+/// "unknown key": the valid keys, or for a long list the one the user most likely meant.
+fn unknown_key(found: &str, expected: &[&str]) -> String {
+    if expected.len() > MAX_KEYS_LISTED {
+        let nearest = expected
+            .iter()
+            .map(|k| (edit_distance(found, k), *k))
+            .min()
+            .filter(|(d, _)| *d <= 2);
+        if let Some((_, key)) = nearest {
+            return format!("unknown key `{found}`; did you mean `{key}`?");
+        }
+        return format!(
+            "unknown key `{found}`; valid keys: {}, ... ({} in all: see the README's \
+             configuration reference)",
+            expected[..MAX_KEYS_LISTED].join(", "),
+            expected.len()
+        );
+    }
+    format!("unknown key `{found}`; valid keys: {}", expected.join(", "))
+}
+
+/// Levenshtein distance between two short keys (bytes).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// serde's name for an expected type, as a user would say it.
@@ -1608,6 +1647,40 @@ fn check_service_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_in_a_long_section_names_the_nearest_one() {
+        let keys = [
+            "plugin",
+            "listen",
+            "max_connections",
+            "idle_timeout",
+            "max_blocking",
+        ];
+        let many: Vec<&str> = keys
+            .iter()
+            .chain(&["allow_from", "a", "b", "c"])
+            .copied()
+            .collect();
+        assert_eq!(
+            unknown_key("alow_from", &many),
+            "unknown key `alow_from`; did you mean `allow_from`?"
+        );
+        let far = unknown_key("zzzzzzzz", &many);
+        assert!(
+            far.starts_with("unknown key `zzzzzzzz`; valid keys: plugin, listen,"),
+            "{far}"
+        );
+        assert!(
+            far.ends_with("(9 in all: see the README's configuration reference)"),
+            "{far}"
+        );
+        assert_eq!(
+            unknown_key("transfrom", &["transform"]),
+            "unknown key `transfrom`; valid keys: transform"
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     #[test]
     fn backend_names_and_aliases_parse_and_print_back() {

@@ -222,8 +222,7 @@ pub enum SpliceDirection {
 }
 
 /// One non-blocking `splice(2)` of up to `len` bytes between the socket `sock` and `pipe`,
-/// classified for [`Conn::try_splice_to_pipe`](crate::Conn::try_splice_to_pipe) and
-/// [`Conn::try_splice_from_pipe`](crate::Conn::try_splice_from_pipe). It fails with
+/// classified for [`Conn::try_splice_to_pipe`] and [`Conn::try_splice_from_pipe`]. It fails with
 /// `WouldBlock` only when the *socket* is the side not ready, so a backend can run it under
 /// its reactor's readiness for the socket (tokio's `try_io`), which clears that readiness on
 /// `WouldBlock`; a pipe not ready is [`Spliced::PipeNotReady`] (told apart with a zero-timeout
