@@ -484,9 +484,12 @@ fn a_program_flooding_stderr_with_blank_lines_does_not_stall_its_worker() {
             rounds += 1;
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Generous for a noisy 2-core machine; the stall this guards against was seconds.
+        // The stall this guards against was seconds (the worker never came back while the
+        // flood lasted). On io_uring, under a full parallel test run on a busy 2-core machine,
+        // round trips beside the flood measured up to 764 ms; 1.5 s keeps the test about the
+        // stall, not the machine's load.
         assert!(
-            worst < Duration::from_millis(500),
+            worst < Duration::from_millis(1500),
             "{backend}: an echo round trip took {worst:?} beside the flood ({rounds} rounds)"
         );
         drop(floods);
