@@ -1266,7 +1266,7 @@ fn unknown_key(found: &str, expected: &[&str]) -> String {
     if expected.len() > MAX_KEYS_LISTED {
         let nearest = expected
             .iter()
-            .map(|k| (edit_distance(found, k), *k))
+            .map(|k| (strsim::levenshtein(found, k), *k))
             .min()
             .filter(|(d, _)| *d <= 2);
         if let Some((_, key)) = nearest {
@@ -1280,22 +1280,6 @@ fn unknown_key(found: &str, expected: &[&str]) -> String {
         );
     }
     format!("unknown key `{found}`; valid keys: {}", expected.join(", "))
-}
-
-/// Levenshtein distance between two short keys (bytes).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = diagonal + usize::from(ca != cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
-        }
-    }
-    row[b.len()]
 }
 
 /// serde's name for an expected type, as a user would say it.
@@ -1679,7 +1663,6 @@ mod tests {
             unknown_key("transfrom", &["transform"]),
             "unknown key `transfrom`; valid keys: transform"
         );
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

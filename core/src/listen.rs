@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -52,14 +52,6 @@ impl Listen {
         }
     }
 
-    /// The TCP address, if this is one.
-    pub fn tcp(&self) -> Option<SocketAddr> {
-        match self {
-            Listen::Tcp(a) => Some(*a),
-            _ => None,
-        }
-    }
-
     /// Whether the operating system picks the port when it binds (TCP or UDP port 0): such an
     /// address names no particular socket until then.
     pub fn is_ephemeral(&self) -> bool {
@@ -71,15 +63,6 @@ impl Listen {
         match self {
             Listen::Tcp(a) | Listen::Udp(a) => a.ip().is_loopback(),
             Listen::Unix(_) => true,
-        }
-    }
-
-    /// The kind's word, for messages and the `transport` of logs: `tcp`, `unix` or `udp`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Listen::Tcp(_) => "tcp",
-            Listen::Unix(_) => "unix",
-            Listen::Udp(_) => "udp",
         }
     }
 
@@ -109,22 +92,6 @@ impl ListenSocket {
             ListenSocket::Udp(s) => s.local_addr().map(Listen::Udp),
             ListenSocket::Unix(s) => crate::unix::listen_of(&s.local_addr()?),
         }
-    }
-}
-
-impl UnixName {
-    /// The file's path, for a file-system socket.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            UnixName::Path(p) => Some(p),
-            UnixName::Abstract(_) => None,
-        }
-    }
-}
-
-impl From<SocketAddr> for Listen {
-    fn from(addr: SocketAddr) -> Self {
-        Listen::Tcp(addr)
     }
 }
 
@@ -240,10 +207,8 @@ mod tests {
     fn kinds_answer_what_callers_ask() {
         let tcp: Listen = "127.0.0.1:0".parse().unwrap();
         assert!(tcp.is_ephemeral() && tcp.is_local() && tcp.is_stream());
-        assert_eq!(tcp.kind(), "tcp");
         let udp: Listen = "udp:0.0.0.0:53".parse().unwrap();
         assert!(!udp.is_ephemeral() && !udp.is_local() && !udp.is_stream());
-        assert_eq!(udp.tcp(), None);
         let unix: Listen = "unix:@x".parse().unwrap();
         assert!(unix.is_local() && unix.is_stream() && !unix.is_ephemeral());
         assert_eq!(unix.socket_addr(), None);

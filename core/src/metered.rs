@@ -156,9 +156,14 @@ impl<C: Conn> Metered<C> {
         self.unread_from = 0;
     }
 
+    /// Whether handed-back bytes are still waiting (`unread` is emptied once all are taken).
+    fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+
     /// Moves handed-back bytes into `buf`'s spare capacity; `None` when there are none.
     fn take_unread(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
-        if self.unread.is_empty() {
+        if !self.has_unread() {
             return None;
         }
         let n = (buf.capacity() - buf.len()).min(self.unread.len() - self.unread_from);
@@ -245,7 +250,7 @@ impl<C: Conn> Conn for Metered<C> {
     /// Bounded by the idle timeout like a read: a wait that sees nothing for `idle_timeout`
     /// fails with `TimedOut`. Handed-back bytes are ready at once.
     async fn readable(&mut self) -> io::Result<()> {
-        if self.unread.len() > self.unread_from {
+        if self.has_unread() {
             return Ok(());
         }
         match &mut self.idle {
@@ -270,11 +275,11 @@ impl<C: Conn> Conn for Metered<C> {
 
     /// Not while handed-back bytes wait: they must reach the plugin first, through reads.
     fn can_splice(&self) -> bool {
-        self.unread.len() == self.unread_from && self.inner.can_splice()
+        !self.has_unread() && self.inner.can_splice()
     }
 
     fn try_splice_to_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
-        if self.unread.len() > self.unread_from {
+        if self.has_unread() {
             return Err(io::ErrorKind::Unsupported.into());
         }
         let res = self.inner.try_splice_to_pipe(pipe, len);

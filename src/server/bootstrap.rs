@@ -177,25 +177,21 @@ pub(super) fn bind_service(
     svc: &PlannedService,
     workers: usize,
 ) -> Result<BoundService, ServeError> {
-    let bound = match &svc.config.listen {
+    let group: io::Result<Vec<ListenSocket>> = match &svc.config.listen {
         Listen::Unix(name) => return bind_unix(plan, svc, name, workers),
-        Listen::Tcp(addr) => bind_reuseport_group(*addr, workers).and_then(|group| {
-            Ok(BoundService {
-                addr: Listen::Tcp(group[0].local_addr()?),
-                group: group.into_iter().map(ListenSocket::Tcp).collect(),
-                activated: false,
-                file: None,
-            })
-        }),
-        Listen::Udp(addr) => bind_reuseport_udp_group(*addr, workers).and_then(|group| {
-            Ok(BoundService {
-                addr: Listen::Udp(group[0].local_addr()?),
-                group: group.into_iter().map(ListenSocket::Udp).collect(),
-                activated: false,
-                file: None,
-            })
-        }),
+        Listen::Tcp(addr) => bind_reuseport_group(*addr, workers)
+            .map(|group| group.into_iter().map(ListenSocket::Tcp).collect()),
+        Listen::Udp(addr) => bind_reuseport_udp_group(*addr, workers)
+            .map(|group| group.into_iter().map(ListenSocket::Udp).collect()),
     };
+    let bound = group.and_then(|group| {
+        Ok(BoundService {
+            addr: group[0].local_listen()?,
+            group,
+            activated: false,
+            file: None,
+        })
+    });
     bound.map_err(|e| {
         let key = format!("services.{}.listen", svc.name);
         bind_error(plan, &key, &svc.config.listen, &e)
