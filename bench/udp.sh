@@ -10,6 +10,9 @@
 #
 # Prints medians per server: datagrams per second, loss, p99, and the server's CPU time per
 # datagram; then the ratios. Raw JSON lines go to bench-results/.
+#
+# OLD_WHARF=/path/to/an/older/wharf adds that binary on both backends to every round, as
+# `before-epoll` and `before-io_uring`, for a before/after comparison in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -51,13 +54,17 @@ start_server() {
     tokio-udp-baseline) taskset -c 0 "$bin/tokio-udp-echo-baseline" "127.0.0.1:$port" 1 & ;;
     wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
+    before-epoll) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend epoll & ;;
+    before-io_uring) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend io_uring & ;;
   esac
   server_pid=$!
   wait_for_udp_port "$port" || exit 1
 }
 
+servers=(tokio-udp-baseline wharf-epoll wharf-io_uring)
+[ -z "${OLD_WHARF:-}" ] || servers+=(before-epoll before-io_uring)
 for round in $(seq "$rounds"); do
-  for server in tokio-udp-baseline wharf-epoll wharf-io_uring; do
+  for server in "${servers[@]}"; do
     start_server "$server"
     taskset -c 1 "$bin/wharf" bench udp-echo "127.0.0.1:$port" --size 64 --senders "$senders" \
       --window "$window" --duration "$duration" --warmup 1 --server-pid "$server_pid" --json |
@@ -80,12 +87,19 @@ def med(label, f):
 dps = lambda r: r["datagrams_per_sec"]
 cpu = lambda r: (r["server"] or {}).get("us_per_request")
 print(f"\n{'server':20} {'median dgram/s':>14} {'loss %':>8} {'p99 us':>8} {'srv cpu us/dgram':>16}")
-for label in ["tokio-udp-baseline", "wharf-epoll", "wharf-io_uring"]:
+for label in ["tokio-udp-baseline", "wharf-epoll", "wharf-io_uring", "before-epoll", "before-io_uring"]:
+    if label not in by:
+        continue
     print(f"{label:20} {med(label, dps):14.0f} {med(label, lambda r: r['loss_ratio']*100):8.3f} "
           f"{med(label, lambda r: r['latency_us']['p99']):8.1f} {med(label, cpu):16.3f}")
 e, b, u = (med(l, dps) for l in ["wharf-epoll", "tokio-udp-baseline", "wharf-io_uring"])
 ec, bc, uc = (med(l, cpu) for l in ["wharf-epoll", "tokio-udp-baseline", "wharf-io_uring"])
 print(f"\nepoll/baseline {e/b:.3f} (cpu/dgram: {bc/ec:.3f} as efficient)   "
       f"io_uring/epoll {u/e:.3f} (cpu/dgram: {ec/uc:.3f} as efficient)")
+for backend in ["epoll", "io_uring"]:
+    if f"before-{backend}" in by:
+        n, o = med(f"wharf-{backend}", dps), med(f"before-{backend}", dps)
+        nc, oc = med(f"wharf-{backend}", cpu), med(f"before-{backend}", cpu)
+        print(f"{backend} now/before {n/o:.3f} (cpu/dgram: {oc/nc:.3f} as efficient)")
 PY
 echo "raw: $out"

@@ -8,13 +8,15 @@
 //! IO path and nothing else.
 //!
 //! [`sys`] holds the socket helpers the two built-in backends share (non-blocking `recv`,
-//! `poll`-based peer checks, `sendfile`): support for backend authors, not plugin API.
+//! `poll`-based peer checks, `sendfile`), and [`mmsg`] batched UDP calls: support for backend
+//! authors, not plugin API.
 
 use crate::conn::Conn;
 use crate::peer::Peer;
 use std::future::Future;
 use std::io;
 
+pub mod mmsg;
 pub mod sys;
 
 /// An IO backend (epoll via tokio, io_uring via tokio-uring, ...).

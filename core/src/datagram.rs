@@ -177,6 +177,26 @@ impl Packets {
         debug_assert!(self.filled < self.packets.len());
         self.filled = (self.filled + 1).min(self.packets.len());
     }
+
+    /// Every buffer not yet filled, each empty with its full capacity, for a backend that
+    /// fills several at once ([`crate::backend::mmsg`]); then [`Packets::commit_many`].
+    pub fn free_mut(&mut self) -> &mut [Packet] {
+        let size = self.size;
+        let free = &mut self.packets[self.filled..];
+        for packet in free.iter_mut() {
+            packet.buf.clear();
+            if packet.buf.capacity() < size {
+                packet.buf = Vec::with_capacity(size);
+            }
+        }
+        free
+    }
+
+    /// Counts the first `n` buffers [`Packets::free_mut`] returned as filled.
+    pub fn commit_many(&mut self, n: usize) {
+        debug_assert!(self.filled + n <= self.packets.len());
+        self.filled = (self.filled + n).min(self.packets.len());
+    }
 }
 
 /// One batch being answered: the received datagrams, which of them were admitted, and the

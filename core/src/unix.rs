@@ -261,18 +261,24 @@ pub fn bind(name: &UnixName, settings: FileSettings) -> io::Result<BoundUnix> {
     socket.bind(&SockAddr::unix(path)?)?;
     // From here on the file is ours: removed again if anything below fails.
     let file = SocketFile::of(path)?;
-    let mode = settings.mode.map_or(DEFAULT_SOCKET_MODE, |m| m.0);
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Some(gid) = settings.gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot give it group {gid}: {e}")))?;
-    }
+    apply_settings(path, settings)?;
     socket.listen(crate::net::BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(BoundUnix {
         listener: UnixListener::from(OwnedFd::from(socket)),
         file: Some(file),
     })
+}
+
+/// Gives the socket file at `path` the mode and group of `settings`.
+fn apply_settings(path: &Path, settings: FileSettings) -> io::Result<()> {
+    let mode = settings.mode.map_or(DEFAULT_SOCKET_MODE, |m| m.0);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = settings.gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot give it group {gid}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Makes `path` free for a bind: removes a stale socket, refuses anything else.
@@ -336,6 +342,18 @@ impl SocketFile {
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Gives the file the mode and group of `settings` (a reload that keeps the socket but
+    /// changes `socket_mode` or `socket_group`), if the file at the path is still this one.
+    pub fn apply(&self, settings: FileSettings) -> io::Result<()> {
+        if !self.is_ours() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the socket file was removed or replaced since it was bound",
+            ));
+        }
+        apply_settings(&self.path, settings)
     }
 
     /// Whether the file at the path is still the one bound.

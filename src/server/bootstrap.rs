@@ -134,6 +134,24 @@ fn share(socket: ListenSocket, workers: usize) -> io::Result<Vec<ListenSocket>> 
         .collect()
 }
 
+/// The mode and group `svc`'s socket file gets (`socket_mode`, `socket_group`).
+pub(super) fn file_settings(
+    plan: &Plan,
+    svc: &PlannedService,
+) -> Result<unix::FileSettings, ServeError> {
+    let gid = match &svc.config.socket_group {
+        None => None,
+        Some(group) => Some(wharf_core::program::lookup_group(group).map_err(|e| {
+            let key = format!("services.{}.socket_group", svc.name);
+            ServeError::failure(plan.source.error_at(&key, e).to_string())
+        })?),
+    };
+    Ok(unix::FileSettings {
+        mode: svc.config.socket_mode,
+        gid,
+    })
+}
+
 /// Binds a Unix-domain service's socket (see [`wharf_core::unix::bind`]), shared by every
 /// worker.
 fn bind_unix(
@@ -143,17 +161,7 @@ fn bind_unix(
     workers: usize,
 ) -> Result<BoundService, ServeError> {
     let key = |k: &str| format!("services.{}.{k}", svc.name);
-    let gid = match &svc.config.socket_group {
-        None => None,
-        Some(group) => Some(wharf_core::program::lookup_group(group).map_err(|e| {
-            ServeError::failure(plan.source.error_at(&key("socket_group"), e).to_string())
-        })?),
-    };
-    let settings = unix::FileSettings {
-        mode: svc.config.socket_mode,
-        gid,
-    };
-    unix::bind(name, settings)
+    unix::bind(name, file_settings(plan, svc)?)
         .map_err(|e| match e.kind() {
             io::ErrorKind::PermissionDenied => io::Error::other(format!(
                 "{e} (no permission to create the socket file in its directory?)"

@@ -31,7 +31,7 @@ use wharf_core::gate::ServiceGate;
 use wharf_core::listen::Listen;
 use wharf_core::worker::{Change, Control, SlotId};
 
-use super::bootstrap::{bind_service, BoundService};
+use super::bootstrap::{bind_service, file_settings, BoundService};
 use super::process_metrics::ReloadResult;
 use super::running::{Running, RunningService};
 use super::signals::{Signal, Signals};
@@ -129,6 +129,7 @@ impl<B: CompiledBackend> Running<B> {
         // 1. Check and bind; nothing has changed yet if this fails.
         self.check_removable(&steps)?;
         let sockets = self.bind_new(&plan, &steps)?;
+        self.update_socket_files(&plan, &steps)?;
         // 2. The changes, per worker, and the state that results.
         let batch = self.prepare(&plan, &steps, sockets);
         // 3. Every worker applies its batch; wait until all have.
@@ -198,6 +199,30 @@ impl<B: CompiledBackend> Running<B> {
             }
         }
         Ok(sockets)
+    }
+
+    /// A changed service that keeps its Unix socket file gets the file's new `socket_mode` and
+    /// `socket_group` (the socket itself stays, so open connections and the path do).
+    fn update_socket_files(&self, plan: &Plan, steps: &[Step]) -> Result<(), ApplyError> {
+        for step in steps {
+            let Step::Swap { running, new } = *step else {
+                continue;
+            };
+            let Some(file) = &self.services[running].file else {
+                continue; // a TCP or UDP address, an abstract name, or systemd's socket
+            };
+            let svc = &plan.services[new];
+            let settings =
+                file_settings(plan, svc).map_err(|e| ApplyError::Unchanged(e.to_string()))?;
+            file.apply(settings).map_err(|e| {
+                ApplyError::Unchanged(format!(
+                    "services.{}: cannot give {} its socket_mode and socket_group: {e}",
+                    svc.name,
+                    file.path().display()
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// What each worker must change, and the services that will be running after.

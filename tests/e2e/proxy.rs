@@ -265,6 +265,52 @@ fn a_client_through_haproxy_is_seen_as_itself() {
     }
 }
 
+#[test]
+fn haproxy_in_front_of_a_unix_socket_names_the_tcp_client() {
+    for backend in backends() {
+        let dir = TempDir::new();
+        let path = dir.0.join("exec.sock");
+        // The exec service on a Unix socket: who may send a header is who may connect (the
+        // file's mode), and the header's client is an IP client like any other.
+        let config = exec_behind_proxy(&dir, "v2")
+            .replace(
+                "plugin = \"exec\"\nlisten = \"127.0.0.1:0\"\n",
+                &format!("plugin = \"exec\"\nlisten = \"unix:{}\"\n", path.display()),
+            )
+            .replace("trusted_proxies = [\"127.0.0.1/32\"]\n", "");
+        let server = Server::start(&config, backend);
+        let line = format!("  server s1 unix@{} send-proxy-v2\n", path.display());
+        let Some(haproxy) = Haproxy::start(&line) else {
+            return;
+        };
+        let mut client = connect_from(CLIENT, haproxy.addr);
+        let local = client.local_addr().unwrap();
+        let out = exec(&mut client, "echo over unix");
+        assert_eq!(out.as_deref(), Some("over unix\n"), "{backend}");
+        server.wait_log(&format!("peer={local}"), 1, Duration::from_secs(10));
+        drop(client);
+
+        // Outside allow_from, through the same HAProxy: refused by the header's address.
+        let mut other = connect_from(OTHER_CLIENT, haproxy.addr);
+        assert_eq!(exec(&mut other, "echo should not run"), None, "{backend}");
+        let labels = rejected("exec", "exec", backend, "allow_from");
+        server.wait_metric("wharf_connections_rejected_total", &labels, 1.0);
+
+        // Straight to the socket without a header: refused as a PROXY protocol failure.
+        let mut direct = UnixStream::connect(&path).unwrap();
+        direct
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = direct.write_all(b"echo no header\n");
+        let mut buf = [0u8; 64];
+        assert!(matches!(direct.read(&mut buf), Ok(0) | Err(_)), "{backend}");
+        let labels = rejected("exec", "exec", backend, "proxy_protocol");
+        server.wait_metric("wharf_connections_rejected_total", &labels, 1.0);
+        assert_eq!(server.log_count("should not run"), 0);
+        assert_eq!(server.log_count("no header"), 0);
+    }
+}
+
 /// An echo service (uppercasing) behind a proxy at 127.0.0.1, with `extra` service keys.
 fn echo_behind_proxy(versions: &str, extra: &str) -> String {
     echo_config(&format!(

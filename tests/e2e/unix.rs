@@ -346,10 +346,21 @@ fn a_reload_keeps_moves_and_removes_a_unix_socket() {
         let mut open = connect_unix(&a);
         assert_eq!(echo_unix(&mut open, b"one\n"), b"ONE\n");
 
-        // Changed settings, same path: the same socket, no gap, open connections stay.
-        server.rewrite_config(&config.replace("\"upper\"", "\"none\""));
+        // Changed settings, same path: the same socket, no gap, open connections stay; a
+        // new socket_mode applies to the file.
+        assert_eq!(std::fs::metadata(&a).unwrap().mode() & 0o777, 0o660);
+        let changed = config.replace("\"upper\"", "\"none\"").replace(
+            &listen(&a),
+            &format!("{}socket_mode = \"0600\"\n", listen(&a)),
+        );
+        server.rewrite_config(&changed);
         server.expect_reload("changed=echo");
         assert_eq!(std::fs::metadata(&a).unwrap().ino(), inode, "{backend}");
+        assert_eq!(
+            std::fs::metadata(&a).unwrap().mode() & 0o777,
+            0o600,
+            "{backend}"
+        );
         assert_eq!(echo_unix(&mut connect_unix(&a), b"two\n"), b"two\n");
         assert_eq!(echo_unix(&mut open, b"old\n"), b"OLD\n");
 

@@ -11,7 +11,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, Interest};
+use wharf_core::backend::mmsg::MultiMsg;
 use wharf_core::backend::sys::{self, no_spare_capacity, SpliceDirection, StreamKind};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn, Spliced};
@@ -51,62 +52,71 @@ impl Backend for Epoll {
     }
 
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
-        Ok(UdpSocket(tokio::net::UdpSocket::from_std(socket)?))
+        Ok(UdpSocket {
+            socket: tokio::net::UdpSocket::from_std(socket)?,
+            scratch: MultiMsg::new(wharf_core::udp::BATCH),
+        })
     }
 }
 
-/// A worker's UDP socket: one readiness wait per batch, then `recvfrom` until the queue is
-/// empty (or the batch full); replies with `sendto`, waiting for writability only when the
-/// send buffer is full.
-pub struct UdpSocket(tokio::net::UdpSocket);
+/// A worker's UDP socket: one readiness wait per batch, then one `recvmmsg` takes what is
+/// queued (up to the batch size); the replies go out with `sendmmsg`, waiting for writability
+/// only when the send buffer is full ([`wharf_core::backend::mmsg`]).
+pub struct UdpSocket {
+    socket: tokio::net::UdpSocket,
+    scratch: MultiMsg,
+}
 
 impl DatagramSocket for UdpSocket {
     async fn recv_batch(&mut self, into: &mut Packets) -> io::Result<()> {
+        let fd = self.socket.as_raw_fd();
         loop {
-            while let Some(packet) = into.next_free() {
-                match self.0.try_recv_buf_from(&mut packet.buf) {
-                    Ok((_, peer)) => {
-                        packet.peer = peer;
-                        into.commit();
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if into.is_empty() => return Err(e),
-                    Err(_) => break,
-                }
+            let scratch = &mut self.scratch;
+            match self
+                .socket
+                .try_io(Interest::READABLE, || scratch.recv(fd, into))
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
-            if !into.is_empty() {
-                return Ok(());
-            }
-            self.0.readable().await?;
+            self.socket.readable().await?;
         }
     }
 
     async fn send_batch(&mut self, from: &mut Packets) -> (usize, u64) {
+        let fd = self.socket.as_raw_fd();
         let (mut sent, mut bytes) = (0, 0);
-        for packet in from.filled() {
-            loop {
-                match self.0.try_send_to(&packet.buf, packet.peer) {
-                    Ok(n) => {
-                        sent += 1;
-                        bytes += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if self.0.writable().await.is_ok() {
-                            continue;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {}
+        let mut next = 0;
+        let packets = from.filled();
+        while next < packets.len() {
+            let scratch = &mut self.scratch;
+            let rest = &packets[next..];
+            match self
+                .socket
+                .try_io(Interest::WRITABLE, || scratch.send(fd, rest))
+            {
+                Ok((n, b)) => {
+                    sent += n;
+                    bytes += b;
+                    next += n.max(1);
                 }
-                break;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.socket.writable().await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The socket refused this datagram (an unreachable destination, say): skip it.
+                Err(_) => next += 1,
             }
         }
         (sent, bytes)
     }
 
     fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+        self.socket.as_raw_fd()
     }
 }
 
@@ -161,8 +171,22 @@ impl Conn for StreamConn {
         if buf.len() == buf.capacity() {
             return (Err(no_spare_capacity()), buf);
         }
-        // `read_buf` fills spare capacity only; it never grows a Vec that has room.
-        let res = on_stream!(&mut self.stream, s => s.read_buf(&mut buf).await);
+        // One readiness-driven `recv` into the spare capacity, straight through `poll_read`
+        // (tokio's `read_buf` does the same behind a generic buffer layer: see BENCHMARKS.md,
+        // "Echo's per-connection cost"). `poll_read` clears the readiness after a short
+        // read, so a request/response exchange makes no extra `recv` that finds nothing.
+        let stream = &mut self.stream;
+        let res = std::future::poll_fn(|cx| {
+            let mut spare = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+            on_stream!(&mut *stream, s => std::pin::Pin::new(s).poll_read(cx, &mut spare))
+                .map_ok(|()| spare.filled().len())
+        })
+        .await;
+        if let Ok(n) = res {
+            // SAFETY: `poll_read` initialized (filled) the first `n` bytes of the spare
+            // capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+        }
         (res, buf)
     }
 

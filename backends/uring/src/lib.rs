@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use tokio_uring::buf::BoundedBuf;
+use wharf_core::backend::mmsg::MultiMsg;
 use wharf_core::backend::sys::{self, no_spare_capacity, StreamKind};
 use wharf_core::backend::{Backend, Listener};
 use wharf_core::conn::{BufResult, Conn};
@@ -61,17 +62,25 @@ impl Backend for IoUring {
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
         // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
         socket.set_nonblocking(false)?;
-        Ok(UdpSocket(tokio_uring::net::UdpSocket::from_std(socket)))
+        Ok(UdpSocket {
+            socket: tokio_uring::net::UdpSocket::from_std(socket),
+            scratch: MultiMsg::new(wharf_core::udp::BATCH),
+        })
     }
 }
 
 /// A worker's UDP socket: one ring receive (`recvmsg` with an owned buffer, through
 /// tokio-uring's `recv_from`) waits for the first datagram of a batch; what else is queued is
-/// taken without waiting (`recvfrom` with `MSG_DONTWAIT`, which never blocks the ring's
-/// thread); replies go out as ring sends (`sendmsg`, through `send_to`), one after the other. Multishot receives (one submission, many completions, from a provided
-/// buffer ring) would save the resubmission, but tokio-uring 0.5 offers neither multishot
-/// `recvmsg` nor buffer rings for UDP.
-pub struct UdpSocket(tokio_uring::net::UdpSocket);
+/// taken with one `recvmmsg` (`MSG_DONTWAIT`, which never blocks the ring's thread); the
+/// replies go out with one `sendmmsg` (`MSG_DONTWAIT` likewise), and only a reply the full
+/// send buffer refuses waits, as a ring send (`sendmsg`, through `send_to`). Multishot
+/// receives (one submission, many completions, from a provided buffer ring) would save the
+/// ring receive per batch, but tokio-uring 0.5 offers neither multishot `recvmsg` nor buffer
+/// rings for UDP.
+pub struct UdpSocket {
+    socket: tokio_uring::net::UdpSocket,
+    scratch: MultiMsg,
+}
 
 impl DatagramSocket for UdpSocket {
     async fn recv_batch(&mut self, into: &mut Packets) -> io::Result<()> {
@@ -79,40 +88,48 @@ impl DatagramSocket for UdpSocket {
             return Ok(());
         };
         let buf = std::mem::take(&mut packet.buf);
-        let (res, buf) = self.0.recv_from(buf).await;
+        let (res, buf) = self.socket.recv_from(buf).await;
         packet.buf = buf;
         packet.peer = res?.1;
         into.commit();
-        let fd = self.0.as_raw_fd();
-        while let Some(packet) = into.next_free() {
-            match sys::recv_from_now(fd, &mut packet.buf) {
-                Ok(Some(peer)) => {
-                    packet.peer = peer;
-                    into.commit();
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+        // Nothing more queued (or an error, reported by the next wait) ends the batch here.
+        let _ = self.scratch.recv(self.socket.as_raw_fd(), into);
         Ok(())
     }
 
     async fn send_batch(&mut self, from: &mut Packets) -> (usize, u64) {
+        let fd = self.socket.as_raw_fd();
         let (mut sent, mut bytes) = (0, 0);
-        for packet in from.filled_mut() {
-            // The ring owns the buffer while the send is in flight, and gives it back.
-            let buf = std::mem::take(&mut packet.buf);
-            let (res, buf) = self.0.send_to(buf, packet.peer).await;
-            packet.buf = buf;
-            if let Ok(n) = res {
-                sent += 1;
-                bytes += n as u64;
+        let mut next = 0;
+        while next < from.len() {
+            match self.scratch.send(fd, &from.filled()[next..]) {
+                Ok((n, b)) => {
+                    sent += n;
+                    bytes += b;
+                    next += n.max(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The send buffer is full: this reply waits in the ring for room.
+                    let packet = &mut from.filled_mut()[next];
+                    let buf = std::mem::take(&mut packet.buf);
+                    let (res, buf) = self.socket.send_to(buf, packet.peer).await;
+                    packet.buf = buf;
+                    if let Ok(n) = res {
+                        sent += 1;
+                        bytes += n as u64;
+                    }
+                    next += 1;
+                }
+                // The socket refused this datagram (an unreachable destination, say): skip it.
+                Err(_) => next += 1,
             }
         }
         (sent, bytes)
     }
 
     fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+        self.socket.as_raw_fd()
     }
 }
 

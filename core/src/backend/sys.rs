@@ -75,46 +75,6 @@ pub fn recv_now(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> io::Result<Option<
     Ok(Some(n))
 }
 
-/// Non-blocking `recvfrom` of one datagram into the spare capacity of `buf`, for a backend
-/// draining a UDP socket's queue without its reactor: the sender, or `None` when nothing is
-/// queued. A datagram larger than the spare capacity is truncated to it.
-pub fn recv_from_now(
-    fd: std::os::fd::RawFd,
-    buf: &mut Vec<u8>,
-) -> io::Result<Option<std::net::SocketAddr>> {
-    let spare = buf.spare_capacity_mut();
-    if spare.is_empty() {
-        return Err(no_spare_capacity());
-    }
-    // SAFETY: zeroed sockaddr_storage is a valid (empty) address.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: the pointer and length describe `buf`'s spare capacity, which recvfrom only
-    // writes; the address buffer is ours, with its size in `len`.
-    let n = unsafe {
-        libc::recvfrom(
-            fd,
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            libc::MSG_DONTWAIT,
-            (&raw mut storage).cast(),
-            &mut len,
-        )
-    };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        return match err.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(err),
-        };
-    }
-    // SAFETY: recvfrom initialized `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n as usize) };
-    // SAFETY: the kernel wrote an address of `len` bytes into `storage`.
-    let addr = unsafe { socket2::SockAddr::new(storage, len) };
-    Ok(addr.as_socket())
-}
-
 /// The states always reported by `poll(2)`: the connection was reset or failed.
 const GONE: libc::c_short = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
 
