@@ -54,14 +54,15 @@ struct IdleTimer {
 }
 
 impl IdleTimer {
-    /// Runs `op`, failing it with `TimedOut` once it has been pending for the timeout.
-    async fn bound<T>(
-        &mut self,
-        mut op: Pin<&mut impl Future<Output = BufResult<T>>>,
-    ) -> BufResult<T> {
+    /// Runs `op`, failing it with `TimedOut` once it has been pending for the timeout. A plain
+    /// `poll_fn`, not an `async fn`: one state machine less on every read and write.
+    fn bound<'a, T, F: Future<Output = BufResult<T>>>(
+        &'a mut self,
+        mut op: Pin<&'a mut F>,
+    ) -> impl Future<Output = BufResult<T>> + 'a {
         // Read the clock only for an operation that has to wait (most writes never do).
         let mut deadline = None;
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             if let Poll::Ready(out) = op.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
@@ -95,7 +96,6 @@ impl IdleTimer {
             }
             Poll::Pending
         })
-        .await
     }
 }
 
