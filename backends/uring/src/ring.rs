@@ -23,7 +23,7 @@ use std::task::Poll;
 
 use io_uring::{opcode, types};
 use wharf_core::backend::sys::{self, no_spare_capacity};
-use wharf_core::conn::{BufResult, Conn as _};
+use wharf_core::conn::BufResult;
 use wharf_core::peer::{peer_credentials, Peer};
 
 use crate::driver::{Completion, CurrentGuard, Driver, Features, Op, OpKind};
@@ -135,6 +135,18 @@ impl Listener {
             return Poll::Pending;
         })
         .await
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Cancel the accept now rather than at the driver's next turn: until the kernel drops
+        // it, it holds the socket open, and a TCP socket in a `SO_REUSEPORT` group would keep
+        // being handed connections only to reset them.
+        self.accepts.get_mut().take();
+        if let Err(e) = self.driver.submit_now() {
+            tracing::warn!("io_uring: cancelling a listener's accept: {e}");
+        }
     }
 }
 

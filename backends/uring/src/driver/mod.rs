@@ -378,6 +378,11 @@ impl Driver {
         Ok(())
     }
 
+    /// Submits what is queued now, without taking completions.
+    pub fn submit_now(&self) -> io::Result<()> {
+        self.inner.enter()
+    }
+
     /// Submits `sqe` for a one-shot or multishot operation holding `buf` (if any) until its
     /// final completion. The SQE's pointers must point into `buf`'s heap memory.
     pub fn start(&self, kind: OpKind, sqe: squeue::Entry, buf: Option<Vec<u8>>) -> io::Result<Op> {
