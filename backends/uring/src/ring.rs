@@ -267,11 +267,8 @@ impl Conn {
                     // Ended without an error: out of provided buffers (they are back by now:
                     // every one is returned as it is reaped), paused because the stash was
                     // full (now empty), or interrupted. Re-armed below.
-                    libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => {
-                        if c.result == -libc::ENOBUFS {
-                            self.driver.count(|s| s.enobufs += 1);
-                        }
-                    }
+                    libc::ENOBUFS => self.driver.count(|s| s.enobufs += 1),
+                    libc::ECANCELED | libc::EINTR | libc::EAGAIN => {}
                     e if e > 0 => return Ready::Done(Err(io::Error::from_raw_os_error(e))),
                     // A data completion is never queued (its bytes went to the stash).
                     _ => {}

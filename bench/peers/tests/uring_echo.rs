@@ -132,7 +132,11 @@ fn many_clients(addr: SocketAddr, clients: usize, messages: usize, max_size: usi
 /// No connection open, no provided buffer out, and no operation but the listener's accept.
 fn assert_nothing_left(stats: &str, flags: &[&str]) {
     assert_eq!(counter(stats, "open"), 0, "{flags:?}: connections: {stats}");
-    assert_eq!(counter(stats, "buffers_out"), 0, "{flags:?}: buffers: {stats}");
+    assert_eq!(
+        counter(stats, "buffers_out"),
+        0,
+        "{flags:?}: buffers: {stats}"
+    );
     assert!(counter(stats, "ops") <= 1, "{flags:?}: operations: {stats}");
 }
 

@@ -139,8 +139,12 @@ pub enum OpKind {
 struct Slot {
     kind: OpKind,
     waker: Option<Waker>,
-    /// Completions not yet taken (for a receive: only the ones without bytes: its end).
+    /// Completions not yet taken (for a receive: only the ones without bytes: its end), in
+    /// order: `queue`, then `last`.
     queue: VecDeque<Completion>,
+    /// The final completion when it came with nothing queued before it: a one-shot
+    /// operation's only one needs no allocation.
+    last: Option<Completion>,
     finished: bool,
     orphaned: bool,
     /// A cancel was submitted for it (the stash is full).
@@ -155,6 +159,24 @@ struct Slot {
 impl Slot {
     fn unread(&self) -> usize {
         self.stash.len() - self.head
+    }
+
+    /// Queues a completion for the operation's owner (after `finished` is updated).
+    fn deliver(&mut self, c: Completion) {
+        if self.finished && self.queue.is_empty() && self.last.is_none() {
+            self.last = Some(c);
+        } else {
+            self.queue.push_back(c);
+        }
+    }
+
+    /// The oldest completion not yet taken.
+    fn take(&mut self) -> Option<Completion> {
+        self.queue.pop_front().or_else(|| self.last.take())
+    }
+
+    fn has_queued(&self) -> bool {
+        !self.queue.is_empty() || self.last.is_some()
     }
 }
 
@@ -390,6 +412,7 @@ impl Driver {
             kind,
             waker: None,
             queue: VecDeque::new(),
+            last: None,
             finished: false,
             orphaned: false,
             cancelling: false,
@@ -563,13 +586,14 @@ impl Inner {
                     slot.head = 0;
                 }
                 let stash = &mut slot.stash;
-                let copied = self.buffers.borrow_mut().consume(bid, c.result as usize, |b| {
-                    stash.extend_from_slice(b)
-                });
+                let copied = self
+                    .buffers
+                    .borrow_mut()
+                    .consume(bid, c.result as usize, |b| stash.extend_from_slice(b));
                 if let Err(e) = copied {
                     // Never expected: the kernel named a buffer the book says it holds.
                     tracing::error!("io_uring buffer ring bookkeeping: {e:?}");
-                    slot.queue.push_back(Completion {
+                    slot.deliver(Completion {
                         result: -libc::EIO,
                         flags: 0,
                     });
@@ -584,9 +608,9 @@ impl Inner {
                 if let Err(e) = self.buffers.borrow_mut().discard(bid) {
                     tracing::error!("io_uring buffer ring bookkeeping: {e:?}");
                 }
-                slot.queue.push_back(c);
+                slot.deliver(c);
             }
-            None => slot.queue.push_back(c),
+            None => slot.deliver(c),
         }
         if let Some(w) = slot.waker.take() {
             w.wake();
@@ -694,7 +718,7 @@ impl Op {
         }
         let mut ops = self.driver.inner.ops.borrow_mut();
         let slot = &mut ops[self.key];
-        if let Some(c) = slot.queue.pop_front() {
+        if let Some(c) = slot.take() {
             return Poll::Ready(Some(c));
         }
         if slot.finished {
@@ -726,9 +750,7 @@ impl Op {
         if self.done {
             return None;
         }
-        self.driver.inner.ops.borrow_mut()[self.key]
-            .queue
-            .pop_front()
+        self.driver.inner.ops.borrow_mut()[self.key].take()
     }
 
     /// Moves a receive's stashed bytes into the spare capacity of `dst`, as many as fit
@@ -760,7 +782,7 @@ impl Op {
     pub fn has_ready(&self) -> bool {
         !self.done && {
             let ops = self.driver.inner.ops.borrow();
-            ops[self.key].unread() > 0 || !ops[self.key].queue.is_empty()
+            ops[self.key].unread() > 0 || ops[self.key].has_queued()
         }
     }
 
@@ -769,7 +791,7 @@ impl Op {
         self.done || {
             let ops = self.driver.inner.ops.borrow();
             let slot = &ops[self.key];
-            slot.finished && slot.queue.is_empty() && slot.unread() == 0
+            slot.finished && !slot.has_queued() && slot.unread() == 0
         }
     }
 
@@ -799,7 +821,7 @@ impl Drop for Op {
         let mut ops = inner.ops.borrow_mut();
         let slot = &mut ops[self.key];
         let kind = slot.kind;
-        let pending: Vec<Completion> = slot.queue.drain(..).collect();
+        let pending: Vec<Completion> = slot.queue.drain(..).chain(slot.last.take()).collect();
         let finished = slot.finished;
         if finished {
             ops.remove(self.key);
