@@ -126,8 +126,8 @@ pub struct Resolved {
 /// one. On the kernels measured (6.x, see BENCHMARKS.md "auto"), the tokio-uring backend
 /// matched epoll's throughput only at saturation and spent 7-15% more CPU per request below
 /// it. The io_uring backend on its own driver (multishot receive, buffer ring, batching) spent
-/// 0.88x-0.97x epoll's CPU per round trip at saturation and 1.05x below it in its first run, on
-/// a busy machine (BENCHMARKS.md, "The io_uring backend on the driver"): not a measured win.
+/// 0.88x-1.38x epoll's CPU per round trip in two runs on a busy machine and 1.10x-1.47x its
+/// user-space instructions (BENCHMARKS.md, "The io_uring backend on the driver"): not a win.
 /// Until an io_uring backend measures better, `auto` means epoll, and io_uring is there for
 /// whoever asks for it.
 pub const AUTO_ORDER: [BackendKind; 2] = [BackendKind::Epoll, BackendKind::IoUring];
