@@ -5,7 +5,9 @@
 #
 #   bash bench/echo-instructions.sh [CONNECTIONS] [DURATION_S] [-- SERVER COMMAND...]
 #
-# Without a server command it measures the minimal tokio echo server and wharf epoll (1 worker).
+# Without a server command it measures the minimal tokio echo server, wharf epoll, wharf io_uring
+# (the ring path) and wharf io_uring on its tokio-uring fallback (1 worker each); SERVERS="..."
+# picks some of tokio-baseline wharf-epoll wharf-io_uring wharf-io_uring-fallback.
 # Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +55,15 @@ PY
 if [ $# -gt 0 ]; then
   measure custom "$@"
 else
-  measure tokio-baseline "$bin/tokio-echo-baseline" "127.0.0.1:$port"
-  measure wharf-epoll "$bin/wharf" serve --config "$work/wharf.toml" --backend epoll
+  for server in ${SERVERS:-tokio-baseline wharf-epoll wharf-io_uring wharf-io_uring-fallback}; do
+    case $server in
+      tokio-baseline) measure "$server" "$bin/tokio-echo-baseline" "127.0.0.1:$port" ;;
+      wharf-epoll) measure "$server" "$bin/wharf" serve --config "$work/wharf.toml" --backend epoll ;;
+      wharf-io_uring) measure "$server" "$bin/wharf" serve --config "$work/wharf.toml" --backend io_uring ;;
+      # Exported for the duration of the call: valgrind and the server it runs see it.
+      wharf-io_uring-fallback) WHARF_URING_FALLBACK=1 measure "$server" "$bin/wharf" serve \
+        --config "$work/wharf.toml" --backend io_uring ;;
+      *) echo "unknown server $server" >&2; exit 1 ;;
+    esac
+  done
 fi

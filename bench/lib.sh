@@ -62,13 +62,15 @@ echo_config() {
 
 # Starts one of the echo servers the scripts compare in the background, pinned to CPU 0, and
 # waits for its port: start_echo_server NAME BIN_DIR CONFIG PORT, NAME one of tokio-baseline,
-# wharf-epoll, wharf-io_uring, wharf-before ($OLD_WHARF). Sets server_pid.
+# wharf-epoll, wharf-io_uring, wharf-io_uring-fallback (tokio-uring), wharf-before ($OLD_WHARF).
+# Sets server_pid.
 start_echo_server() {
   local name=$1 bin=$2 cfg=$3 port=$4
   case $name in
     tokio-baseline) taskset -c 0 "$bin/tokio-echo-baseline" "127.0.0.1:$port" & ;;
     wharf-epoll) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend epoll & ;;
     wharf-io_uring) WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
+    wharf-io_uring-fallback) WHARF_URING_FALLBACK=1 WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$cfg" --backend io_uring & ;;
     wharf-before) WHARF_LOG=warn taskset -c 0 "$OLD_WHARF" serve --config "$cfg" --backend epoll & ;;
     *) echo "unknown server $name" >&2; return 1 ;;
   esac

@@ -7,9 +7,10 @@
 #   bash bench/uring.sh [ROUNDS] [DURATION_S] [RATE] [CONNECTIONS...]
 #   bash bench/uring.sh 3 5 100000 64 512
 #
-# Servers: tokio-echo-baseline, wharf epoll, wharf io_uring (tokio-uring), and the uring-echo
-# peer (io-uring crate driver in a tokio current-thread runtime) with all features and with
-# each feature off in turn. SERVERS="a b ..." runs a subset. Prints medians per server, point
+# Servers: tokio-echo-baseline, wharf epoll, wharf io_uring (the ring path), wharf io_uring
+# on its tokio-uring fallback (WHARF_URING_FALLBACK=1), and the uring-echo peer (the ring
+# path without wharf's framework) with DEFER_TASKRUN and with COOP_TASKRUN (--no-defer).
+# SERVERS="a b ..." runs a subset. Prints medians per server, point
 # and mode, the ratios to wharf epoll, and uring-echo's ring operations per request; raw
 # JSON lines go to bench-results/uring-*.jsonl.
 set -euo pipefail
@@ -21,7 +22,7 @@ rate=${3:-100000}
 shift 3 2>/dev/null || true
 conns=("$@")
 [ ${#conns[@]} -gt 0 ] || conns=(64 512)
-servers=(${SERVERS:-tokio-baseline wharf-epoll wharf-io_uring uring-all uring-no-multishot uring-no-direct uring-no-bufring uring-no-defer})
+servers=(${SERVERS:-tokio-baseline wharf-epoll wharf-io_uring wharf-io_uring-fallback uring-all uring-no-defer})
 
 cargo build --release -q -p wharf -p wharf-bench-peers
 bin=target/release

@@ -124,10 +124,12 @@ pub struct Resolved {
 
 /// The order `auto` tries the backends in: the one that measures better first, not the newer
 /// one. On the kernels measured (6.x, see BENCHMARKS.md "auto"), the tokio-uring backend
-/// matches epoll's throughput only at saturation and spends 7-15% more CPU per request below
-/// it, with a higher p99: its per-operation path (unregistered descriptors, no multishot, a
-/// waker hop per completion) costs more than the syscalls it saves. Until an io_uring backend
-/// measures better, `auto` means epoll, and io_uring is there for whoever asks for it.
+/// matched epoll's throughput only at saturation and spent 7-15% more CPU per request below
+/// it. The io_uring backend on its own driver (multishot receive, buffer ring, batching) spent
+/// 0.88x-1.38x epoll's CPU per round trip in two runs on a busy machine and 1.10x-1.47x its
+/// user-space instructions (BENCHMARKS.md, "The io_uring backend on the driver"): not a win.
+/// Until an io_uring backend measures better, `auto` means epoll, and io_uring is there for
+/// whoever asks for it.
 pub const AUTO_ORDER: [BackendKind; 2] = [BackendKind::Epoll, BackendKind::IoUring];
 
 /// Which backend the workers will run: the one configured, if it can run here (else an error

@@ -19,7 +19,7 @@ use std::io;
 pub mod mmsg;
 pub mod sys;
 
-/// An IO backend (epoll via tokio, io_uring via tokio-uring, ...).
+/// An IO backend (epoll via tokio, io_uring via the `io-uring` crate or tokio-uring, ...).
 pub trait Backend: 'static {
     /// The name used in configs, logs and the `backend` metric label.
     const NAME: &'static str;

@@ -544,8 +544,9 @@ pub const EMBEDDED_ORIGIN: &str = "embedded configs/default.toml";
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "WHARF_";
 
-/// `WHARF_LOG` is the log filter, not a config key.
-const LOG_ENV_KEY: &str = "log";
+/// `WHARF_` variables that are not config keys: the log filter (`WHARF_LOG`) and the switch
+/// to the io_uring backend's tokio-uring fallback (`WHARF_URING_FALLBACK`).
+const NON_CONFIG_ENV_KEYS: &[&str] = &["log", "uring_fallback"];
 
 /// Keys allowed at the top level.
 const SECTIONS: &[&str] = &["server", "metrics", "access_log", "services"];
@@ -1331,7 +1332,9 @@ fn parse_env(
         .filter(|(name, _)| {
             name.get(..ENV_PREFIX.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
-                && !name[ENV_PREFIX.len()..].eq_ignore_ascii_case(LOG_ENV_KEY)
+                && !NON_CONFIG_ENV_KEYS
+                    .iter()
+                    .any(|k| name[ENV_PREFIX.len()..].eq_ignore_ascii_case(k))
         })
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1928,6 +1931,7 @@ mod tests {
             &[
                 ("WHARF_SERVICES__E__ALLOW_FROM", "[\"10.0.0.0/8\"]"),
                 ("WHARF_LOG", "debug"),
+                ("WHARF_URING_FALLBACK", "1"),
                 ("HOME", "/root"),
             ],
         )

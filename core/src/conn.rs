@@ -71,15 +71,17 @@ pub trait Conn {
     /// Reads what has already arrived into the spare capacity of `buf`, without waiting:
     /// `Ok(None)` when nothing is ready, `Ok(Some(0))` at end of stream. For protocols that must
     /// tell "the client paused" from "more bytes are queued". Never use it while a read of this
-    /// connection is pending (an io_uring read whose future was dropped still is).
+    /// connection is pending (on io_uring's tokio-uring fallback, a read whose future was
+    /// dropped still is).
     fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>>;
 
     /// Waits until a read would not block: bytes, end of stream or an error are ready for
     /// [`Conn::try_read`]. Cancel-safe on every backend (it waits for readiness and starts no
     /// read), so a plugin that must watch the client and something else at once (the process
     /// plugin: the client and a child's pipes) can drop it whenever the other side is ready,
-    /// which a dropped [`Conn::read`] on io_uring cannot be. It may wake spuriously: follow it
-    /// with `try_read` and wait again on `Ok(None)`. The default says `Unsupported`.
+    /// which a dropped [`Conn::read`] on io_uring's tokio-uring fallback cannot be. It may wake
+    /// spuriously: follow it with `try_read` and wait again on `Ok(None)`. The default says
+    /// `Unsupported`.
     async fn readable(&mut self) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -147,7 +149,7 @@ pub trait Conn {
     /// Whether the connection's bytes can move to and from pipes with `splice(2)`, in the
     /// kernel, without passing through a buffer of ours: true for a plain socket on a backend
     /// that drives its readiness (epoll), false for TLS (the bytes on the wire are not the
-    /// plugin's), io_uring (blocking sockets; tokio-uring has no splice operation) and the
+    /// plugin's), io_uring (its multishot receive would race a splice for the bytes) and the
     /// in-memory pipe. When false, the splice calls say `Unsupported`: copy instead.
     fn can_splice(&self) -> bool {
         false

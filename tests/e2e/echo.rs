@@ -104,3 +104,37 @@ fn a_vanished_client_does_not_disturb_others() {
         server.wait_metric("wharf_connections_active", &labels, 0.0);
     }
 }
+
+/// The io_uring backend runs its ring path here (the whole suite tests it), and
+/// `WHARF_URING_FALLBACK=1` switches it to the tokio-uring fallback, logged once, which serves
+/// echo too.
+#[test]
+fn io_uring_runs_the_ring_path_and_its_tokio_uring_fallback_on_request() {
+    if !backends().contains(&"io_uring") {
+        return;
+    }
+    let ring = Server::start(&echo_config(""), "io_uring");
+    assert_eq!(
+        ring.log_count("io_uring: multishot accept and receive"),
+        1,
+        "{}",
+        ring.log()
+    );
+    let fallback = Server::start_with(
+        &echo_config(""),
+        &["--backend", "io_uring"],
+        &[("WHARF_URING_FALLBACK", "1")],
+    )
+    .unwrap();
+    assert_eq!(
+        fallback.log_count("running on the tokio-uring fallback because WHARF_URING_FALLBACK=1"),
+        1,
+        "logged once: {}",
+        fallback.log()
+    );
+    for server in [&ring, &fallback] {
+        let data = payload(300_000, 9);
+        let back = echo_roundtrip(server.addr("echo"), &data, 5);
+        assert!(back == data.to_ascii_uppercase(), "wrong echo");
+    }
+}

@@ -1,32 +1,82 @@
-//! The io_uring backend: tokio-uring's completion-based IO.
+//! The io_uring backend.
 //!
-//! Same worker model as epoll (one ring and one `SO_REUSEPORT` listener per worker thread), so a
-//! backend swap changes only the IO mechanism. Buffers are handed to the kernel for the duration
-//! of each operation, which is exactly the owned-buffer contract of [`Conn`].
+//! Two implementations behind one backend name, chosen once per process ([`mode`], logged):
+//!
+//! - the ring path ([`ring`], on the [`driver`]): the `io-uring` crate inside tokio's
+//!   current-thread runtime, with one multishot accept per listener, one multishot receive
+//!   from a provided-buffer ring per connection, `SEND`, submissions batched once per turn of
+//!   the scheduler, SINGLE_ISSUER + DEFER_TASKRUN. It needs Linux 6.0 (multishot receive) and
+//!   a kernel that grants a provided-buffer ring;
+//! - the fallback ([`legacy`]): tokio-uring 0.5, for kernels without those, or when
+//!   `WHARF_URING_FALLBACK=1` is set (to compare the two, or to get around a kernel bug).
+//!
+//! UDP services run on tokio's reactor in the ring path (the epoll backend's
+//! [`wharf_backend_epoll::UdpSocket`]: a readiness wait per batch, then `recvfrom` until the
+//! queue is empty), on tokio-uring's ring operations in the fallback.
 //!
 //! [`probe`] tells, before any worker starts, whether this process may create a ring at all:
-//! container seccomp profiles and `kernel.io_uring_disabled` refuse it, and tokio-uring would
-//! otherwise panic deep inside a worker.
+//! container seccomp profiles and `kernel.io_uring_disabled` refuse it, and the runtimes would
+//! otherwise fail deep inside a worker.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::BorrowedFd;
+use std::sync::OnceLock;
 
-use tokio_uring::buf::BoundedBuf;
-use wharf_core::backend::mmsg::MultiMsg;
-use wharf_core::backend::sys::{self, no_spare_capacity, StreamKind};
+use wharf_backend_epoll::Epoll;
 use wharf_core::backend::{Backend, Listener};
-use wharf_core::conn::{BufResult, Conn};
+use wharf_core::conn::{BufResult, Conn, Spliced};
 use wharf_core::datagram::Packets;
-use wharf_core::on_stream;
-use wharf_core::peer::{peer_credentials, Peer};
+use wharf_core::peer::Peer;
 use wharf_core::udp::DatagramSocket;
 
-/// Submission queue entries per worker ring.
-const RING_ENTRIES: u32 = 1024;
+pub mod driver;
+pub mod legacy;
+pub mod ring;
 
-/// The tokio-uring backend.
+/// The environment variable that forces the tokio-uring fallback (`1`).
+pub const FALLBACK_ENV: &str = "WHARF_URING_FALLBACK";
+
+/// Which implementation this process runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// The ring path on the driver.
+    Ring,
+    /// tokio-uring, and why.
+    Fallback(String),
+}
+
+/// The implementation this process runs, decided (and logged) on first use: the ring path
+/// unless [`FALLBACK_ENV`] is `1` or the kernel lacks what it needs.
+pub fn mode() -> &'static Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    MODE.get_or_init(|| {
+        let mode = if std::env::var(FALLBACK_ENV).as_deref() == Ok("1") {
+            Mode::Fallback(format!("{FALLBACK_ENV}=1"))
+        } else {
+            match driver::supported() {
+                Ok(()) => Mode::Ring,
+                Err(why) => Mode::Fallback(why),
+            }
+        };
+        match &mode {
+            Mode::Ring => tracing::info!(
+                "io_uring: multishot accept and receive, provided-buffer ring, batched submissions"
+            ),
+            Mode::Fallback(why) => {
+                tracing::warn!("io_uring: running on the tokio-uring fallback because {why}")
+            }
+        }
+        mode
+    })
+}
+
+fn ring_mode() -> bool {
+    *mode() == Mode::Ring
+}
+
+/// The io_uring backend.
 pub struct IoUring;
 
 impl Backend for IoUring {
@@ -35,121 +85,160 @@ impl Backend for IoUring {
     type Datagrams = UdpSocket;
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
-        let rt = match tokio_uring::Runtime::new(&runtime_builder(true)) {
-            // Kernels before 6.0 reject the tuning flags: run without them.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tokio_uring::Runtime::new(&runtime_builder(false))?
-            }
-            other => other?,
-        };
-        Ok(rt.block_on(fut))
+        if ring_mode() {
+            ring::block_on(&driver::Features::default(), fut)
+        } else {
+            legacy::block_on(fut)
+        }
     }
 
     fn listener(socket: std::net::TcpListener) -> io::Result<StreamListener> {
-        socket.set_nonblocking(true)?;
-        Ok(StreamListener::Tcp(tokio::net::TcpListener::from_std(
-            socket,
-        )?))
+        Ok(if ring_mode() {
+            StreamListener::Ring(ring::Listener::tcp(socket)?)
+        } else {
+            StreamListener::Fallback(legacy::listener(socket)?)
+        })
     }
 
     fn unix_listener(socket: std::os::unix::net::UnixListener) -> io::Result<StreamListener> {
-        socket.set_nonblocking(true)?;
-        Ok(StreamListener::Unix(tokio::net::UnixListener::from_std(
-            socket,
-        )?))
+        Ok(if ring_mode() {
+            StreamListener::Ring(ring::Listener::unix(socket)?)
+        } else {
+            StreamListener::Fallback(legacy::unix_listener(socket)?)
+        })
     }
 
     fn datagram_socket(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
-        // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
-        socket.set_nonblocking(false)?;
-        Ok(UdpSocket {
-            socket: tokio_uring::net::UdpSocket::from_std(socket),
-            scratch: MultiMsg::new(wharf_core::udp::BATCH),
+        Ok(if ring_mode() {
+            UdpSocket::Reactor(Epoll::datagram_socket(socket)?)
+        } else {
+            UdpSocket::Fallback(legacy::datagram_socket(socket)?)
         })
     }
 }
 
-/// A worker's UDP socket: one ring receive (`recvmsg` with an owned buffer, through
-/// tokio-uring's `recv_from`) waits for the first datagram of a batch; what else is queued is
-/// taken with one `recvmmsg` (`MSG_DONTWAIT`, which never blocks the ring's thread); the
-/// replies go out with one `sendmmsg` (`MSG_DONTWAIT` likewise), and only a reply the full
-/// send buffer refuses waits, as a ring send (`sendmsg`, through `send_to`). Multishot
-/// receives (one submission, many completions, from a provided buffer ring) would save the
-/// ring receive per batch, but tokio-uring 0.5 offers neither multishot `recvmsg` nor buffer
-/// rings for UDP.
-pub struct UdpSocket {
-    socket: tokio_uring::net::UdpSocket,
-    scratch: MultiMsg,
+/// A worker's listening socket, of the implementation this process runs.
+pub enum StreamListener {
+    /// On the ring.
+    Ring(ring::Listener),
+    /// On tokio-uring.
+    Fallback(legacy::StreamListener),
+}
+
+impl Listener for StreamListener {
+    type Conn = StreamConn;
+
+    async fn accept(&self) -> io::Result<(StreamConn, Peer)> {
+        match self {
+            StreamListener::Ring(l) => l.accept().await.map(|(c, p)| (StreamConn::Ring(c), p)),
+            StreamListener::Fallback(l) => {
+                l.accept().await.map(|(c, p)| (StreamConn::Fallback(c), p))
+            }
+        }
+    }
+}
+
+/// A connection, of the implementation this process runs.
+pub enum StreamConn {
+    /// On the ring.
+    Ring(ring::Conn),
+    /// On tokio-uring.
+    Fallback(legacy::StreamConn),
+}
+
+/// Runs the same expression on either implementation's connection.
+macro_rules! on_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            StreamConn::Ring($c) => $body,
+            StreamConn::Fallback($c) => $body,
+        }
+    };
+}
+
+impl Conn for StreamConn {
+    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
+        on_conn!(self, c => c.read(buf).await)
+    }
+
+    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
+        on_conn!(self, c => c.write(buf, from).await)
+    }
+
+    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        on_conn!(self, c => c.try_read(buf))
+    }
+
+    async fn readable(&mut self) -> io::Result<()> {
+        on_conn!(self, c => c.readable().await)
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        on_conn!(self, c => c.local_addr())
+    }
+
+    fn peer_closed(&self) -> bool {
+        on_conn!(self, c => c.peer_closed())
+    }
+
+    fn peer_finished_sending(&self) -> bool {
+        on_conn!(self, c => c.peer_finished_sending())
+    }
+
+    async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
+        on_conn!(self, c => c.send_file(file, offset, len).await)
+    }
+
+    async fn writable(&mut self) -> io::Result<()> {
+        on_conn!(self, c => c.writable().await)
+    }
+
+    fn can_splice(&self) -> bool {
+        on_conn!(self, c => c.can_splice())
+    }
+
+    fn try_splice_to_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        on_conn!(self, c => c.try_splice_to_pipe(pipe, len))
+    }
+
+    fn try_splice_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<Spliced> {
+        on_conn!(self, c => c.try_splice_from_pipe(pipe, len))
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        on_conn!(self, c => c.shutdown().await)
+    }
+}
+
+/// A worker's UDP socket, of the implementation this process runs.
+pub enum UdpSocket {
+    /// On tokio's reactor, as in the epoll backend (the ring path).
+    Reactor(wharf_backend_epoll::UdpSocket),
+    /// On tokio-uring.
+    Fallback(legacy::UdpSocket),
 }
 
 impl DatagramSocket for UdpSocket {
     async fn recv_batch(&mut self, into: &mut Packets) -> io::Result<()> {
-        let Some(packet) = into.next_free() else {
-            return Ok(());
-        };
-        let buf = std::mem::take(&mut packet.buf);
-        let (res, buf) = self.socket.recv_from(buf).await;
-        packet.buf = buf;
-        packet.peer = res?.1;
-        into.commit();
-        // Nothing more queued (or an error, reported by the next wait) ends the batch here.
-        let _ = self.scratch.recv(self.socket.as_raw_fd(), into);
-        Ok(())
+        match self {
+            UdpSocket::Reactor(s) => s.recv_batch(into).await,
+            UdpSocket::Fallback(s) => s.recv_batch(into).await,
+        }
     }
 
     async fn send_batch(&mut self, from: &mut Packets) -> (usize, u64) {
-        let fd = self.socket.as_raw_fd();
-        let (mut sent, mut bytes) = (0, 0);
-        let mut next = 0;
-        while next < from.len() {
-            match self.scratch.send(fd, &from.filled()[next..]) {
-                Ok((n, b)) => {
-                    sent += n;
-                    bytes += b;
-                    next += n.max(1);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // The send buffer is full: this reply waits in the ring for room.
-                    let packet = &mut from.filled_mut()[next];
-                    let buf = std::mem::take(&mut packet.buf);
-                    let (res, buf) = self.socket.send_to(buf, packet.peer).await;
-                    packet.buf = buf;
-                    if let Ok(n) = res {
-                        sent += 1;
-                        bytes += n as u64;
-                    }
-                    next += 1;
-                }
-                // The socket refused this datagram (an unreachable destination, say): skip it.
-                Err(_) => next += 1,
-            }
+        match self {
+            UdpSocket::Reactor(s) => s.send_batch(from).await,
+            UdpSocket::Fallback(s) => s.send_batch(from).await,
         }
-        (sent, bytes)
     }
 
     fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.socket.as_raw_fd()
+        match self {
+            UdpSocket::Reactor(s) => s.raw_fd(),
+            UdpSocket::Fallback(s) => s.raw_fd(),
+        }
     }
-}
-
-/// The ring setup. With `tuned`, two flags that fit the thread-per-core model:
-///
-/// - `COOP_TASKRUN`: completions are run when the worker next enters the kernel instead of
-///   interrupting it with an IPI. Measured on loopback HTTP with 64 connections: +35% requests
-///   per second and 30% less CPU per request (see BENCHMARKS.md).
-/// - `SINGLE_ISSUER`: only the worker thread submits, so the kernel can skip locking.
-///
-/// `DEFER_TASKRUN` would go further but tokio-uring waits for completions through epoll on the
-/// ring fd, which never becomes readable when completions are deferred: it hangs.
-fn runtime_builder(tuned: bool) -> tokio_uring::Builder {
-    let mut ring = tokio_uring::uring_builder();
-    if tuned {
-        ring.setup_coop_taskrun().setup_single_issuer();
-    }
-    let mut builder = tokio_uring::builder();
-    builder.entries(RING_ENTRIES).uring_builder(&ring);
-    builder
 }
 
 /// Checks that an io_uring instance can be created here, explaining why not when it cannot.
@@ -172,10 +261,15 @@ pub fn probe() -> Result<(), String> {
     let ring = io_uring::IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
-        .build(RING_ENTRIES)
-        .or_else(|_| io_uring::IoUring::new(RING_ENTRIES));
+        .build(legacy::RING_ENTRIES)
+        .or_else(|_| io_uring::IoUring::new(legacy::RING_ENTRIES));
     match ring {
-        Ok(_) => Ok(()),
+        Ok(ring) => {
+            drop(ring);
+            // Decided and logged once, at startup, before any worker runs.
+            mode();
+            Ok(())
+        }
         Err(e) => Err(match e.raw_os_error() {
             Some(libc::ENOSYS) => "the kernel does not support io_uring (ENOSYS)".into(),
             Some(libc::EPERM) => {
@@ -196,131 +290,4 @@ pub fn probe() -> Result<(), String> {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// A worker's listening socket. Connections are accepted on readiness (tokio's reactor, which
-/// tokio-uring runs on) and served through the ring: accepting is not the hot path, and an
-/// io_uring accept cannot be cancelled with tokio-uring 0.5 (a dropped operation stays armed),
-/// so a stopped listener could only be silenced by `shutdown(2)`, which would also stop a
-/// socket shared with systemd (socket activation), or by every worker (a Unix socket).
-pub enum StreamListener {
-    /// A TCP listener.
-    Tcp(tokio::net::TcpListener),
-    /// A Unix-domain stream listener.
-    Unix(tokio::net::UnixListener),
-}
-
-/// tokio-uring does not cancel an operation whose future is dropped: the kernel keeps it in
-/// flight, and the op keeps the socket open. `shutdown(2)` completes pending operations (a
-/// receive sees end of stream), so dropping a connection really closes it. Without this, an
-/// idle-timed-out client would never be disconnected.
-fn complete_pending_ops(fd: std::os::fd::RawFd) {
-    // SAFETY: `fd` belongs to a socket we still own (called from Drop, before it is closed).
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-}
-
-impl Listener for StreamListener {
-    type Conn = StreamConn;
-
-    async fn accept(&self) -> io::Result<(StreamConn, Peer)> {
-        // io_uring answers operations on a non-blocking socket with EAGAIN instead of waiting.
-        let (stream, peer) = match self {
-            StreamListener::Tcp(l) => {
-                let (stream, peer) = l.accept().await?;
-                let stream = stream.into_std()?;
-                stream.set_nonblocking(false)?;
-                stream.set_nodelay(true)?;
-                let stream = Stream::Tcp(tokio_uring::net::TcpStream::from_std(stream));
-                (stream, Peer::Ip(peer))
-            }
-            StreamListener::Unix(l) => {
-                let (stream, _) = l.accept().await?;
-                let stream = stream.into_std()?;
-                let credentials = peer_credentials(stream.as_fd())?;
-                stream.set_nonblocking(false)?;
-                let stream = Stream::Unix(tokio_uring::net::UnixStream::from_std(stream));
-                (stream, Peer::Unix(credentials))
-            }
-        };
-        let readiness = sys::ReadReadiness::default();
-        Ok((StreamConn { readiness, stream }, peer))
-    }
-}
-
-/// The socket of an accepted connection.
-type Stream = StreamKind<tokio_uring::net::TcpStream, tokio_uring::net::UnixStream>;
-
-/// An accepted connection (TCP or Unix-domain).
-pub struct StreamConn {
-    /// Declared before `stream`: deregistered before the socket closes.
-    readiness: sys::ReadReadiness,
-    stream: Stream,
-}
-
-impl Drop for StreamConn {
-    fn drop(&mut self) {
-        complete_pending_ops(self.stream.as_raw_fd());
-    }
-}
-
-impl Conn for StreamConn {
-    async fn read(&mut self, buf: Vec<u8>) -> BufResult<usize> {
-        if buf.len() == buf.capacity() {
-            return (Err(no_spare_capacity()), buf);
-        }
-        // A plain Vec would be read into from offset 0 (tokio-uring's `IoBufMut for Vec` points
-        // at the start and only raises `len`), overwriting unconsumed input such as the first
-        // half of an HTTP head. A slice from `len` reads into the spare capacity and advances
-        // `len` by what arrived, as the trait specifies.
-        let len = buf.len();
-        let (res, slice) = on_stream!(&self.stream, s => s.read(buf.slice(len..)).await);
-        (res, slice.into_inner())
-    }
-
-    async fn write(&mut self, buf: Vec<u8>, from: usize) -> BufResult<usize> {
-        let (res, slice) = on_stream!(&self.stream, s => s.write(buf.slice(from..)).submit().await);
-        (res, slice.into_inner())
-    }
-
-    fn try_read(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-        sys::recv_now(self.stream.as_raw_fd(), buf)
-    }
-
-    /// Through tokio's reactor (which tokio-uring runs on): a readiness wait, unlike a ring
-    /// read, is cancelled for good when its future is dropped.
-    async fn readable(&mut self) -> io::Result<()> {
-        self.readiness.readable(self.stream.as_raw_fd()).await
-    }
-
-    /// The TCP address connected to; `None` on a Unix socket.
-    fn local_addr(&self) -> Option<SocketAddr> {
-        if let Stream::Unix(_) = self.stream {
-            return None;
-        }
-        // SAFETY: the stream's descriptor is open while `self` is borrowed.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        sys::local_addr(fd)
-    }
-
-    fn peer_closed(&self) -> bool {
-        sys::peer_closed(self.stream.as_raw_fd())
-    }
-
-    fn peer_finished_sending(&self) -> bool {
-        sys::peer_finished_sending(self.stream.as_raw_fd())
-    }
-
-    /// `sendfile(2)` on the worker, waiting for socket writability through tokio's reactor
-    /// (which runs under tokio-uring): tokio-uring 0.5 exposes no splice or sendfile
-    /// operation, and running it on the blocking pool held a thread for as long as a client did
-    /// not read. See BENCHMARKS.md for the comparison with ring reads and writes.
-    async fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<u64> {
-        // SAFETY: the stream's descriptor is open while `self` is borrowed.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        sys::sendfile_on_reactor(fd, file, offset, len).await
-    }
-
-    async fn shutdown(&mut self) -> io::Result<()> {
-        on_stream!(&self.stream, s => s.shutdown(std::net::Shutdown::Write))
-    }
 }

@@ -1,7 +1,6 @@
-//! Code shared by the benchmark peers in `src/bin/`: the io_uring driver the `uring-echo`
-//! peer runs on (the seed of wharf's next io_uring backend, issue 18).
-
-pub mod uring;
+//! Code shared by the benchmark peers in `src/bin/`: the listening socket every echo peer
+//! uses. (The io_uring driver the `uring-echo` peer runs on is wharf's own, in
+//! `wharf-backend-uring`.)
 
 /// The listening socket every echo peer uses, as the issue describes it: SO_REUSEADDR +
 /// SO_REUSEPORT, backlog 1024, non-blocking.

@@ -1,10 +1,11 @@
-//! An io_uring driver that lives inside a tokio current-thread runtime: the seed of wharf's
-//! next io_uring backend (issue 18), measured first as the `uring-echo` peer.
+//! The io_uring driver under the backend's ring path: the `io-uring` crate driven from inside a
+//! tokio current-thread runtime, so `tokio::time`, `spawn_local` and tokio's reactor (UDP,
+//! `sendfile` waits) keep working next to it. First built as the `uring-echo` benchmark peer
+//! (issue 18), which now runs on this copy.
 //!
 //! Why not tokio-uring: it issues one plain `READ`/`WRITE` per operation on unregistered
-//! descriptors and offers no multishot, no provided buffers, no direct descriptors and no
-//! DEFER_TASKRUN, which is where io_uring's savings are. This module uses the `io-uring` crate
-//! directly and keeps tokio as the runtime, so `tokio::time` and `spawn_local` work unchanged.
+//! descriptors and offers no multishot, no provided buffers and no DEFER_TASKRUN, which is
+//! where io_uring's savings are (BENCHMARKS.md, "io_uring: what fewer operations buy").
 //!
 //! How it fits in the runtime: one driver task ([`Driver::run`], spawned with `spawn_local`)
 //! owns the turn. Operations push their SQEs into the submission queue and ask for a flush,
@@ -14,27 +15,27 @@
 //! task's waker. When nothing is to be submitted the driver sleeps in tokio's epoll on the
 //! ring's fd, or with DEFER_TASKRUN on an eventfd registered with the ring, which the kernel
 //! signals when it queues deferred work (completions are then only posted inside an enter
-//! with GETEVENTS, which tokio-uring's run loop never passes: it only calls `submit()`,
-//! and waits on the ring fd; the likely reason DEFER_TASKRUN hung there).
+//! with GETEVENTS). A task that must know *now* what has arrived ([`Driver::turn_now`]: a
+//! non-blocking read, a drain-time accept) runs the same submit-and-reap itself; it costs a
+//! syscall only when the kernel flags work pending.
 //!
-//! Features ([`Features`]) each fall back, logged on stderr, when the kernel refuses them:
-//! SINGLE_ISSUER + DEFER_TASKRUN (else COOP_TASKRUN + TASKRUN_FLAG), a provided-buffer ring,
-//! direct descriptors, multishot accept and receive.
+//! Receives pick their buffer from a provided-buffer ring ([`bufring`]). A completion's bytes
+//! are copied, when it is reaped, into its operation's *stash* (a per-connection byte queue)
+//! and the buffer goes straight back to the ring, so the ring never runs dry because some
+//! connection's task is slow to read; a stash past [`STASH_LIMIT`] unread bytes cancels its
+//! receive (TCP flow control then holds the client back) until the reader catches up.
 //!
 //! Cancellation (a dropped future or connection) never frees memory the kernel may still
 //! write: every buffer an operation gives the kernel is owned by its slab slot, not by the
 //! future, and the slot lives until the operation's final completion. Dropping an unfinished
 //! operation marks its slot orphaned and submits `ASYNC_CANCEL`; the completions that still
 //! come release what they carry (a provided buffer goes back to the ring, an accepted socket
-//! is closed, a direct descriptor gets a `CLOSE`) and the final one frees the slot. When the
-//! driver itself goes (its runtime shuts down), it first cancels every in-flight request
-//! synchronously (`IORING_REGISTER_SYNC_CANCEL`), so no memory is freed under the kernel.
-//! Running out of provided buffers ends a multishot receive with `ENOBUFS`: the receiver lets
-//! the other tasks run (they give buffers back) and re-arms; any multishot operation that
-//! ends without `IORING_CQE_F_MORE` is re-armed by its next caller; `EINTR`/`EAGAIN` retry.
+//! is closed) and the final one frees the slot. When the driver itself goes (its runtime
+//! shuts down), it first cancels every in-flight request synchronously
+//! (`IORING_REGISTER_SYNC_CANCEL`), so no memory is freed under the kernel. A multishot
+//! operation that ends without `IORING_CQE_F_MORE` is re-armed by its next caller.
 
 pub mod bufring;
-pub mod net;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -50,23 +51,23 @@ use tokio::io::unix::AsyncFd;
 
 use bufring::BufRing;
 
-/// `user_data` of operations whose completion nobody waits for (cancels, closes).
+/// `user_data` of operations whose completion nobody waits for (cancels).
 const UNTRACKED: u64 = u64::MAX;
 /// `IORING_ENTER_GETEVENTS` (the crate keeps its sys module private).
 const ENTER_GETEVENTS: u32 = 1;
 /// Driver loop iterations before it yields to other tasks.
 const TURN_BUDGET: usize = 8;
+/// Unread bytes a receive's stash may hold before the receive is cancelled (re-armed when
+/// its reader has taken them).
+pub const STASH_LIMIT: usize = 256 * 1024;
+/// A stash emptied with more capacity than this gives it back (idle connections hold none).
+const STASH_KEEP: usize = 8 * 1024;
 
-/// What the driver asks the kernel for; each is measured on its own with the echo peer.
+/// What the driver asks the kernel for.
 #[derive(Debug, Clone)]
 pub struct Features {
-    /// Multishot accept and multishot receive (receive also needs `buffer_ring`).
-    pub multishot: bool,
-    /// Accepted sockets as direct (registered) descriptors instead of fds.
-    pub direct: bool,
-    /// Receives pick a buffer from a provided-buffer ring; without it each receive owns one.
-    pub buffer_ring: bool,
-    /// SINGLE_ISSUER + DEFER_TASKRUN; without it COOP_TASKRUN + TASKRUN_FLAG.
+    /// SINGLE_ISSUER + DEFER_TASKRUN; without it (or when refused) COOP_TASKRUN +
+    /// TASKRUN_FLAG, the ring fd watched by tokio's epoll.
     pub defer_taskrun: bool,
     /// Submission queue entries (the completion queue gets 4x).
     pub ring_entries: u32,
@@ -74,21 +75,15 @@ pub struct Features {
     pub buffers: u16,
     /// Bytes per provided buffer.
     pub buffer_size: usize,
-    /// Direct descriptor slots (the most connections at once with `direct`).
-    pub direct_slots: u32,
 }
 
 impl Default for Features {
     fn default() -> Self {
         Features {
-            multishot: true,
-            direct: true,
-            buffer_ring: true,
             defer_taskrun: true,
             ring_entries: 1024,
             buffers: 2048,
             buffer_size: 4096,
-            direct_slots: 16384,
         }
     }
 }
@@ -96,19 +91,30 @@ impl Default for Features {
 /// Counters of what the driver did, to put operations per request next to CPU per request.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
+    /// `io_uring_enter` calls.
     pub enters: u64,
+    /// Submissions.
     pub sqes: u64,
+    /// Completions reaped.
     pub cqes: u64,
+    /// Times the driver was woken by the kernel.
     pub wakeups: u64,
+    /// Multishot receives ended because the buffer ring was empty.
     pub enobufs: u64,
+    /// Multishot operations armed again after the kernel ended them.
     pub multishot_rearms: u64,
+    /// Completions of operations nobody waited for any more (cancelled).
     pub orphan_cqes: u64,
+    /// Receives cancelled because their reader fell [`STASH_LIMIT`] bytes behind.
+    pub stash_full: u64,
 }
 
 /// One completion: the result (`-errno` on failure) and the CQE flags.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
+    /// The result, `-errno` on failure.
     pub result: i32,
+    /// The CQE flags.
     pub flags: u32,
 }
 
@@ -121,20 +127,57 @@ impl Completion {
 
 /// What an operation holds that must be released if nobody takes its completions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpKind {
-    Accept { direct: bool },
+pub enum OpKind {
+    /// An accept: a completion carries a new socket, closed if nobody takes it.
+    Accept,
+    /// A receive from the buffer ring: its bytes go to the slot's stash.
     Recv,
+    /// A send (its buffer is held by the slot).
     Send,
 }
 
 struct Slot {
     kind: OpKind,
     waker: Option<Waker>,
+    /// Completions not yet taken (for a receive: only the ones without bytes: its end), in
+    /// order: `queue`, then `last`.
     queue: VecDeque<Completion>,
+    /// The final completion when it came with nothing queued before it: a one-shot
+    /// operation's only one needs no allocation.
+    last: Option<Completion>,
     finished: bool,
     orphaned: bool,
+    /// A cancel was submitted for it (the stash is full).
+    cancelling: bool,
     /// Memory the kernel reads or writes; kept until the final completion.
     buf: Option<Vec<u8>>,
+    /// A receive's bytes not yet taken: `stash[head..]`.
+    stash: Vec<u8>,
+    head: usize,
+}
+
+impl Slot {
+    fn unread(&self) -> usize {
+        self.stash.len() - self.head
+    }
+
+    /// Queues a completion for the operation's owner (after `finished` is updated).
+    fn deliver(&mut self, c: Completion) {
+        if self.finished && self.queue.is_empty() && self.last.is_none() {
+            self.last = Some(c);
+        } else {
+            self.queue.push_back(c);
+        }
+    }
+
+    /// The oldest completion not yet taken.
+    fn take(&mut self) -> Option<Completion> {
+        self.queue.pop_front().or_else(|| self.last.take())
+    }
+
+    fn has_queued(&self) -> bool {
+        !self.queue.is_empty() || self.last.is_some()
+    }
 }
 
 /// Handle on the driver; cheap to clone (all on one thread).
@@ -148,7 +191,7 @@ struct Inner {
     // buffer ring's registration), then the buffer memory.
     wake: AsyncFd<WakeFd>,
     ring: RefCell<IoUring>,
-    buffers: RefCell<Option<BufRing>>,
+    buffers: RefCell<BufRing>,
     ops: RefCell<Slab<Slot>>,
     /// Completions taken off the ring in one reap, before dispatch (kept to reuse its memory).
     scratch: RefCell<Vec<(u64, Completion)>>,
@@ -158,14 +201,12 @@ struct Inner {
     stats: Cell<Stats>,
 }
 
-/// The features the kernel granted.
+/// What the kernel granted.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// DEFER_TASKRUN is on (else COOP_TASKRUN).
     pub defer_taskrun: bool,
-    pub direct: bool,
-    pub buffer_ring: bool,
-    pub multishot_accept: bool,
-    pub multishot_recv: bool,
+    /// The ring's setup flags, as logged.
     pub ring_flags: &'static str,
 }
 
@@ -187,26 +228,24 @@ impl AsRawFd for WakeFd {
 fn build_ring(features: &Features) -> io::Result<(IoUring, bool, &'static str)> {
     let cq = features.ring_entries.saturating_mul(4);
     if features.defer_taskrun {
-        match IoUring::builder()
+        if let Ok(ring) = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_taskrun_flag()
             .setup_cqsize(cq)
             .build(features.ring_entries)
         {
-            Ok(ring) => return Ok((ring, true, "SINGLE_ISSUER+DEFER_TASKRUN+TASKRUN_FLAG")),
-            Err(e) => eprintln!("uring: DEFER_TASKRUN refused ({e}); falling back to COOP_TASKRUN"),
+            return Ok((ring, true, "SINGLE_ISSUER+DEFER_TASKRUN+TASKRUN_FLAG"));
         }
     }
-    match IoUring::builder()
+    if let Ok(ring) = IoUring::builder()
         .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_taskrun_flag()
         .setup_cqsize(cq)
         .build(features.ring_entries)
     {
-        Ok(ring) => return Ok((ring, false, "SINGLE_ISSUER+COOP_TASKRUN+TASKRUN_FLAG")),
-        Err(e) => eprintln!("uring: SINGLE_ISSUER+COOP_TASKRUN refused ({e}); plain ring"),
+        return Ok((ring, false, "SINGLE_ISSUER+COOP_TASKRUN+TASKRUN_FLAG"));
     }
     Ok((
         IoUring::builder()
@@ -217,9 +256,67 @@ fn build_ring(features: &Features) -> io::Result<(IoUring, bool, &'static str)> 
     ))
 }
 
+/// Whether this kernel gives the driver what it cannot do without: a ring, a provided-buffer
+/// ring (Linux 5.19) and multishot receive (Linux 6.0, told by the kernel's version: the
+/// kernel has no probe for an opcode's flags). The reason when not.
+pub fn supported() -> Result<(), String> {
+    let release = kernel_release();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < (6, 0) {
+        return Err(format!(
+            "Linux {release} has no multishot receive (6.0 and later do)"
+        ));
+    }
+    let features = Features::default();
+    let (ring, _, _) = build_ring(&features).map_err(|e| format!("io_uring_setup: {e}"))?;
+    let buffers = BufRing::register(&ring.submitter(), 16, 64, 0)
+        .map_err(|e| format!("the kernel refused a provided-buffer ring ({e})"))?;
+    // The ring goes first: closing it releases the buffer ring's registration.
+    drop(ring);
+    drop(buffers);
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    // SAFETY: zeroed utsname is valid for uname to fill.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is ours; uname fills it with NUL-terminated strings.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+thread_local! {
+    /// The driver of the ring runtime running on this thread ([`crate::ring::block_on`]).
+    static CURRENT: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// Makes `driver` this thread's current one until the guard is dropped.
+pub(crate) struct CurrentGuard(());
+
+impl CurrentGuard {
+    pub(crate) fn set(driver: &Driver) -> CurrentGuard {
+        CURRENT.with(|c| *c.borrow_mut() = Some(driver.clone()));
+        CurrentGuard(())
+    }
+}
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
 impl Driver {
-    /// Sets up the ring and what `features` asks for, inside a tokio runtime (for the
-    /// AsyncFd). Spawn [`Driver::run`] with `spawn_local` before awaiting any operation.
+    /// Sets up the ring and the buffer ring, inside a tokio runtime (for the AsyncFd). Spawn
+    /// [`Driver::run`] with `spawn_local` before awaiting any operation.
     pub fn new(features: &Features) -> io::Result<Driver> {
         let (ring, defer_taskrun, ring_flags) = build_ring(features)?;
         let wake = if defer_taskrun {
@@ -235,32 +332,10 @@ impl Driver {
         } else {
             WakeFd::Ring(ring.as_raw_fd())
         };
-        let mut direct = features.direct;
-        if direct {
-            if let Err(e) = ring
-                .submitter()
-                .register_files_sparse(features.direct_slots)
-            {
-                eprintln!("uring: direct descriptors refused ({e}); using plain fds");
-                direct = false;
-            }
-        }
-        let mut buffers = None;
-        if features.buffer_ring {
-            match BufRing::register(&ring.submitter(), features.buffers, features.buffer_size, 0) {
-                Ok(ring) => buffers = Some(ring),
-                Err(e) => {
-                    eprintln!("uring: provided-buffer ring refused ({e}); one buffer per receive")
-                }
-            }
-        }
-        let buffer_ring = buffers.is_some();
+        let buffers =
+            BufRing::register(&ring.submitter(), features.buffers, features.buffer_size, 0)?;
         let settings = Settings {
             defer_taskrun,
-            direct,
-            buffer_ring,
-            multishot_accept: features.multishot,
-            multishot_recv: features.multishot && buffer_ring,
             ring_flags,
         };
         Ok(Driver {
@@ -283,6 +358,13 @@ impl Driver {
         })
     }
 
+    /// The driver of the ring runtime running on this thread.
+    pub fn current() -> io::Result<Driver> {
+        CURRENT.with(|c| c.borrow().clone()).ok_or_else(|| {
+            io::Error::other("no io_uring driver on this thread (outside the ring runtime)")
+        })
+    }
+
     /// What the kernel granted.
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
@@ -293,27 +375,50 @@ impl Driver {
         self.inner.stats.get()
     }
 
+    /// Operations in flight or not yet taken (0 when nothing leaks), and provided buffers out
+    /// of the ring (0 between turns: every buffer goes back when its completion is reaped).
+    pub fn in_use(&self) -> (usize, usize) {
+        (
+            self.inner.ops.borrow().len(),
+            self.inner.buffers.borrow().outstanding(),
+        )
+    }
+
     /// The driver task: submits and reaps once per scheduler turn, forever (until the runtime
     /// stops or the ring fails).
     pub async fn run(self) -> io::Result<()> {
         poll_fn(|cx| self.inner.poll_turn(cx)).await
     }
 
+    /// Submits what is queued and takes every completion the kernel has (running deferred
+    /// work first), now, from the calling task: for a caller that must see what has already
+    /// arrived without waiting for the driver's next turn. No syscall when there is nothing
+    /// to submit and the kernel flags no work.
+    pub fn turn_now(&self) -> io::Result<()> {
+        self.inner.enter()?;
+        self.inner.reap();
+        Ok(())
+    }
+
+    /// Submits what is queued now, without taking completions.
+    pub fn submit_now(&self) -> io::Result<()> {
+        self.inner.enter()
+    }
+
     /// Submits `sqe` for a one-shot or multishot operation holding `buf` (if any) until its
     /// final completion. The SQE's pointers must point into `buf`'s heap memory.
-    pub(crate) fn start(
-        &self,
-        kind: OpKind,
-        sqe: squeue::Entry,
-        buf: Option<Vec<u8>>,
-    ) -> io::Result<Op> {
+    pub fn start(&self, kind: OpKind, sqe: squeue::Entry, buf: Option<Vec<u8>>) -> io::Result<Op> {
         let key = self.inner.ops.borrow_mut().insert(Slot {
             kind,
             waker: None,
             queue: VecDeque::new(),
+            last: None,
             finished: false,
             orphaned: false,
+            cancelling: false,
             buf,
+            stash: Vec::new(),
+            head: 0,
         });
         if let Err(e) = self.inner.push(sqe.user_data(key as u64)) {
             self.inner.ops.borrow_mut().remove(key);
@@ -326,43 +431,13 @@ impl Driver {
         })
     }
 
-    /// The next completion of the multishot operation kept in `op`, arming it with the SQE
-    /// `arm` builds first when there is none or the kernel has ended it (a re-arm, counted).
-    /// `Ok(None)`: the kernel ended it just now; call again to re-arm.
-    pub(crate) async fn next_multishot(
-        &self,
-        op: &mut Option<Op>,
-        kind: OpKind,
-        arm: impl FnOnce() -> squeue::Entry,
-    ) -> io::Result<Option<Completion>> {
-        if op.as_ref().is_none_or(Op::is_finished) {
-            if op.take().is_some() {
-                self.count(|s| s.multishot_rearms += 1);
-            }
-            *op = Some(self.start(kind, arm(), None)?);
-        }
-        match op.as_mut() {
-            Some(op) => Ok(op.next().await),
-            None => Ok(None),
-        }
-    }
-
-    /// Submits an operation whose completion nobody waits for (a close, a cancel).
-    pub(crate) fn fire_and_forget(&self, sqe: squeue::Entry) {
-        if let Err(e) = self.inner.push(sqe.user_data(UNTRACKED)) {
-            eprintln!("uring: could not submit a cleanup operation: {e}");
-        }
-    }
-
-    /// Runs `f` on the buffer ring, if there is one.
-    pub(crate) fn with_buffers<R>(&self, f: impl FnOnce(&mut BufRing) -> R) -> Option<R> {
-        self.inner.buffers.borrow_mut().as_mut().map(f)
+    /// The buffer group receives pick from.
+    pub fn buffer_group(&self) -> u16 {
+        self.inner.buffers.borrow().group()
     }
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut Stats)) {
-        let mut s = self.inner.stats.get();
-        f(&mut s);
-        self.inner.stats.set(s);
+        self.inner.bump(f);
     }
 }
 
@@ -477,9 +552,9 @@ impl Inner {
         if user_data == UNTRACKED {
             if c.result < 0 && !matches!(-c.result, libc::ENOENT | libc::EALREADY | libc::ECANCELED)
             {
-                eprintln!(
-                    "uring: cleanup operation failed: {}",
-                    io::Error::from_raw_os_error(-c.result)
+                tracing::debug!(
+                    error = %io::Error::from_raw_os_error(-c.result),
+                    "io_uring: a cancel failed"
                 );
             }
             return;
@@ -488,7 +563,7 @@ impl Inner {
         let final_cqe = !cqueue::more(c.flags);
         let mut ops = self.ops.borrow_mut();
         let Some(slot) = ops.get_mut(key) else {
-            eprintln!("uring: completion for unknown operation {key}");
+            tracing::warn!(key, "io_uring: completion for an unknown operation");
             return;
         };
         if slot.orphaned {
@@ -501,32 +576,65 @@ impl Inner {
             self.release(kind, c);
             return;
         }
-        slot.queue.push_back(c);
         slot.finished |= final_cqe;
+        let mut cancel = false;
+        match cqueue::buffer_select(c.flags) {
+            Some(bid) if slot.kind == OpKind::Recv && c.result > 0 => {
+                // Bytes: into the stash, and the buffer straight back to the ring.
+                if slot.head > 0 && slot.head >= slot.stash.len() / 2 {
+                    slot.stash.drain(..slot.head);
+                    slot.head = 0;
+                }
+                let stash = &mut slot.stash;
+                let copied = self
+                    .buffers
+                    .borrow_mut()
+                    .consume(bid, c.result as usize, |b| stash.extend_from_slice(b));
+                if let Err(e) = copied {
+                    // Never expected: the kernel named a buffer the book says it holds.
+                    tracing::error!("io_uring buffer ring bookkeeping: {e:?}");
+                    slot.deliver(Completion {
+                        result: -libc::EIO,
+                        flags: 0,
+                    });
+                }
+                if slot.unread() >= STASH_LIMIT && !slot.finished && !slot.cancelling {
+                    slot.cancelling = true;
+                    cancel = true;
+                }
+            }
+            Some(bid) => {
+                // An end or error carries no buffer; give one back if it does.
+                if let Err(e) = self.buffers.borrow_mut().discard(bid) {
+                    tracing::error!("io_uring buffer ring bookkeeping: {e:?}");
+                }
+                slot.deliver(c);
+            }
+            None => slot.deliver(c),
+        }
         if let Some(w) = slot.waker.take() {
             w.wake();
+        }
+        drop(ops);
+        if cancel {
+            self.bump(|s| s.stash_full += 1);
+            let cancel = opcode::AsyncCancel::new(key as u64).build();
+            if let Err(e) = self.push(cancel.user_data(UNTRACKED)) {
+                tracing::warn!("io_uring: could not pause a receive: {e}");
+            }
         }
     }
 
     /// Releases what a completion nobody will take carries.
     fn release(&self, kind: OpKind, c: Completion) {
         if let Some(bid) = cqueue::buffer_select(c.flags) {
-            if let Some(Err(e)) = self.buffers.borrow_mut().as_mut().map(|b| b.discard(bid)) {
-                eprintln!("uring: buffer ring bookkeeping: {e:?}");
+            if let Err(e) = self.buffers.borrow_mut().discard(bid) {
+                tracing::error!("io_uring buffer ring bookkeeping: {e:?}");
             }
         }
-        if let OpKind::Accept { direct } = kind {
-            if c.result >= 0 {
-                if direct {
-                    let close = opcode::Close::new(types::Fixed(c.result as u32)).build();
-                    if let Err(e) = self.push(close.user_data(UNTRACKED)) {
-                        eprintln!("uring: could not close an orphaned connection: {e}");
-                    }
-                } else {
-                    // SAFETY: the accept gave us this fd and nobody else has it.
-                    drop(unsafe { OwnedFd::from_raw_fd(c.result) });
-                }
-            }
+        if kind == OpKind::Accept && c.result >= 0 {
+            // SAFETY: the accept gave us this fd and nobody else has it.
+            drop(unsafe { OwnedFd::from_raw_fd(c.result) });
         }
     }
 
@@ -569,24 +677,34 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing a ring cancels its requests asynchronously, and the slots' buffers and the
-        // buffer ring are freed right after this: cancel everything synchronously first, so
-        // the kernel is done with that memory before it goes.
-        let ring = self.ring.get_mut();
+        // buffer ring are freed right after this: submit what is queued (so nothing is left
+        // to start later), then cancel everything synchronously, so the kernel is done with
+        // that memory before it goes.
+        if let Err(e) = self.enter() {
+            tracing::warn!("io_uring: submitting at shutdown: {e}");
+        }
         let timeout = types::Timespec::new().sec(1);
-        match ring
+        match self
+            .ring
+            .get_mut()
             .submitter()
             .register_sync_cancel(Some(timeout), types::CancelBuilder::any())
         {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => eprintln!("uring: cancelling in-flight operations at shutdown: {e}"),
+            Err(e) => tracing::warn!("io_uring: cancelling in-flight operations at shutdown: {e}"),
         }
+        // Every operation is orphaned by now (each holds the driver): what their last
+        // completions carry (accepted sockets) is released, not leaked.
+        let _ = self.enter();
+        self.reap();
     }
 }
 
-/// A submitted operation. One-shot: await [`Op::completion`]. Multishot: call
-/// [`Op::next`] until it returns `None` (the kernel ended it; re-arm if wanted). Dropping it
-/// before its final completion cancels it without freeing anything the kernel still uses.
+/// A submitted operation. One-shot: await [`Op::completion`]. Multishot: take completions
+/// with [`Op::try_next`] (and a receive's bytes with [`Op::take_bytes`]), waiting with
+/// [`Op::register`]; once [`Op::is_finished`], arm a new one if wanted. Dropping it before its
+/// final completion cancels it without freeing anything the kernel still uses.
 pub struct Op {
     driver: Driver,
     key: usize,
@@ -594,14 +712,13 @@ pub struct Op {
 }
 
 impl Op {
-    /// The next completion, or `None` once the final one has been taken.
-    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Completion>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Completion>> {
         if self.done {
             return Poll::Ready(None);
         }
         let mut ops = self.driver.inner.ops.borrow_mut();
         let slot = &mut ops[self.key];
-        if let Some(c) = slot.queue.pop_front() {
+        if let Some(c) = slot.take() {
             return Poll::Ready(Some(c));
         }
         if slot.finished {
@@ -616,9 +733,16 @@ impl Op {
         Poll::Pending
     }
 
-    /// The next completion of a multishot operation (see [`Op::poll_next`]).
-    pub async fn next(&mut self) -> Option<Completion> {
-        poll_fn(|cx| self.poll_next(cx)).await
+    /// Wakes the task of `cx` at this operation's next completion.
+    pub fn register(&self, cx: &mut Context<'_>) {
+        if self.done {
+            cx.waker().wake_by_ref();
+            return;
+        }
+        let slot = &mut self.driver.inner.ops.borrow_mut()[self.key];
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
     }
 
     /// A completion already delivered, without waiting.
@@ -626,25 +750,48 @@ impl Op {
         if self.done {
             return None;
         }
-        self.driver.inner.ops.borrow_mut()[self.key]
-            .queue
-            .pop_front()
+        self.driver.inner.ops.borrow_mut()[self.key].take()
     }
 
-    /// Puts a completion taken with [`Op::try_next`] back at the front, for the next taker.
-    pub fn put_back(&mut self, c: Completion) {
-        if !self.done {
-            self.driver.inner.ops.borrow_mut()[self.key]
-                .queue
-                .push_front(c);
+    /// Moves a receive's stashed bytes into the spare capacity of `dst`, as many as fit
+    /// (never growing it); returns how many.
+    pub fn take_bytes(&mut self, dst: &mut Vec<u8>) -> usize {
+        if self.done {
+            return 0;
+        }
+        let mut ops = self.driver.inner.ops.borrow_mut();
+        let slot = &mut ops[self.key];
+        let n = slot.unread().min(dst.capacity() - dst.len());
+        if n == 0 {
+            return 0;
+        }
+        dst.extend_from_slice(&slot.stash[slot.head..slot.head + n]);
+        slot.head += n;
+        if slot.head == slot.stash.len() {
+            slot.head = 0;
+            if slot.stash.capacity() > STASH_KEEP {
+                slot.stash = Vec::new();
+            } else {
+                slot.stash.clear();
+            }
+        }
+        n
+    }
+
+    /// Whether bytes or a completion are there to take without waiting.
+    pub fn has_ready(&self) -> bool {
+        !self.done && {
+            let ops = self.driver.inner.ops.borrow();
+            ops[self.key].unread() > 0 || ops[self.key].has_queued()
         }
     }
 
-    /// Whether the kernel has ended this operation and all its completions were taken.
+    /// Whether the kernel has ended this operation and everything it delivered was taken.
     pub fn is_finished(&self) -> bool {
         self.done || {
             let ops = self.driver.inner.ops.borrow();
-            ops[self.key].finished && ops[self.key].queue.is_empty()
+            let slot = &ops[self.key];
+            slot.finished && !slot.has_queued() && slot.unread() == 0
         }
     }
 
@@ -674,13 +821,15 @@ impl Drop for Op {
         let mut ops = inner.ops.borrow_mut();
         let slot = &mut ops[self.key];
         let kind = slot.kind;
-        let pending: Vec<Completion> = slot.queue.drain(..).collect();
+        let pending: Vec<Completion> = slot.queue.drain(..).chain(slot.last.take()).collect();
         let finished = slot.finished;
         if finished {
             ops.remove(self.key);
         } else {
             slot.orphaned = true;
             slot.waker = None;
+            slot.stash = Vec::new();
+            slot.head = 0;
         }
         drop(ops);
         for c in pending {
@@ -689,7 +838,7 @@ impl Drop for Op {
         if !finished {
             let cancel = opcode::AsyncCancel::new(self.key as u64).build();
             if let Err(e) = inner.push(cancel.user_data(UNTRACKED)) {
-                eprintln!("uring: could not cancel a dropped operation: {e}");
+                tracing::warn!("io_uring: could not cancel a dropped operation: {e}");
             }
         }
     }
