@@ -325,7 +325,7 @@ fn download(
     out: Option<&std::path::Path>,
     resume: bool,
 ) -> Result<String, String> {
-    use md5::{Digest, Md5};
+    use wharf_core::md5::{hex, Md5};
     use std::fs::OpenOptions;
     use std::path::PathBuf;
 
@@ -351,7 +351,7 @@ fn download(
     if resume && part.exists() {
         let mut existing =
             std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
-        offset = io::copy(&mut existing, &mut Md5Writer(&mut md5))
+        offset = io::copy(&mut existing, &mut md5)
             .map_err(|e| format!("{}: {e}", part.display()))?;
     }
     let mut client =
@@ -420,7 +420,7 @@ fn download(
             WrongService::new("a file-get", &answer)
         ));
     }
-    let ours: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let ours = hex(&md5.digest());
     if trailer != ours {
         drop(file);
         let _ = std::fs::remove_file(&part);
@@ -512,20 +512,6 @@ fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(done);
     bar
-}
-
-/// Feeds `io::copy` into a hasher.
-struct Md5Writer<'a>(&'a mut md5::Md5);
-
-impl Write for Md5Writer<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        md5::Digest::update(self.0, buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// `wharf client echo ADDR [TEXT...]`: sends the words (joined by spaces, plus a newline) or

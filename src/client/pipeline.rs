@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-use md5::{Digest, Md5};
+use wharf_core::md5::Md5;
 
 use super::transport::Transport;
 
