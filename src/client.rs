@@ -325,9 +325,9 @@ fn download(
     out: Option<&std::path::Path>,
     resume: bool,
 ) -> Result<String, String> {
-    use wharf_core::md5::{hex, Md5};
     use std::fs::OpenOptions;
     use std::path::PathBuf;
+    use wharf_core::md5::{hex, Md5};
 
     let out: PathBuf = match out {
         Some(p) => p.to_path_buf(),
@@ -351,8 +351,8 @@ fn download(
     if resume && part.exists() {
         let mut existing =
             std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
-        offset = io::copy(&mut existing, &mut md5)
-            .map_err(|e| format!("{}: {e}", part.display()))?;
+        offset =
+            io::copy(&mut existing, &mut md5).map_err(|e| format!("{}: {e}", part.display()))?;
     }
     let mut client =
         CommandClient::connect(addr, tls).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -375,24 +375,23 @@ fn download(
     client.ack().map_err(|e| e.to_string())?;
 
     let bar = progress_bar(offset + size, offset);
-    let received = match pipeline::receive(client.stream(), size, &mut file, md5, HEAD, |n| {
-        bar.inc(n)
-    }) {
-        Ok(received) => received,
-        Err(pipeline::Failed::Write(e)) => {
-            bar.abandon();
-            drop(file);
-            let _ = std::fs::remove_file(&part);
-            return Err(format!(
-                "cannot write {}: {e} (partial file removed)",
-                part.display()
-            ));
-        }
-        Err(pipeline::Failed::Hasher(why)) => {
-            bar.abandon();
-            return Err(why);
-        }
-    };
+    let received =
+        match pipeline::receive(client.stream(), size, &mut file, md5, HEAD, |n| bar.inc(n)) {
+            Ok(received) => received,
+            Err(pipeline::Failed::Write(e)) => {
+                bar.abandon();
+                drop(file);
+                let _ = std::fs::remove_file(&part);
+                return Err(format!(
+                    "cannot write {}: {e} (partial file removed)",
+                    part.display()
+                ));
+            }
+            Err(pipeline::Failed::Hasher(why)) => {
+                bar.abandon();
+                return Err(why);
+            }
+        };
     if let Some(why) = received.lost {
         bar.abandon();
         return Err(format!(

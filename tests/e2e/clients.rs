@@ -133,7 +133,10 @@ fn get_keeps_what_arrived_when_the_server_dies_mid_file() {
         "{err}"
     );
     let part = work.0.join("data.bin.part");
-    assert!(std::fs::read(&part).unwrap() == data[..cut], "the part file is not what arrived");
+    assert!(
+        std::fs::read(&part).unwrap() == data[..cut],
+        "the part file is not what arrived"
+    );
 
     let server = start(&files.0);
     let addr = server.addr("files").to_string();
