@@ -54,11 +54,10 @@ pub fn receive(
     head_len: usize,
     progress: impl Fn(u64),
 ) -> Result<Received, Failed> {
-    let tuning = Tuning::from_env();
     // Full buffers to the hasher, and back empty. Neither send can block: at most
     // `BUFFERS` buffers exist.
-    let (to_hash, hashing) = sync_channel::<(Vec<u8>, usize)>(tuning.buffers);
-    let (hashed, free) = sync_channel::<Vec<u8>>(tuning.buffers);
+    let (to_hash, hashing) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (hashed, free) = sync_channel::<Vec<u8>>(BUFFERS);
     let hasher = std::thread::Builder::new()
         .name("md5".into())
         .spawn(move || hash(md5, hashing, hashed))
@@ -66,8 +65,8 @@ pub fn receive(
     let mut buffers = Buffers {
         free,
         made: 0,
-        most: tuning.buffers,
-        size: tuning.chunk,
+        most: BUFFERS,
+        size: CHUNK,
     };
     let mut received = 0u64;
     let mut lost = None;
@@ -78,7 +77,7 @@ pub fn receive(
             break; // the hasher is gone (it panicked): reported below
         };
         let want = (size - received).min(buf.len() as u64) as usize;
-        let (n, ended) = fill(stream, &mut buf[..want], tuning.waitall);
+        let (n, ended) = fill(stream, &mut buf[..want]);
         if n > 0 {
             head.extend_from_slice(&buf[..n.min(head_len.saturating_sub(head.len()))]);
             if let Err(e) = file.write_all(&buf[..n]) {
@@ -147,15 +146,10 @@ impl Buffers {
 
 /// Reads into all of `buf` unless the stream ends or fails first: returns the bytes read and,
 /// when it stopped short, why.
-fn fill(stream: &mut Transport, buf: &mut [u8], waitall: bool) -> (usize, Option<String>) {
+fn fill(stream: &mut Transport, buf: &mut [u8]) -> (usize, Option<String>) {
     let mut filled = 0;
     while filled < buf.len() {
-        let res = if waitall {
-            stream.read_waiting(&mut buf[filled..])
-        } else {
-            io::Read::read(stream, &mut buf[filled..])
-        };
-        match res {
+        match stream.read_waiting(&mut buf[filled..]) {
             Ok(0) => return (filled, Some("the server closed the connection".into())),
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -163,27 +157,4 @@ fn fill(stream: &mut Transport, buf: &mut [u8], waitall: bool) -> (usize, Option
         }
     }
     (filled, None)
-}
-
-/// TEMPORARY (measurement knobs, removed before merging).
-struct Tuning {
-    chunk: usize,
-    buffers: usize,
-    waitall: bool,
-}
-
-impl Tuning {
-    fn from_env() -> Self {
-        let num = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        Tuning {
-            chunk: num("WHARF_GET_CHUNK", CHUNK).max(4096),
-            buffers: num("WHARF_GET_BUFFERS", BUFFERS).max(1),
-            waitall: num("WHARF_GET_WAITALL", 1) == 1,
-        }
-    }
 }

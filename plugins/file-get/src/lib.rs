@@ -268,10 +268,7 @@ impl FileGet {
             Err(denied) => return refuse(conn, &denied).await,
         };
         let key = FileKey::of(&fstat(file.as_raw_fd())?);
-        // TEMPORARY knob for measurement.
-        if std::env::var_os("WHARF_NO_FADVISE").is_none() {
-            advise_sequential(&file);
-        }
+        advise_sequential(&file);
         let size = key.size();
         let offset = match offset.parse::<u64>() {
             Ok(o) if offset.bytes().all(|b| b.is_ascii_digit()) && o <= size => o,
