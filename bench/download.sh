@@ -15,6 +15,9 @@
 # clients are not pinned: both `wharf client get`'s threads and curl/md5sum run where the
 # scheduler puts them, on either CPU. Downloads are written to a tmpfs, as curl's are.
 #
+# With OLD_WHARF=path/to/an/older/wharf, that binary's `client get` runs in the same rounds
+# too (against the same server), as "before".
+#
 #   bash bench/download.sh [ROUNDS] [BACKEND]     (root: tmpfs mount, drop_caches; nginx-light)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,15 +88,18 @@ warm() { cat "$work/root/big.bin" >/dev/null; }
 curl_md5=(curl -s -o "$sink/curl.out" http://127.0.0.1:18090/big.bin)
 curl_then_md5sum="${curl_md5[*]} && md5sum $sink/curl.out"
 client_get="$bin/wharf client get 127.0.0.1:18099 big.bin -o $sink/wharf.out"
+clients=(curl+md5sum wharf-client-get)
+[ -n "${OLD_WHARF:-}" ] && clients+=(before)
 out=$(mktemp)
 for round in $(seq "$rounds"); do
   for cache in cached cold; do
-    for who in curl+md5sum wharf-client-get; do
+    for who in "${clients[@]}"; do
       rm -f "$sink/curl.out" "$sink/wharf.out"
       if [ "$cache" = cold ]; then drop_caches; else warm; fi
       case $who in
         curl+md5sum) line="$curl_then_md5sum" ;;
         wharf-client-get) line="$client_get" ;;
+        before) line="$OLD_WHARF client get 127.0.0.1:18099 big.bin -o $sink/wharf.out" ;;
       esac
       read -r wall cpu < <(timed "$line")
       echo "$round $cache $who $wall $cpu" | tee -a "$out"
@@ -134,5 +140,9 @@ for cache in ("cached", "cold"):
     print(f"  {cache:6}: curl+md5sum {a:5.0f} MB/s ({cpu((cache, 'curl+md5sum')):.2f} s CPU)   "
           f"wharf client get {b:5.0f} MB/s ({cpu((cache, 'wharf-client-get')):.2f} s CPU)   "
           f"ratio {b / a:.2f}   client / wharf md5 {b / mbps(('md5', 'wharf-md5')):.2f}")
+    if (cache, "before") in by:
+        c = mbps((cache, "before"))
+        print(f"          before: wharf client get {c:5.0f} MB/s ({cpu((cache, 'before')):.2f} s CPU)   "
+              f"ratio to curl+md5sum {c / a:.2f}   now / before {b / c:.2f}")
 PY
 rm -f "$out"
