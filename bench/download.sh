@@ -28,40 +28,11 @@ command -v nginx >/dev/null || { echo "needs nginx (apt-get install nginx-light)
 cargo build --release -q -p wharf -p wharf-bench-peers
 bin=target/release
 # The served file sits on a disk (the cold rounds read it from there), not on a tmpfs.
-work=$(mktemp -d -p "${DOWNLOAD_BENCH_DIR:-/var/tmp}")
-sink=/mnt/wharf-bench-sink
-mkdir -p "$sink"
-mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
-trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/root"
-head -c 1G /dev/urandom >"$work/root/big.bin"
-# Old enough that file-get trusts its timestamps and caches the digest (its "racy" rule).
-touch -d '1 hour ago' "$work/root/big.bin"
+files_setup "${DOWNLOAD_BENCH_DIR:-/var/tmp}"
 sync
 size=$(stat -c %s "$work/root/big.bin")
 
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-error_log $work/error.log warn;
-pid $work/nginx.pid;
-events { worker_connections 64; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  client_body_temp_path $work;
-  server { listen 127.0.0.1:18090; root $work/root; }
-}
-NGINX
-cat >"$work/wharf.toml" <<TOML
-[server]
-workers = 1
-[services.files]
-plugin = "file-get"
-listen = "127.0.0.1:18099"
-[services.files.options]
-root = "$work/root"
-TOML
+files_configs "$work"
 
 taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" -g 'daemon off;' &
 WHARF_LOG=warn taskset -c 0 "$bin/wharf" serve --config "$work/wharf.toml" --backend "$backend" &
