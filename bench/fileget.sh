@@ -12,38 +12,11 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 rounds=${1:-3}
 cargo build --release -q -p wharf -p wharf-bench-peers
-work=$(mktemp -d)
-sink=/mnt/wharf-bench-sink
-mkdir -p "$sink"
-mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
-trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/root"
-head -c 1G /dev/urandom >"$work/root/big.bin"
+files_setup "${TMPDIR:-/tmp}"
 cat "$work/root/big.bin" >/dev/null
 bin=target/release
 
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-error_log $work/error.log warn;
-pid $work/nginx.pid;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  client_body_temp_path $work;
-  server { listen 127.0.0.1:18090; root $work/root; }
-}
-NGINX
-cat >"$work/wharf.toml" <<TOML
-[server]
-workers = 1
-[services.files]
-plugin = "file-get"
-listen = "127.0.0.1:18099"
-[services.files.options]
-root = "$work/root"
-TOML
+files_configs "$work"
 
 start_wharf() {
   WHARF_LOG=warn "$bin/wharf" serve --config "$work/wharf.toml" --backend "$1" &

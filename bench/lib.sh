@@ -77,3 +77,47 @@ start_echo_server() {
   server_pid=$!
   wait_for_port "$port"
 }
+
+# Writes the two file servers' configs of the download comparisons (bench/fileget.sh,
+# bench/download.sh) into DIR, both serving DIR/root: DIR/nginx.conf (1 worker, sendfile,
+# 127.0.0.1:18090) and DIR/wharf.toml (file-get, 1 worker, 127.0.0.1:18099). files_configs DIR
+files_configs() {
+  local work=$1
+  cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+error_log $work/error.log warn;
+pid $work/nginx.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  client_body_temp_path $work;
+  server { listen 127.0.0.1:18090; root $work/root; }
+}
+NGINX
+  cat >"$work/wharf.toml" <<TOML
+[server]
+workers = 1
+[services.files]
+plugin = "file-get"
+listen = "127.0.0.1:18099"
+[services.files.options]
+root = "$work/root"
+TOML
+}
+
+# The download comparisons' files: a fresh directory under PARENT as `work` with a 1 GiB file of
+# random bytes in work/root/big.bin (dated an hour back, so file-get caches its digest), and a
+# 3 GiB tmpfs at `sink` for the downloads; both removed, and background jobs stopped, on exit.
+# files_setup PARENT
+files_setup() {
+  work=$(mktemp -d -p "$1")
+  sink=/mnt/wharf-bench-sink
+  mkdir -p "$sink"
+  mountpoint -q "$sink" || mount -t tmpfs -o size=3G tmpfs "$sink"
+  trap 'kill $(jobs -p) 2>/dev/null || true; umount "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
+  mkdir -p "$work/root"
+  head -c 1G /dev/urandom >"$work/root/big.bin"
+  touch -d '1 hour ago' "$work/root/big.bin"
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 use wharf_bench::tls::ClientTls;
 use wharf_plugin_exec::refusals;
 
+mod pipeline;
 mod transport;
 use transport::{Socket, Transport};
 
@@ -324,9 +325,9 @@ fn download(
     out: Option<&std::path::Path>,
     resume: bool,
 ) -> Result<String, String> {
-    use md5::{Digest, Md5};
     use std::fs::OpenOptions;
     use std::path::PathBuf;
+    use wharf_core::md5::{hex, Md5};
 
     let out: PathBuf = match out {
         Some(p) => p.to_path_buf(),
@@ -350,8 +351,8 @@ fn download(
     if resume && part.exists() {
         let mut existing =
             std::fs::File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
-        offset = io::copy(&mut existing, &mut Md5Writer(&mut md5))
-            .map_err(|e| format!("{}: {e}", part.display()))?;
+        offset =
+            io::copy(&mut existing, &mut md5).map_err(|e| format!("{}: {e}", part.display()))?;
     }
     let mut client =
         CommandClient::connect(addr, tls).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -364,7 +365,7 @@ fn download(
         Reply::Size(size) => size,
         Reply::Other(text) => return Err(file_get_refusal(&text)),
     };
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .create(true)
         .write(true)
         .append(offset > 0)
@@ -374,88 +375,33 @@ fn download(
     client.ack().map_err(|e| e.to_string())?;
 
     let bar = progress_bar(offset + size, offset);
-    // Hashing and writing run on a second thread, overlapped with receiving: MD5 is the
-    // protocol's own speed limit, so nothing else should wait for it.
-    // A three-stage pipeline: this thread receives, one thread hashes, one writes; buffers
-    // travel receive -> hash -> write and come back for reuse.
-    let (chunks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(8);
-    let (hashed, to_write) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(8);
-    let (spent, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
-    let hasher = std::thread::spawn(move || {
-        let mut md5 = md5;
-        for (chunk, len) in to_hash {
-            md5.update(&chunk[..len]);
-            if hashed.send((chunk, len)).is_err() {
-                break;
+    let received =
+        match pipeline::receive(client.stream(), size, &mut file, md5, HEAD, |n| bar.inc(n)) {
+            Ok(received) => received,
+            Err(pipeline::Failed::Write(e)) => {
+                bar.abandon();
+                drop(file);
+                let _ = std::fs::remove_file(&part);
+                return Err(format!(
+                    "cannot write {}: {e} (partial file removed)",
+                    part.display()
+                ));
             }
-        }
-        md5
-    });
-    let writer = std::thread::spawn(move || -> io::Result<std::fs::File> {
-        let mut file = file;
-        for (chunk, len) in to_write {
-            file.write_all(&chunk[..len])?;
-            let _ = spent.send(chunk);
-        }
-        Ok(file)
-    });
-    let mut received = 0u64;
-    let mut lost: Option<String> = None;
-    // The first bytes, to quote if no digest follows (another kind of service answered).
-    let mut head: Vec<u8> = Vec::new();
-    while received < size {
-        // Buffers keep their full length between uses: no zero-filling per chunk.
-        let mut buf = recycled
-            .try_recv()
-            .unwrap_or_else(|_| vec![0u8; 256 * 1024]);
-        let want = (size - received).min(buf.len() as u64) as usize;
-        match client.stream().read(&mut buf[..want]) {
-            Ok(0) => {
-                lost = Some("the server closed the connection".into());
-                break;
+            Err(pipeline::Failed::Hasher(why)) => {
+                bar.abandon();
+                return Err(why);
             }
-            Ok(n) => {
-                received += n as u64;
-                bar.inc(n as u64);
-                head.extend_from_slice(&buf[..n.min(HEAD.saturating_sub(head.len()))]);
-                if chunks.send((buf, n)).is_err() {
-                    break; // the sink failed: its error is reported below
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                lost = Some(e.to_string());
-                break;
-            }
-        }
-    }
-    drop(chunks);
-    let md5 = hasher
-        .join()
-        .map_err(|_| "the hashing thread panicked".to_string())?;
-    let file = match writer
-        .join()
-        .map_err(|_| "the writer thread panicked".to_string())?
-    {
-        Ok(file) => file,
-        Err(e) => {
-            bar.abandon();
-            let _ = std::fs::remove_file(&part);
-            return Err(format!(
-                "cannot write {}: {e} (partial file removed)",
-                part.display()
-            ));
-        }
-    };
-    if let Some(why) = lost {
+        };
+    if let Some(why) = received.lost {
         bar.abandon();
         return Err(format!(
             "download interrupted after {} of {} bytes ({why}); {} kept: run again with --resume",
-            offset + received,
+            offset + received.bytes,
             offset + size,
             part.display()
         ));
     }
+    let (md5, head) = (received.md5, received.head);
     bar.finish_and_clear();
     let trailer =
         read_trailer(&mut client).map_err(|e| format!("no digest after the data: {e}"))?;
@@ -473,7 +419,7 @@ fn download(
             WrongService::new("a file-get", &answer)
         ));
     }
-    let ours: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let ours = hex(&md5.digest());
     if trailer != ours {
         drop(file);
         let _ = std::fs::remove_file(&part);
@@ -565,20 +511,6 @@ fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
     );
     bar.set_position(done);
     bar
-}
-
-/// Feeds `io::copy` into a hasher.
-struct Md5Writer<'a>(&'a mut md5::Md5);
-
-impl Write for Md5Writer<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        md5::Digest::update(self.0, buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// `wharf client echo ADDR [TEXT...]`: sends the words (joined by spaces, plus a newline) or

@@ -11,7 +11,7 @@
 //! - a failure ([`Done::failure`]): a well-formed answer that says no (HTTP 404, `ERR no such
 //!   file`, a refused or failing command). Counted as an error, the connection is reused.
 
-use md5::{Digest, Md5};
+use wharf_core::md5::{hex, Md5};
 
 /// Which protocol a workload speaks (the `wharf bench <protocol>` word).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -319,7 +319,7 @@ impl Exchange {
                     )));
                 }
                 if let Some(h) = self.hasher.take() {
-                    let digest = wharf_plugin_file_get::digest::hex(&h.finalize().into());
+                    let digest = hex(&h.digest());
                     if digest.as_bytes() != &got[..] {
                         return Err(Violation(format!(
                             "MD5 mismatch: the server sent {}, the bytes hash to {digest}",
@@ -687,7 +687,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     #[test]
     fn get_reads_body_and_digest_and_verifies_when_asked() {
         let body = b"hello world\n";
-        let digest = format!("{:x}", Md5::digest(body));
+        let digest = hex(&Md5::of(body));
         let size = body.len().to_string();
         let mut rest = body.to_vec();
         rest.extend_from_slice(digest.as_bytes());
@@ -714,7 +714,7 @@ HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
             every_split(&work, b"3", &changed),
             (vec![failed("file changed during the transfer")], 1)
         );
-        let empty = format!("{:x}", Md5::digest(b""));
+        let empty = hex(&Md5::of(b""));
         assert_eq!(every_split(&work, b"0", empty.as_bytes()), (vec![ok()], 1));
         let bad_digest = b"xZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ";
         assert!(run(&work, &[b"1", bad_digest])

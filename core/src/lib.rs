@@ -54,6 +54,7 @@ pub mod exit_status;
 pub mod framing;
 pub mod gate;
 pub mod listen;
+pub mod md5;
 pub mod metered;
 pub mod metrics;
 pub mod net;

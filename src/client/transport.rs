@@ -15,6 +15,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -88,6 +89,19 @@ impl Socket {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         on_socket!(self, s => s.shutdown(how))
     }
+
+    /// `recv(MSG_WAITALL)`: waits in the kernel until `buf` is full, and returns fewer bytes
+    /// only at the end of the stream, on an error or timeout after some data, or on a signal.
+    fn recv_waitall(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = on_socket!(self, s => s.as_raw_fd());
+        // SAFETY: `fd` is this socket's, open while `self` lives; `buf` is valid for writes
+        // of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_WAITALL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }
 
 impl Read for &Socket {
@@ -149,6 +163,16 @@ impl Transport {
     /// Non-blocking reads answer what has arrived, or `WouldBlock`.
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         self.tcp().set_nonblocking(nonblocking)
+    }
+
+    /// Reads into `buf` for bulk data: on a plain socket, one call waits until `buf` is full
+    /// (fewer, larger reads); through TLS, as `read`. Fewer bytes come at the end of the
+    /// stream, on a timeout after some data, or on a signal.
+    pub fn read_waiting(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(socket) => socket.recv_waitall(buf),
+            Transport::Tls(tls) => tls.read(buf),
+        }
     }
 
     /// Says "nothing more from me" and keeps reading: a TCP half-close, after TLS's

@@ -96,6 +96,56 @@ fn get_keeps_an_existing_part_file_unless_told_to_resume() {
     assert!(!part.exists());
 }
 
+/// A server that dies in the middle of a file: the client says how far it got and keeps
+/// exactly the bytes that arrived (more than one of its buffers' worth, sent in two bursts),
+/// and `--resume` against a real file-get server completes and verifies them.
+#[test]
+fn get_keeps_what_arrived_when_the_server_dies_mid_file() {
+    use std::io::{Read, Write};
+    let files = TempDir::new();
+    let data = payload(3_000_000, 9);
+    std::fs::write(files.0.join("data.bin"), &data).unwrap();
+    let work = TempDir::new();
+    let (total, cut, pause_at) = (data.len(), 2_300_000, 1_500_000);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dying_addr = listener.local_addr().unwrap().to_string();
+    let sent = data[..cut].to_vec();
+    let dying = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = [0u8; 64];
+        let n = s.read(&mut line).unwrap();
+        assert_eq!(&line[..n], b"get data.bin\n");
+        s.write_all(total.to_string().as_bytes()).unwrap();
+        let n = s.read(&mut line).unwrap();
+        assert_eq!(&line[..n], b"ok\n");
+        s.write_all(&sent[..pause_at]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        s.write_all(&sent[pause_at..]).unwrap();
+        // Then the connection closes, with no digest.
+    });
+    let (code, _, err) = wharf_client(&work.0, &["get", &dying_addr, "data.bin"]);
+    dying.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "download interrupted after {cut} of {total} bytes (the server closed the connection)"
+        )) && err.contains("--resume"),
+        "{err}"
+    );
+    let part = work.0.join("data.bin.part");
+    assert!(
+        std::fs::read(&part).unwrap() == data[..cut],
+        "the part file is not what arrived"
+    );
+
+    let server = start(&files.0);
+    let addr = server.addr("files").to_string();
+    let (code, _, err) = wharf_client(&work.0, &["get", &addr, "data.bin", "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(work.0.join("data.bin")).unwrap() == data);
+    assert!(!part.exists());
+}
+
 /// `wharf client echo` is the README's way to try the echo service (no `nc`, whose flags differ
 /// between variants): the words as one line, or stdin streamed whole, larger than the socket
 /// buffers so sending and receiving must overlap.

@@ -13,7 +13,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use md5::{Digest, Md5};
+pub use wharf_core::md5::hex;
+use wharf_core::md5::Md5;
 
 /// A file's identity and version, from `fstat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,7 +75,7 @@ impl Progress {
 
     /// The digest of the bytes hashed so far.
     pub fn digest(&self) -> [u8; 16] {
-        self.state.clone().finalize().into()
+        self.state.digest()
     }
 }
 
@@ -173,11 +174,6 @@ impl DigestCache {
     }
 }
 
-/// Lowercase hex of a digest.
-pub fn hex(digest: &[u8; 16]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +216,7 @@ mod tests {
         // Continuing from the saved state gives the digest of the whole.
         let mut resumed = cache.progress(&k);
         resumed.update(&[7; 60]);
-        assert_eq!(resumed.digest(), <[u8; 16]>::from(Md5::digest([7u8; 100])));
+        assert_eq!(resumed.digest(), Md5::of(&[7u8; 100]));
         cache.insert(k, [9; 16]);
         cache.save_progress(k, p);
         assert_eq!(
