@@ -51,7 +51,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::Counter;
@@ -152,7 +152,14 @@ struct Shared {
     dropped: AtomicU64,
     dropped_metric: Counter,
     writer: mpsc::Sender<Message>,
+    /// Buffers of written batches, emptied, for the workers' next batches: a batch costs no
+    /// allocation, and its buffer's pages are not given back to the kernel and faulted in
+    /// again (glibc trims a freed 64 KiB at the top of a heap). At most [`SPARE_BUFFERS`].
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Written batches' buffers kept for reuse, at most.
+const SPARE_BUFFERS: usize = 8;
 
 enum Message {
     /// Whole lines, and how many.
@@ -176,6 +183,7 @@ impl AccessLog {
             dropped: AtomicU64::new(0),
             dropped_metric: metrics::counter!(DROPPED),
             writer: tx,
+            spare: Mutex::new(Vec::new()),
         });
         shared.dropped_metric.increment(0);
         let sink = match file {
@@ -922,7 +930,7 @@ impl Batch {
             // The next batch starts as large as this one was (a busy worker's batches are
             // full: one allocation each, no growing by copies), and small after a quiet one.
             let next = (self.buf.len() + self.buf.len() / 8).clamp(4096, BATCH_BYTES + 4096);
-            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(next));
+            let lines = std::mem::replace(&mut self.buf, shared.spare_buffer(next));
             if shared.writer.send(Message::Lines(lines, n)).is_err() {
                 shared.queued.fetch_sub(n, Ordering::AcqRel);
                 shared.count_dropped(n);
@@ -941,6 +949,29 @@ impl Drop for Batch {
 }
 
 impl Shared {
+    /// An empty buffer for a batch of about `capacity` bytes: a written batch's, if one is
+    /// kept and large enough.
+    fn spare_buffer(&self, capacity: usize) -> Vec<u8> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match spare {
+            Some(buf) if buf.capacity() >= capacity => buf,
+            _ => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps a written batch's buffer for a next batch (unless enough are kept).
+    fn give_back(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
     fn count_dropped(&self, n: usize) {
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
         self.dropped_metric.increment(n as u64);
@@ -1111,7 +1142,7 @@ impl Writer {
                         let _ = self.out.write_all(b"\n");
                     }
                     let result = self.out.write_all(&lines);
-                    drop(lines);
+                    self.shared.give_back(lines);
                     self.shared.queued.fetch_sub(n, Ordering::AcqRel);
                     self.report(result, n);
                 }
