@@ -19,11 +19,15 @@
 //! Formatting a line is kept to a few hundred instructions (an http-hello request line: see
 //! BENCHMARKS.md, "Edge features"): the constant start of a service's lines (keys, separators,
 //! `event`, `service`, `plugin`) is rendered once per service with a slot for the time, and a
-//! connection's client fields once per connection, so a line begins with two copies; the time
-//! is one `clock_gettime` with the text up to the second cached per thread; each field is
-//! appended with one capacity check and short copies done inline (no `memcpy` call per
-//! piece); numbers below 1000 are written by hand, durations in fixed point; a value is
-//! checked eight bytes at a time and copied as it is unless it needs escaping or quoting.
+//! connection's client fields once per connection, so a line begins with one copy; so is the
+//! `outcome` field of each outcome the plugin declares. The time of a request line is the
+//! instant its plugin read for the duration ([`Elapsed::since`]), told as wall time from a
+//! per-thread base taken each second (no clock read per line), or one `clock_gettime`; the
+//! text up to the second is cached per thread. Each field is appended with one capacity check
+//! and short copies done inline (no `memcpy` call per piece); numbers below 1000 are written
+//! by hand, durations in fixed point; a value is checked eight bytes at a time and copied as
+//! it is unless it needs escaping or quoting. Batches' buffers are reused (no allocation, no
+//! fresh pages per batch).
 //!
 //! **A worker never waits for the writer.** Lines handed over and not yet written are at most
 //! `buffer_lines`; a batch that does not fit is dropped whole and its lines are counted in
@@ -52,12 +56,13 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::Counter;
 use tokio::sync::Notify;
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::context::Elapsed;
 use crate::peer::Peer;
 
 /// Counter: access log lines dropped (the writer was behind by `buffer_lines`, or a write
@@ -153,13 +158,17 @@ struct Shared {
     dropped_metric: Counter,
     writer: mpsc::Sender<Message>,
     /// Buffers of written batches, emptied, for the workers' next batches: a batch costs no
-    /// allocation, and its buffer's pages are not given back to the kernel and faulted in
-    /// again (glibc trims a freed 64 KiB at the top of a heap). At most [`SPARE_BUFFERS`].
+    /// allocation and never grows by copies, and its pages are not given back to the kernel
+    /// and faulted in again (glibc trims a freed 64 KiB at the top of a heap). At most
+    /// [`SPARE_BUFFERS`].
     spare: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Written batches' buffers kept for reuse, at most.
 const SPARE_BUFFERS: usize = 8;
+/// A batch buffer's capacity: [`BATCH_BYTES`] and the line that crosses it (a line longer
+/// than that grows the buffer, which is then not kept).
+const BATCH_CAPACITY: usize = BATCH_BYTES + 16 * 1024;
 
 enum Message {
     /// Whole lines, and how many.
@@ -225,16 +234,36 @@ impl AccessLog {
     }
 
     /// The handle one service generation writes through (`None` when the service has
-    /// `access_log = false`).
-    pub fn for_service(&self, service: &str, plugin: &str, enabled: bool) -> Option<ServiceLog> {
+    /// `access_log = false`). `outcomes` are its plugin's request outcomes
+    /// ([`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES)), whose fields are rendered once here.
+    pub fn for_service(
+        &self,
+        service: &str,
+        plugin: &str,
+        outcomes: &'static [&'static str],
+        enabled: bool,
+    ) -> Option<ServiceLog> {
         if !enabled {
             return None;
         }
         let format = self.shared.format;
+        let outcomes = outcomes
+            .iter()
+            .map(|&outcome| {
+                let mut bytes = Vec::new();
+                Fields {
+                    out: &mut bytes,
+                    format,
+                }
+                .str("outcome", outcome);
+                (outcome, bytes.into_boxed_slice())
+            })
+            .collect();
         Some(ServiceLog(Arc::new(ServiceLogInner {
             shared: Arc::clone(&self.shared),
             request_head: Head::render(format, "request", service, plugin),
             connection_head: Head::render(format, "connection", service, plugin),
+            outcomes,
             batch_lines: self.shared.capacity.min(BATCH_LINES),
         })))
     }
@@ -251,8 +280,23 @@ struct ServiceLogInner {
     request_head: Head,
     /// The start of its connection lines.
     connection_head: Head,
+    /// The plugin's declared outcomes and their `outcome` fields, rendered (a request line
+    /// copies its outcome's instead of checking and escaping the value each time).
+    outcomes: Box<[(&'static str, Box<[u8]>)]>,
     /// Lines after which a batch is handed over: `min(buffer_lines, BATCH_LINES)`.
     batch_lines: usize,
+}
+
+impl ServiceLogInner {
+    /// The rendered `outcome` field of a declared outcome (the same static text: a pointer
+    /// comparison, the content as the fallback).
+    #[inline(always)]
+    fn outcome_field(&self, outcome: &'static str) -> Option<&[u8]> {
+        self.outcomes
+            .iter()
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome)
+            .map(|(_, rendered)| &rendered[..])
+    }
 }
 
 /// The constant start of one kind of line of one service, rendered when the service starts:
@@ -355,7 +399,7 @@ impl ServiceLog {
         bytes_out: u64,
     ) {
         let head = &self.0.connection_head;
-        self.line(&head.bytes, who.who(), head.time_at, |f| {
+        self.line(&head.bytes, who.who(), head.time_at, None, |f| {
             f.word("outcome", outcome.as_str());
             f.u64("bytes_in", bytes_in);
             f.u64("bytes_out", bytes_out);
@@ -366,35 +410,49 @@ impl ServiceLog {
     /// Writes the line of a connection refused at admission for `reason`.
     pub fn refused(&self, who: &Who<'_>, reason: &str) {
         let head = &self.0.connection_head;
-        self.line(&head.bytes, &[], head.time_at, |f| {
+        self.line(&head.bytes, &[], head.time_at, None, |f| {
             f.who(who);
             f.word("outcome", ConnOutcome::Refused.as_str());
             f.str("reason", reason);
         });
     }
 
-    /// Writes the line of a request that ended with `outcome` after `duration`, with the
-    /// plugin's own `fields`; `who` is from [`ServiceLog::who`].
+    /// Writes the line of a request that ended with `outcome` after `elapsed`, with the
+    /// plugin's own `fields`; `who` is from [`ServiceLog::who`]. The line's time is when
+    /// `elapsed` was measured, if it says ([`Elapsed::since`]), else now.
     #[inline]
     pub fn request(
         &self,
         who: &ClientFields,
-        outcome: &str,
-        duration: Duration,
+        outcome: &'static str,
+        elapsed: impl Into<Elapsed>,
         fields: impl FnOnce(&mut Fields<'_>),
     ) {
+        let inner = &*self.0;
+        let elapsed = elapsed.into();
         // The request head and the client fields are one copy.
-        self.line(&who.request_start, &[], self.0.request_head.time_at, |f| {
-            f.str("outcome", outcome);
-            f.duration("duration_ms", duration);
+        let time_at = inner.request_head.time_at;
+        self.line(&who.request_start, &[], time_at, elapsed.ended(), |f| {
+            match inner.outcome_field(outcome) {
+                Some(rendered) => f.rendered(rendered),
+                None => f.str("outcome", outcome),
+            }
+            f.duration("duration_ms", elapsed.duration());
             fields(f);
         });
     }
 
     /// Formats one line into this thread's batch: `head` with the time in its slot at
-    /// `time_at`, `who`, then what `rest` adds.
+    /// `time_at` (the wall clock at `at`, or now), `who`, then what `rest` adds.
     #[inline]
-    fn line(&self, head: &[u8], who: &[u8], time_at: usize, rest: impl FnOnce(&mut Fields<'_>)) {
+    fn line(
+        &self,
+        head: &[u8],
+        who: &[u8],
+        time_at: usize,
+        at: Option<Instant>,
+        rest: impl FnOnce(&mut Fields<'_>),
+    ) {
         let inner = &*self.0;
         let shared = &inner.shared;
         BATCH.with(|batch| {
@@ -409,7 +467,7 @@ impl ServiceLog {
             let time = &mut buf[start + time_at..][..TIME_LEN];
             batch
                 .clock
-                .write_now(time.try_into().expect("the time slot"));
+                .write_at(at, time.try_into().expect("the time slot"));
             if !who.is_empty() {
                 buf.extend_from_slice(who);
             }
@@ -471,6 +529,12 @@ impl Fields<'_> {
             true => self.plain_str(key, value),
             false => self.str(key, std::str::from_utf8(value).unwrap_or("?")),
         }
+    }
+
+    /// A field rendered before by these rules (a declared outcome's).
+    #[inline(always)]
+    fn rendered(&mut self, field: &[u8]) {
+        append(self.out, [field]);
     }
 
     /// A text field whose value was found plain (printable ASCII, nothing to escape or, in
@@ -573,10 +637,7 @@ impl Fields<'_> {
     /// no float).
     #[inline]
     fn duration(&mut self, key: &'static str, value: Duration) {
-        let micros = value
-            .as_secs()
-            .saturating_mul(1_000_000)
-            .saturating_add(u64::from(value.subsec_micros()));
+        let micros = micros(value);
         let frac = (micros % 1000) as u16;
         let frac = [
             b'.',
@@ -890,6 +951,9 @@ impl Batch {
             _ => {
                 self.hand_over();
                 self.owner = Some(Arc::clone(shared));
+                if self.buf.capacity() == 0 {
+                    self.buf = shared.spare_buffer();
+                }
             }
         }
     }
@@ -927,10 +991,7 @@ impl Batch {
             })
             .is_ok();
         if fits {
-            // The next batch starts as large as this one was (a busy worker's batches are
-            // full: one allocation each, no growing by copies), and small after a quiet one.
-            let next = (self.buf.len() + self.buf.len() / 8).clamp(4096, BATCH_BYTES + 4096);
-            let lines = std::mem::replace(&mut self.buf, shared.spare_buffer(next));
+            let lines = std::mem::replace(&mut self.buf, shared.spare_buffer());
             if shared.writer.send(Message::Lines(lines, n)).is_err() {
                 shared.queued.fetch_sub(n, Ordering::AcqRel);
                 shared.count_dropped(n);
@@ -949,22 +1010,22 @@ impl Drop for Batch {
 }
 
 impl Shared {
-    /// An empty buffer for a batch of about `capacity` bytes: a written batch's, if one is
-    /// kept and large enough.
-    fn spare_buffer(&self, capacity: usize) -> Vec<u8> {
+    /// An empty buffer for a batch: a written batch's, if one is kept.
+    fn spare_buffer(&self) -> Vec<u8> {
         let spare = self
             .spare
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        match spare {
-            Some(buf) if buf.capacity() >= capacity => buf,
-            _ => Vec::with_capacity(capacity),
-        }
+        spare.unwrap_or_else(|| Vec::with_capacity(BATCH_CAPACITY))
     }
 
-    /// Keeps a written batch's buffer for a next batch (unless enough are kept).
+    /// Keeps a written batch's buffer for a next batch (unless enough are kept, or a very
+    /// long line grew it).
     fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > BATCH_CAPACITY {
+            return;
+        }
         buf.clear();
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         if spare.len() < SPARE_BUFFERS {
@@ -1024,9 +1085,59 @@ struct Clock {
     second: u64,
     /// `YYYY-MM-DDTHH:MM:SS` of `second`.
     prefix: [u8; 19],
+    /// A monotonic instant and the wall clock at it (microseconds since the epoch), taken
+    /// less than a second before the instants told from it: an instant a plugin read for a
+    /// request's duration is told as wall time with no clock read of its own. Taken again
+    /// after a second, so lines follow a step of the wall clock within a second.
+    base: Option<(Instant, u64)>,
+}
+
+/// How long a [`Clock`]'s base serves.
+const REBASE_AFTER: Duration = Duration::from_secs(1);
+
+/// Microseconds in `d` (saturating: a duration of centuries does not wrap).
+#[inline(always)]
+fn micros(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
 }
 
 impl Clock {
+    /// Writes the wall clock at `at`, or now.
+    #[inline]
+    fn write_at(&mut self, at: Option<Instant>, out: &mut [u8; TIME_LEN]) {
+        let Some(at) = at else {
+            return self.write_now(out);
+        };
+        let wall = match self.base {
+            Some((base, wall)) => match at.checked_duration_since(base) {
+                Some(since) if since < REBASE_AFTER => wall + micros(since),
+                Some(_) => self.rebase(at),
+                // Read before the base (a batch's lines after the line that renewed it).
+                None => wall.saturating_sub(micros(base.duration_since(at))),
+            },
+            None => self.rebase(at),
+        };
+        let second = wall / 1_000_000;
+        let millis = (wall % 1_000_000 / 1000) as u32;
+        self.write_parts(second, millis, out);
+    }
+
+    /// Takes the base at `at` from the clocks read now; returns the wall time at `at`.
+    #[cold]
+    fn rebase(&mut self, at: Instant) -> u64 {
+        let now = Instant::now();
+        let wall = micros(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let at_wall = wall.saturating_sub(micros(now.saturating_duration_since(at)));
+        self.base = Some((at, at_wall));
+        at_wall
+    }
+
     /// Writes the wall clock now: read with one `clock_gettime` (the vDSO's, no system call)
     /// and no `Duration` arithmetic (`SystemTime::now` and `duration_since` cost about 300
     /// instructions more); within a second only the milliseconds are computed.
@@ -1323,7 +1434,7 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             let cfg = config(&path, format, 100);
             let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-            let service = log.for_service("web", "http-hello", true).unwrap();
+            let service = log.for_service("web", "http-hello", &["ok", "2xx"], true).unwrap();
             let who = Who {
                 client: crate::Peer::Ip("[::1]:4000".parse().unwrap()),
                 proxy: None,
@@ -1423,6 +1534,113 @@ mod tests {
         assert!(second >= before && second <= before + 2, "{text}");
     }
 
+    #[test]
+    fn an_instant_is_told_as_the_wall_clock_at_it() {
+        let millis = |text: [u8; TIME_LEN]| -> i64 {
+            let t = humantime::parse_rfc3339(std::str::from_utf8(&text).unwrap()).unwrap();
+            t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+        };
+        let mut clock = Clock::default();
+        let mut at = |clock: &mut Clock, instant: Instant| {
+            let mut out = [0; TIME_LEN];
+            clock.write_at(Some(instant), &mut out);
+            millis(out)
+        };
+        let now = Instant::now();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        // The first instant is the base; one 3 s later is past it (the base is taken again),
+        // and one between the two is before the new base.
+        let cases = [3000, 0, 1200, 2999, 500];
+        for ms_ago in cases {
+            let told = at(&mut clock, now - Duration::from_millis(ms_ago));
+            let expected = wall - ms_ago as i64;
+            assert!(
+                (told - expected).abs() <= 5,
+                "{ms_ago} ms ago: told {told}, expected {expected}"
+            );
+        }
+        // Without an instant: now.
+        let mut out = [0; TIME_LEN];
+        clock.write_at(None, &mut out);
+        assert!((millis(out) - wall).abs() <= 1000, "{}", millis(out) - wall);
+    }
+
+    #[test]
+    fn a_declared_outcome_is_written_as_any_other_value() {
+        // The same requests through a service that declares the outcomes (their fields
+        // rendered once) and one that does not (each checked and escaped per line).
+        for format in [AccessLogFormat::Json, AccessLogFormat::Logfmt] {
+            let path = temp_path(&format!("outcomes-{format:?}.log"));
+            let _ = std::fs::remove_file(&path);
+            let cfg = config(&path, format, 100);
+            let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+            const OUTCOMES: &[&str] = &["ok", "needs quoting=\"yes\"", ""];
+            let declared = log.for_service("s", "p", OUTCOMES, true).unwrap();
+            let undeclared = log.for_service("s", "p", &[], true).unwrap();
+            let who = Who {
+                client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
+                proxy: None,
+                identity: None,
+            };
+            for service in [&declared, &undeclared] {
+                let conn = service.who(&who);
+                for &outcome in OUTCOMES {
+                    service.request(&conn, outcome, Duration::from_micros(7), |f| {
+                        f.u64("n", 1)
+                    });
+                }
+            }
+            flush_thread();
+            log.stop(Duration::from_secs(5));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let rests: Vec<&str> = text.lines().map(|l| &l[l.find("event").unwrap()..]).collect();
+            assert_eq!(rests.len(), 2 * OUTCOMES.len(), "{text}");
+            let (a, b) = rests.split_at(OUTCOMES.len());
+            assert_eq!(a, b);
+            let quoted = match format {
+                AccessLogFormat::Json => "\"outcome\":\"needs quoting=\\\"yes\\\"\"",
+                AccessLogFormat::Logfmt => "outcome=\"needs quoting=\\\"yes\\\"\"",
+            };
+            assert!(a[1].contains(quoted), "{}", a[1]);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_a_batch_buffer_is_written_whole() {
+        let path = temp_path("long-line.log");
+        let _ = std::fs::remove_file(&path);
+        let cfg = config(&path, AccessLogFormat::Json, 100);
+        let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+        let service = log.for_service("s", "p", &[], true).unwrap();
+        let who = service.who(&Who {
+            client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
+            proxy: None,
+            identity: None,
+        });
+        let value = "v".repeat(MAX_VALUE_BYTES);
+        let fields = BATCH_CAPACITY / MAX_VALUE_BYTES + 10;
+        for _ in 0..3 {
+            service.request(&who, "ok", Duration::ZERO, |f| {
+                for _ in 0..fields {
+                    f.str("v", &value);
+                }
+            });
+        }
+        flush_thread();
+        log.stop(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        for l in text.lines() {
+            assert!(l.len() > BATCH_CAPACITY, "{}", l.len());
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     fn config(path: &Path, format: AccessLogFormat, buffer_lines: usize) -> AccessLogConfig {
         AccessLogConfig {
             path: path.to_path_buf(),
@@ -1443,7 +1661,7 @@ mod tests {
         let _ = std::fs::remove_file(&rotated);
         let cfg = config(&path, AccessLogFormat::Json, 1000);
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-        let service = log.for_service("web", "http-hello", true).unwrap();
+        let service = log.for_service("web", "http-hello", &["ok", "2xx"], true).unwrap();
         let who = Who {
             client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
             proxy: Some(Peer::Ip("10.0.0.1:5000".parse().unwrap())),
@@ -1495,7 +1713,7 @@ mod tests {
             .unwrap();
         let cfg = config(&path, AccessLogFormat::Logfmt, 8);
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-        let service = log.for_service("echo", "echo", true).unwrap();
+        let service = log.for_service("echo", "echo", &[], true).unwrap();
         let who = Who {
             client: Peer::Ip("[::1]:4000".parse().unwrap()),
             proxy: None,
