@@ -1541,7 +1541,7 @@ mod tests {
             t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
         };
         let mut clock = Clock::default();
-        let mut at = |clock: &mut Clock, instant: Instant| {
+        let at = |clock: &mut Clock, instant: Instant| {
             let mut out = [0; TIME_LEN];
             clock.write_at(Some(instant), &mut out);
             millis(out)
@@ -1551,14 +1551,15 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
-        // The first instant is the base; one 3 s later is past it (the base is taken again),
-        // and one between the two is before the new base.
-        let cases = [3000, 0, 1200, 2999, 500];
+        // The first instant is the base; the next is within a second after it; then one
+        // past that second (the base is taken again), and two before the new base.
+        let cases = [3000, 2500, 0, 1200, 500];
         for ms_ago in cases {
             let told = at(&mut clock, now - Duration::from_millis(ms_ago));
             let expected = wall - ms_ago as i64;
+            // The two clocks are read a moment apart, on a machine that may be busy.
             assert!(
-                (told - expected).abs() <= 5,
+                (told - expected).abs() <= 20,
                 "{ms_ago} ms ago: told {told}, expected {expected}"
             );
         }
