@@ -65,7 +65,10 @@ if os.path.exists(perf):
     for line in open(perf):
         f = line.strip().split(",")
         if len(f) > 2 and f[0] and f[0][0].isdigit():
-            row[f[2].replace("-", "_").replace(":", "_")] = float(f[0]) / n
+            value, name = float(f[0]), f[2].replace("-", "_").replace(":", "_")
+            if f[1] == "msec":
+                value, name = value * 1000, name + "_us"
+            row[name] = value / n
 print(json.dumps(row))
 PY
       rm -f "$work/access.log" "$work/perf"
