@@ -65,6 +65,37 @@ use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::context::Elapsed;
 use crate::peer::Peer;
 
+/// Appends `[parts]` to `out` with one capacity check, copying short parts with a few loads
+/// and stores instead of a `memcpy` call each (a line is a dozen parts of a few bytes: with
+/// `extend_from_slice` per part, the calls and checks were a third of a line's cost). A macro
+/// rather than a loop over the parts: each part's copy is its own code, so a literal's length
+/// is known where it is copied (a couple of stores, no branch on its length).
+macro_rules! append {
+    ($out:expr, [$($part:expr),+ $(,)?] $(,)?) => {{
+        let out: &mut Vec<u8> = $out;
+        let mut total = 0usize;
+        $(
+            total = total
+                .checked_add(<[u8]>::len($part))
+                .expect("an access log line fits in memory");
+        )+
+        out.reserve(total);
+        let mut len = out.len();
+        let base = out.as_mut_ptr();
+        $(
+            let part: &[u8] = $part;
+            // SAFETY: `reserve(total)` made room for all the parts after the first `len`
+            // bytes, and `part` cannot lie inside `out` (borrowed shared while `out` is
+            // borrowed mutably).
+            unsafe { copy_short(part, base.add(len)) };
+            len += part.len();
+        )+
+        // SAFETY: `reserve` made the capacity at least `len`, and every byte up to `len` was
+        // written, before (by `out` itself) or above.
+        unsafe { out.set_len(len) };
+    }};
+}
+
 /// Counter: access log lines dropped (the writer was behind by `buffer_lines`, or a write
 /// failed).
 pub const DROPPED: &str = "wharf_access_log_dropped_total";
@@ -294,9 +325,16 @@ impl ServiceLogInner {
     fn outcome_field(&self, outcome: &'static str) -> Option<&[u8]> {
         self.outcomes
             .iter()
-            .find(|(o, _)| std::ptr::eq(*o, outcome) || *o == outcome)
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || same_text(o, outcome))
             .map(|(_, rendered)| &rendered[..])
     }
+}
+
+/// Whether `a` and `b` are the same text: the lengths, then the bytes, inline (an outcome is
+/// a few bytes; a `memcmp` call costs more than comparing them).
+#[inline(always)]
+fn same_text(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y)
 }
 
 /// The constant start of one kind of line of one service, rendered when the service starts:
@@ -534,7 +572,7 @@ impl Fields<'_> {
     /// A field rendered before by these rules (a declared outcome's).
     #[inline(always)]
     fn rendered(&mut self, field: &[u8]) {
-        append(self.out, [field]);
+        append!(self.out, [field]);
     }
 
     /// A text field whose value was found plain (printable ASCII, nothing to escape or, in
@@ -543,9 +581,9 @@ impl Fields<'_> {
     fn plain_str(&mut self, key: &'static str, value: &[u8]) {
         match self.format {
             AccessLogFormat::Json => {
-                append(self.out, [b",\"", key.as_bytes(), b"\":\"", value, b"\""]);
+                append!(self.out, [b",\"", key.as_bytes(), b"\":\"", value, b"\""]);
             }
-            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"=", value]),
+            AccessLogFormat::Logfmt => append!(self.out, [b" ", key.as_bytes(), b"=", value]),
         }
     }
 
@@ -571,13 +609,13 @@ impl Fields<'_> {
         debug_assert_key(key);
         match self.format {
             AccessLogFormat::Json => {
-                append(
+                append!(
                     self.out,
                     [b",\"", key.as_bytes(), b"\":\"", value.as_bytes(), b"\""],
                 );
             }
             AccessLogFormat::Logfmt => {
-                append(self.out, [b" ", key.as_bytes(), b"=", value.as_bytes()])
+                append!(self.out, [b" ", key.as_bytes(), b"=", value.as_bytes()])
             }
         }
     }
@@ -589,10 +627,10 @@ impl Fields<'_> {
         debug_assert_key(key);
         match self.format {
             AccessLogFormat::Json => {
-                append(self.out, [b",\"", key.as_bytes(), b"\":", digits, suffix]);
+                append!(self.out, [b",\"", key.as_bytes(), b"\":", digits, suffix]);
             }
             AccessLogFormat::Logfmt => {
-                append(self.out, [b" ", key.as_bytes(), b"=", digits, suffix])
+                append!(self.out, [b" ", key.as_bytes(), b"=", digits, suffix])
             }
         }
     }
@@ -601,20 +639,11 @@ impl Fields<'_> {
     /// `itoa`.
     #[inline(always)]
     fn number(&mut self, key: &'static str, value: u64, suffix: &[u8]) {
-        let mut small = [0u8; 3];
         let mut large = itoa::Buffer::new();
-        let digits: &[u8] = if value < 10 {
-            small[0] = b'0' + value as u8;
-            &small[..1]
-        } else if value < 100 {
-            small[0] = b'0' + (value / 10) as u8;
-            small[1] = b'0' + (value % 10) as u8;
-            &small[..2]
-        } else if value < 1000 {
-            small[0] = b'0' + (value / 100) as u8;
-            small[1] = b'0' + (value / 10 % 10) as u8;
-            small[2] = b'0' + (value % 10) as u8;
-            &small
+        let digits: &[u8] = if value < 1000 {
+            // Without the leading zeros of its three digits.
+            let skip = usize::from(value < 10) + usize::from(value < 100);
+            &DIGITS[value as usize][skip..]
         } else {
             large.format(value).as_bytes()
         };
@@ -638,13 +667,8 @@ impl Fields<'_> {
     #[inline]
     fn duration(&mut self, key: &'static str, value: Duration) {
         let micros = micros(value);
-        let frac = (micros % 1000) as u16;
-        let frac = [
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ];
+        let [a, b, c] = DIGITS[(micros % 1000) as usize];
+        let frac = [b'.', a, b, c];
         self.number(key, micros / 1000, &frac);
     }
 
@@ -693,11 +717,27 @@ impl Fields<'_> {
     fn key(&mut self, key: &'static str) {
         debug_assert_key(key);
         match self.format {
-            AccessLogFormat::Json => append(self.out, [b",\"", key.as_bytes(), b"\":"]),
-            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"="]),
+            AccessLogFormat::Json => append!(self.out, [b",\"", key.as_bytes(), b"\":"]),
+            AccessLogFormat::Logfmt => append!(self.out, [b" ", key.as_bytes(), b"="]),
         }
     }
 }
+
+/// The three digits of each number below 1000 (`000` to `999`): a number, a fraction or the
+/// milliseconds of a time is one load instead of three divisions.
+static DIGITS: [[u8; 3]; 1000] = {
+    let mut digits = [[0u8; 3]; 1000];
+    let mut n = 0;
+    while n < 1000 {
+        digits[n] = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        n += 1;
+    }
+    digits
+};
 
 /// Keys are chosen in code: lowercase words (digits and `_` allowed), never escaped.
 #[inline(always)]
@@ -709,30 +749,6 @@ fn debug_assert_key(key: &str) {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
         "access log keys are lowercase words: {key:?}"
     );
-}
-
-/// Appends `parts` to `out` with one capacity check, copying short parts with a few loads
-/// and stores instead of a `memcpy` call each (a line is a dozen parts of a few bytes: with
-/// `extend_from_slice` per part, the calls and checks were a third of a line's cost).
-#[inline(always)]
-fn append<const N: usize>(out: &mut Vec<u8>, parts: [&[u8]; N]) {
-    let total = parts
-        .iter()
-        .try_fold(0usize, |total, part| total.checked_add(part.len()))
-        .expect("an access log line fits in memory");
-    out.reserve(total);
-    let mut len = out.len();
-    let base = out.as_mut_ptr();
-    for part in parts {
-        // SAFETY: `reserve(total)` made room for all the parts after the first `len` bytes,
-        // and `part` cannot lie inside `out` (borrowed shared while `out` is borrowed
-        // mutably).
-        unsafe { copy_short(part, base.add(len)) };
-        len += part.len();
-    }
-    // SAFETY: `reserve` made the capacity at least `len`, and every byte up to `len` was
-    // written, before (by `out` itself) or above.
-    unsafe { out.set_len(len) };
 }
 
 /// Copies `src` to `dst`: up to 16 bytes with two (possibly overlapping) unaligned loads and
@@ -922,11 +938,23 @@ fn is_invisible(c: char) -> bool {
 }
 
 thread_local! {
-    static BATCH: RefCell<Batch> = RefCell::new(Batch::default());
+    // A constant initializer: no lazy initialization checked on each line.
+    static BATCH: RefCell<Batch> = const {
+        RefCell::new(Batch {
+            buf: Vec::new(),
+            lines: 0,
+            owner: None,
+            clock: Clock {
+                second: 0,
+                prefix: [0; 19],
+                base: None,
+            },
+            flusher: None,
+        })
+    };
 }
 
 /// A thread's lines not yet handed to the writer.
-#[derive(Default)]
 struct Batch {
     buf: Vec<u8>,
     lines: usize,
@@ -945,20 +973,24 @@ struct Flusher {
 
 impl Batch {
     /// Makes the batch `shared`'s, handing over another log's lines first.
+    #[inline(always)]
     fn adopt(&mut self, shared: &Arc<Shared>) {
-        match &self.owner {
-            Some(owner) if Arc::ptr_eq(owner, shared) => {}
-            _ => {
-                self.hand_over();
-                self.owner = Some(Arc::clone(shared));
-                if self.buf.capacity() == 0 {
-                    self.buf = shared.spare_buffer();
-                }
-            }
+        if !matches!(&self.owner, Some(owner) if Arc::ptr_eq(owner, shared)) {
+            self.change_owner(shared);
+        }
+    }
+
+    #[cold]
+    fn change_owner(&mut self, shared: &Arc<Shared>) {
+        self.hand_over();
+        self.owner = Some(Arc::clone(shared));
+        if self.buf.capacity() == 0 {
+            self.buf = shared.spare_buffer();
         }
     }
 
     /// Whether a flusher will hand this batch over soon (telling it, for a new batch).
+    #[inline(always)]
     fn flusher_waits(&self) -> bool {
         match &self.flusher {
             Some(f) => {
@@ -1166,9 +1198,7 @@ impl Clock {
         }
         out[..19].copy_from_slice(&self.prefix);
         out[19] = b'.';
-        out[20] = b'0' + (ms / 100 % 10) as u8;
-        out[21] = b'0' + (ms / 10 % 10) as u8;
-        out[22] = b'0' + (ms % 10) as u8;
+        out[20..23].copy_from_slice(&DIGITS[(ms % 1000) as usize]);
         out[23] = b'Z';
     }
 
@@ -1402,7 +1432,7 @@ mod tests {
         for first in 0..=source.len() {
             for second in [0, 1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33] {
                 let mut out = b"x".to_vec();
-                append(&mut out, [&source[..first], b"-", &source[..second]]);
+                append!(&mut out, [&source[..first], b"-", &source[..second]]);
                 let mut expected = b"x".to_vec();
                 expected.extend_from_slice(&source[..first]);
                 expected.push(b'-');
