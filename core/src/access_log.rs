@@ -313,10 +313,13 @@ struct ServiceLogInner {
     connection_head: Head,
     /// The plugin's declared outcomes and their `outcome` fields, rendered (a request line
     /// copies its outcome's instead of checking and escaping the value each time).
-    outcomes: Box<[(&'static str, Box<[u8]>)]>,
+    outcomes: Box<[RenderedOutcome]>,
     /// Lines after which a batch is handed over: `min(buffer_lines, BATCH_LINES)`.
     batch_lines: usize,
 }
+
+/// A declared outcome and its `outcome` field, rendered.
+type RenderedOutcome = (&'static str, Box<[u8]>);
 
 impl ServiceLogInner {
     /// The rendered `outcome` field of a declared outcome (the same static text: a pointer
@@ -1464,7 +1467,9 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             let cfg = config(&path, format, 100);
             let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-            let service = log.for_service("web", "http-hello", &["ok", "2xx"], true).unwrap();
+            let service = log
+                .for_service("web", "http-hello", &["ok", "2xx"], true)
+                .unwrap();
             let who = Who {
                 client: crate::Peer::Ip("[::1]:4000".parse().unwrap()),
                 proxy: None,
@@ -1619,15 +1624,16 @@ mod tests {
             for service in [&declared, &undeclared] {
                 let conn = service.who(&who);
                 for &outcome in OUTCOMES {
-                    service.request(&conn, outcome, Duration::from_micros(7), |f| {
-                        f.u64("n", 1)
-                    });
+                    service.request(&conn, outcome, Duration::from_micros(7), |f| f.u64("n", 1));
                 }
             }
             flush_thread();
             log.stop(Duration::from_secs(5));
             let text = std::fs::read_to_string(&path).unwrap();
-            let rests: Vec<&str> = text.lines().map(|l| &l[l.find("event").unwrap()..]).collect();
+            let rests: Vec<&str> = text
+                .lines()
+                .map(|l| &l[l.find("event").unwrap()..])
+                .collect();
             assert_eq!(rests.len(), 2 * OUTCOMES.len(), "{text}");
             let (a, b) = rests.split_at(OUTCOMES.len());
             assert_eq!(a, b);
@@ -1692,7 +1698,9 @@ mod tests {
         let _ = std::fs::remove_file(&rotated);
         let cfg = config(&path, AccessLogFormat::Json, 1000);
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-        let service = log.for_service("web", "http-hello", &["ok", "2xx"], true).unwrap();
+        let service = log
+            .for_service("web", "http-hello", &["ok", "2xx"], true)
+            .unwrap();
         let who = Who {
             client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
             proxy: Some(Peer::Ip("10.0.0.1:5000".parse().unwrap())),
