@@ -29,7 +29,7 @@ fn main() {
         buffer_lines: 65_536,
     };
     let log = AccessLog::start(&config, access_log::open(&config).unwrap()).unwrap();
-    let service = log.for_service("s", "http-hello", true).unwrap();
+    let service = log.for_service("s", "http-hello", &["ok"], true).unwrap();
     let who = service.who(&Who {
         client: wharf_core::Peer::Ip("127.0.0.1:45678".parse().unwrap()),
         proxy: None,

@@ -19,11 +19,15 @@
 //! Formatting a line is kept to a few hundred instructions (an http-hello request line: see
 //! BENCHMARKS.md, "Edge features"): the constant start of a service's lines (keys, separators,
 //! `event`, `service`, `plugin`) is rendered once per service with a slot for the time, and a
-//! connection's client fields once per connection, so a line begins with two copies; the time
-//! is one `clock_gettime` with the text up to the second cached per thread; each field is
-//! appended with one capacity check and short copies done inline (no `memcpy` call per
-//! piece); numbers below 1000 are written by hand, durations in fixed point; a value is
-//! checked eight bytes at a time and copied as it is unless it needs escaping or quoting.
+//! connection's client fields once per connection, so a line begins with one copy; so is the
+//! `outcome` field of each outcome the plugin declares. The time of a request line is the
+//! instant its plugin read for the duration ([`Elapsed::since`]), told as wall time from a
+//! per-thread base taken each second (no clock read per line), or one `clock_gettime`; the
+//! text up to the second is cached per thread. Each field is appended with one capacity check
+//! and short copies done inline (no `memcpy` call per piece); numbers below 1000 are written
+//! by hand, durations in fixed point; a value is checked eight bytes at a time and copied as
+//! it is unless it needs escaping or quoting. Batches' buffers are reused (no allocation, no
+//! fresh pages per batch).
 //!
 //! **A worker never waits for the writer.** Lines handed over and not yet written are at most
 //! `buffer_lines`; a batch that does not fit is dropped whole and its lines are counted in
@@ -51,14 +55,46 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::Counter;
 use tokio::sync::Notify;
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::context::Elapsed;
 use crate::peer::Peer;
+
+/// Appends `[parts]` to `out` with one capacity check, copying short parts with a few loads
+/// and stores instead of a `memcpy` call each (a line is a dozen parts of a few bytes: with
+/// `extend_from_slice` per part, the calls and checks were a third of a line's cost). A macro
+/// rather than a loop over the parts: each part's copy is its own code, so a literal's length
+/// is known where it is copied (a couple of stores, no branch on its length).
+macro_rules! append {
+    ($out:expr, [$($part:expr),+ $(,)?] $(,)?) => {{
+        let out: &mut Vec<u8> = $out;
+        let mut total = 0usize;
+        $(
+            total = total
+                .checked_add(<[u8]>::len($part))
+                .expect("an access log line fits in memory");
+        )+
+        out.reserve(total);
+        let mut len = out.len();
+        let base = out.as_mut_ptr();
+        $(
+            let part: &[u8] = $part;
+            // SAFETY: `reserve(total)` made room for all the parts after the first `len`
+            // bytes, and `part` cannot lie inside `out` (borrowed shared while `out` is
+            // borrowed mutably).
+            unsafe { copy_short(part, base.add(len)) };
+            len += part.len();
+        )+
+        // SAFETY: `reserve` made the capacity at least `len`, and every byte up to `len` was
+        // written, before (by `out` itself) or above.
+        unsafe { out.set_len(len) };
+    }};
+}
 
 /// Counter: access log lines dropped (the writer was behind by `buffer_lines`, or a write
 /// failed).
@@ -152,7 +188,18 @@ struct Shared {
     dropped: AtomicU64,
     dropped_metric: Counter,
     writer: mpsc::Sender<Message>,
+    /// Buffers of written batches, emptied, for the workers' next batches: a batch costs no
+    /// allocation and never grows by copies, and its pages are not given back to the kernel
+    /// and faulted in again (glibc trims a freed 64 KiB at the top of a heap). At most
+    /// [`SPARE_BUFFERS`].
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Written batches' buffers kept for reuse, at most.
+const SPARE_BUFFERS: usize = 8;
+/// A batch buffer's capacity: [`BATCH_BYTES`] and the line that crosses it (a line longer
+/// than that grows the buffer, which is then not kept).
+const BATCH_CAPACITY: usize = BATCH_BYTES + 16 * 1024;
 
 enum Message {
     /// Whole lines, and how many.
@@ -176,6 +223,7 @@ impl AccessLog {
             dropped: AtomicU64::new(0),
             dropped_metric: metrics::counter!(DROPPED),
             writer: tx,
+            spare: Mutex::new(Vec::new()),
         });
         shared.dropped_metric.increment(0);
         let sink = match file {
@@ -217,16 +265,36 @@ impl AccessLog {
     }
 
     /// The handle one service generation writes through (`None` when the service has
-    /// `access_log = false`).
-    pub fn for_service(&self, service: &str, plugin: &str, enabled: bool) -> Option<ServiceLog> {
+    /// `access_log = false`). `outcomes` are its plugin's request outcomes
+    /// ([`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES)), whose fields are rendered once here.
+    pub fn for_service(
+        &self,
+        service: &str,
+        plugin: &str,
+        outcomes: &'static [&'static str],
+        enabled: bool,
+    ) -> Option<ServiceLog> {
         if !enabled {
             return None;
         }
         let format = self.shared.format;
+        let outcomes = outcomes
+            .iter()
+            .map(|&outcome| {
+                let mut bytes = Vec::new();
+                Fields {
+                    out: &mut bytes,
+                    format,
+                }
+                .str("outcome", outcome);
+                (outcome, bytes.into_boxed_slice())
+            })
+            .collect();
         Some(ServiceLog(Arc::new(ServiceLogInner {
             shared: Arc::clone(&self.shared),
             request_head: Head::render(format, "request", service, plugin),
             connection_head: Head::render(format, "connection", service, plugin),
+            outcomes,
             batch_lines: self.shared.capacity.min(BATCH_LINES),
         })))
     }
@@ -243,8 +311,33 @@ struct ServiceLogInner {
     request_head: Head,
     /// The start of its connection lines.
     connection_head: Head,
+    /// The plugin's declared outcomes and their `outcome` fields, rendered (a request line
+    /// copies its outcome's instead of checking and escaping the value each time).
+    outcomes: Box<[RenderedOutcome]>,
     /// Lines after which a batch is handed over: `min(buffer_lines, BATCH_LINES)`.
     batch_lines: usize,
+}
+
+/// A declared outcome and its `outcome` field, rendered.
+type RenderedOutcome = (&'static str, Box<[u8]>);
+
+impl ServiceLogInner {
+    /// The rendered `outcome` field of a declared outcome (the same static text: a pointer
+    /// comparison, the content as the fallback).
+    #[inline(always)]
+    fn outcome_field(&self, outcome: &'static str) -> Option<&[u8]> {
+        self.outcomes
+            .iter()
+            .find(|(o, _)| std::ptr::eq(*o, outcome) || same_text(o, outcome))
+            .map(|(_, rendered)| &rendered[..])
+    }
+}
+
+/// Whether `a` and `b` are the same text: the lengths, then the bytes, inline (an outcome is
+/// a few bytes; a `memcmp` call costs more than comparing them).
+#[inline(always)]
+fn same_text(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| x == y)
 }
 
 /// The constant start of one kind of line of one service, rendered when the service starts:
@@ -347,7 +440,7 @@ impl ServiceLog {
         bytes_out: u64,
     ) {
         let head = &self.0.connection_head;
-        self.line(&head.bytes, who.who(), head.time_at, |f| {
+        self.line(&head.bytes, who.who(), head.time_at, None, |f| {
             f.word("outcome", outcome.as_str());
             f.u64("bytes_in", bytes_in);
             f.u64("bytes_out", bytes_out);
@@ -358,35 +451,49 @@ impl ServiceLog {
     /// Writes the line of a connection refused at admission for `reason`.
     pub fn refused(&self, who: &Who<'_>, reason: &str) {
         let head = &self.0.connection_head;
-        self.line(&head.bytes, &[], head.time_at, |f| {
+        self.line(&head.bytes, &[], head.time_at, None, |f| {
             f.who(who);
             f.word("outcome", ConnOutcome::Refused.as_str());
             f.str("reason", reason);
         });
     }
 
-    /// Writes the line of a request that ended with `outcome` after `duration`, with the
-    /// plugin's own `fields`; `who` is from [`ServiceLog::who`].
+    /// Writes the line of a request that ended with `outcome` after `elapsed`, with the
+    /// plugin's own `fields`; `who` is from [`ServiceLog::who`]. The line's time is when
+    /// `elapsed` was measured, if it says ([`Elapsed::since`]), else now.
     #[inline]
     pub fn request(
         &self,
         who: &ClientFields,
-        outcome: &str,
-        duration: Duration,
+        outcome: &'static str,
+        elapsed: impl Into<Elapsed>,
         fields: impl FnOnce(&mut Fields<'_>),
     ) {
+        let inner = &*self.0;
+        let elapsed = elapsed.into();
         // The request head and the client fields are one copy.
-        self.line(&who.request_start, &[], self.0.request_head.time_at, |f| {
-            f.str("outcome", outcome);
-            f.duration("duration_ms", duration);
+        let time_at = inner.request_head.time_at;
+        self.line(&who.request_start, &[], time_at, elapsed.ended(), |f| {
+            match inner.outcome_field(outcome) {
+                Some(rendered) => f.rendered(rendered),
+                None => f.str("outcome", outcome),
+            }
+            f.duration("duration_ms", elapsed.duration());
             fields(f);
         });
     }
 
     /// Formats one line into this thread's batch: `head` with the time in its slot at
-    /// `time_at`, `who`, then what `rest` adds.
+    /// `time_at` (the wall clock at `at`, or now), `who`, then what `rest` adds.
     #[inline]
-    fn line(&self, head: &[u8], who: &[u8], time_at: usize, rest: impl FnOnce(&mut Fields<'_>)) {
+    fn line(
+        &self,
+        head: &[u8],
+        who: &[u8],
+        time_at: usize,
+        at: Option<Instant>,
+        rest: impl FnOnce(&mut Fields<'_>),
+    ) {
         let inner = &*self.0;
         let shared = &inner.shared;
         BATCH.with(|batch| {
@@ -401,7 +508,7 @@ impl ServiceLog {
             let time = &mut buf[start + time_at..][..TIME_LEN];
             batch
                 .clock
-                .write_now(time.try_into().expect("the time slot"));
+                .write_at(at, time.try_into().expect("the time slot"));
             if !who.is_empty() {
                 buf.extend_from_slice(who);
             }
@@ -465,15 +572,21 @@ impl Fields<'_> {
         }
     }
 
+    /// A field rendered before by these rules (a declared outcome's).
+    #[inline(always)]
+    fn rendered(&mut self, field: &[u8]) {
+        append!(self.out, [field]);
+    }
+
     /// A text field whose value was found plain (printable ASCII, nothing to escape or, in
     /// logfmt, to quote).
     #[inline(always)]
     fn plain_str(&mut self, key: &'static str, value: &[u8]) {
         match self.format {
             AccessLogFormat::Json => {
-                append(self.out, [b",\"", key.as_bytes(), b"\":\"", value, b"\""]);
+                append!(self.out, [b",\"", key.as_bytes(), b"\":\"", value, b"\""]);
             }
-            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"=", value]),
+            AccessLogFormat::Logfmt => append!(self.out, [b" ", key.as_bytes(), b"=", value]),
         }
     }
 
@@ -499,13 +612,13 @@ impl Fields<'_> {
         debug_assert_key(key);
         match self.format {
             AccessLogFormat::Json => {
-                append(
+                append!(
                     self.out,
                     [b",\"", key.as_bytes(), b"\":\"", value.as_bytes(), b"\""],
                 );
             }
             AccessLogFormat::Logfmt => {
-                append(self.out, [b" ", key.as_bytes(), b"=", value.as_bytes()])
+                append!(self.out, [b" ", key.as_bytes(), b"=", value.as_bytes()])
             }
         }
     }
@@ -517,10 +630,10 @@ impl Fields<'_> {
         debug_assert_key(key);
         match self.format {
             AccessLogFormat::Json => {
-                append(self.out, [b",\"", key.as_bytes(), b"\":", digits, suffix]);
+                append!(self.out, [b",\"", key.as_bytes(), b"\":", digits, suffix]);
             }
             AccessLogFormat::Logfmt => {
-                append(self.out, [b" ", key.as_bytes(), b"=", digits, suffix])
+                append!(self.out, [b" ", key.as_bytes(), b"=", digits, suffix])
             }
         }
     }
@@ -529,20 +642,11 @@ impl Fields<'_> {
     /// `itoa`.
     #[inline(always)]
     fn number(&mut self, key: &'static str, value: u64, suffix: &[u8]) {
-        let mut small = [0u8; 3];
         let mut large = itoa::Buffer::new();
-        let digits: &[u8] = if value < 10 {
-            small[0] = b'0' + value as u8;
-            &small[..1]
-        } else if value < 100 {
-            small[0] = b'0' + (value / 10) as u8;
-            small[1] = b'0' + (value % 10) as u8;
-            &small[..2]
-        } else if value < 1000 {
-            small[0] = b'0' + (value / 100) as u8;
-            small[1] = b'0' + (value / 10 % 10) as u8;
-            small[2] = b'0' + (value % 10) as u8;
-            &small
+        let digits: &[u8] = if value < 1000 {
+            // Without the leading zeros of its three digits.
+            let skip = usize::from(value < 10) + usize::from(value < 100);
+            &DIGITS[value as usize][skip..]
         } else {
             large.format(value).as_bytes()
         };
@@ -565,17 +669,9 @@ impl Fields<'_> {
     /// no float).
     #[inline]
     fn duration(&mut self, key: &'static str, value: Duration) {
-        let micros = value
-            .as_secs()
-            .saturating_mul(1_000_000)
-            .saturating_add(u64::from(value.subsec_micros()));
-        let frac = (micros % 1000) as u16;
-        let frac = [
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ];
+        let micros = micros(value);
+        let [a, b, c] = DIGITS[(micros % 1000) as usize];
+        let frac = [b'.', a, b, c];
         self.number(key, micros / 1000, &frac);
     }
 
@@ -624,11 +720,27 @@ impl Fields<'_> {
     fn key(&mut self, key: &'static str) {
         debug_assert_key(key);
         match self.format {
-            AccessLogFormat::Json => append(self.out, [b",\"", key.as_bytes(), b"\":"]),
-            AccessLogFormat::Logfmt => append(self.out, [b" ", key.as_bytes(), b"="]),
+            AccessLogFormat::Json => append!(self.out, [b",\"", key.as_bytes(), b"\":"]),
+            AccessLogFormat::Logfmt => append!(self.out, [b" ", key.as_bytes(), b"="]),
         }
     }
 }
+
+/// The three digits of each number below 1000 (`000` to `999`): a number, a fraction or the
+/// milliseconds of a time is one load instead of three divisions.
+static DIGITS: [[u8; 3]; 1000] = {
+    let mut digits = [[0u8; 3]; 1000];
+    let mut n = 0;
+    while n < 1000 {
+        digits[n] = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        n += 1;
+    }
+    digits
+};
 
 /// Keys are chosen in code: lowercase words (digits and `_` allowed), never escaped.
 #[inline(always)]
@@ -640,30 +752,6 @@ fn debug_assert_key(key: &str) {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
         "access log keys are lowercase words: {key:?}"
     );
-}
-
-/// Appends `parts` to `out` with one capacity check, copying short parts with a few loads
-/// and stores instead of a `memcpy` call each (a line is a dozen parts of a few bytes: with
-/// `extend_from_slice` per part, the calls and checks were a third of a line's cost).
-#[inline(always)]
-fn append<const N: usize>(out: &mut Vec<u8>, parts: [&[u8]; N]) {
-    let total = parts
-        .iter()
-        .try_fold(0usize, |total, part| total.checked_add(part.len()))
-        .expect("an access log line fits in memory");
-    out.reserve(total);
-    let mut len = out.len();
-    let base = out.as_mut_ptr();
-    for part in parts {
-        // SAFETY: `reserve(total)` made room for all the parts after the first `len` bytes,
-        // and `part` cannot lie inside `out` (borrowed shared while `out` is borrowed
-        // mutably).
-        unsafe { copy_short(part, base.add(len)) };
-        len += part.len();
-    }
-    // SAFETY: `reserve` made the capacity at least `len`, and every byte up to `len` was
-    // written, before (by `out` itself) or above.
-    unsafe { out.set_len(len) };
 }
 
 /// Copies `src` to `dst`: up to 16 bytes with two (possibly overlapping) unaligned loads and
@@ -853,11 +941,23 @@ fn is_invisible(c: char) -> bool {
 }
 
 thread_local! {
-    static BATCH: RefCell<Batch> = RefCell::new(Batch::default());
+    // A constant initializer: no lazy initialization checked on each line.
+    static BATCH: RefCell<Batch> = const {
+        RefCell::new(Batch {
+            buf: Vec::new(),
+            lines: 0,
+            owner: None,
+            clock: Clock {
+                second: 0,
+                prefix: [0; 19],
+                base: None,
+            },
+            flusher: None,
+        })
+    };
 }
 
 /// A thread's lines not yet handed to the writer.
-#[derive(Default)]
 struct Batch {
     buf: Vec<u8>,
     lines: usize,
@@ -876,17 +976,24 @@ struct Flusher {
 
 impl Batch {
     /// Makes the batch `shared`'s, handing over another log's lines first.
+    #[inline(always)]
     fn adopt(&mut self, shared: &Arc<Shared>) {
-        match &self.owner {
-            Some(owner) if Arc::ptr_eq(owner, shared) => {}
-            _ => {
-                self.hand_over();
-                self.owner = Some(Arc::clone(shared));
-            }
+        if !matches!(&self.owner, Some(owner) if Arc::ptr_eq(owner, shared)) {
+            self.change_owner(shared);
+        }
+    }
+
+    #[cold]
+    fn change_owner(&mut self, shared: &Arc<Shared>) {
+        self.hand_over();
+        self.owner = Some(Arc::clone(shared));
+        if self.buf.capacity() == 0 {
+            self.buf = shared.spare_buffer();
         }
     }
 
     /// Whether a flusher will hand this batch over soon (telling it, for a new batch).
+    #[inline(always)]
     fn flusher_waits(&self) -> bool {
         match &self.flusher {
             Some(f) => {
@@ -919,10 +1026,7 @@ impl Batch {
             })
             .is_ok();
         if fits {
-            // The next batch starts as large as this one was (a busy worker's batches are
-            // full: one allocation each, no growing by copies), and small after a quiet one.
-            let next = (self.buf.len() + self.buf.len() / 8).clamp(4096, BATCH_BYTES + 4096);
-            let lines = std::mem::replace(&mut self.buf, Vec::with_capacity(next));
+            let lines = std::mem::replace(&mut self.buf, shared.spare_buffer());
             if shared.writer.send(Message::Lines(lines, n)).is_err() {
                 shared.queued.fetch_sub(n, Ordering::AcqRel);
                 shared.count_dropped(n);
@@ -941,6 +1045,29 @@ impl Drop for Batch {
 }
 
 impl Shared {
+    /// An empty buffer for a batch: a written batch's, if one is kept.
+    fn spare_buffer(&self) -> Vec<u8> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(BATCH_CAPACITY))
+    }
+
+    /// Keeps a written batch's buffer for a next batch (unless enough are kept, or a very
+    /// long line grew it).
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > BATCH_CAPACITY {
+            return;
+        }
+        buf.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    }
+
     fn count_dropped(&self, n: usize) {
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
         self.dropped_metric.increment(n as u64);
@@ -993,9 +1120,59 @@ struct Clock {
     second: u64,
     /// `YYYY-MM-DDTHH:MM:SS` of `second`.
     prefix: [u8; 19],
+    /// A monotonic instant and the wall clock at it (microseconds since the epoch), taken
+    /// less than a second before the instants told from it: an instant a plugin read for a
+    /// request's duration is told as wall time with no clock read of its own. Taken again
+    /// after a second, so lines follow a step of the wall clock within a second.
+    base: Option<(Instant, u64)>,
+}
+
+/// How long a [`Clock`]'s base serves.
+const REBASE_AFTER: Duration = Duration::from_secs(1);
+
+/// Microseconds in `d` (saturating: a duration of centuries does not wrap).
+#[inline(always)]
+fn micros(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
 }
 
 impl Clock {
+    /// Writes the wall clock at `at`, or now.
+    #[inline]
+    fn write_at(&mut self, at: Option<Instant>, out: &mut [u8; TIME_LEN]) {
+        let Some(at) = at else {
+            return self.write_now(out);
+        };
+        let wall = match self.base {
+            Some((base, wall)) => match at.checked_duration_since(base) {
+                Some(since) if since < REBASE_AFTER => wall + micros(since),
+                Some(_) => self.rebase(at),
+                // Read before the base (a batch's lines after the line that renewed it).
+                None => wall.saturating_sub(micros(base.duration_since(at))),
+            },
+            None => self.rebase(at),
+        };
+        let second = wall / 1_000_000;
+        let millis = (wall % 1_000_000 / 1000) as u32;
+        self.write_parts(second, millis, out);
+    }
+
+    /// Takes the base at `at` from the clocks read now; returns the wall time at `at`.
+    #[cold]
+    fn rebase(&mut self, at: Instant) -> u64 {
+        let now = Instant::now();
+        let wall = micros(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let at_wall = wall.saturating_sub(micros(now.saturating_duration_since(at)));
+        self.base = Some((at, at_wall));
+        at_wall
+    }
+
     /// Writes the wall clock now: read with one `clock_gettime` (the vDSO's, no system call)
     /// and no `Duration` arithmetic (`SystemTime::now` and `duration_since` cost about 300
     /// instructions more); within a second only the milliseconds are computed.
@@ -1024,9 +1201,7 @@ impl Clock {
         }
         out[..19].copy_from_slice(&self.prefix);
         out[19] = b'.';
-        out[20] = b'0' + (ms / 100 % 10) as u8;
-        out[21] = b'0' + (ms / 10 % 10) as u8;
-        out[22] = b'0' + (ms % 10) as u8;
+        out[20..23].copy_from_slice(&DIGITS[(ms % 1000) as usize]);
         out[23] = b'Z';
     }
 
@@ -1111,7 +1286,7 @@ impl Writer {
                         let _ = self.out.write_all(b"\n");
                     }
                     let result = self.out.write_all(&lines);
-                    drop(lines);
+                    self.shared.give_back(lines);
                     self.shared.queued.fetch_sub(n, Ordering::AcqRel);
                     self.report(result, n);
                 }
@@ -1260,7 +1435,7 @@ mod tests {
         for first in 0..=source.len() {
             for second in [0, 1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33] {
                 let mut out = b"x".to_vec();
-                append(&mut out, [&source[..first], b"-", &source[..second]]);
+                append!(&mut out, [&source[..first], b"-", &source[..second]]);
                 let mut expected = b"x".to_vec();
                 expected.extend_from_slice(&source[..first]);
                 expected.push(b'-');
@@ -1292,7 +1467,9 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             let cfg = config(&path, format, 100);
             let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-            let service = log.for_service("web", "http-hello", true).unwrap();
+            let service = log
+                .for_service("web", "http-hello", &["ok", "2xx"], true)
+                .unwrap();
             let who = Who {
                 client: crate::Peer::Ip("[::1]:4000".parse().unwrap()),
                 proxy: None,
@@ -1392,6 +1569,115 @@ mod tests {
         assert!(second >= before && second <= before + 2, "{text}");
     }
 
+    #[test]
+    fn an_instant_is_told_as_the_wall_clock_at_it() {
+        let millis = |text: [u8; TIME_LEN]| -> i64 {
+            let t = humantime::parse_rfc3339(std::str::from_utf8(&text).unwrap()).unwrap();
+            t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+        };
+        let mut clock = Clock::default();
+        let at = |clock: &mut Clock, instant: Instant| {
+            let mut out = [0; TIME_LEN];
+            clock.write_at(Some(instant), &mut out);
+            millis(out)
+        };
+        let now = Instant::now();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        // The first instant is the base; the next is within a second after it; then one
+        // past that second (the base is taken again), and two before the new base.
+        let cases = [3000, 2500, 0, 1200, 500];
+        for ms_ago in cases {
+            let told = at(&mut clock, now - Duration::from_millis(ms_ago));
+            let expected = wall - ms_ago as i64;
+            // The two clocks are read a moment apart, on a machine that may be busy.
+            assert!(
+                (told - expected).abs() <= 20,
+                "{ms_ago} ms ago: told {told}, expected {expected}"
+            );
+        }
+        // Without an instant: now.
+        let mut out = [0; TIME_LEN];
+        clock.write_at(None, &mut out);
+        assert!((millis(out) - wall).abs() <= 1000, "{}", millis(out) - wall);
+    }
+
+    #[test]
+    fn a_declared_outcome_is_written_as_any_other_value() {
+        // The same requests through a service that declares the outcomes (their fields
+        // rendered once) and one that does not (each checked and escaped per line).
+        for format in [AccessLogFormat::Json, AccessLogFormat::Logfmt] {
+            let path = temp_path(&format!("outcomes-{format:?}.log"));
+            let _ = std::fs::remove_file(&path);
+            let cfg = config(&path, format, 100);
+            let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+            const OUTCOMES: &[&str] = &["ok", "needs quoting=\"yes\"", ""];
+            let declared = log.for_service("s", "p", OUTCOMES, true).unwrap();
+            let undeclared = log.for_service("s", "p", &[], true).unwrap();
+            let who = Who {
+                client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
+                proxy: None,
+                identity: None,
+            };
+            for service in [&declared, &undeclared] {
+                let conn = service.who(&who);
+                for &outcome in OUTCOMES {
+                    service.request(&conn, outcome, Duration::from_micros(7), |f| f.u64("n", 1));
+                }
+            }
+            flush_thread();
+            log.stop(Duration::from_secs(5));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let rests: Vec<&str> = text
+                .lines()
+                .map(|l| &l[l.find("event").unwrap()..])
+                .collect();
+            assert_eq!(rests.len(), 2 * OUTCOMES.len(), "{text}");
+            let (a, b) = rests.split_at(OUTCOMES.len());
+            assert_eq!(a, b);
+            let quoted = match format {
+                AccessLogFormat::Json => "\"outcome\":\"needs quoting=\\\"yes\\\"\"",
+                AccessLogFormat::Logfmt => "outcome=\"needs quoting=\\\"yes\\\"\"",
+            };
+            assert!(a[1].contains(quoted), "{}", a[1]);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_a_batch_buffer_is_written_whole() {
+        let path = temp_path("long-line.log");
+        let _ = std::fs::remove_file(&path);
+        let cfg = config(&path, AccessLogFormat::Json, 100);
+        let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
+        let service = log.for_service("s", "p", &[], true).unwrap();
+        let who = service.who(&Who {
+            client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
+            proxy: None,
+            identity: None,
+        });
+        let value = "v".repeat(MAX_VALUE_BYTES);
+        let fields = BATCH_CAPACITY / MAX_VALUE_BYTES + 10;
+        for _ in 0..3 {
+            service.request(&who, "ok", Duration::ZERO, |f| {
+                for _ in 0..fields {
+                    f.str("v", &value);
+                }
+            });
+        }
+        flush_thread();
+        log.stop(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        for l in text.lines() {
+            assert!(l.len() > BATCH_CAPACITY, "{}", l.len());
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     fn config(path: &Path, format: AccessLogFormat, buffer_lines: usize) -> AccessLogConfig {
         AccessLogConfig {
             path: path.to_path_buf(),
@@ -1412,7 +1698,9 @@ mod tests {
         let _ = std::fs::remove_file(&rotated);
         let cfg = config(&path, AccessLogFormat::Json, 1000);
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-        let service = log.for_service("web", "http-hello", true).unwrap();
+        let service = log
+            .for_service("web", "http-hello", &["ok", "2xx"], true)
+            .unwrap();
         let who = Who {
             client: Peer::Ip("127.0.0.1:4000".parse().unwrap()),
             proxy: Some(Peer::Ip("10.0.0.1:5000".parse().unwrap())),
@@ -1464,7 +1752,7 @@ mod tests {
             .unwrap();
         let cfg = config(&path, AccessLogFormat::Logfmt, 8);
         let log = AccessLog::start(&cfg, open(&cfg).unwrap()).unwrap();
-        let service = log.for_service("echo", "echo", true).unwrap();
+        let service = log.for_service("echo", "echo", &[], true).unwrap();
         let who = Who {
             client: Peer::Ip("[::1]:4000".parse().unwrap()),
             proxy: None,

@@ -26,7 +26,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::access_log::{ClientFields, ConnBytes, ConnOutcome, Fields, ServiceLog, Who};
 use crate::conn::{BufResult, Conn};
@@ -40,6 +40,48 @@ use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 pub(crate) struct Proxied {
     pub(crate) by: Peer,
     pub(crate) destination: Option<SocketAddr>,
+}
+
+/// How long a request took, as [`Context::record_request`] takes it: a [`Duration`] the plugin
+/// measured, or [`Elapsed::since`] the request's start, which reads the clock once for both
+/// the duration and the time of the request's access log line (which then reads no clock of
+/// its own). A plugin that answers several requests at once measures once for all of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Elapsed {
+    duration: Duration,
+    /// When the request ended, when read for the duration.
+    ended: Option<Instant>,
+}
+
+impl Elapsed {
+    /// From `started` until now.
+    #[inline]
+    pub fn since(started: Instant) -> Elapsed {
+        let ended = Instant::now();
+        Elapsed {
+            duration: ended.saturating_duration_since(started),
+            ended: Some(ended),
+        }
+    }
+
+    /// How long it took.
+    pub fn duration(self) -> Duration {
+        self.duration
+    }
+
+    /// When it ended, when that was read ([`Elapsed::since`]).
+    pub fn ended(self) -> Option<Instant> {
+        self.ended
+    }
+}
+
+impl From<Duration> for Elapsed {
+    fn from(duration: Duration) -> Elapsed {
+        Elapsed {
+            duration,
+            ended: None,
+        }
+    }
 }
 
 /// What the framework knows about one connection and offers to the plugin serving it.
@@ -228,10 +270,11 @@ impl Context {
     /// `wharf_request_duration_seconds`. `outcome` is one of the plugin's
     /// [`Plugin::OUTCOMES`](crate::Plugin::OUTCOMES); other values are ignored. The handles
     /// were registered once per service, so this costs a short scan and two atomic updates.
+    /// `elapsed` is a [`Duration`], or an [`Elapsed`] measured since the request started.
     ///
     /// With the access log on for the service, it also writes the request's line (without
     /// fields of the plugin's own: see [`Context::record_request_with`]).
-    pub fn record_request(&self, outcome: &'static str, elapsed: Duration) {
+    pub fn record_request(&self, outcome: &'static str, elapsed: impl Into<Elapsed>) {
         self.record_request_with(outcome, elapsed, |_| {});
     }
 
@@ -244,11 +287,15 @@ impl Context {
     pub fn record_request_with(
         &self,
         outcome: &'static str,
-        elapsed: Duration,
+        elapsed: impl Into<Elapsed>,
         fields: impl FnOnce(&mut Fields<'_>),
     ) {
+        let elapsed = elapsed.into();
         match &self.scope {
-            Scope::Served(ticket) => ticket.gate().metrics().record_request(outcome, elapsed),
+            Scope::Served(ticket) => ticket
+                .gate()
+                .metrics()
+                .record_request(outcome, elapsed.duration),
             Scope::Detached(d) => d.0.requests.borrow_mut().push(outcome),
         }
         if let Some(log) = &self.log {

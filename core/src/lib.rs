@@ -73,7 +73,7 @@ pub mod worker;
 
 pub use async_trait::async_trait;
 pub use conn::{BufResult, Conn, Spliced};
-pub use context::Context;
+pub use context::{Context, Elapsed};
 pub use datagram::{Datagram, DatagramService, Replies};
 pub use peer::{Peer, PeerCredentials};
 pub use plugin::{OptionDoc, Plugin, PluginError};

@@ -111,10 +111,14 @@ impl<B: CompiledBackend> Running<B> {
             }
             None => B::instance(&svc.built.instances),
         };
-        let access_log = self
-            .access_log
-            .as_ref()
-            .and_then(|log| log.for_service(&svc.name, &svc.config.plugin, svc.config.access_log));
+        let access_log = self.access_log.as_ref().and_then(|log| {
+            log.for_service(
+                &svc.name,
+                &svc.config.plugin,
+                svc.built.outcomes,
+                svc.config.access_log,
+            )
+        });
         HandlerOf::<B> {
             gate,
             service,

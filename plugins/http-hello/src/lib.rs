@@ -23,19 +23,21 @@
 //! its requests is still answered: only the end of its input is seen, not a disconnect.
 //!
 //! With the access log on, each answered request's line carries `method`, `target` (its path:
-//! the query string is never logged, it often holds secrets) and `status`; the texts are kept
-//! per batch in one reused buffer (`RequestLog`) until the batch's responses are written.
+//! the query string is never logged, it often holds secrets) and `status`. The lines of a
+//! batch are written once its responses are, from where the method and path are in the input,
+//! which is consumed only then (`RequestLog`): nothing is copied per request.
 
 mod body;
 mod request;
 mod response;
 
 use std::io;
+use std::ops::Range;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use wharf_core::{buffer, Conn, Context, OptionDoc, Plugin, PluginError, Service};
+use wharf_core::{buffer, Conn, Context, Elapsed, OptionDoc, Plugin, PluginError, Service};
 
 use body::Discard;
 use request::{Body, Status};
@@ -119,84 +121,142 @@ struct Session {
 }
 
 /// The requests of one batch as the access log will tell them, once their responses are
-/// written.
+/// written: where their method and path are in the input (still unconsumed until the batch's
+/// lines are written, so nothing is copied), and their statuses.
 #[derive(Default)]
 struct RequestLog {
-    /// Methods and targets of `notes`, one after the other, as the client sent them (the log
-    /// checks them for UTF-8 as it scans them for escaping).
-    text: Vec<u8>,
     notes: Vec<Note>,
-    /// Method and target of the request whose body is being discarded, split at
-    /// `pending_method`.
-    pending: Vec<u8>,
-    pending_method: usize,
+    /// Methods and paths of requests whose head came in an earlier read (answered once their
+    /// body was consumed): the input they were read in is gone by then.
+    held_text: Vec<u8>,
+    /// Method and path of the request whose body is being discarded, split at
+    /// `held_method`.
+    held: Vec<u8>,
+    held_method: usize,
 }
 
-/// One answered request: where its method and target are in [`RequestLog::text`] (empty
-/// when the request could not be parsed), and its status.
+/// One answered request: where its method and path are (empty when the request could not be
+/// parsed), and its status.
 struct Note {
-    method: std::ops::Range<usize>,
-    target: std::ops::Range<usize>,
+    method: Range<u32>,
+    target: Range<u32>,
+    /// In [`RequestLog::held_text`] rather than in the batch's input.
+    held: bool,
     status: u16,
+}
+
+/// `start..end` as a compact range (inputs are bounded far below 4 GiB: see
+/// `wharf_core::buffer`).
+fn range(start: usize, end: usize) -> Range<u32> {
+    let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    narrow(start)..narrow(end)
 }
 
 /// What of a request target the access log keeps: the path alone. The query string and
 /// `;` path parameters often carry secrets (tokens, session ids), and an absolute-form target
 /// (`http://user:password@host/path`) names credentials and a host: only its path is kept.
 fn loggable_path(target: &[u8]) -> &[u8] {
+    match loggable_range(target) {
+        Some((start, end)) => &target[start..end],
+        None => b"/",
+    }
+}
+
+/// Where [`loggable_path`] is in `target`; `None` for an absolute-form target without a path
+/// (whose path is `/`).
+fn loggable_range(target: &[u8]) -> Option<(usize, usize)> {
     let absolute = (target.first() != Some(&b'/'))
         .then(|| target.windows(3).position(|w| w == b"://"))
         .flatten();
-    let path = match absolute {
+    let start = match absolute {
         Some(scheme_end) => {
-            let rest = &target[scheme_end + 3..];
-            rest.iter()
-                .position(|&b| b == b'/')
-                .map_or(&b"/"[..], |slash| &rest[slash..])
+            let rest = scheme_end + 3;
+            match target[rest..].iter().position(|&b| b == b'/') {
+                Some(slash) => rest + slash,
+                None => return None,
+            }
         }
-        None => target,
+        None => 0,
     };
-    let end = path
+    let end = target[start..]
         .iter()
         .position(|&b| matches!(b, b'?' | b';' | b'#'))
-        .unwrap_or(path.len());
-    &path[..end]
+        .map_or(target.len(), |n| start + n);
+    Some((start, end))
 }
 
 impl RequestLog {
-    /// Notes a request answered with `status` whose method and target are `method_target`.
-    fn note(&mut self, method_target: (&[u8], &[u8]), status: u16) {
-        let (method, target) = method_target;
-        let start = self.text.len();
-        self.text.extend_from_slice(method);
-        let middle = self.text.len();
-        self.text.extend_from_slice(loggable_path(target));
+    /// Notes a request answered with `status` whose head, parsed at `at` in `input`, is
+    /// `head`: where its method and path are, no copy.
+    fn note(&mut self, input: &[u8], at: usize, head: &request::Head, status: u16) {
+        let target = &input[at + head.target.0..at + head.target.1];
+        let Some((start, end)) = loggable_range(target) else {
+            // The path is a `/` the input does not hold.
+            let method = &input[at + head.method.0..at + head.method.1];
+            return self.note_text(method, b"/", status);
+        };
+        let target = at + head.target.0;
         self.notes.push(Note {
-            method: start..middle,
-            target: middle..self.text.len(),
+            method: range(at + head.method.0, at + head.method.1),
+            target: range(target + start, target + end),
+            held: false,
             status,
         });
     }
 
-    /// Keeps the method and target of a request whose response waits for its body.
-    fn hold(&mut self, method_target: (&[u8], &[u8])) {
-        self.pending.clear();
-        self.pending.extend_from_slice(method_target.0);
-        self.pending_method = self.pending.len();
-        self.pending.extend_from_slice(method_target.1);
+    /// Notes a request that could not be parsed, answered with `status`.
+    fn note_unparsed(&mut self, status: u16) {
+        self.notes.push(Note {
+            method: 0..0,
+            target: 0..0,
+            held: false,
+            status,
+        });
+    }
+
+    /// Notes a request whose method and path are copied into [`RequestLog::held_text`].
+    fn note_text(&mut self, method: &[u8], path: &[u8], status: u16) {
+        let start = self.held_text.len();
+        self.held_text.extend_from_slice(method);
+        let middle = self.held_text.len();
+        self.held_text.extend_from_slice(path);
+        self.notes.push(Note {
+            method: range(start, middle),
+            target: range(middle, self.held_text.len()),
+            held: true,
+            status,
+        });
+    }
+
+    /// Keeps the method and path of a request whose response waits for its body (its input
+    /// is consumed before the body ends).
+    fn hold(&mut self, input: &[u8], at: usize, head: &request::Head) {
+        let target = &input[at + head.target.0..at + head.target.1];
+        self.held.clear();
+        self.held
+            .extend_from_slice(&input[at + head.method.0..at + head.method.1]);
+        self.held_method = self.held.len();
+        self.held.extend_from_slice(loggable_path(target));
     }
 
     /// Notes the held request, answered with `status`.
     fn note_held(&mut self, status: u16) {
-        let pending = std::mem::take(&mut self.pending);
-        let (method, target) = pending.split_at(self.pending_method);
-        self.note((method, target), status);
-        self.pending = pending;
+        let held = std::mem::take(&mut self.held);
+        let (method, path) = held.split_at(self.held_method);
+        self.note_text(method, path, status);
+        self.held = held;
     }
 
-    /// Records every noted request (its metrics and its line), then forgets them.
-    fn record(&mut self, cx: &Context, elapsed: Duration) {
-        let text = &self.text;
+    /// Records every noted request (its metrics and its line), then forgets them. `input`
+    /// is what the batch was answered from.
+    fn record(&mut self, cx: &Context, input: &[u8], elapsed: Elapsed) {
+        let held_text = &self.held_text;
+        let text = |held: bool, r: &Range<u32>| {
+            let source = if held { &held_text[..] } else { input };
+            source
+                .get(r.start as usize..r.end as usize)
+                .unwrap_or_default()
+        };
         for note in self.notes.drain(..) {
             let outcome = match note.status {
                 200..=399 => OK,
@@ -206,22 +266,14 @@ impl RequestLog {
             cx.record_request_with(outcome, elapsed, |f| {
                 if !note.method.is_empty() {
                     // Not UTF-8 (the parser lets obs-text through in a target): logged as `?`.
-                    f.bytes("method", &text[note.method]);
-                    f.bytes("target", &text[note.target]);
+                    f.bytes("method", text(note.held, &note.method));
+                    f.bytes("target", text(note.held, &note.target));
                 }
                 f.u64("status", note.status.into());
             });
         }
-        self.text.clear();
+        self.held_text.clear();
     }
-}
-
-/// The method and target of a parsed head, from the buffer it was parsed in.
-fn method_target<'a>(buf: &'a [u8], head: &request::Head) -> (&'a [u8], &'a [u8]) {
-    (
-        &buf[head.method.0..head.method.1],
-        &buf[head.target.0..head.target.1],
-    )
 }
 
 /// A response owed for a request whose body is still arriving.
@@ -260,7 +312,7 @@ impl HttpHello {
             batch.error = Some(status);
             batch.close = true;
             if let Some(log) = log {
-                log.note((b"", b""), Status::code(status));
+                log.note_unparsed(Status::code(status));
             }
         };
         loop {
@@ -308,7 +360,7 @@ impl HttpHello {
                 }
             };
             session.head_started = None;
-            let logged = session.log.is_some().then(|| method_target(rest, &head));
+            let at = batch.consumed;
             batch.consumed += head.len;
             let persistence = match (head.keep_alive, head.http10) {
                 (false, _) => Persistence::Close,
@@ -336,16 +388,16 @@ impl HttpHello {
                         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                     }
                     session.body = Some((discard, pending));
-                    if let (Some(log), Some(logged)) = (&mut session.log, logged) {
-                        log.hold(logged);
+                    if let Some(log) = &mut session.log {
+                        log.hold(input, at, &head);
                     }
                 }
                 None => {
                     self.responses
                         .push_ok(out, date, persistence, head.head_only);
                     batch.ok += 1;
-                    if let (Some(log), Some(logged)) = (&mut session.log, logged) {
-                        log.note(logged, 200);
+                    if let Some(log) = &mut session.log {
+                        log.note(input, at, &head, 200);
                     }
                     if persistence == Persistence::Close {
                         batch.close = true;
@@ -401,7 +453,7 @@ impl Service for HttpHello {
                 // The client is done (or gave up mid-request): nothing left to answer.
                 return conn.shutdown().await;
             }
-            let arrived = Instant::now();
+            let arrived = std::time::Instant::now();
 
             // Answer what arrived, at most OUT_BATCH bytes of responses per write.
             loop {
@@ -412,9 +464,10 @@ impl Service for HttpHello {
                     out = buf;
                     res?;
                 }
-                let elapsed = arrived.elapsed();
+                // One clock read for the batch: the durations, and the lines' time.
+                let elapsed = Elapsed::since(arrived);
                 match &mut session.log {
-                    Some(log) => log.record(cx, elapsed),
+                    Some(log) => log.record(cx, &input, elapsed),
                     None => {
                         for _ in 0..batch.ok {
                             cx.record_request(OK, elapsed);
